@@ -1,0 +1,1 @@
+"""The ``fastv-analyze`` command line (installed as ``fastv_analysis.cli``)."""

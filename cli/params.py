@@ -1,0 +1,76 @@
+"""Click parameter types for the grids researchers sweep (alphas, keeps, methods)."""
+
+from __future__ import annotations
+
+import click
+
+
+def _float(text: str, flag: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a number", param_hint=flag) from None
+
+
+class FloatGrid(click.ParamType):
+    """``0:1:0.1`` (inclusive start:stop:step) or a comma list ``0.3,0.5``."""
+
+    name = "GRID"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        flag = param.opts[0] if param else None
+        text = str(value).strip()
+        if ":" in text:
+            parts = text.split(":")
+            if len(parts) != 3:
+                self.fail(f"{text!r}: a range is start:stop:step", param, ctx)
+            start, stop, step = (_float(p, flag) for p in parts)
+            if step <= 0 or stop < start:
+                self.fail(f"{text!r}: need step > 0 and stop >= start", param, ctx)
+            n = int(round((stop - start) / step))
+            values = [round(start + i * step, 10) for i in range(n + 1)]
+            if values[-1] < stop - 1e-9 and abs(start + (n + 1) * step - stop) < 1e-9:
+                values.append(stop)
+            return values
+        return [_float(p, flag) for p in text.split(",") if p.strip()]
+
+
+class IntList(click.ParamType):
+    name = "N[,N...]"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        out = []
+        for p in str(value).split(","):
+            p = p.strip()
+            if not p:
+                continue
+            try:
+                out.append(int(p))
+            except ValueError:
+                self.fail(f"{p!r} is not a whole number", param, ctx)
+            if out[-1] < 0:
+                self.fail(f"{p!r} is negative", param, ctx)
+        return out
+
+
+class Choices(click.ParamType):
+    """Comma list whose items must come from ``choices``."""
+
+    name = "LIST"
+
+    def __init__(self, choices):
+        self.choices = tuple(choices)
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (list, tuple)):
+            items = list(value)
+        else:
+            items = [p.strip() for p in str(value).split(",") if p.strip()]
+        for item in items:
+            if item not in self.choices:
+                self.fail(f"unknown {item!r}; choose from {', '.join(self.choices)}", param, ctx)
+        return items

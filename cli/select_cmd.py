@@ -1,0 +1,48 @@
+"""``fastv-analyze select``: replay strategies on a run's cached attention."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from .params import Choices, FloatGrid, IntList
+
+METHODS = ("avg_all_heads", "max_head", "weighted_combination", "random", "uniform")
+
+
+@click.command("select")
+@click.argument("run", type=click.Path(file_okay=False, path_type=str))
+@click.option("--methods", type=Choices(METHODS), default=",".join(METHODS), show_default=True,
+              help="Comma list of selection methods to replay.")
+@click.option("--alphas", type=FloatGrid(), default="0:1:0.1", show_default=True,
+              help="weighted_combination alphas: inclusive start:stop:step or a comma list, each in [0, 1].")
+@click.option("--keep", "keeps", type=IntList(), default="288,192,128,64", show_default=True,
+              help="Comma list of image-token counts to keep (0 keeps none).")
+@click.option("--keep-ratio", "keep_ratios", type=FloatGrid(), default="", show_default=False,
+              help="Also keep these fractions of the image tokens, e.g. 0.5,0.25 (rounded to a count).")
+@click.option("--agg-layer", "agg_layers", type=IntList(), default=None,
+              help="Aggregation layer(s) K to replay; default: every layer captured in RUN.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random control.")
+@click.option("--chunk-size", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Samples of attention held in memory at once.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def select_cmd(run, methods, alphas, keeps, keep_ratios, agg_layers, seed, chunk_size, quiet):
+    """Replay every method x alpha x keep on the attention cached in RUN.
+
+    Writes RUN/select/selections.parquet (kept sets), overlap.parquet and
+    overlap_summary.parquet (agreement between configurations), heads.parquet (head
+    statistics) and select.json (what was run).
+    """
+    from fastv_analysis.select import run_select
+
+    for a in alphas:
+        if not 0.0 <= a <= 1.0:
+            raise click.BadParameter(f"alpha {a:g} is outside [0, 1]", param_hint="--alphas")
+    for r in keep_ratios:
+        if not 0.0 <= r <= 1.0:
+            raise click.BadParameter(f"ratio {r:g} is outside [0, 1]", param_hint="--keep-ratio")
+    info = run_select(run, methods, alphas, keeps, keep_ratios, agg_layers, seed=seed,
+                      chunk_size=chunk_size, progress=not quiet, command=sys.argv)
+    click.echo(f"select: {info['n_samples']} samples x {info['n_configurations']} configurations "
+               f"(layers {info['agg_layers']}, keeps {info['keeps']}) in {info['seconds']:.1f}s -> {run}/select/")

@@ -1,0 +1,317 @@
+"""The select stage: replay every strategy over alpha and keep grids on cached attention.
+
+The core is :func:`replay` on stacked tensors ``[S, H, N]``: each score vector is computed
+and ranked once, and every keep count is a prefix of that ranking. :func:`overlap` and
+:func:`heads` add the pairwise and per-head statistics; :func:`run_select` streams a run
+directory through them chunk by chunk and writes ``RUN/select/``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+
+from . import stats, strategies
+from .store import atomic_write_json, atomic_write_parquet, open_run
+
+DEFAULT_METHODS = ("avg_all_heads", "max_head", "weighted_combination", "random", "uniform")
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """One ranking of the image tokens: a method and, for weighted_combination, its alpha."""
+
+    method: str
+    alpha: float | None = None
+
+    @property
+    def label(self) -> str:
+        return self.method if self.alpha is None else f"{self.method}(alpha={self.alpha:g})"
+
+
+def score_configs(methods: Sequence[str], alphas: Sequence[float]) -> list[ScoreConfig]:
+    """Expand methods x alphas; alpha only varies weighted_combination."""
+    out = []
+    for m in methods:
+        if m not in strategies.METHODS:
+            raise ValueError(f"unknown method {m!r}: expected one of {', '.join(strategies.METHODS)}")
+        if m == "weighted_combination":
+            if not alphas:
+                raise ValueError("weighted_combination needs at least one alpha")
+            out.extend(ScoreConfig(m, float(a)) for a in alphas)
+        else:
+            out.append(ScoreConfig(m))
+    return list(dict.fromkeys(out))
+
+
+def random_keys(sample_ids: Sequence[int], n_tokens: int, seed: int) -> np.ndarray:
+    """``[S, N]`` random ranking keys, one stream per (seed, sample): chunking never changes them."""
+    return np.stack([np.random.default_rng([seed, int(s)]).random(n_tokens) for s in sample_ids]) if len(
+        sample_ids
+    ) else np.zeros((0, n_tokens))
+
+
+def selection_ids(kept: np.ndarray) -> list[str]:
+    """Stable short hash of each kept set (rows of ``[S, k]``), equal sets -> equal ids."""
+    data = np.ascontiguousarray(kept, dtype="<i4")
+    return [hashlib.blake2b(row.tobytes(), digest_size=8).hexdigest() for row in data] if data.shape[1] else [
+        "empty"
+    ] * data.shape[0]
+
+
+def config_scores(attention: torch.Tensor, cfg: ScoreConfig, sample_ids: Sequence[int], seed: int) -> np.ndarray | None:
+    """``[S, N]`` score vector of a configuration, None for uniform (a set, not a ranking)."""
+    if cfg.method == "uniform":
+        return None
+    if cfg.method == "random":
+        return random_keys(sample_ids, attention.shape[-1], seed)
+    return strategies.attention_scores(attention, cfg.method, cfg.alpha if cfg.alpha is not None else 0.5).numpy()
+
+
+def kept_sets(attention: torch.Tensor, cfg: ScoreConfig, keeps: Sequence[int], sample_ids: Sequence[int], seed: int):
+    """Yield ``(keep, kept [S, keep], scores or None)`` for one configuration, ranking once."""
+    n_samples, _, n_tokens = attention.shape
+    scores = config_scores(attention, cfg, sample_ids, seed)
+    order = None if scores is None else strategies.rank(torch.from_numpy(scores)).numpy()
+    for keep in keeps:
+        if order is None:
+            kept = np.broadcast_to(strategies.uniform_indices(n_tokens, keep).numpy(), (n_samples, keep))
+        else:
+            kept = np.sort(order[:, :keep], axis=1)
+        yield keep, kept, scores
+
+
+def _check(attention: torch.Tensor, keeps: Sequence[int]) -> None:
+    if attention.dim() != 3:
+        raise ValueError(f"attention must be [S, H, N], got shape {tuple(attention.shape)}")
+    strategies.validate(attention, "avg_all_heads")
+    for k in keeps:
+        if not 0 <= int(k) <= attention.shape[-1]:
+            raise ValueError(f"keep {k} is outside 0..{attention.shape[-1]} (image tokens per sample)")
+
+
+def replay(
+    attention: torch.Tensor,
+    methods: Sequence[str] = DEFAULT_METHODS,
+    alphas: Sequence[float] = (0.5,),
+    keeps: Sequence[int] = (288, 192, 128, 64),
+    seed: int = 0,
+    *,
+    sample_ids: Sequence[int] | None = None,
+    agg_layer: int | None = None,
+) -> pl.DataFrame:
+    """Selections of every method x alpha x keep for stacked attention ``[S, H, N]``.
+
+    One row per (sample, configuration, keep): ``kept`` (ascending image-token indices),
+    ``keep_ratio``, ``max_head``, ``selection_id`` (hash of the kept set) and the spatial
+    statistics of the kept set. ``sample`` is the position in ``attention`` unless
+    ``sample_ids`` names the samples (then random selections depend on the id, not the
+    position, so chunked replays agree with whole ones).
+    """
+    attention = attention.float()
+    keeps = [int(k) for k in keeps]
+    _check(attention, keeps)
+    n_samples, _, n_tokens = attention.shape
+    ids = np.arange(n_samples) if sample_ids is None else np.asarray(sample_ids, dtype=np.int64)
+    max_head = strategies.max_head_index(strategies.head_importance(attention)).numpy()
+    frames = []
+    for cfg in score_configs(methods, alphas):
+        for keep, kept, _ in kept_sets(attention, cfg, keeps, ids, seed):
+            frame = {
+                "sample": ids,
+                "method": [cfg.method] * n_samples,
+                "alpha": [cfg.alpha] * n_samples,
+                "config": [cfg.label] * n_samples,
+                "keep": np.full(n_samples, keep),
+                "keep_ratio": np.full(n_samples, keep / n_tokens),
+                "kept": pl.Series("kept", kept.astype(np.int32)).cast(pl.List(pl.Int32)) if keep else
+                pl.Series("kept", [[]] * n_samples, dtype=pl.List(pl.Int32)),
+                "max_head": max_head,
+                "selection_id": selection_ids(kept),
+                **stats.spatial_stats(kept, n_tokens),
+            }
+            frames.append(pl.DataFrame(frame, schema_overrides={"alpha": pl.Float64}))
+    out = pl.concat(frames) if frames else pl.DataFrame()
+    if agg_layer is not None:
+        out = out.insert_column(1, pl.lit(int(agg_layer), dtype=pl.Int64).alias("agg_layer"))
+    return out
+
+
+def overlap(
+    attention: torch.Tensor,
+    methods: Sequence[str] = DEFAULT_METHODS,
+    alphas: Sequence[float] = (0.5,),
+    keeps: Sequence[int] = (288, 192, 128, 64),
+    seed: int = 0,
+    *,
+    sample_ids: Sequence[int] | None = None,
+    agg_layer: int | None = None,
+) -> pl.DataFrame:
+    """Pairwise agreement of configurations per sample and keep.
+
+    Intersection size and Jaccard of the kept sets; Kendall's tau and Spearman's rho of
+    the two score vectors (keep-independent, so computed once per pair; null where one
+    side is ``uniform``, which has a set but no ranking).
+    """
+    attention = attention.float()
+    keeps = [int(k) for k in keeps]
+    _check(attention, keeps)
+    n_samples, _, n_tokens = attention.shape
+    ids = np.arange(n_samples) if sample_ids is None else np.asarray(sample_ids, dtype=np.int64)
+    configs = score_configs(methods, alphas)
+    masks: dict[tuple[ScoreConfig, int], np.ndarray] = {}
+    scores: dict[ScoreConfig, np.ndarray | None] = {}
+    for cfg in configs:
+        for keep, kept, sc in kept_sets(attention, cfg, keeps, ids, seed):
+            masks[cfg, keep] = stats.kept_mask(kept, n_tokens)
+            scores[cfg] = sc
+    frames = []
+    nan = np.full(n_samples, np.nan)
+    for a, b in itertools.combinations(configs, 2):
+        if scores[a] is None or scores[b] is None:
+            tau, rho = nan, nan
+        else:
+            tau, rho = stats.kendall_rows(scores[a], scores[b]), stats.spearman_rows(scores[a], scores[b])
+        for keep in keeps:
+            inter, jac = stats.set_overlap(masks[a, keep], masks[b, keep])
+            frames.append(
+                pl.DataFrame(
+                    {
+                        "sample": ids,
+                        "keep": np.full(n_samples, keep),
+                        "config_a": [a.label] * n_samples,
+                        "config_b": [b.label] * n_samples,
+                        "intersection": inter,
+                        "jaccard": jac,
+                        "kendall_tau": tau,
+                        "spearman": rho,
+                    }
+                )
+            )
+    out = pl.concat(frames) if frames else pl.DataFrame()
+    if agg_layer is not None and len(out):
+        out = out.insert_column(1, pl.lit(int(agg_layer), dtype=pl.Int64).alias("agg_layer"))
+    return out
+
+
+def heads(attention: torch.Tensor, *, sample_ids: Sequence[int] | None = None, agg_layer: int | None = None) -> pl.DataFrame:
+    """Per-sample head statistics (see :func:`fastv_analysis.stats.head_stats`)."""
+    attention = attention.float()
+    ids = np.arange(attention.shape[0]) if sample_ids is None else np.asarray(sample_ids, dtype=np.int64)
+    out = pl.DataFrame({"sample": ids, **stats.head_stats(strategies.head_importance(attention).numpy())})
+    if agg_layer is not None:
+        out = out.insert_column(1, pl.lit(int(agg_layer), dtype=pl.Int64).alias("agg_layer"))
+    return out
+
+
+def summarize_overlap(overlap_frame: pl.DataFrame) -> pl.DataFrame:
+    """Mean and 95% interval over samples of each pair's agreement, per layer and keep."""
+    keys = [c for c in ("agg_layer", "keep", "config_a", "config_b") if c in overlap_frame.columns]
+    rows = []
+    for key, group in overlap_frame.group_by(keys, maintain_order=True):
+        row = dict(zip(keys, key))
+        row["n"] = group.height
+        for col in ("intersection", "jaccard", "kendall_tau", "spearman"):
+            m, lo, hi = stats.mean_interval(group[col].cast(pl.Float64).fill_null(np.nan).to_numpy())
+            row.update({f"{col}_mean": m, f"{col}_lo": lo, f"{col}_hi": hi})
+        rows.append(row)
+    return pl.DataFrame(rows)
+
+
+def resolve_keeps(keeps: Sequence[int], keep_ratios: Sequence[float], n_tokens: int) -> list[int]:
+    """Keep counts from explicit counts and ratios of N (rounded), deduplicated, descending."""
+    out = [int(k) for k in keeps] + [int(round(r * n_tokens)) for r in keep_ratios]
+    for k in out:
+        if not 0 <= k <= n_tokens:
+            raise ValueError(f"keep {k} is outside 0..{n_tokens} (image tokens per sample)")
+    return sorted(set(out), reverse=True)
+
+
+def run_select(
+    run_dir: str | Path,
+    methods: Sequence[str],
+    alphas: Sequence[float],
+    keeps: Sequence[int],
+    keep_ratios: Sequence[float] = (),
+    agg_layers: Sequence[int] | None = None,
+    seed: int = 0,
+    chunk_size: int = 256,
+    progress: bool = True,
+    command: Sequence[str] | None = None,
+) -> dict:
+    """Stream a run directory through replay/overlap/heads and write ``RUN/select/``.
+
+    Only one chunk of attention is in memory at a time; each chunk's rows go to a part
+    file, and the parts are merged by polars' streaming engine into the final tables.
+    Everything lands under a temporary folder that replaces ``select/`` at the end.
+    """
+    from tqdm.auto import tqdm
+
+    from .provenance import versions
+
+    run = open_run(run_dir)
+    layers = list(agg_layers) if agg_layers else run.agg_layers
+    for k in layers:
+        run.check_layer(k)
+    score_configs(methods, alphas)  # validate before touching the disk
+    if run.samples.height == 0:
+        raise ValueError(f"{run.root} has no captured samples")
+    n_tokens = int(run.samples["n_image_tokens"][0])
+    keep_list = resolve_keeps(keeps, keep_ratios, n_tokens)
+    if not keep_list:
+        raise ValueError("no keep counts given: pass --keep or --keep-ratio")
+
+    final = run.root / "select"
+    tmp = run.root / ".select.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    parts = {name: tmp / "parts" / name for name in ("selections", "overlap", "heads")}
+    for p in parts.values():
+        p.mkdir(parents=True)
+    t0 = time.perf_counter()
+    bar = tqdm(total=run.samples.height * len(layers), desc="select", unit="sample", disable=not progress)
+    i = 0
+    for layer in layers:
+        for ids, att in run.iter_chunks(layer, chunk_size):
+            kw = dict(sample_ids=ids, agg_layer=layer)
+            sel = replay(att, methods, alphas, keep_list, seed, **kw).rename({"sample": "sample_id"})
+            ov = overlap(att, methods, alphas, keep_list, seed, **kw).rename({"sample": "sample_id"})
+            hd = heads(att, **kw).rename({"sample": "sample_id"})
+            for name, frame in (("selections", sel), ("overlap", ov), ("heads", hd)):
+                frame.write_parquet(parts[name] / f"{i:06d}.parquet")
+            i += 1
+            bar.update(len(ids))
+    bar.close()
+    for name, folder in parts.items():
+        pl.scan_parquet(folder / "*.parquet").sink_parquet(tmp / f"{name}.parquet")
+    summary = summarize_overlap(pl.read_parquet(tmp / "overlap.parquet"))
+    atomic_write_parquet(summary, tmp / "overlap_summary.parquet")
+    shutil.rmtree(tmp / "parts")
+    info = {
+        "stage": "select",
+        "methods": list(methods),
+        "alphas": [float(a) for a in alphas],
+        "keeps": keep_list,
+        "agg_layers": layers,
+        "seed": seed,
+        "chunk_size": chunk_size,
+        "n_samples": run.samples.height,
+        "n_configurations": len(score_configs(methods, alphas)) * len(keep_list),
+        "run_model_fingerprint": run.config.get("model_fingerprint"),
+        "run_data_sha256": run.config.get("data_sha256"),
+        "seconds": round(time.perf_counter() - t0, 3),
+        "versions": versions(),
+        "command": list(command) if command else None,
+    }
+    atomic_write_json(tmp / "select.json", info)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    return info

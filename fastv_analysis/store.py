@@ -1,0 +1,293 @@
+"""The run directory: cached attention on disk, read back by readable names.
+
+Layout (``RUN/``)::
+
+    run.json                     what produced the run (model, fingerprints, settings, versions)
+    samples.parquet              one row per captured sample (see SAMPLE_COLUMNS)
+    attention/part-R-NNNNN.safetensors   attention tensors of a batch of samples
+    attention/part-R-NNNNN.parquet       the index rows of exactly those samples
+    errors.jsonl                 samples skipped with --skip-bad (capture)
+    select/ eval/ figures/       written by the later stages
+
+Tensor names inside a shard: ``"{sample_id}/L{agg_layer}/last"`` -> ``[H, N]`` (the last
+prompt token's attention at layer K-1 to the N image tokens) and, with ``--queries text``,
+``"{sample_id}/L{agg_layer}/text"`` -> ``[H, Q, N]`` (every text token after the image).
+
+A part becomes visible only when its .parquet index lands, and both files are written to
+a temporary name and renamed: an interrupted capture leaves nothing half-written, and a
+re-run skips exactly the samples whose part is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import polars as pl
+
+FORMAT_VERSION = 1
+
+IDENTITY_KEYS = (
+    "model",
+    "model_fingerprint",
+    "data_sha256",
+    "agg_layers",
+    "queries",
+    "dtype",
+    "max_new_tokens",
+    "prompt_template",
+    "limit",
+)
+"""run.json keys that must match for a capture to resume into an existing run."""
+
+SAMPLE_COLUMNS = {
+    "sample_id": pl.Int64,
+    "question_id": pl.Utf8,
+    "image": pl.Utf8,
+    "question": pl.Utf8,
+    "answer": pl.Utf8,
+    "category": pl.Utf8,
+    "prediction": pl.Utf8,
+    "correct": pl.Boolean,
+    "image_start": pl.Int64,
+    "n_image_tokens": pl.Int64,
+    "prompt_tokens": pl.Int64,
+    "shard": pl.Utf8,
+    "capture_seconds": pl.Float64,
+}
+
+_PART = re.compile(r"^part-(\d+)-(\d+)\.parquet$")
+
+
+def attention_key(sample_id: int, agg_layer: int, query: str = "last") -> str:
+    """Name of one cached tensor: the layer-(K-1) attention used to prune at layer K."""
+    return f"{int(sample_id)}/L{int(agg_layer)}/{query}"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary sibling and rename, so readers never see a partial file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def atomic_write_parquet(df: pl.DataFrame, path: Path) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    df.write_parquet(tmp)
+    os.replace(tmp, path)
+
+
+def config_differences(old: dict, new: dict, keys: Sequence[str] = IDENTITY_KEYS) -> list[str]:
+    """Human-readable list of identity settings that differ between two run configs."""
+    return [f"{k}: {old.get(k)!r} (existing) != {new.get(k)!r} (now)" for k in keys if old.get(k) != new.get(k)]
+
+
+class RunMismatchError(ValueError):
+    """An existing run directory was made with other settings."""
+
+
+class RunWriter:
+    """Writes a run directory part by part; safe to interrupt and resume.
+
+    ``rank`` separates the parts of processes that capture side by side (accelerate /
+    torchrun): each writes its own parts, and :meth:`finalize` merges every index.
+    """
+
+    def __init__(self, root: str | Path, config: dict, *, overwrite: bool = False, rank: int = 0):
+        self.root = Path(root)
+        self.rank = rank
+        self.attention_dir = self.root / "attention"
+        config = {"format": FORMAT_VERSION, **config}
+        run_json = self.root / "run.json"
+        if run_json.exists() and not overwrite:
+            old = json.loads(run_json.read_text())
+            diffs = config_differences(old, config)
+            if diffs:
+                raise RunMismatchError(
+                    f"{self.root} holds a run made with other settings ({'; '.join(diffs)}); "
+                    "use another --out or --overwrite"
+                )
+        elif overwrite and self.root.exists():
+            _remove_run_files(self.root)
+        self.attention_dir.mkdir(parents=True, exist_ok=True)
+        if rank == 0:
+            atomic_write_json(run_json, config)
+        self.config = config
+        self._next = 1 + max((n for r, n in self._parts() if r == rank), default=-1)
+
+    def _parts(self) -> list[tuple[int, int]]:
+        found = (_PART.match(p.name) for p in self.attention_dir.glob("part-*.parquet"))
+        return sorted((int(m[1]), int(m[2])) for m in found if m)
+
+    def done_sample_ids(self) -> set[int]:
+        """Samples whose part is complete (tensor file and index both renamed in place)."""
+        files = sorted(self.attention_dir.glob("part-*.parquet"))
+        if not files:
+            return set()
+        return set(pl.read_parquet(files, columns=["sample_id"])["sample_id"].to_list())
+
+    def write_part(self, rows: list[dict], tensors: dict) -> str:
+        """Store the tensors of some samples and then their index rows; returns the part name."""
+        from safetensors.torch import save
+
+        name = f"part-{self.rank:03d}-{self._next:05d}"
+        self._next += 1
+        blob = save({k: v.contiguous().cpu() for k, v in tensors.items()})
+        atomic_write_bytes(self.attention_dir / f"{name}.safetensors", blob)
+        frame = pl.DataFrame([{**r, "shard": name} for r in rows], schema_overrides=_present(rows))
+        atomic_write_parquet(frame, self.attention_dir / f"{name}.parquet")
+        return name
+
+    def finalize(self, extra: dict | None = None) -> pl.DataFrame:
+        """Merge every part's index into samples.parquet (sorted, one row per sample)."""
+        files = sorted(self.attention_dir.glob("part-*.parquet"))
+        samples = (
+            pl.concat([pl.read_parquet(f) for f in files], how="diagonal_relaxed")
+            if files
+            else pl.DataFrame(schema=SAMPLE_COLUMNS)
+        )
+        samples = samples.unique("sample_id", keep="first").sort("sample_id")
+        atomic_write_parquet(samples, self.root / "samples.parquet")
+        if extra:
+            atomic_write_json(self.root / "run.json", {**self.config, **extra})
+        return samples
+
+
+def _present(rows: list[dict]) -> dict:
+    keys = set().union(*(r.keys() for r in rows)) if rows else set()
+    return {k: t for k, t in SAMPLE_COLUMNS.items() if k in keys}
+
+
+def _remove_run_files(root: Path) -> None:
+    for p in [root / "run.json", root / "samples.parquet", root / "errors.jsonl"]:
+        p.unlink(missing_ok=True)
+    for p in (root / "attention").glob("*") if (root / "attention").exists() else []:
+        p.unlink()
+
+
+@dataclass
+class Run:
+    """A captured run directory, read lazily. Use :func:`open_run`.
+
+    ``samples`` is the polars index (one row per sample); tensors are fetched by name
+    with the small methods below, never by raw key arithmetic in callers.
+    """
+
+    root: Path
+    config: dict
+    samples: pl.DataFrame
+    _handles: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def agg_layers(self) -> list[int]:
+        return [int(k) for k in self.config.get("agg_layers", [])]
+
+    @cached_property
+    def _shard_of(self) -> dict[int, str]:
+        return dict(zip(self.samples["sample_id"].to_list(), self.samples["shard"].to_list()))
+
+    @property
+    def sample_ids(self) -> list[int]:
+        return self.samples["sample_id"].to_list()
+
+    def _tensor(self, key: str, sample_id: int):
+        from safetensors import safe_open
+
+        try:
+            shard = self._shard_of[int(sample_id)]
+        except KeyError:
+            raise KeyError(f"sample {sample_id} is not in {self.root / 'samples.parquet'}") from None
+        if shard not in self._handles:
+            self._handles[shard] = safe_open(str(self.attention_dir / f"{shard}.safetensors"), framework="pt")
+        handle = self._handles[shard]
+        if key not in handle.keys():
+            raise KeyError(f"{key} not stored in {self.attention_dir / shard}.safetensors")
+        return handle.get_tensor(key)
+
+    @property
+    def attention_dir(self) -> Path:
+        return self.root / "attention"
+
+    def check_layer(self, agg_layer: int) -> None:
+        if int(agg_layer) not in self.agg_layers:
+            raise ValueError(
+                f"agg layer {agg_layer} was not captured in {self.root} (captured: {self.agg_layers})"
+            )
+
+    def last_token_attention(self, sample_id: int, agg_layer: int):
+        """float32 ``[H, N]``: last prompt token -> image tokens, layer ``agg_layer - 1``."""
+        self.check_layer(agg_layer)
+        return self._tensor(attention_key(sample_id, agg_layer, "last"), sample_id).float()
+
+    def text_attention(self, sample_id: int, agg_layer: int):
+        """float32 ``[H, Q, N]``: every text token after the image -> image tokens (``--queries text``)."""
+        self.check_layer(agg_layer)
+        return self._tensor(attention_key(sample_id, agg_layer, "text"), sample_id).float()
+
+    def stack(self, agg_layer: int, sample_ids: Sequence[int]):
+        """float32 ``[S, H, N]`` of the given samples' last-token attention."""
+        import torch
+
+        tensors = [self.last_token_attention(s, agg_layer) for s in sample_ids]
+        shapes = {tuple(t.shape) for t in tensors}
+        if len(shapes) > 1:
+            raise ValueError(f"samples of {self.root} have different [H, N] shapes {sorted(shapes)}; cannot stack")
+        return torch.stack(tensors) if tensors else torch.zeros(0, 0, 0)
+
+    def iter_chunks(self, agg_layer: int, chunk_size: int = 256) -> Iterator[tuple[list[int], object]]:
+        """Yield ``(sample_ids, [S, H, N])`` chunks so big runs never sit in memory whole."""
+        ids = self.sample_ids
+        for i in range(0, len(ids), chunk_size):
+            chunk = ids[i : i + chunk_size]
+            yield chunk, self.stack(agg_layer, chunk)
+
+
+def open_run(path: str | Path) -> Run:
+    """Open a run directory written by ``fastv-analyze capture`` (or :func:`write_synthetic_run`)."""
+    root = Path(path)
+    run_json, index = root / "run.json", root / "samples.parquet"
+    if not run_json.exists():
+        raise FileNotFoundError(f"{root} is not a run directory: {run_json} is missing (run `fastv-analyze capture` first)")
+    if not index.exists():
+        raise FileNotFoundError(f"{index} is missing: the capture of {root} did not finish (re-run it to resume)")
+    try:
+        config = json.loads(run_json.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{run_json} is not valid JSON: {err}") from None
+    return Run(root=root, config=config, samples=pl.read_parquet(index))
+
+
+def write_synthetic_run(root: str | Path, attention: dict, *, part_size: int = 64, config: dict | None = None) -> Run:
+    """A run directory from given attention ``{agg_layer: [S, H, N]}``, for tests and benchmarks.
+
+    It goes through the same :class:`RunWriter` as a real capture, so whatever reads
+    a real run reads this one.
+    """
+    layers = sorted(attention)
+    n_samples, _, n_tokens = attention[layers[0]].shape
+    cfg = {"model": "synthetic", "model_fingerprint": "synthetic", "data_sha256": "synthetic",
+           "agg_layers": layers, "queries": "last", "dtype": str(attention[layers[0]].dtype).removeprefix("torch."),
+           **(config or {})}
+    writer = RunWriter(root, cfg, overwrite=True)
+    for start in range(0, n_samples, part_size):
+        ids = range(start, min(start + part_size, n_samples))
+        rows = [
+            {"sample_id": s, "question_id": str(s), "question": "", "answer": "", "prediction": "",
+             "correct": True, "image_start": 0, "n_image_tokens": n_tokens, "prompt_tokens": n_tokens}
+            for s in ids
+        ]
+        tensors = {attention_key(s, k): attention[k][s] for s in ids for k in layers}
+        writer.write_part(rows, tensors)
+    writer.finalize()
+    return open_run(root)
