@@ -1,0 +1,148 @@
+"""Shared pytest fixtures.
+
+Model-side fixtures (tiny random LLaVA, prompt builder) are in the block below; other
+stages add their own blocks.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+# ----------------------------------------------------------------------------------------
+# Tiny random LLaVA (model-side core: attention.py, pruning.py)
+# ----------------------------------------------------------------------------------------
+
+TINY_VOCAB = 96
+TINY_IMAGE_TOKEN_ID = 95
+TINY_PAD_TOKEN_ID = 0
+
+
+def make_tiny_llava(
+    num_kv_heads: int = 4,
+    layers: int = 4,
+    heads: int = 4,
+    hidden: int = 32,
+    image_size: int = 56,
+    patch_size: int = 14,
+    attn_implementation: str = "sdpa",
+    seed: int = 0,
+    init_std: float = 0.15,
+):
+    """A LlavaForConditionalGeneration small enough for CPU tests, float32, eval mode.
+
+    image_size / patch_size = 4 gives (4 x 4) = 16 image tokens per image. Weights are
+    drawn with a larger std than HF's default 0.02 so attention is far from uniform and
+    the equivalence tests actually discriminate.
+    """
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    text = LlamaConfig(
+        vocab_size=TINY_VOCAB,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=256,
+        pad_token_id=TINY_PAD_TOKEN_ID,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=16,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=TINY_IMAGE_TOKEN_ID,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
+    config._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(seed)
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                continue
+            param.copy_(torch.randn(param.shape, generator=generator) * init_std)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = TINY_PAD_TOKEN_ID
+    return model.eval()
+
+
+def n_image_tokens(model) -> int:
+    vision = model.config.vision_config
+    return (vision.image_size // vision.patch_size) ** 2
+
+
+def make_llava_inputs(
+    model,
+    before: list[int] | int = 3,
+    after: list[int] | int = 4,
+    left_pad: list[int] | int = 0,
+    batch: int | None = None,
+    seed: int = 0,
+) -> dict:
+    """input_ids / attention_mask / pixel_values with one image span per element.
+
+    ``before``/``after``: text tokens before/after the image span, per element (lists)
+    or shared (ints). Shorter prompts are left-padded to the longest, plus ``left_pad``
+    extra pad tokens per element.
+    """
+    sizes = [len(x) for x in (before, after, left_pad) if isinstance(x, list)]
+    batch = batch or (sizes[0] if sizes else 1)
+    before = before if isinstance(before, list) else [before] * batch
+    after = after if isinstance(after, list) else [after] * batch
+    left_pad = left_pad if isinstance(left_pad, list) else [left_pad] * batch
+    n_image = n_image_tokens(model)
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for b, a in zip(before, after):
+        text = torch.randint(3, TINY_IMAGE_TOKEN_ID, (b + a,), generator=generator).tolist()
+        rows.append(text[:b] + [TINY_IMAGE_TOKEN_ID] * n_image + text[b:])
+    length = max(len(r) + p for r, p in zip(rows, left_pad))
+    input_ids = torch.full((batch, length), TINY_PAD_TOKEN_ID, dtype=torch.long)
+    attention_mask = torch.zeros((batch, length), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, length - len(row):] = torch.tensor(row)
+        attention_mask[i, length - len(row):] = 1
+    vision = model.config.vision_config
+    pixel_values = torch.randn(batch, 3, vision.image_size, vision.image_size, generator=generator)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
+
+
+def unpadded(inputs: dict, i: int) -> dict:
+    """Element i of a left-padded batch, with its padding removed (batch of 1)."""
+    keep = inputs["attention_mask"][i].bool()
+    return {
+        "input_ids": inputs["input_ids"][i : i + 1, keep],
+        "attention_mask": inputs["attention_mask"][i : i + 1, keep],
+        "pixel_values": inputs["pixel_values"][i : i + 1],
+    }
+
+
+@pytest.fixture
+def tiny_llava():
+    """Factory fixture: ``tiny_llava(num_kv_heads=2, layers=4, ...)`` -> fresh model."""
+    return make_tiny_llava
+
+
+@pytest.fixture
+def llava_inputs():
+    """Factory fixture: ``llava_inputs(model, before=3, after=4, left_pad=0, batch=None)``."""
+    return make_llava_inputs
