@@ -136,6 +136,16 @@ def unpadded(inputs: dict, i: int) -> dict:
     }
 
 
+def hook_snapshot(model) -> dict:
+    """Every hook on every submodule, by id: equal snapshots = no hook left behind.
+
+    (transformers installs its own output-capturing hooks on the first forward, so
+    compare snapshots taken after a warm-up forward rather than testing for none.)
+    """
+    kinds = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs")
+    return {name: tuple(tuple(getattr(module, k).keys()) for k in kinds) for name, module in model.named_modules()}
+
+
 @pytest.fixture
 def tiny_llava():
     """Factory fixture: ``tiny_llava(num_kv_heads=2, layers=4, ...)`` -> fresh model."""

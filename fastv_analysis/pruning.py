@@ -1,0 +1,643 @@
+"""FastV on an unmodified Hugging Face LLaVA, by hooks.
+
+FastV (Chen et al., 2024): layers 0..K-1 see every token; the last prompt token's
+attention at layer K-1 ranks the image tokens; from layer K on only the ``keep`` best
+image tokens remain. Here that is done without a copy of transformers' modeling code:
+
+* a pre-hook on the top-level model reads ``input_ids`` and finds each element's image
+  span (``input_ids == image_token_id``; left padding and different prompt lengths work);
+* a hook on layer K-1's attention recomputes the last prompt row of its attention
+  probabilities (:mod:`fastv_analysis.attention`) and ranks it with
+  :func:`fastv_analysis.strategies.select`, each batch element on its own;
+* pre-hooks on layers >= K gather the kept positions: layer K its hidden states, every
+  layer >= K the RoPE ``(cos, sin)`` along the query dim and the 4D mask along query and
+  key dims. During decoding the key columns are the kept prompt positions plus every
+  position after the prompt. The cache of layers >= K thus holds only kept tokens, while
+  the layer-0 cache stays full length, so new tokens get their original RoPE positions,
+  and kept tokens keep theirs.
+
+K = 0 (no attention to rank by) keeps a seeded random subset and prunes the decoder's
+input embeddings instead (a pre-hook on the language model), passing explicit positions.
+``mode="mask"`` keeps every token but masks the pruned ones out as keys from layer K on,
+as the reference implementation did; it exists to check ``mode="drop"`` against.
+
+Nothing on the model is changed permanently: :func:`apply_fastv` returns a wrapper that
+owns the hook handles and removes them on :meth:`FastVModel.remove` / context exit.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+
+import torch
+from torch import nn
+
+from . import strategies
+from .adapters import Adapter, get_adapter
+from .attention import rows_from_call, take_positions
+
+MODES = ("drop", "mask")
+
+ALIASES = {
+    "fast_v_agg_layer": "agg_layer",
+    "fast_v_attention_rank": "keep",
+    "fast_v_sys_length": "image_start",
+    "fast_v_image_token_length": "image_tokens",
+    "fast_v_token_selection_method": "method",
+    "fast_v_weighted_alpha": "alpha",
+    "fast_v_inplace": None,  # the reference's in-place flag: drop mode is always in place
+}
+
+
+# ----------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class FastVConfig:
+    """FastV settings; fields can be changed between forwards (``m.fastv.keep = 64``).
+
+    agg_layer:    K, the first pruned layer; layer K-1's attention ranks the image tokens.
+    keep:         image tokens kept (the reference's ``attention_rank``), 0..N.
+    method/alpha: selection strategy, see :mod:`fastv_analysis.strategies`.
+    image_start, image_tokens: a fixed image span for every element (the reference's
+                  ``sys_length``/``image_token_length``); None = find it in input_ids.
+    seed:         seeds the random method and the K = 0 subset, per forward.
+    mode:         "drop" (physically remove) or "mask" (mask out as keys).
+    kept:         externally chosen image-token indices ``[B, keep]`` or ``[keep]``
+                  (replaying the select stage); overrides method when set.
+    """
+
+    agg_layer: int = 2
+    keep: int = 288
+    method: str = "avg_all_heads"
+    alpha: float = 0.5
+    use_fast_v: bool = True
+    image_start: int | None = None
+    image_tokens: int | None = None
+    seed: int = 0
+    mode: str = "drop"
+    kept: torch.Tensor | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "FastVConfig":
+        """Build from a dict; the reference implementation's key names are accepted too."""
+        names = {f.name for f in fields(cls)}
+        values = {}
+        for key, value in d.items():
+            name = ALIASES.get(key, key) if key in ALIASES else key
+            if key in ALIASES and name is None:
+                continue
+            if name not in names:
+                raise ValueError(f"unknown FastV config key {key!r}")
+            if name in values:
+                raise ValueError(f"FastV config key {key!r} given twice (also as an alias)")
+            values[name] = value
+        return cls(**values)
+
+    def validate(self, num_layers: int | None = None, n_image: int | None = None) -> None:
+        """One-line ValueError for a bad setting; model-dependent limits when given."""
+        if not (isinstance(self.agg_layer, int) and self.agg_layer >= 0):
+            raise ValueError(f"agg_layer must be a non-negative integer, got {self.agg_layer!r}")
+        if num_layers is not None and self.agg_layer >= num_layers:
+            raise ValueError(f"agg_layer must be < the number of decoder layers ({num_layers}), got {self.agg_layer}")
+        if not (isinstance(self.keep, int) and self.keep >= 0):
+            raise ValueError(f"keep must be a non-negative integer, got {self.keep!r}")
+        if n_image is not None and self.keep > n_image:
+            raise ValueError(f"keep must be in 0..{n_image} (the number of image tokens), got {self.keep}")
+        if self.method not in strategies.METHODS:
+            raise ValueError(f"unknown method {self.method!r}: expected one of {', '.join(strategies.METHODS)}")
+        if not (isinstance(self.alpha, (int, float)) and 0.0 <= float(self.alpha) <= 1.0):
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if (self.image_start is None) != (self.image_tokens is None):
+            raise ValueError("image_start and image_tokens must be given together (or neither)")
+        for name in ("image_start", "image_tokens"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, int) and value >= 0):
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+
+
+# ----------------------------------------------------------------------------------------
+# Pure functions on tensors
+# ----------------------------------------------------------------------------------------
+
+
+def image_positions(input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
+    """LongTensor ``[B, N]``: sequence positions of the image tokens, per element."""
+    is_image = input_ids == image_token_id
+    counts = is_image.sum(dim=1)
+    if (counts != counts[0]).any():
+        raise ValueError(f"batch elements have different numbers of image tokens: {counts.tolist()}")
+    if counts[0] == 0:
+        raise ValueError(f"no image token (id {image_token_id}) in input_ids")
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+    return positions[is_image].view(input_ids.shape[0], -1)
+
+
+def fixed_image_positions(batch: int, image_start: int, image_tokens: int, seq_len: int, device) -> torch.Tensor:
+    """``[B, N]`` for a span given by the reference's sys_length / image_token_length."""
+    if image_start + image_tokens > seq_len:
+        raise ValueError(f"image span {image_start}..{image_start + image_tokens} exceeds the sequence ({seq_len})")
+    return torch.arange(image_start, image_start + image_tokens, device=device).expand(batch, image_tokens)
+
+
+def kept_token_mask(seq_len: int, image_pos: torch.Tensor, kept_image: torch.Tensor) -> torch.Tensor:
+    """Bool ``[B, S]``: True for every text token and every kept image token."""
+    batch = max(image_pos.shape[0], kept_image.shape[0])
+    image_pos = image_pos.expand(batch, -1)
+    mask = torch.ones(batch, seq_len, dtype=torch.bool, device=image_pos.device)
+    mask.scatter_(1, image_pos, False)
+    mask.scatter_(1, image_pos.gather(1, kept_image.to(image_pos.device).expand(batch, -1)), True)
+    return mask
+
+
+def mask_to_positions(mask: torch.Tensor) -> torch.Tensor:
+    """``[B, M]`` ascending positions of the True entries (equal count per row)."""
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    return positions[mask].view(mask.shape[0], -1)
+
+
+def decode_key_positions(kept_positions: torch.Tensor, prompt_len: int, kv_len: int) -> torch.Tensor:
+    """Key columns seen from layer K on while decoding: kept prompt positions + all new ones."""
+    new = torch.arange(prompt_len, kv_len, device=kept_positions.device).expand(kept_positions.shape[0], -1)
+    return torch.cat([kept_positions, new], dim=1)
+
+
+def slice_mask(mask: torch.Tensor | None, query_pos: torch.Tensor | None, key_pos: torch.Tensor) -> torch.Tensor | None:
+    """A 4D mask ``[B, 1, q, kv]`` restricted to kept query rows and key columns."""
+    if mask is None:
+        return None
+    if query_pos is not None:
+        mask = take_positions(mask, query_pos, dim=2)
+    return take_positions(mask, key_pos, dim=3)
+
+
+def keys_masked_out(
+    mask: torch.Tensor | None, key_kept: torch.Tensor, q_len: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """Additive float mask ``[B, 1, q, kv]``: ``mask`` with the non-kept keys removed.
+
+    ``mask`` is None (plain causal, only possible in a prefill or a single-token decode
+    step), bool (True = attend) or already additive float. Works for SDPA and eager.
+    """
+    lowest = torch.finfo(dtype).min
+    kv_len = key_kept.shape[1]
+    if mask is None:
+        queries = torch.arange(kv_len - q_len, kv_len, device=key_kept.device)
+        mask = torch.arange(kv_len, device=key_kept.device)[None, :] <= queries[:, None]
+        mask = mask[None, None]
+    if mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, lowest)
+    return torch.where(key_kept[:, None, None, :], mask.to(dtype), lowest)
+
+
+def image_attention(rows: torch.Tensor, image_pos: torch.Tensor) -> torch.Tensor:
+    """``[B, H, N]``: one query row ``[B, H, S]`` restricted to the image columns."""
+    return take_positions(rows, image_pos, dim=2)
+
+
+def random_selection(batch: int, n_image: int, keep: int, generator: torch.Generator) -> strategies.Selection:
+    """Seeded random subset when there is no attention to rank by (K = 0)."""
+    return strategies.select(torch.zeros(batch, 1, n_image), "random", keep, generator=generator)
+
+
+# ----------------------------------------------------------------------------------------
+# The per-prompt state and the hooks
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Prompt:
+    """What one prefill decided; decoding steps of the same cache reuse it."""
+
+    seq_len: int
+    batch: int  # batch inside the decoder from layer K on (> input batch when fanning out)
+    agg_layer: int
+    mode: str
+    image_pos: torch.Tensor  # [B, N]
+    selection: strategies.Selection | None = None
+    given: torch.Tensor | None = None  # [B, keep] image-token indices chosen outside
+    kept_mask: torch.Tensor | None = None  # [B, S]
+    kept_positions: torch.Tensor | None = None  # [B, n_kept]
+    image_rows: torch.Tensor | None = None  # [B, H, N]
+    cache: weakref.ref | None = None
+
+    def choose(self, kept_image: torch.Tensor) -> None:
+        self.kept_mask = kept_token_mask(self.seq_len, self.image_pos, kept_image)
+        self.kept_positions = mask_to_positions(self.kept_mask)
+
+    def owns(self, cache) -> bool:
+        return cache is not None and self.cache is not None and self.cache() is cache
+
+
+def _first_arg(name: str, args: tuple, kwargs: dict):
+    return kwargs[name] if name in kwargs else (args[0] if args else None)
+
+
+def _with_first_arg(name: str, value, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    if name in kwargs:
+        return args, {**kwargs, name: value}
+    return (value, *args[1:]), kwargs
+
+
+class FastVModel:
+    """A LLaVA model with FastV hooks installed; ``.fastv`` is the live config.
+
+    Call it, ``forward`` or ``generate`` it like the wrapped model. After every prefill:
+    ``last_selection_metadata``, ``last_gen_kept_indices`` ``[B, n_kept]`` (sequence
+    positions kept) and ``last_gen_attention_mask`` (bool ``[B, S]``, True = kept), under
+    the reference implementation's names. ``with apply_fastv(...) as m:`` or ``m.remove()``
+    takes every hook off again.
+    """
+
+    def __init__(self, model: nn.Module, config: FastVConfig):
+        self.model = model
+        self.adapter: Adapter = get_adapter(model)
+        self.fastv = config
+        config.validate(self.adapter.num_layers)
+        self.prompt: _Prompt | None = None
+        self.phase: str | None = None  # "prefill" | "decode" | None for the running forward
+        self._memo: dict = {}
+        self._handles: list = []
+        self._install()
+
+    # -- public API ------------------------------------------------------------------------
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    __call__ = forward
+
+    def generate(self, *args, **kwargs):
+        return self.model.generate(*args, **kwargs)
+
+    def force_kept(self, indices: torch.Tensor | None) -> None:
+        """Use these image-token indices ``[B, keep]`` (or ``[keep]``) instead of ranking."""
+        if indices is not None:
+            indices = torch.as_tensor(indices, dtype=torch.long)
+            indices = indices.unsqueeze(0) if indices.dim() == 1 else indices
+            self.fastv.keep = int(indices.shape[1])
+        self.fastv.kept = indices
+
+    def remove(self) -> None:
+        """Remove every hook; the model is exactly as before :func:`apply_fastv`."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self.prompt, self.phase, self._memo = None, None, {}
+
+    def __enter__(self) -> "FastVModel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def __getattr__(self, name):
+        # only reached for names the wrapper lacks: config, device, generation_config, ...
+        if name == "model":
+            raise AttributeError(name)
+        return getattr(self.model, name)
+
+    @property
+    def last_selection_metadata(self) -> dict | None:
+        if self.prompt is None:
+            return None
+        if self.prompt.selection is not None:
+            return self.prompt.selection.metadata()
+        return {"method": "given", "alpha": None, "max_head_idx": None, "head_importance": None,
+                "kept_indices": self.prompt.given}
+
+    @property
+    def last_gen_kept_indices(self) -> torch.Tensor | None:
+        return None if self.prompt is None else self.prompt.kept_positions
+
+    @property
+    def last_gen_attention_mask(self) -> torch.Tensor | None:
+        return None if self.prompt is None else self.prompt.kept_mask
+
+    @property
+    def last_image_attention(self) -> torch.Tensor | None:
+        """``[B, H, N]`` float32 last-token attention at layer K-1 that was ranked."""
+        return None if self.prompt is None else self.prompt.image_rows
+
+    # -- hooks -----------------------------------------------------------------------------
+
+    def _install(self) -> None:
+        adapter = self.adapter
+        self._handles.append(adapter.model.register_forward_pre_hook(self._on_model, with_kwargs=True))
+        self._handles.append(
+            adapter.language_model.register_forward_pre_hook(self._on_language_model, with_kwargs=True)
+        )
+        for i, layer in enumerate(adapter.layers):
+            self._handles.append(layer.register_forward_pre_hook(self._layer_hook(i), with_kwargs=True))
+            self._handles.append(
+                adapter.attention(i).register_forward_hook(self._attention_hook(i), with_kwargs=True)
+            )
+
+    def _on_model(self, module, args, kwargs):
+        """Decide what this forward is: a new prompt (prefill), a decode step, or neither."""
+        self._memo = {}
+        self.phase = None
+        config = self.fastv
+        if not config.use_fast_v:
+            self.prompt = None
+            return None
+        input_ids = _first_arg("input_ids", args, kwargs)
+        cache = kwargs.get("past_key_values")
+        if self.prompt is not None and self.prompt.owns(cache) and cache.get_seq_length() > 0:
+            self.phase = "decode"
+            return None
+        if input_ids is None or (cache is not None and cache.get_seq_length() > 0):
+            self.prompt = None
+            return None
+        if config.image_start is None and not (input_ids == self.adapter.image_token_id).any():
+            self.prompt = None
+            return None
+        self.prompt = self._new_prompt(input_ids)
+        self.phase = "prefill"
+        return None
+
+    def _new_prompt(self, input_ids: torch.Tensor) -> _Prompt:
+        config = self.fastv
+        batch, seq_len = input_ids.shape
+        if config.image_start is not None:
+            image_pos = fixed_image_positions(batch, config.image_start, config.image_tokens, seq_len, input_ids.device)
+        else:
+            image_pos = image_positions(input_ids, self.adapter.image_token_id)
+        config.validate(self.adapter.num_layers, image_pos.shape[1])
+        given = config.kept
+        fan_out = batch
+        if given is not None:
+            given = torch.as_tensor(given, dtype=torch.long, device=input_ids.device)
+            given = given.unsqueeze(0) if given.dim() == 1 else given
+            if given.shape[0] not in (1, batch) and batch != 1:
+                raise ValueError(f"kept has {given.shape[0]} rows for a batch of {batch}")
+            if given.shape[1] != config.keep:
+                raise ValueError(f"kept has {given.shape[1]} indices per row but keep is {config.keep}")
+            if given.numel() and (given.min() < 0 or given.max() >= image_pos.shape[1]):
+                raise ValueError(f"kept indices must lie in 0..{image_pos.shape[1] - 1}")
+            fan_out = max(batch, given.shape[0])
+            if fan_out != batch and config.agg_layer == 0 and config.mode == "mask":
+                raise ValueError("fanning one prompt out to several kept sets needs agg_layer >= 1 in mask mode")
+        prompt = _Prompt(seq_len, fan_out, config.agg_layer, config.mode, image_pos, given=given)
+        if given is not None:
+            prompt.choose(given.sort(dim=1).values)
+        elif config.agg_layer == 0:
+            generator = torch.Generator().manual_seed(config.seed)
+            prompt.selection = random_selection(batch, image_pos.shape[1], config.keep, generator)
+            prompt.choose(prompt.selection.indices.to(input_ids.device))
+        return prompt
+
+    def _attention_hook(self, layer: int):
+        def rank_image_tokens(module, args, kwargs, output):
+            prompt = self.prompt
+            if self.phase != "prefill" or prompt.kept_mask is not None or layer != prompt.agg_layer - 1:
+                return None
+            with torch.no_grad():
+                rows = rows_from_call(self.adapter, module, args, kwargs, "last")[:, :, 0, :]
+                prompt.image_rows = image_attention(rows, prompt.image_pos)
+                generator = torch.Generator().manual_seed(self.fastv.seed)
+                prompt.selection = strategies.select(
+                    prompt.image_rows, self.fastv.method, self.fastv.keep, alpha=self.fastv.alpha, generator=generator
+                )
+            prompt.choose(prompt.selection.indices.to(prompt.image_pos.device))
+            return None
+
+        return rank_image_tokens
+
+    def _memoized(self, key: str, source, compute):
+        """Per-forward cache: layers >= K all receive the same mask / RoPE objects."""
+        hit = self._memo.get(key)
+        if hit is not None and hit[0] is source:
+            return hit[1]
+        value = compute()
+        self._memo[key] = (source, value)
+        return value
+
+    def _layer_hook(self, layer: int):
+        def prune(module, args, kwargs):
+            prompt = self.prompt
+            if self.phase is None or layer < prompt.agg_layer:
+                return None
+            cache = kwargs.get("past_key_values")
+            if self.phase == "prefill" and prompt.cache is None and cache is not None:
+                prompt.cache = weakref.ref(cache)
+            if prompt.mode == "drop" and prompt.agg_layer == 0:
+                return None  # pruned at the decoder input, see _on_language_model
+            hidden = _first_arg("hidden_states", args, kwargs)
+            if prompt.mode == "mask":
+                return self._mask_layer(layer, prompt, args, kwargs, hidden)
+            return self._drop_layer(layer, prompt, args, kwargs, hidden)
+
+        return prune
+
+    def _drop_layer(self, layer, prompt: _Prompt, args, kwargs, hidden):
+        kept = prompt.kept_positions
+        mask = kwargs.get("attention_mask")
+        if self.phase == "decode":
+            if mask is None:
+                return None
+            keys = decode_key_positions(kept, prompt.seq_len, mask.shape[-1])
+            new_mask = self._memoized("mask", mask, lambda: slice_mask(mask, None, keys))
+            return args, {**kwargs, "attention_mask": new_mask}
+        if layer == prompt.agg_layer:
+            args, kwargs = _with_first_arg("hidden_states", take_positions(hidden, kept, dim=1), args, kwargs)
+        new = dict(kwargs)
+        new["attention_mask"] = self._memoized("mask", mask, lambda: slice_mask(mask, kept, kept))
+        cos_sin = kwargs.get("position_embeddings")
+        if cos_sin is not None:
+            new["position_embeddings"] = self._memoized(
+                "rope", cos_sin[0], lambda: tuple(take_positions(t, kept, dim=1) for t in cos_sin)
+            )
+        position_ids = kwargs.get("position_ids")
+        if position_ids is not None:
+            new["position_ids"] = self._memoized("ids", position_ids, lambda: take_positions(position_ids, kept, dim=1))
+        return args, new
+
+    def _mask_layer(self, layer, prompt: _Prompt, args, kwargs, hidden):
+        mask = kwargs.get("attention_mask")
+        q_len = hidden.shape[1]
+        if self.phase == "prefill" and layer == prompt.agg_layer and hidden.shape[0] != prompt.batch:
+            args, kwargs = _with_first_arg("hidden_states", hidden.expand(prompt.batch, -1, -1), args, kwargs)
+        kv_len = prompt.seq_len if self.phase == "prefill" else (
+            mask.shape[-1] if mask is not None else prompt.cache().get_seq_length(prompt.agg_layer) + q_len
+        )
+        key_kept = prompt.kept_mask
+        if kv_len > prompt.seq_len:
+            extra = torch.ones(key_kept.shape[0], kv_len - prompt.seq_len, dtype=torch.bool, device=key_kept.device)
+            key_kept = torch.cat([key_kept, extra], dim=1)
+        new_mask = self._memoized("mask", mask, lambda: keys_masked_out(mask, key_kept, q_len, hidden.dtype))
+        return args, {**kwargs, "attention_mask": new_mask}
+
+    def _on_language_model(self, module, args, kwargs):
+        """K = 0 in drop mode: prune the decoder's input and give it explicit positions."""
+        prompt = self.prompt
+        if self.phase is None or prompt.agg_layer != 0 or prompt.mode != "drop":
+            return None
+        kept = prompt.kept_positions
+        embeds = kwargs.get("inputs_embeds")
+        mask2d = kwargs.get("attention_mask")
+        position_ids = kwargs.get("position_ids")
+        cache = kwargs.get("past_key_values")
+        new = dict(kwargs)
+        if self.phase == "prefill":
+            batch, seq_len = embeds.shape[0], embeds.shape[1]
+            new["inputs_embeds"] = take_positions(embeds, kept, dim=1)
+            if position_ids is None:
+                position_ids = torch.arange(seq_len, device=embeds.device).expand(batch, -1)
+            new["position_ids"] = take_positions(position_ids, kept, dim=1)
+            if mask2d is None:  # explicit mask: gapped position ids must not look like packed sequences
+                mask2d = torch.ones(batch, seq_len, dtype=torch.long, device=embeds.device)
+            new["attention_mask"] = take_positions(mask2d, kept, dim=1)
+            return args, new
+        q_len = embeds.shape[1] if embeds is not None else kwargs["input_ids"].shape[1]
+        if mask2d is not None and mask2d.dim() == 2:
+            prompt_part = take_positions(mask2d[:, : prompt.seq_len], kept, dim=1)
+            new["attention_mask"] = torch.cat([prompt_part, mask2d[:, prompt.seq_len :]], dim=1)
+        if position_ids is None:
+            generated = cache.get_seq_length() - kept.shape[1]
+            start = prompt.seq_len + generated
+            device = embeds.device if embeds is not None else kept.device
+            new["position_ids"] = torch.arange(start, start + q_len, device=device).unsqueeze(0)
+        return args, new
+
+
+def apply_fastv(model: nn.Module, config: FastVConfig | Mapping | None = None, **overrides) -> FastVModel:
+    """Install FastV on ``model`` (unchanged otherwise); returns the wrapper that owns the hooks."""
+    if config is None:
+        config = FastVConfig(**overrides)
+    elif isinstance(config, Mapping):
+        config = FastVConfig.from_dict({**config, **overrides})
+    elif overrides:
+        raise ValueError("pass either a FastVConfig or keyword overrides, not both")
+    return FastVModel(model, config)
+
+
+# ----------------------------------------------------------------------------------------
+# Shared-prefix batching (eval): one pass through layers 0..K-1, C kept sets from layer K
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class SharedPrefill:
+    """The state after :func:`prefill_shared`: C rows ready for greedy decoding.
+
+    logits: ``[C, V]`` next-token logits of every kept set; ``past_key_values``: the cache
+    (layers < K expanded to batch C); ``attention_mask``: 2D ``[C, S]``; ``fastv``: the
+    wrapper whose hooks must stay installed while decoding (closed by :meth:`close`).
+    """
+
+    fastv: FastVModel
+    logits: torch.Tensor
+    past_key_values: object
+    attention_mask: torch.Tensor
+    prompt_len: int
+
+    def close(self) -> None:
+        self.fastv.remove()
+
+    def __enter__(self) -> "SharedPrefill":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def expand_cache_batch(cache, layers: range, repeats: int) -> None:
+    """Repeat the batch-1 cache entries of ``layers`` to batch ``repeats`` (in place)."""
+    for i in layers:
+        cache.layers[i].batch_repeat_interleave(repeats)
+
+
+@torch.no_grad()
+def prefill_shared(
+    model: nn.Module, inputs: Mapping, kept_sets: torch.Tensor, agg_layer: int, mode: str = "drop"
+) -> SharedPrefill:
+    """Run one prompt through layers 0..K-1 once, then each of C kept sets from layer K.
+
+    inputs:    the model inputs of ONE sample (batch 1): input_ids, pixel_values, ...
+    kept_sets: ``[C, keep]`` image-token indices, one row per configuration.
+    The cache of layers < K is expanded to batch C afterwards, so :func:`greedy_decode`
+    continues all C rows together.
+    """
+    from transformers import DynamicCache
+
+    kept_sets = torch.as_tensor(kept_sets, dtype=torch.long)
+    kept_sets = kept_sets.unsqueeze(0) if kept_sets.dim() == 1 else kept_sets
+    input_ids = inputs["input_ids"]
+    if input_ids.shape[0] != 1:
+        raise ValueError(f"prefill_shared takes one sample (batch 1), got batch {input_ids.shape[0]}")
+    n_sets = kept_sets.shape[0]
+    config = FastVConfig(agg_layer=agg_layer, keep=int(kept_sets.shape[1]), mode=mode, kept=kept_sets)
+    fastv = apply_fastv(model, config)
+    try:
+        attention_mask = inputs.get("attention_mask")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        cache = DynamicCache(config=model.config.get_text_config())
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+        out = fastv(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=cache, use_cache=True, logits_to_keep=1, **extra,
+        )
+        expand_cache_batch(cache, range(agg_layer), n_sets)
+    except BaseException:
+        fastv.remove()
+        raise
+    return SharedPrefill(
+        fastv=fastv,
+        logits=out.logits[:, -1, :].expand(n_sets, -1),
+        past_key_values=cache,
+        attention_mask=attention_mask.expand(n_sets, -1),
+        prompt_len=input_ids.shape[1],
+    )
+
+
+@torch.no_grad()
+def greedy_decode(
+    shared: SharedPrefill, max_new_tokens: int, eos_token_id: int | list[int] | None = None, pad_token_id: int = 0
+) -> torch.Tensor:
+    """Greedy tokens ``[C, T]`` for every row of a :class:`SharedPrefill` (T <= max_new_tokens).
+
+    Rows that emitted an EOS are padded with ``pad_token_id`` afterwards, as ``generate``
+    does; decoding stops when every row has finished. Closes nothing: use ``with``.
+    """
+    eos = torch.tensor([] if eos_token_id is None else (
+        [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)), dtype=torch.long)
+    logits, mask, cache = shared.logits, shared.attention_mask, shared.past_key_values
+    n_rows = logits.shape[0]
+    done = torch.zeros(n_rows, dtype=torch.bool, device=logits.device)
+    tokens = []
+    for step in range(max_new_tokens):
+        next_token = logits.argmax(dim=-1)
+        next_token = torch.where(done, torch.full_like(next_token, pad_token_id), next_token)
+        tokens.append(next_token)
+        done = done | torch.isin(next_token, eos.to(next_token.device))
+        if done.all() or step == max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, torch.ones(n_rows, 1, dtype=mask.dtype, device=mask.device)], dim=1)
+        position_ids = mask.long().sum(dim=1, keepdim=True) - 1
+        out = shared.fastv(
+            input_ids=next_token[:, None], attention_mask=mask, position_ids=position_ids,
+            past_key_values=cache, use_cache=True,
+        )
+        logits = out.logits[:, -1, :]
+    return torch.stack(tokens, dim=1) if tokens else torch.zeros(n_rows, 0, dtype=torch.long)
+
+
+def shared_greedy_answers(
+    model: nn.Module, inputs: Mapping, kept_sets: torch.Tensor, agg_layer: int, max_new_tokens: int,
+    eos_token_id: int | list[int] | None = None, pad_token_id: int = 0,
+) -> torch.Tensor:
+    """prefill_shared + greedy_decode in one call; hooks removed afterwards."""
+    with prefill_shared(model, inputs, kept_sets, agg_layer) as shared:
+        return greedy_decode(shared, max_new_tokens, eos_token_id, pad_token_id)
