@@ -1,0 +1,285 @@
+"""FastV by hooks: drop == mask, off == unmodified, batch == per element, clean removal."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import hook_snapshot, make_llava_inputs, make_tiny_llava, unpadded
+
+from fastv_analysis import strategies
+from fastv_analysis.attention import AttentionRecorder
+from fastv_analysis.flops import equivalent_image_tokens, flops_ratio, layer_flops, prefill_flops
+from fastv_analysis.pruning import (
+    FastVConfig,
+    apply_fastv,
+    greedy_decode,
+    image_positions,
+    prefill_shared,
+    shared_greedy_answers,
+)
+
+torch.set_grad_enabled(False)
+
+
+@pytest.fixture(scope="module", params=[4, 2], ids=["mha", "gqa"])
+def model(request):
+    return make_tiny_llava(num_kv_heads=request.param)
+
+
+@pytest.fixture(scope="module")
+def batch(model):
+    """Two prompts of different lengths, left-padded, with generate-style position ids."""
+    inputs = make_llava_inputs(model, before=[3, 6], after=[5, 2], left_pad=[0, 1])
+    inputs["position_ids"] = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    return inputs
+
+
+def last_logits(model, config, inputs):
+    with apply_fastv(model, config) as fastv:
+        return fastv(**inputs).logits[:, -1]
+
+
+# ----------------------------------------------------------------------------------------
+# drop == mask
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("agg_layer", [0, 1, 2, 3])
+@pytest.mark.parametrize("keep", [0, 5, 16])
+def test_drop_equals_mask_logits(model, batch, agg_layer, keep):
+    drop = last_logits(model, FastVConfig(agg_layer=agg_layer, keep=keep, mode="drop"), batch)
+    mask = last_logits(model, FastVConfig(agg_layer=agg_layer, keep=keep, mode="mask"), batch)
+    assert (drop - mask).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("method", ["max_head", "weighted_combination", "random", "uniform"])
+def test_drop_equals_mask_other_methods(model, batch, method):
+    configs = [FastVConfig(agg_layer=2, keep=6, method=method, alpha=0.7, mode=mode) for mode in ("drop", "mask")]
+    drop, mask = (last_logits(model, config, batch) for config in configs)
+    assert (drop - mask).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("agg_layer", [0, 2])
+def test_drop_equals_mask_generate(model, batch, agg_layer):
+    inputs = {k: v for k, v in batch.items() if k != "position_ids"}
+    outputs = {}
+    for mode in ("drop", "mask"):
+        with apply_fastv(model, FastVConfig(agg_layer=agg_layer, keep=5, mode=mode)) as fastv:
+            outputs[mode] = fastv.generate(**inputs, max_new_tokens=5, do_sample=False)
+    assert torch.equal(outputs["drop"], outputs["mask"])
+
+
+def test_pruning_changes_the_answer_and_keep_all_does_not(model, batch):
+    """Guards the guard: pruning must matter on this model, keeping all must not."""
+    full = model(**batch).logits[:, -1]
+    assert (last_logits(model, FastVConfig(agg_layer=1, keep=2), batch) - full).abs().max() > 1e-2
+    assert (last_logits(model, FastVConfig(agg_layer=1, keep=16), batch) - full).abs().max() <= 1e-5
+
+
+# ----------------------------------------------------------------------------------------
+# off == unmodified; hooks removed
+# ----------------------------------------------------------------------------------------
+
+
+def test_use_fast_v_false_is_exactly_the_model(model, batch):
+    inputs = {k: v for k, v in batch.items() if k != "position_ids"}
+    expected_logits = model(**batch).logits
+    expected_tokens = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    with apply_fastv(model, FastVConfig(use_fast_v=False, agg_layer=1, keep=3)) as fastv:
+        assert torch.equal(fastv(**batch).logits, expected_logits)
+        assert torch.equal(fastv.generate(**inputs, max_new_tokens=4, do_sample=False), expected_tokens)
+
+
+def test_hooks_removed_on_exit(model, batch):
+    before = model(**batch).logits
+    hooks = hook_snapshot(model)
+    with apply_fastv(model, FastVConfig(agg_layer=2, keep=4)) as fastv:
+        fastv(**batch)
+        assert hook_snapshot(model) != hooks
+    assert hook_snapshot(model) == hooks
+    assert torch.equal(model(**batch).logits, before)
+    fastv = apply_fastv(model, FastVConfig(agg_layer=0, keep=4, mode="mask"))
+    fastv.remove()
+    assert hook_snapshot(model) == hooks
+
+
+# ----------------------------------------------------------------------------------------
+# batch-correct selection, metadata, run-time switching
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["avg_all_heads", "max_head", "weighted_combination", "uniform"])
+def test_batch_equals_per_element(model, batch, method):
+    config = FastVConfig(agg_layer=2, keep=5, method=method)
+    with apply_fastv(model, config) as fastv:
+        batched = fastv(**batch).logits[:, -1]
+        batched_kept = fastv.last_selection_metadata["kept_indices"]
+        for i in range(2):
+            single = fastv(**unpadded(batch, i)).logits[:, -1]
+            assert (single - batched[i]).abs().max() <= 1e-4
+            assert torch.equal(fastv.last_selection_metadata["kept_indices"][0], batched_kept[i])
+
+
+def test_selection_is_strategies_select_on_layer_k_minus_1(model, batch):
+    """The kept set is strategies.select of the full model's layer K-1 last-token row."""
+    with AttentionRecorder(model, [1], "last") as rec:
+        model(**batch)
+    image = image_positions(batch["input_ids"], model.config.image_token_id)
+    attention = rec.rows[1][:, :, 0, :].gather(2, image[:, None, :].expand(-1, 4, -1))
+    expected = strategies.select(attention, "max_head", 6)
+    with apply_fastv(model, FastVConfig(agg_layer=2, keep=6, method="max_head")) as fastv:
+        fastv(**batch)
+        meta = fastv.last_selection_metadata
+        assert torch.equal(meta["kept_indices"], expected.indices)
+        assert torch.equal(meta["max_head_idx"], expected.max_head)
+        assert torch.allclose(meta["head_importance"], expected.head_importance, atol=1e-6)
+        assert torch.allclose(fastv.last_image_attention, attention, atol=1e-6)
+        kept_mask = fastv.last_gen_attention_mask
+        seq_len = batch["input_ids"].shape[1]
+        assert kept_mask.shape == (2, seq_len) and kept_mask.dtype == torch.bool
+        assert (kept_mask.sum(1) == seq_len - 16 + 6).all()
+        kept_positions = fastv.last_gen_kept_indices
+        assert torch.equal(kept_positions, torch.arange(seq_len).expand(2, -1)[kept_mask].view(2, -1))
+        for row in range(2):
+            kept_image = image[row][torch.isin(image[row], kept_positions[row])]
+            assert torch.equal(kept_image, image[row, expected.indices[row]])
+
+
+def test_switch_method_and_alpha_at_run_time(model, batch):
+    with apply_fastv(model, FastVConfig(agg_layer=2, keep=5)) as fastv:
+        fastv(**batch)
+        assert fastv.last_selection_metadata["method"] == "avg_all_heads"
+        fastv.fastv.method = "weighted_combination"
+        fastv.fastv.alpha = 0.6
+        fastv(**batch)
+        meta = fastv.last_selection_metadata
+        assert meta["method"] == "weighted_combination" and meta["alpha"] == 0.6
+        expected = strategies.select(fastv.last_image_attention, "weighted_combination", 5, alpha=0.6)
+        assert torch.equal(meta["kept_indices"], expected.indices)
+        fastv.fastv.keep = 3
+        fastv.fastv.agg_layer = 1
+        fastv(**batch)
+        assert fastv.last_gen_kept_indices.shape[1] == batch["input_ids"].shape[1] - 16 + 3
+
+
+def test_k0_and_keep0(model, batch):
+    inputs = {k: v for k, v in batch.items() if k != "position_ids"}
+    seq_len = batch["input_ids"].shape[1]
+    with apply_fastv(model, FastVConfig(agg_layer=0, keep=4, seed=3)) as fastv:
+        out = fastv.generate(**inputs, max_new_tokens=3, do_sample=False)
+        assert out.shape == (2, seq_len + 3)
+        assert fastv.last_selection_metadata["method"] == "random"
+        first = fastv.last_selection_metadata["kept_indices"].clone()
+        fastv(**batch)
+        assert torch.equal(fastv.last_selection_metadata["kept_indices"], first)  # seeded
+    with apply_fastv(model, FastVConfig(agg_layer=2, keep=0)) as fastv:
+        fastv.generate(**inputs, max_new_tokens=3, do_sample=False)
+        kept = fastv.last_gen_kept_indices
+        assert kept.shape == (2, seq_len - 16)
+        image = image_positions(batch["input_ids"], model.config.image_token_id)
+        assert not any(torch.isin(kept[row], image[row]).any() for row in range(2))
+
+
+def test_forced_kept_sets_and_fixed_span(model):
+    inputs = make_llava_inputs(model, before=4, after=3, batch=2)
+    kept = torch.tensor([[0, 3, 15], [1, 2, 9]])
+    with apply_fastv(model, FastVConfig(agg_layer=2, keep=3, kept=kept)) as fastv:
+        forced = fastv(**inputs).logits[:, -1]
+        assert torch.equal(fastv.last_gen_kept_indices[:, 4:7], kept + 4)
+        assert fastv.last_selection_metadata["method"] == "given"
+    mask = last_logits(model, FastVConfig(agg_layer=2, keep=3, kept=kept, mode="mask"), inputs)
+    assert (forced - mask).abs().max() <= 1e-4
+    detected = last_logits(model, FastVConfig(agg_layer=2, keep=5), inputs)
+    fixed = last_logits(model, FastVConfig.from_dict(
+        {"fast_v_agg_layer": 2, "fast_v_attention_rank": 5, "fast_v_sys_length": 4, "fast_v_image_token_length": 16}
+    ), inputs)
+    assert torch.equal(detected, fixed)
+    with apply_fastv(model, FastVConfig(agg_layer=2, keep=5)) as fastv:
+        fastv.force_kept(torch.tensor([1, 2]))
+        fastv(**inputs)
+        assert torch.equal(fastv.last_gen_kept_indices[:, 4:6], torch.tensor([[5, 6], [5, 6]]))
+
+
+# ----------------------------------------------------------------------------------------
+# config
+# ----------------------------------------------------------------------------------------
+
+
+def test_config_aliases_and_validation(model):
+    config = FastVConfig.from_dict({
+        "use_fast_v": True, "fast_v_agg_layer": 3, "fast_v_attention_rank": 64, "fast_v_sys_length": 35,
+        "fast_v_image_token_length": 576, "fast_v_token_selection_method": "max_head", "fast_v_weighted_alpha": 0.25,
+    })
+    assert (config.agg_layer, config.keep, config.image_start, config.image_tokens) == (3, 64, 35, 576)
+    assert (config.method, config.alpha, config.use_fast_v) == ("max_head", 0.25, True)
+    for bad, match in [
+        ({"fast_v_bogus": 1}, "unknown FastV config key"),
+        ({"keep": -1}, "keep must be"),
+        ({"method": "best"}, "unknown method"),
+        ({"alpha": 1.5}, "alpha must be"),
+        ({"mode": "prune"}, "mode must be"),
+        ({"keep": 3, "fast_v_attention_rank": 4}, "given twice"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            FastVConfig.from_dict(bad)
+    with pytest.raises(ValueError, match="agg_layer must be < the number of decoder layers"):
+        apply_fastv(model, FastVConfig(agg_layer=4))
+    inputs = make_llava_inputs(model)
+    with apply_fastv(model, FastVConfig(agg_layer=1, keep=17)) as fastv:
+        with pytest.raises(ValueError, match=r"keep must be in 0\.\.16"):
+            fastv(**inputs)
+
+
+# ----------------------------------------------------------------------------------------
+# shared-prefix batching
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("agg_layer", [0, 1, 2])
+def test_shared_prefix_equals_separate_runs(model, agg_layer):
+    inputs = make_llava_inputs(model, before=3, after=4, seed=7)
+    kept_sets = torch.tensor([[0, 1, 2, 3, 4], [3, 5, 7, 9, 15], [10, 11, 12, 13, 14], [0, 4, 8, 12, 15]])
+    hooks = hook_snapshot(model)
+    with prefill_shared(model, inputs, kept_sets, agg_layer) as shared:
+        tokens = greedy_decode(shared, max_new_tokens=5)
+        first_logits = shared.logits
+    assert hook_snapshot(model) == hooks
+    for c, kept in enumerate(kept_sets):
+        with apply_fastv(model, FastVConfig(agg_layer=agg_layer, keep=5, kept=kept)) as fastv:
+            alone = fastv(**inputs).logits[0, -1]
+            generated = fastv.generate(**inputs, max_new_tokens=5, do_sample=False)
+        assert (first_logits[c] - alone).abs().max() <= 1e-4
+        assert torch.equal(tokens[c], generated[0, inputs["input_ids"].shape[1]:])
+
+
+def test_shared_decode_stops_at_eos(model):
+    inputs = make_llava_inputs(model, seed=7)
+    kept_sets = torch.tensor([[0, 1, 2], [5, 6, 7]])
+    tokens = shared_greedy_answers(model, inputs, kept_sets, 2, max_new_tokens=6)
+    eos = int(tokens[0, -1])
+    stopped = shared_greedy_answers(model, inputs, kept_sets, 2, max_new_tokens=6, eos_token_id=eos, pad_token_id=0)
+    expected = tokens.clone()
+    ends = []
+    for row in range(2):
+        hits = (tokens[row] == eos).nonzero()
+        end = int(hits[0]) + 1 if len(hits) else tokens.shape[1]
+        expected[row, end:] = 0
+        ends.append(end)
+    assert torch.equal(stopped, expected[:, : max(ends)])
+
+
+# ----------------------------------------------------------------------------------------
+# FLOPs
+# ----------------------------------------------------------------------------------------
+
+
+def test_flops_by_hand():
+    # n=10, d=4, m=8: 4*10*16 + 2*100*4 + 2*10*4*8 = 640 + 800 + 640 = 2080
+    assert layer_flops(10, 4, 8) == 2080
+    # n-hat = 6: 4*6*16 + 2*36*4 + 2*6*4*8 = 384 + 288 + 384 = 1056; K=1 of 3 layers
+    assert prefill_flops(10, 6, 3, 1, 4, 8) == 2080 + 2 * 1056
+    assert flops_ratio(10, 5, 1, 3, 1, 4, 8) == pytest.approx((2080 + 2 * 1056) / (3 * 2080))
+    # LLaVA-1.5-7B, K=2, keep 288 of 576 in a 611-token prompt: FastV reports about 55 %.
+    ratio = flops_ratio(611, 576, 288, 32, 2, 4096, 11008)
+    assert 0.5 < ratio < 0.6
+    assert equivalent_image_tokens(576, 64, 32, 2) == pytest.approx((2 * 576 + 30 * 64) / 32)
