@@ -238,6 +238,10 @@ class _Prompt:
         return cache is not None and self.cache is not None and self.cache() is cache
 
 
+_ACTIVE: "weakref.WeakKeyDictionary[nn.Module, FastVModel]" = weakref.WeakKeyDictionary()
+"""model -> its live FastVModel: two sets of FastV hooks on one model would both fire."""
+
+
 def _first_arg(name: str, args: tuple, kwargs: dict):
     return kwargs[name] if name in kwargs else (args[0] if args else None)
 
@@ -263,6 +267,9 @@ class FastVModel:
         self.adapter: Adapter = get_adapter(model)
         self.fastv = config
         config.validate(self.adapter.num_layers)
+        if _ACTIVE.get(model) is not None:
+            raise ValueError("this model already has FastV hooks installed; remove() them first "
+                             "(switch settings through .fastv instead of stacking wrappers)")
         self.prompt: _Prompt | None = None
         self.phase: str | None = None  # "prefill" | "decode" | None for the running forward
         self._memo: dict = {}
@@ -293,6 +300,8 @@ class FastVModel:
             handle.remove()
         self._handles = []
         self.prompt, self.phase, self._memo = None, None, {}
+        if _ACTIVE.get(self.model) is self:
+            del _ACTIVE[self.model]
 
     def __enter__(self) -> "FastVModel":
         return self
@@ -332,6 +341,7 @@ class FastVModel:
 
     def _install(self) -> None:
         adapter = self.adapter
+        _ACTIVE[self.model] = self
         self._handles.append(adapter.model.register_forward_pre_hook(self._on_model, with_kwargs=True))
         self._handles.append(
             adapter.language_model.register_forward_pre_hook(self._on_language_model, with_kwargs=True)

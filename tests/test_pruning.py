@@ -99,8 +99,11 @@ def test_hooks_removed_on_exit(model, batch):
     assert hook_snapshot(model) == hooks
     assert torch.equal(model(**batch).logits, before)
     fastv = apply_fastv(model, FastVConfig(agg_layer=0, keep=4, mode="mask"))
+    with pytest.raises(ValueError, match="already has FastV hooks"):
+        apply_fastv(model, FastVConfig(agg_layer=1, keep=4))
     fastv.remove()
     assert hook_snapshot(model) == hooks
+    apply_fastv(model, FastVConfig(agg_layer=1, keep=4)).remove()  # free again after remove()
 
 
 # ----------------------------------------------------------------------------------------
