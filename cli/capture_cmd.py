@@ -1,0 +1,55 @@
+"""``fastv-analyze capture``: run the full model once per sample and cache attention."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from .params import IntList
+
+
+@click.command("capture")
+@click.option("--model", default=None, help="Local path or hub id of a LlavaForConditionalGeneration checkpoint "
+              "[default: the embedded toy model in data/toy-llava].")
+@click.option("--data", default=None, help="Question file (.jsonl, LLaVA/lmms convention) "
+              "[default: data/toy-vqa/questions.jsonl].")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory to write (or resume).")
+@click.option("--agg-layers", type=IntList(), default="2", show_default=True,
+              help="Aggregation layer(s) K; the attention of layer K-1 is stored.")
+@click.option("--queries", type=click.Choice(["last", "text"]), default="last", show_default=True,
+              help="last: the last prompt token's row; text: every text token after the image too.")
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+@click.option("--dtype", default="auto", show_default=True,
+              help="Model dtype: auto (bfloat16/float16 on GPU, float32 on CPU), float32, float16, bfloat16.")
+@click.option("--store-dtype", default="float16", show_default=True, help="dtype of the stored attention.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N samples.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Length of the full model's greedy answer.")
+@click.option("--prompt-template", default=None,
+              help="Used when the processor has no chat template: must contain <image> and {question}, "
+                   "e.g. 'USER: <image>\\n{question} ASSISTANT:'.")
+@click.option("--skip-bad", is_flag=True, help="Log bad samples to RUN/errors.jsonl and go on instead of stopping.")
+@click.option("--overwrite", is_flag=True, help="Replace a run directory made with other settings.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def capture_cmd(model, data, out, agg_layers, queries, device, dtype, store_dtype, batch_size, limit,
+                max_new_tokens, prompt_template, skip_bad, overwrite, quiet):
+    """Run the full model once per sample; store its answer and the layer K-1 attention
+    that the prompt paid to each image token, per head, under OUT.
+
+    Re-running the same command resumes; under `accelerate launch` or torchrun the
+    processes split the samples and write their own shards.
+    """
+    from fastv_analysis.capture import CaptureConfig, run_capture
+    from fastv_analysis.loading import DEFAULT_DATA, DEFAULT_MODEL
+
+    cfg = CaptureConfig(model=model or DEFAULT_MODEL, data=data or DEFAULT_DATA, out=out,
+                        agg_layers=list(agg_layers), queries=queries, device=device, dtype=dtype,
+                        batch_size=batch_size, limit=limit, skip_bad=skip_bad, max_new_tokens=max_new_tokens,
+                        prompt_template=prompt_template, store_dtype=store_dtype, overwrite=overwrite)
+    info = run_capture(cfg, progress=not quiet, command=sys.argv)
+    if info["n_samples"] is not None:
+        acc = "" if info["accuracy"] is None else f", full-model accuracy {info['accuracy']:.1%}"
+        click.echo(f"capture: {info['captured']} new samples ({info['skipped_done']} already done, "
+                   f"{info['bad']} bad) in {info['seconds']:.1f}s -> {out} ({info['n_samples']} samples{acc})")

@@ -1,0 +1,259 @@
+"""The capture stage: one full forward per sample, layer K-1 attention to the image cached.
+
+For every sample the unpruned model answers greedily; during that same generate call an
+:class:`~fastv_analysis.attention.AttentionRecorder` on layer K-1 recomputes the
+prompt's query rows from the layer's own inputs. Every layer keeps SDPA; nothing asks
+for ``output_attentions``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .loading import DEFAULT_DATA, DEFAULT_MODEL, build_prompt, check_template, image_spans, load_model
+from .provenance import file_sha256, model_fingerprint, versions
+from .scoring import is_correct
+from .store import RunWriter, attention_key
+
+QUERIES = ("last", "text")
+
+
+@dataclass
+class CaptureConfig:
+    model: str = DEFAULT_MODEL
+    data: str = DEFAULT_DATA
+    out: str = "runs/capture"
+    agg_layers: list[int] = field(default_factory=lambda: [2])
+    queries: str = "last"
+    device: str = "auto"
+    dtype: str = "auto"
+    batch_size: int = 1
+    limit: int | None = None
+    skip_bad: bool = False
+    max_new_tokens: int = 10
+    prompt_template: str | None = None
+    store_dtype: str = "float16"
+    overwrite: bool = False
+
+
+class BadSample(ValueError):
+    """A sample that cannot be captured; the message names the sample and the file."""
+
+    def __init__(self, question, data_file, reason: str):
+        self.question = question
+        self.reason = reason
+        super().__init__(f"{data_file}: sample {question.question_id!r}: {reason}")
+
+
+@dataclass
+class Prepared:
+    sample_id: int
+    question: object
+    prompt: str
+    image: object
+
+
+def _distributed():
+    """(rank, world_size, state) under accelerate/torchrun, else (0, 1, None)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        state = PartialState()
+        return state.process_index, state.num_processes, state
+    return 0, 1, None
+
+
+def prepare(sample_id: int, question, processor, cfg: CaptureConfig, max_tokens: int, image_token_id: int) -> Prepared:
+    """Load the image and build the prompt of one sample, or raise :class:`BadSample`."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(question.image) as im:
+            image = im.convert("RGB")
+    except FileNotFoundError:
+        raise BadSample(question, cfg.data, f"image {question.image} is missing") from None
+    except (UnidentifiedImageError, OSError) as err:
+        raise BadSample(question, cfg.data, f"image {question.image} is unreadable ({err.__class__.__name__})") from None
+    prompt = build_prompt(processor, question.text, question.choices, cfg.prompt_template)
+    if "<image>" not in prompt:
+        raise BadSample(question, cfg.data, "the prompt has no <image> placeholder")
+    ids = processor(text=[prompt], images=[image], return_tensors="pt")["input_ids"]
+    if not (ids == image_token_id).any():
+        raise BadSample(question, cfg.data, "the prompt has no image token after processing")
+    if ids.shape[1] + cfg.max_new_tokens > max_tokens:
+        raise BadSample(question, cfg.data, f"{ids.shape[1]} prompt tokens + {cfg.max_new_tokens} new tokens "
+                                            f"exceed the model's context of {max_tokens}")
+    return Prepared(sample_id, question, prompt, image)
+
+
+def text_query_positions(starts: torch.Tensor, counts: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Positions ``[Q]`` of the last Q tokens, Q = the most text tokens after an image in the batch.
+
+    With left padding every prompt ends at ``seq_len - 1``, so prompt b's text after its
+    image is exactly the last ``seq_len - (start_b + n_b)`` of these positions.
+    """
+    after = seq_len - (starts + counts)
+    q = int(after.max())
+    return torch.arange(seq_len - q, seq_len)
+
+
+def image_columns(rows: torch.Tensor, starts: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """``[B, H, Q, S]`` attention rows -> ``[B, H, Q, N]`` columns of each prompt's image span."""
+    n = int(counts[0])
+    cols = starts[:, None] + torch.arange(n, device=starts.device)[None, :]
+    index = cols[:, None, None, :].expand(rows.shape[0], rows.shape[1], rows.shape[2], n).to(rows.device)
+    return rows.gather(-1, index)
+
+
+def capture_batch(loaded, batch: list[Prepared], cfg: CaptureConfig, store_dtype: torch.dtype):
+    """Answer and record one batch; returns (index rows, tensors by name)."""
+    from .attention import AttentionRecorder
+    from .adapters import get_adapter
+
+    adapter = get_adapter(loaded.model)
+    processor = loaded.processor
+    inputs = processor(text=[p.prompt for p in batch], images=[p.image for p in batch], return_tensors="pt",
+                       padding=True)
+    inputs = {k: v.to(loaded.device) for k, v in inputs.items()}
+    inputs["pixel_values"] = inputs["pixel_values"].to(loaded.dtype)
+    starts, counts = image_spans(inputs["input_ids"], adapter.image_token_id)
+    if len(set(counts.tolist())) > 1:
+        raise ValueError(f"samples {[p.sample_id for p in batch]} have different image-token counts; use --batch-size 1")
+    seq_len = inputs["input_ids"].shape[1]
+    queries = "last" if cfg.queries == "last" else text_query_positions(starts, counts, seq_len)
+    layers = [k - 1 for k in cfg.agg_layers]
+    t0 = time.perf_counter()
+    with torch.inference_mode(), AttentionRecorder(loaded.model, layers, queries) as rec:
+        out = loaded.model.generate(**inputs, max_new_tokens=cfg.max_new_tokens, do_sample=False,
+                                    pad_token_id=processor.tokenizer.pad_token_id)
+    if loaded.device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - t0) / len(batch)
+    answers = processor.batch_decode(out[:, seq_len:], skip_special_tokens=True)
+    prompt_tokens = inputs["attention_mask"].sum(dim=1)
+    rows, tensors = [], {}
+    for b, p in enumerate(batch):
+        q = p.question
+        prediction = answers[b].strip()
+        rows.append({
+            "sample_id": p.sample_id, "question_id": str(q.question_id), "image": str(q.image),
+            "question": q.text, "answer": str(q.answer), "category": q.category or "",
+            "prediction": prediction, "correct": is_correct(prediction, q.answer, q.choices),
+            "image_start": int(starts[b] - (seq_len - prompt_tokens[b])),  # position in the unpadded prompt
+            "n_image_tokens": int(counts[b]), "prompt_tokens": int(prompt_tokens[b]), "capture_seconds": seconds,
+        })
+    for k, layer in zip(cfg.agg_layers, layers):
+        cols = image_columns(rec.rows[layer], starts, counts).to(store_dtype).cpu()  # [B, H, Q, N]
+        for b, p in enumerate(batch):
+            tensors[attention_key(p.sample_id, k, "last")] = cols[b, :, -1, :].clone()
+            if cfg.queries == "text":
+                n_after = int(seq_len - (starts[b] + counts[b]))
+                tensors[attention_key(p.sample_id, k, "text")] = cols[b, :, cols.shape[2] - n_after :, :].clone()
+    return rows, tensors
+
+
+def run_capture(cfg: CaptureConfig, progress: bool = True, command: list[str] | None = None) -> dict:
+    """Capture every sample of ``cfg.data`` into the run directory ``cfg.out`` (resumable)."""
+    from tqdm.auto import tqdm
+
+    from .data import load_questions
+
+    if cfg.queries not in QUERIES:
+        raise ValueError(f"--queries must be one of {', '.join(QUERIES)}, got {cfg.queries!r}")
+    if cfg.prompt_template is not None:
+        check_template(cfg.prompt_template)
+    store_dtype = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}.get(cfg.store_dtype)
+    if store_dtype is None:
+        raise ValueError(f"--store-dtype must be float16, bfloat16 or float32, got {cfg.store_dtype!r}")
+    if cfg.batch_size < 1:
+        raise ValueError("--batch-size must be at least 1")
+    questions = load_questions(cfg.data)
+    if cfg.limit is not None:
+        questions = questions[: cfg.limit]
+    rank, world, state = _distributed()
+    loaded = load_model(cfg.model, cfg.device if state is None else str(state.device), cfg.dtype)
+    from .adapters import get_adapter
+
+    adapter = get_adapter(loaded.model)
+    for k in cfg.agg_layers:
+        if not 1 <= k < adapter.num_layers:
+            raise ValueError(f"--agg-layers {k}: must be in 1..{adapter.num_layers - 1} "
+                             f"(layer K-1 is ranked, layers K.. are pruned; the model has {adapter.num_layers})")
+    max_tokens = int(getattr(loaded.model.config.text_config, "max_position_embeddings", 1 << 30))
+    run_config = {
+        "stage": "capture",
+        "model": cfg.model,
+        "model_fingerprint": model_fingerprint(loaded.model),
+        "architecture": adapter.architecture,
+        "data": str(cfg.data),
+        "data_sha256": file_sha256(cfg.data),
+        "agg_layers": sorted(cfg.agg_layers),
+        "queries": cfg.queries,
+        "dtype": str(loaded.dtype).removeprefix("torch."),
+        "store_dtype": cfg.store_dtype,
+        "max_new_tokens": cfg.max_new_tokens,
+        "prompt_template": cfg.prompt_template,
+        "limit": cfg.limit,
+        "num_heads": adapter.num_heads,
+        "num_layers": adapter.num_layers,
+        "versions": versions(),
+        "command": command or sys.argv,
+        "settings": asdict(cfg),
+    }
+    writer = RunWriter(cfg.out, run_config, overwrite=cfg.overwrite and rank == 0, rank=rank)
+    if state is not None:
+        state.wait_for_everyone()
+    done = writer.done_sample_ids()
+    todo = [(i, q) for i, q in enumerate(questions) if i not in done and i % world == rank]
+    errors_path = Path(cfg.out) / ("errors.jsonl" if world == 1 else f"errors-{rank}.jsonl")
+    n_bad = 0
+    t_start = time.perf_counter()
+    bar = tqdm(total=len(todo), desc=f"capture[{rank}]" if world > 1 else "capture", unit="sample",
+               disable=not progress)
+    pending: list[Prepared] = []
+
+    def flush():
+        if pending:
+            rows, tensors = capture_batch(loaded, pending, cfg, store_dtype)
+            writer.write_part(rows, tensors)
+            bar.update(len(pending))
+            pending.clear()
+
+    for sample_id, q in todo:
+        try:
+            pending.append(prepare(sample_id, q, loaded.processor, cfg, max_tokens, adapter.image_token_id))
+        except BadSample as err:
+            if not cfg.skip_bad:
+                raise
+            n_bad += 1
+            with open(errors_path, "a") as f:
+                f.write(json.dumps({"sample_id": sample_id, "question_id": str(q.question_id),
+                                    "file": str(cfg.data), "error": err.reason}) + "\n")
+            bar.update(1)
+        if len(pending) == cfg.batch_size:
+            flush()
+    flush()
+    bar.close()
+    if state is not None:
+        state.wait_for_everyone()
+    samples = None
+    if rank == 0:
+        samples = writer.finalize()
+    if state is not None:
+        state.wait_for_everyone()
+    return {
+        "out": str(cfg.out),
+        "captured": len(todo) - n_bad,
+        "skipped_done": len(done),
+        "bad": n_bad,
+        "seconds": time.perf_counter() - t_start,
+        "n_samples": None if samples is None else samples.height,
+        "accuracy": None if samples is None or samples.height == 0 else float(samples["correct"].mean()),
+    }

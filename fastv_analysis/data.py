@@ -1,0 +1,78 @@
+"""Question files: the LLaVA / lmms convention, one JSON object a line.
+
+Keys (first one found wins): ``question_id`` | ``id`` | ``qid``; ``image``; ``text`` |
+``question`` | ``prompt``; ``answer`` | ``label`` | ``gt_answer``; optional ``category``
+and ``choices`` (list of option texts, for multiple choice). Image paths are relative to
+the question file. The shipped toy set and ScienceQA-IMG / POPE / GQA exports read alike.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ID_KEYS = ("question_id", "id", "qid")
+TEXT_KEYS = ("text", "question", "prompt")
+ANSWER_KEYS = ("answer", "label", "gt_answer")
+
+
+@dataclass(frozen=True)
+class Question:
+    question_id: str
+    image: Path
+    text: str
+    answer: str
+    category: str = ""
+    choices: list[str] | None = field(default=None)
+
+
+def _first(obj: dict, keys: tuple[str, ...]):
+    for k in keys:
+        if k in obj and obj[k] is not None:
+            return obj[k]
+    return None
+
+
+def parse_line(obj: dict, base: Path, where: str) -> Question:
+    """One question from one decoded JSON line; ``where`` names file and line in errors."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    missing = [name for name, keys in (("image", ("image",)), ("text/question", TEXT_KEYS),
+                                       ("answer/label", ANSWER_KEYS)) if _first(obj, keys) is None]
+    if missing:
+        raise ValueError(f"{where}: missing {', '.join(missing)}")
+    choices = obj.get("choices")
+    if choices is not None and not (isinstance(choices, list) and all(isinstance(c, str) for c in choices)):
+        raise ValueError(f"{where}: choices must be a list of strings")
+    qid = _first(obj, ID_KEYS)
+    image = Path(obj["image"])
+    return Question(
+        question_id=str(qid if qid is not None else where.rsplit(":", 1)[-1]),
+        image=image if image.is_absolute() else (base / image),
+        text=str(_first(obj, TEXT_KEYS)),
+        answer=str(_first(obj, ANSWER_KEYS)),
+        category=str(obj.get("category") or ""),
+        choices=choices,
+    )
+
+
+def load_questions(path: str | Path) -> list[Question]:
+    """All questions of a .jsonl file; a malformed line raises ValueError naming file and line."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"question file {path} does not exist")
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{where}: malformed JSON ({err.msg} at column {err.colno})") from None
+            out.append(parse_line(obj, path.parent, where))
+    if not out:
+        raise ValueError(f"{path}: no questions")
+    return out

@@ -1,0 +1,126 @@
+"""Loading a model and its processor through the normal transformers path, and prompts.
+
+The embedded toy checkpoint, a local LLaVA-1.5 folder and a hub id all go through
+``AutoProcessor`` / ``LlavaForConditionalGeneration.from_pretrained`` here; nothing is
+model-specific beyond what :mod:`fastv_analysis.adapters` knows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+DEFAULT_MODEL = str(DATA_DIR / "toy-llava")
+DEFAULT_DATA = str(DATA_DIR / "toy-vqa" / "questions.jsonl")
+DEFAULT_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"
+MC_SUFFIX = "Answer with the option's letter from the given choices directly."
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """auto: bfloat16 (or float16) on GPU, float32 on CPU."""
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    try:
+        return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    except KeyError:
+        raise ValueError(f"--dtype must be auto, float32, float16 or bfloat16, got {dtype!r}") from None
+
+
+@dataclass
+class Loaded:
+    model: torch.nn.Module
+    processor: object
+    device: torch.device
+    dtype: torch.dtype
+    name: str
+
+
+def load_model(name: str, device: str = "auto", dtype: str = "auto") -> Loaded:
+    """A LLaVA-family model (SDPA attention, eval mode) and its processor (left padding)."""
+    from transformers import AutoConfig, AutoProcessor
+    from transformers import logging as hf_logging
+
+    from .adapters import SUPPORTED
+
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except OSError as err:
+        raise ValueError(f"cannot load model {name!r}: {str(err).splitlines()[0]}") from None
+    archs = config.architectures or []
+    arch = next((a for a in archs if a in SUPPORTED), None)
+    if arch is None:
+        raise ValueError(f"model {name!r} is {archs or config.model_type}: supported are {', '.join(SUPPORTED)}")
+    import transformers
+
+    cls = getattr(transformers, arch)
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        model = cls.from_pretrained(name, dtype=dt, attn_implementation="sdpa")
+        processor = AutoProcessor.from_pretrained(name)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+    processor.tokenizer.padding_side = "left"
+    model.to(dev).eval()
+    return Loaded(model=model, processor=processor, device=dev, dtype=dt, name=str(name))
+
+
+def question_text(question: str, choices: list[str] | None) -> str:
+    """The question as shown to the model; choices become lettered options (ScienceQA style)."""
+    if not choices:
+        return question
+    options = "\n".join(f"{chr(ord('A') + i)}. {c}" for i, c in enumerate(choices))
+    return f"{question}\n{options}\n{MC_SUFFIX}"
+
+
+def build_prompt(processor, question: str, choices: list[str] | None = None, template: str | None = None) -> str:
+    """The prompt text with one ``<image>`` placeholder.
+
+    Uses the processor's chat template where there is one (and no ``template`` was
+    forced), otherwise ``template`` (default LLaVA-1.5's) with ``{question}``.
+    """
+    text = question_text(question, choices)
+    if template is None and getattr(processor, "chat_template", None):
+        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+        return processor.apply_chat_template(conversation, add_generation_prompt=True)
+    template = template or DEFAULT_TEMPLATE
+    check_template(template)
+    return template.replace("{question}", text)
+
+
+def check_template(template: str) -> None:
+    if "<image>" not in template or "{question}" not in template:
+        raise ValueError(f"--prompt-template must contain <image> and {{question}}, got {template!r}")
+
+
+def image_spans(input_ids: torch.Tensor, image_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Start and length ``[B]`` of each prompt's image-token span, from the ids themselves.
+
+    Works with left padding and prompts of different lengths; raises if a prompt has no
+    image token or a span that is not contiguous (several images are not supported).
+    """
+    is_image = input_ids == image_token_id
+    counts = is_image.sum(dim=1)
+    starts = is_image.int().argmax(dim=1)
+    for b in range(input_ids.shape[0]):
+        if counts[b] == 0:
+            raise ValueError(f"prompt {b} has no image token (id {image_token_id})")
+        if not is_image[b, starts[b] : starts[b] + counts[b]].all():
+            raise ValueError(f"prompt {b} has image tokens that are not one contiguous span")
+    return starts, counts
