@@ -91,8 +91,8 @@ class FastVConfig:
         names = {f.name for f in fields(cls)}
         values = {}
         for key, value in d.items():
-            name = ALIASES.get(key, key) if key in ALIASES else key
-            if key in ALIASES and name is None:
+            name = ALIASES.get(key, key)
+            if name is None:  # accepted for compatibility, nothing to set
                 continue
             if name not in names:
                 raise ValueError(f"unknown FastV config key {key!r}")
@@ -641,7 +641,7 @@ def greedy_decode(
             past_key_values=cache, use_cache=True,
         )
         logits = out.logits[:, -1, :]
-    return torch.stack(tokens, dim=1) if tokens else torch.zeros(n_rows, 0, dtype=torch.long)
+    return torch.stack(tokens, dim=1) if tokens else torch.zeros(n_rows, 0, dtype=torch.long, device=logits.device)
 
 
 def shared_greedy_answers(

@@ -238,12 +238,12 @@ def test_config_aliases_and_validation(model):
 # ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("agg_layer", [0, 1, 2])
-def test_shared_prefix_equals_separate_runs(model, agg_layer):
+@pytest.mark.parametrize("agg_layer,mode", [(0, "drop"), (1, "drop"), (2, "drop"), (2, "mask")])
+def test_shared_prefix_equals_separate_runs(model, agg_layer, mode):
     inputs = make_llava_inputs(model, before=3, after=4, seed=7)
     kept_sets = torch.tensor([[0, 1, 2, 3, 4], [3, 5, 7, 9, 15], [10, 11, 12, 13, 14], [0, 4, 8, 12, 15]])
     hooks = hook_snapshot(model)
-    with prefill_shared(model, inputs, kept_sets, agg_layer) as shared:
+    with prefill_shared(model, inputs, kept_sets, agg_layer, mode=mode) as shared:
         tokens = greedy_decode(shared, max_new_tokens=5)
         first_logits = shared.logits
     assert hook_snapshot(model) == hooks
@@ -269,6 +269,18 @@ def test_shared_decode_stops_at_eos(model):
         expected[row, end:] = 0
         ends.append(end)
     assert torch.equal(stopped, expected[:, : max(ends)])
+
+
+def test_bfloat16_drop_equals_mask_generate():
+    model = make_tiny_llava(num_kv_heads=2).to(torch.bfloat16)
+    inputs = make_llava_inputs(model, before=[3, 6], after=[5, 2], left_pad=[0, 1])
+    inputs["pixel_values"] = inputs["pixel_values"].bfloat16()
+    outputs = {}
+    for mode in ("drop", "mask"):
+        with apply_fastv(model, FastVConfig(agg_layer=2, keep=5, mode=mode)) as fastv:
+            outputs[mode] = fastv.generate(**inputs, max_new_tokens=4, do_sample=False)
+            assert fastv.last_image_attention.dtype == torch.float32
+    assert torch.equal(outputs["drop"], outputs["mask"])
 
 
 # ----------------------------------------------------------------------------------------
