@@ -156,3 +156,51 @@ def tiny_llava():
 def llava_inputs():
     """Factory fixture: ``llava_inputs(model, before=3, after=4, left_pad=0, batch=None)``."""
     return make_llava_inputs
+
+
+# ----------------------------------------------------------------------------------------
+# Stages (capture, select, eval): tiny random checkpoints saved like real ones, question files
+# ----------------------------------------------------------------------------------------
+
+import json  # noqa: E402
+
+QUESTIONS = [
+    "what color is the circle ?",
+    "how many objects are there ?",
+    "is there a red square ?",
+    "what shape is the blue object ?",
+    "where is the green cross ?",
+]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    from fastv_analysis.toy.checkpoint import save_tiny_random_checkpoint
+
+    root = tmp_path_factory.mktemp("ckpt")
+    return {
+        "mha": save_tiny_random_checkpoint(root / "mha", seed=1, text={"num_hidden_layers": 3}),
+        "gqa": save_tiny_random_checkpoint(root / "gqa", seed=2, text={"num_hidden_layers": 3, "num_attention_heads": 4,
+                                                                       "num_key_value_heads": 2}),
+    }
+
+
+def write_questions(folder, n=5, broken=None):
+    """A question file with n samples and PNG images (random colours); ``broken`` tweaks one line."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "images").mkdir(exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    lines = []
+    for i in range(n):
+        pixels = (torch.rand(336, 336, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / "images" / f"{i}.png")
+        lines.append(json.dumps({"question_id": f"q{i}", "image": f"images/{i}.png", "text": QUESTIONS[i % 5],
+                                 "answer": "red", "category": "color"}))
+    if broken:
+        lines = broken(lines, folder)
+    (folder / "questions.jsonl").write_text("\n".join(lines) + "\n")
+    return folder / "questions.jsonl"
+
+

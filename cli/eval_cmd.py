@@ -1,0 +1,67 @@
+"""``fastv-analyze eval``: re-run the model with each selection pruned and score it."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from .params import Choices, FloatGrid, IntList
+from .select_cmd import METHODS
+
+
+@click.command("eval")
+@click.argument("run", type=click.Path(file_okay=False, path_type=str))
+@click.option("--agg-layer", "agg_layers", type=IntList(), default=None,
+              help="Aggregation layer(s) K to evaluate; default: every selected layer.")
+@click.option("--from-select/--no-from-select", default=True, show_default=True,
+              help="Replay the kept sets of RUN/select/selections.parquet (the only mode: capture, select and "
+                   "eval agree token for token).")
+@click.option("--methods", type=Choices(METHODS), default=None, help="Only these methods (comma list).")
+@click.option("--alphas", type=FloatGrid(), default=None, help="Only these weighted_combination alphas.")
+@click.option("--keep", "keeps", type=IntList(), default=None, help="Only these keep counts.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=None,
+              help="Answer length [default: the capture's].")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
+              help="At most this many kept sets of one sample go through layers K.. as one batch "
+                   "(a sample with more distinct sets at one keep count shares layers 0..K-1 per chunk).")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N samples.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--dtype", default=None, help="Model dtype [default: the capture's].")
+@click.option("--compare-mask", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
+              help="Also run mask mode on the first N samples and fail unless the answers are identical.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def eval_cmd(run, agg_layers, from_select, methods, alphas, keeps, max_new_tokens, batch_size, limit, device,
+             dtype, compare_mask, quiet):
+    """Evaluate every selected configuration of RUN with the pruned model.
+
+    Writes RUN/eval/predictions.parquet, accuracy.parquet (accuracy, 95% interval, change
+    vs the full model, exact McNemar vs avg_all_heads, FLOPs, timings), relations.parquet
+    (overlap / head / spatial statistics vs correctness) and eval.json.
+    """
+    from fastv_analysis.evaluate import EvalConfig, run_eval
+
+    if not from_select:
+        raise click.BadParameter("only --from-select is supported: run `fastv-analyze select` first",
+                                 param_hint="--from-select")
+    cfg = EvalConfig(run=run, agg_layers=agg_layers, methods=methods, alphas=alphas, keeps=keeps,
+                     max_new_tokens=max_new_tokens, device=device, dtype=dtype, limit=limit, batch_size=batch_size,
+                     compare_mask=compare_mask)
+    info = run_eval(cfg, progress=not quiet, command=sys.argv)
+    click.echo(f"eval: {info['n_samples']} samples, {info['configurations_asked']} configurations asked, "
+               f"{info['distinct_kept_sets']} distinct kept sets answered in {info['shared_prefills']} shared "
+               f"prefills ({info['seconds']:.1f}s) -> {run}/eval/")
+    if compare_mask:
+        click.echo(f"mask check: identical answers on {len(info['mask_check'])} samples")
+    click.echo(headline(info["accuracy"]))
+
+
+def headline(accuracy) -> str:
+    """The accuracy table as text: one row per configuration."""
+    import polars as pl
+
+    cols = ["agg_layer", "keep", "config", "n", "accuracy", "ci_lo", "ci_hi", "delta_vs_full", "flops_ratio"]
+    table = accuracy.select(cols).with_columns(pl.col(pl.Float64).round(3))
+    with pl.Config(tbl_rows=200, tbl_cols=20, tbl_width_chars=160, tbl_hide_dataframe_shape=True,
+                   tbl_hide_column_data_types=True):
+        return str(table)
