@@ -126,7 +126,8 @@ def main() -> None:
     print(f"{'':6s} {'prefill ms (median of ' + str(args.repeats) + ')':>30s}")
     for key in settings:
         print(f"{key:6s} {1000 * median[key]:30.2f}")
-    print(f"drop/full prefill time: {median['drop'] / median['full']:.3f}x; mask/full: {median['mask'] / median['full']:.3f}x")
+    print(f"drop/full prefill time: {median['drop'] / median['full']:.3f}x; "
+          f"mask/full: {median['mask'] / median['full']:.3f}x")
     print(f"theoretical FLOP ratio (FastV formula, decoder only): {ratio:.3f}; "
           f"equivalent image tokens {eq_tokens:.1f} of {n_image}")
     print(f"drop/mask prefill time: {median['drop'] / median['mask']:.3f}x")

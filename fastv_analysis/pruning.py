@@ -343,6 +343,7 @@ class FastVModel:
         adapter = self.adapter
         _ACTIVE[self.model] = self
         self._handles.append(adapter.model.register_forward_pre_hook(self._on_model, with_kwargs=True))
+        self._handles.append(adapter.model.register_forward_hook(self._after_model, always_call=True))
         self._handles.append(
             adapter.language_model.register_forward_pre_hook(self._on_language_model, with_kwargs=True)
         )
@@ -374,6 +375,10 @@ class FastVModel:
         self.prompt = self._new_prompt(input_ids)
         self.phase = "prefill"
         return None
+
+    def _after_model(self, module, args, output):
+        """Forget the per-forward state, so direct calls of a submodule are never pruned."""
+        self.phase, self._memo = None, {}
 
     def _new_prompt(self, input_ids: torch.Tensor) -> _Prompt:
         config = self.fastv
