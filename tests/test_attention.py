@@ -9,7 +9,13 @@ from conftest import hook_snapshot, make_llava_inputs, make_tiny_llava
 from fastv_analysis.adapters import SUPPORTED, get_adapter
 from fastv_analysis.attention import AttentionRecorder, take_positions
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    """Inference only; a module-level set_grad_enabled would leak into other test files."""
+    with torch.no_grad():
+        yield
 
 
 def eager_twin(model):

@@ -18,7 +18,13 @@ from fastv_analysis.pruning import (
     shared_greedy_answers,
 )
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    """Inference only; a module-level set_grad_enabled would leak into other test files."""
+    with torch.no_grad():
+        yield
 
 
 @pytest.fixture(scope="module", params=[4, 2], ids=["mha", "gqa"])
