@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from conftest import hook_snapshot, make_llava_inputs, make_tiny_llava, unpadded
 
 from fastv_analysis import strategies
@@ -12,8 +14,11 @@ from fastv_analysis.flops import equivalent_image_tokens, flops_ratio, layer_flo
 from fastv_analysis.pruning import (
     FastVConfig,
     apply_fastv,
+    decode_key_positions,
     greedy_decode,
     image_positions,
+    kept_token_mask,
+    mask_to_positions,
     prefill_shared,
     shared_greedy_answers,
 )
@@ -304,3 +309,38 @@ def test_flops_by_hand():
     ratio = flops_ratio(611, 576, 288, 32, 2, 4096, 11008)
     assert 0.5 < ratio < 0.6
     assert equivalent_image_tokens(576, 64, 32, 2) == pytest.approx((2 * 576 + 30 * 64) / 32)
+
+
+# ----------------------------------------------------------------------------------------
+# pure index helpers
+# ----------------------------------------------------------------------------------------
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_kept_positions_property(data):
+    batch = data.draw(st.integers(1, 3))
+    n_image = data.draw(st.integers(1, 8))
+    keep = data.draw(st.integers(0, n_image))
+    pads = [data.draw(st.integers(0, 4)) for _ in range(batch)]
+    befores = [data.draw(st.integers(0, 4)) for _ in range(batch)]
+    seq_len = max(p + b for p, b in zip(pads, befores)) + n_image + 2
+    input_ids = torch.zeros(batch, seq_len, dtype=torch.long)
+    for row, before in enumerate(befores):
+        start = seq_len - 2 - n_image
+        input_ids[row, start : start + n_image] = 7
+        input_ids[row, start - before : start] = 3
+    kept_image = torch.tensor(
+        [sorted(data.draw(st.permutations(range(n_image)))[:keep]) for _ in range(batch)], dtype=torch.long
+    ).view(batch, keep)
+    image = image_positions(input_ids, 7)
+    mask = kept_token_mask(seq_len, image, kept_image)
+    positions = mask_to_positions(mask)
+    assert positions.shape == (batch, seq_len - n_image + keep)
+    assert (positions.diff(dim=1) > 0).all()
+    for row in range(batch):
+        text = torch.tensor([p for p in range(seq_len) if p not in image[row].tolist()], dtype=torch.long)
+        assert torch.isin(text, positions[row]).all()
+        kept = positions[row][torch.isin(positions[row], image[row])]
+        assert torch.equal(kept, image[row, kept_image[row]])
+    keys = decode_key_positions(positions, seq_len, seq_len + 3)
+    assert torch.equal(keys[:, -3:], torch.arange(seq_len, seq_len + 3).expand(batch, -1))
