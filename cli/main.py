@@ -10,48 +10,21 @@ import sys
 
 import click
 
+from .capture_cmd import capture_cmd
+from .demo_cmd import demo_cmd
+from .eval_cmd import eval_cmd
+from .report_cmd import report_cmd
 from .select_cmd import select_cmd
-
-STAGES_TODO = {
-    "capture": "the capture stage (issue 4)",
-    "eval": "the eval stage (issue 5)",
-    "report": "the report (issue 6)",
-    "demo": "the one-command demo (issue 6)",
-}
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="fastv-analysis")
 def cli():
-    """Analyse FastV visual-token pruning: capture -> select -> eval -> report."""
+    """Analyse FastV visual-token pruning: capture -> select -> eval -> report (demo: all four on the toy)."""
 
 
-cli.add_command(select_cmd)
-
-
-def _not_yet(name: str, what: str) -> click.Command:
-    @click.command(name, context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
-                   help=f"Not available yet: {what}.")
-    def cmd():
-        raise click.ClickException(f"`fastv-analyze {name}` is not available yet: {what} is not built")
-
-    return cmd
-
-
-def _register_optional():
-    import importlib
-
-    for name, what in STAGES_TODO.items():
-        try:
-            mod = importlib.import_module(f"fastv_analysis.cli.{name}_cmd")
-            cli.add_command(getattr(mod, f"{name}_cmd"))
-        except ModuleNotFoundError as err:
-            if err.name != f"fastv_analysis.cli.{name}_cmd":
-                raise
-            cli.add_command(_not_yet(name, what))
-
-
-_register_optional()
+for command in (capture_cmd, select_cmd, eval_cmd, report_cmd, demo_cmd):
+    cli.add_command(command)
 
 
 def main(args: list[str] | None = None) -> int:

@@ -1,0 +1,46 @@
+"""``fastv-analyze demo``: capture -> select -> eval -> report on the embedded toy default."""
+
+from __future__ import annotations
+
+import time
+
+import click
+
+METHODS = ["avg_all_heads", "max_head", "weighted_combination", "random", "uniform"]
+
+
+@click.command("demo")
+@click.option("--out", type=click.Path(file_okay=False), default="runs/demo", show_default=True,
+              help="Run directory to write.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N questions (quick look).")
+@click.option("--agg-layer", type=int, default=2, show_default=True)
+@click.option("--keep", default="192,64,16", show_default=True)
+@click.option("--alphas", default="0:1:0.25", show_default=True)
+@click.option("--no-report", is_flag=True, help="Stop after eval.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def demo_cmd(out, limit, agg_layer, keep, alphas, no_report, quiet):
+    """The whole pipeline on the toy LLaVA and toy VQA set shipped in data/ (CPU, minutes)."""
+    from fastv_analysis.capture import CaptureConfig, run_capture
+    from fastv_analysis.evaluate import EvalConfig, run_eval
+    from fastv_analysis.select import run_select
+
+    from .eval_cmd import headline
+    from .params import FloatGrid, IntList
+
+    keeps = IntList().convert(keep, None, None)
+    alpha_list = FloatGrid().convert(alphas, None, None)
+    t0 = time.perf_counter()
+    click.echo(f"[1/4] capture: full model on the toy VQA set -> {out}")
+    run_capture(CaptureConfig(out=out, agg_layers=[agg_layer], limit=limit, batch_size=8), progress=not quiet)
+    click.echo("[2/4] select: replaying strategies on the cached attention")
+    run_select(out, METHODS, alpha_list, keeps, agg_layers=[agg_layer], progress=not quiet)
+    click.echo("[3/4] eval: pruned model on every distinct kept set")
+    info = run_eval(EvalConfig(run=out, agg_layers=[agg_layer]), progress=not quiet)
+    if not no_report:
+        from fastv_analysis.report import render
+
+        click.echo("[4/4] report: executing notebooks/report.ipynb")
+        path = render(out)
+        click.echo(f"report: {path}")
+    click.echo(headline(info["accuracy"]))
+    click.echo(f"demo finished in {time.perf_counter() - t0:.0f}s; run directory: {out}")
