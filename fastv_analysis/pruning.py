@@ -358,13 +358,13 @@ class FastVModel:
         self._memo = {}
         self.phase = None
         config = self.fastv
-        if not config.use_fast_v:
-            self.prompt = None
-            return None
         input_ids = _first_arg("input_ids", args, kwargs)
         cache = kwargs.get("past_key_values")
         if self.prompt is not None and self.prompt.owns(cache) and cache.get_seq_length() > 0:
-            self.phase = "decode"
+            self.phase = "decode"  # continues as its prefill decided, whatever .fastv says now
+            return None
+        if not config.use_fast_v:
+            self.prompt = None
             return None
         if input_ids is None or (cache is not None and cache.get_seq_length() > 0):
             self.prompt = None
