@@ -1,0 +1,67 @@
+"""The report: figure functions and the notebook executed headless into HTML."""
+
+import re
+
+import numpy as np
+
+import pytest
+from PIL import Image
+
+from conftest import write_questions
+from fastv_analysis import report
+from fastv_analysis.cli.main import main
+
+
+@pytest.fixture(scope="module")
+def evaluated_run(tmp_path_factory):
+    from fastv_analysis.toy.checkpoint import save_tiny_random_checkpoint
+
+    root = tmp_path_factory.mktemp("report")
+    model = save_tiny_random_checkpoint(root / "m", seed=3, text={"num_hidden_layers": 3, "num_attention_heads": 4,
+                                                                   "num_key_value_heads": 2})
+    data = write_questions(root / "d", n=6)
+    run = root / "run"
+    assert main(["capture", "--model", str(model), "--data", str(data), "--out", str(run), "--quiet",
+                 "--max-new-tokens", "2"]) == 0
+    assert main(["select", str(run), "--keep", "64,16", "--alphas", "0:1:0.5", "--quiet"]) == 0
+    assert main(["eval", str(run), "--quiet"]) == 0
+    return run
+
+
+def test_figure_functions_label_everything(evaluated_run):
+    import matplotlib.pyplot as plt
+
+    tables = report.load_tables(evaluated_run)
+    for name in report.FIGURES:
+        fig = report.figure(name, tables, save=False)
+        assert fig is not None, name
+        assert fig.axes, name
+        titled = fig._suptitle is not None or all(ax.get_title() for ax in fig.axes if ax.get_label() != "<colorbar>")
+        assert titled, f"{name} has an untitled panel"
+        if name == "examples":  # image panels: each column titled with its method, each row with its question
+            assert all(ax.get_title() for ax in fig.axes[: len(fig.axes) // 6 or 1])
+            assert fig.axes[0].get_ylabel()
+        else:
+            main_axes = [ax for ax in fig.axes if ax.get_label() != "<colorbar>" and ax.get_xlabel()]
+            assert main_axes and all(ax.get_ylabel() for ax in main_axes), f"{name} lacks axis labels"
+        plt.close(fig)
+
+
+def test_report_notebook_writes_html_and_figures(evaluated_run, capsys):
+    assert main(["report", str(evaluated_run)]) == 0
+    figures = sorted((evaluated_run / "figures").glob("*.png"))
+    assert {p.stem for p in figures} == set(report.FIGURES)
+    for p in figures:
+        with Image.open(p) as im:
+            assert im.width > 300 and im.height > 200, p.name
+            assert len(np.unique(np.asarray(im.convert("L")))) > 10, f"{p.name} is blank"
+    html = (evaluated_run / "report.html").read_text()
+    assert len(re.findall(r'<img[^>]* src="data:image/png;base64,', html)) >= len(report.FIGURES)
+    assert "Main numbers" in html and "Traceback" not in html
+    assert not re.search(r'<img[^>]* src="(?!data:)', html)  # opens on its own: no external images
+
+
+def test_report_on_a_missing_run_is_one_line(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "nope")]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "run.json is missing" in err and len(err.splitlines()) == 1
