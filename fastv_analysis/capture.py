@@ -8,6 +8,7 @@ for ``output_attentions``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .loading import DEFAULT_DATA, DEFAULT_MODEL, build_prompt, check_template, image_spans, load_model
+from .loading import DEFAULT_DATA, DEFAULT_MODEL, build_prompt, check_template, load_model
 from .provenance import file_sha256, model_fingerprint, versions
 from .scoring import is_correct
 from .store import RunWriter, attention_key
@@ -60,12 +61,26 @@ class Prepared:
     image: object
 
 
-def _distributed():
-    """(rank, world_size, state) under accelerate/torchrun, else (0, 1, None)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+def _distributed(device: str = "auto"):
+    """(rank, world_size, state) under accelerate/torchrun, else (0, 1, None).
+
+    ``PartialState()`` without ``cpu=True`` only sets up a process group when it finds an
+    accelerator: under torchrun on a CPU-only machine (or with ``--device cpu``) it would
+    report rank 0 of 1 in every process, and they would all capture every sample into the
+    same part names. So ask for the CPU (gloo) group explicitly there, and check that the
+    group has the size the launcher announced.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
         from accelerate import PartialState
 
-        state = PartialState()
+        cpu = (device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+               or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"))
+        state = PartialState(cpu=cpu)
+        if state.num_processes != world:
+            raise RuntimeError(f"WORLD_SIZE={world} but the process group has {state.num_processes} process(es) "
+                               f"({state.distributed_type}); start with torchrun/accelerate launch and a matching "
+                               "--device")
         return state.process_index, state.num_processes, state
     return 0, 1, None
 
@@ -93,29 +108,21 @@ def prepare(sample_id: int, question, processor, cfg: CaptureConfig, max_tokens:
     return Prepared(sample_id, question, prompt, image)
 
 
-def text_query_positions(starts: torch.Tensor, counts: torch.Tensor, seq_len: int) -> torch.Tensor:
+def text_query_positions(image_pos: torch.Tensor, seq_len: int) -> torch.Tensor:
     """Positions ``[Q]`` of the last Q tokens, Q = the most text tokens after an image in the batch.
 
     With left padding every prompt ends at ``seq_len - 1``, so prompt b's text after its
-    image is exactly the last ``seq_len - (start_b + n_b)`` of these positions.
+    image is exactly the last ``seq_len - 1 - image_pos[b, -1]`` of these positions.
     """
-    after = seq_len - (starts + counts)
-    q = int(after.max())
+    q = int((seq_len - 1 - image_pos[:, -1]).max())
     return torch.arange(seq_len - q, seq_len)
-
-
-def image_columns(rows: torch.Tensor, starts: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """``[B, H, Q, S]`` attention rows -> ``[B, H, Q, N]`` columns of each prompt's image span."""
-    n = int(counts[0])
-    cols = starts[:, None] + torch.arange(n, device=starts.device)[None, :]
-    index = cols[:, None, None, :].expand(rows.shape[0], rows.shape[1], rows.shape[2], n).to(rows.device)
-    return rows.gather(-1, index)
 
 
 def capture_batch(loaded, batch: list[Prepared], cfg: CaptureConfig, store_dtype: torch.dtype):
     """Answer and record one batch; returns (index rows, tensors by name)."""
-    from .attention import AttentionRecorder
     from .adapters import get_adapter
+    from .attention import AttentionRecorder, take_positions
+    from .pruning import image_positions
 
     adapter = get_adapter(loaded.model)
     processor = loaded.processor
@@ -123,11 +130,9 @@ def capture_batch(loaded, batch: list[Prepared], cfg: CaptureConfig, store_dtype
                        padding=True)
     inputs = {k: v.to(loaded.device) for k, v in inputs.items()}
     inputs["pixel_values"] = inputs["pixel_values"].to(loaded.dtype)
-    starts, counts = image_spans(inputs["input_ids"], adapter.image_token_id)
-    if len(set(counts.tolist())) > 1:
-        raise ValueError(f"samples {[p.sample_id for p in batch]} have different image-token counts; use --batch-size 1")
+    image_pos = image_positions(inputs["input_ids"], adapter.image_token_id)  # [B, N]
     seq_len = inputs["input_ids"].shape[1]
-    queries = "last" if cfg.queries == "last" else text_query_positions(starts, counts, seq_len)
+    queries = "last" if cfg.queries == "last" else text_query_positions(image_pos, seq_len)
     layers = [k - 1 for k in cfg.agg_layers]
     t0 = time.perf_counter()
     with torch.inference_mode(), AttentionRecorder(loaded.model, layers, queries) as rec:
@@ -146,15 +151,15 @@ def capture_batch(loaded, batch: list[Prepared], cfg: CaptureConfig, store_dtype
             "sample_id": p.sample_id, "question_id": str(q.question_id), "image": str(q.image),
             "question": q.text, "answer": str(q.answer), "category": q.category or "",
             "prediction": prediction, "correct": is_correct(prediction, q.answer, q.choices),
-            "image_start": int(starts[b] - (seq_len - prompt_tokens[b])),  # position in the unpadded prompt
-            "n_image_tokens": int(counts[b]), "prompt_tokens": int(prompt_tokens[b]), "capture_seconds": seconds,
+            "image_start": int(image_pos[b, 0] - (seq_len - prompt_tokens[b])),  # in the unpadded prompt
+            "n_image_tokens": int(image_pos.shape[1]), "prompt_tokens": int(prompt_tokens[b]), "capture_seconds": seconds,
         })
     for k, layer in zip(cfg.agg_layers, layers):
-        cols = image_columns(rec.rows[layer], starts, counts).to(store_dtype).cpu()  # [B, H, Q, N]
+        cols = take_positions(rec.rows[layer], image_pos, dim=-1).to(store_dtype).cpu()  # [B, H, Q, N]
         for b, p in enumerate(batch):
             tensors[attention_key(p.sample_id, k, "last")] = cols[b, :, -1, :].clone()
             if cfg.queries == "text":
-                n_after = int(seq_len - (starts[b] + counts[b]))
+                n_after = int(seq_len - 1 - image_pos[b, -1])
                 tensors[attention_key(p.sample_id, k, "text")] = cols[b, :, cols.shape[2] - n_after :, :].clone()
     return rows, tensors
 
@@ -177,7 +182,7 @@ def run_capture(cfg: CaptureConfig, progress: bool = True, command: list[str] | 
     questions = load_questions(cfg.data)
     if cfg.limit is not None:
         questions = questions[: cfg.limit]
-    rank, world, state = _distributed()
+    rank, world, state = _distributed(cfg.device)
     loaded = load_model(cfg.model, cfg.device if state is None else str(state.device), cfg.dtype)
     from .adapters import get_adapter
 
@@ -207,7 +212,10 @@ def run_capture(cfg: CaptureConfig, progress: bool = True, command: list[str] | 
         "command": command or sys.argv,
         "settings": asdict(cfg),
     }
-    writer = RunWriter(cfg.out, run_config, overwrite=cfg.overwrite and rank == 0, rank=rank)
+    # rank 0 checks (or, with --overwrite, replaces) the run directory before the other
+    # ranks compare their settings with its run.json; otherwise they race it
+    with state.main_process_first() if state is not None else contextlib.nullcontext():
+        writer = RunWriter(cfg.out, run_config, overwrite=cfg.overwrite and rank == 0, rank=rank)
     if state is not None:
         state.wait_for_everyone()
     done = writer.done_sample_ids()

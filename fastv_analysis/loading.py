@@ -107,20 +107,3 @@ def build_prompt(processor, question: str, choices: list[str] | None = None, tem
 def check_template(template: str) -> None:
     if "<image>" not in template or "{question}" not in template:
         raise ValueError(f"--prompt-template must contain <image> and {{question}}, got {template!r}")
-
-
-def image_spans(input_ids: torch.Tensor, image_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Start and length ``[B]`` of each prompt's image-token span, from the ids themselves.
-
-    Works with left padding and prompts of different lengths; raises if a prompt has no
-    image token or a span that is not contiguous (several images are not supported).
-    """
-    is_image = input_ids == image_token_id
-    counts = is_image.sum(dim=1)
-    starts = is_image.int().argmax(dim=1)
-    for b in range(input_ids.shape[0]):
-        if counts[b] == 0:
-            raise ValueError(f"prompt {b} has no image token (id {image_token_id})")
-        if not is_image[b, starts[b] : starts[b] + counts[b]].all():
-            raise ValueError(f"prompt {b} has image tokens that are not one contiguous span")
-    return starts, counts

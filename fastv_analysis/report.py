@@ -226,22 +226,27 @@ def keep_frequency(selections: pl.DataFrame, n_tokens: int) -> dict[str, np.ndar
     return out
 
 
-def plot_keep_frequency(selections: pl.DataFrame, keep: int | None = None, agg_layer: int | None = None):
-    """Where kept tokens sit: keep frequency of every grid cell (e.g. 24 x 24), one panel per method."""
-    import seaborn as sns
-
+def one_config_per_method(selections: pl.DataFrame, keep: int | None = None, agg_layer: int | None = None):
+    """The selections of one layer and keep (default: the smallest keep > 0), one configuration
+    per method (weighted_combination at its alpha nearest 0.5); returns (rows, layer, keep, configs)."""
     layer = agg_layer if agg_layer is not None else selections["agg_layer"].min()
     sel = selections.filter(pl.col("agg_layer") == layer)
     keeps = sorted(sel["keep"].unique().to_list())
     keep = keep if keep is not None else next((k for k in keeps if k > 0), keeps[0])
     sel = sel.filter(pl.col("keep") == keep)
-    alphas = sel.filter(pl.col("method") == "weighted_combination")["alpha"].unique().drop_nulls().to_list()
-    alpha = min(alphas, key=lambda a: abs(a - 0.5)) if alphas else None
+    alpha = _primary_alpha(sel)
     sel = sel.filter((pl.col("method") != "weighted_combination") | (pl.col("alpha") == alpha))
-    n_tokens = int(sel["kept"].list.max().max() + 1) if sel.height else 576
-    side = math.isqrt(576 if n_tokens <= 576 else n_tokens)
+    configs = [c for m in METHOD_ORDER for c in sel["config"].unique().sort().to_list() if c.split("(")[0] == m]
+    return sel, layer, keep, configs
+
+
+def plot_keep_frequency(selections: pl.DataFrame, keep: int | None = None, agg_layer: int | None = None):
+    """Where kept tokens sit: keep frequency of every grid cell (e.g. 24 x 24), one panel per method."""
+    import seaborn as sns
+
+    sel, layer, keep, configs = one_config_per_method(selections, keep, agg_layer)
+    side = math.isqrt(round(keep / sel["keep_ratio"][0]))
     freq = keep_frequency(sel, side * side)
-    configs = [c for m in METHOD_ORDER for c in freq if c.split("(")[0] == m]
     fig, axes = _figure(width=3.9 * len(configs), height=3.8, ncols=len(configs))
     for ax, config in zip(axes[0], configs):
         sns.heatmap((100 * freq[config]).reshape(side, side), ax=ax, vmin=0, vmax=100, cmap="rocket_r", square=True,
@@ -259,15 +264,7 @@ def plot_examples(selections: pl.DataFrame, samples: pl.DataFrame, n_examples: i
     """A few images with each method's kept tokens drawn over them (kept patches bright)."""
     from PIL import Image
 
-    layer = agg_layer if agg_layer is not None else selections["agg_layer"].min()
-    sel = selections.filter(pl.col("agg_layer") == layer)
-    keeps = sorted(sel["keep"].unique().to_list())
-    keep = keep if keep is not None else next((k for k in keeps if k > 0), keeps[0])
-    sel = sel.filter(pl.col("keep") == keep)
-    alphas = sel.filter(pl.col("method") == "weighted_combination")["alpha"].unique().drop_nulls().to_list()
-    alpha = min(alphas, key=lambda a: abs(a - 0.5)) if alphas else None
-    sel = sel.filter((pl.col("method") != "weighted_combination") | (pl.col("alpha") == alpha))
-    configs = [c for m in METHOD_ORDER for c in sel["config"].unique().to_list() if c.split("(")[0] == m]
+    sel, layer, keep, configs = one_config_per_method(selections, keep, agg_layer)
     ids = samples["sample_id"].head(n_examples).to_list()
     fig, axes = _figure(width=2.6 * len(configs), height=2.9 * len(ids), ncols=len(configs), nrows=len(ids))
     for r, sid in enumerate(ids):

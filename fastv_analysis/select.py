@@ -90,13 +90,24 @@ def kept_sets(attention: torch.Tensor, cfg: ScoreConfig, keeps: Sequence[int], s
         yield keep, kept, scores
 
 
-def _check(attention: torch.Tensor, keeps: Sequence[int]) -> None:
+def _checked(attention: torch.Tensor, keeps: Sequence[int], sample_ids: Sequence[int] | None):
+    """Validated float32 attention ``[S, H, N]``, keep counts and sample ids (default 0..S-1)."""
     if attention.dim() != 3:
         raise ValueError(f"attention must be [S, H, N], got shape {tuple(attention.shape)}")
+    attention = attention.float()
     strategies.validate(attention, "avg_all_heads")
+    keeps = [int(k) for k in keeps]
     for k in keeps:
-        if not 0 <= int(k) <= attention.shape[-1]:
+        if not 0 <= k <= attention.shape[-1]:
             raise ValueError(f"keep {k} is outside 0..{attention.shape[-1]} (image tokens per sample)")
+    ids = np.arange(attention.shape[0]) if sample_ids is None else np.asarray(sample_ids, dtype=np.int64)
+    return attention, keeps, ids
+
+
+def _with_layer(frame: pl.DataFrame, agg_layer: int | None) -> pl.DataFrame:
+    if agg_layer is None or not len(frame.columns):
+        return frame
+    return frame.insert_column(1, pl.lit(int(agg_layer), dtype=pl.Int64).alias("agg_layer"))
 
 
 def replay(
@@ -117,11 +128,8 @@ def replay(
     ``sample_ids`` names the samples (then random selections depend on the id, not the
     position, so chunked replays agree with whole ones).
     """
-    attention = attention.float()
-    keeps = [int(k) for k in keeps]
-    _check(attention, keeps)
+    attention, keeps, ids = _checked(attention, keeps, sample_ids)
     n_samples, _, n_tokens = attention.shape
-    ids = np.arange(n_samples) if sample_ids is None else np.asarray(sample_ids, dtype=np.int64)
     max_head = strategies.max_head_index(strategies.head_importance(attention)).numpy()
     frames = []
     for cfg in score_configs(methods, alphas):
@@ -140,10 +148,7 @@ def replay(
                 **stats.spatial_stats(kept, n_tokens),
             }
             frames.append(pl.DataFrame(frame, schema_overrides={"alpha": pl.Float64}))
-    out = pl.concat(frames) if frames else pl.DataFrame()
-    if agg_layer is not None:
-        out = out.insert_column(1, pl.lit(int(agg_layer), dtype=pl.Int64).alias("agg_layer"))
-    return out
+    return _with_layer(pl.concat(frames) if frames else pl.DataFrame(), agg_layer)
 
 
 def overlap(
@@ -162,11 +167,8 @@ def overlap(
     the two score vectors (keep-independent, so computed once per pair; null where one
     side is ``uniform``, which has a set but no ranking).
     """
-    attention = attention.float()
-    keeps = [int(k) for k in keeps]
-    _check(attention, keeps)
+    attention, keeps, ids = _checked(attention, keeps, sample_ids)
     n_samples, _, n_tokens = attention.shape
-    ids = np.arange(n_samples) if sample_ids is None else np.asarray(sample_ids, dtype=np.int64)
     configs = score_configs(methods, alphas)
     masks: dict[tuple[ScoreConfig, int], np.ndarray] = {}
     scores: dict[ScoreConfig, np.ndarray | None] = {}
@@ -197,20 +199,14 @@ def overlap(
                     }
                 )
             )
-    out = pl.concat(frames) if frames else pl.DataFrame()
-    if agg_layer is not None and len(out):
-        out = out.insert_column(1, pl.lit(int(agg_layer), dtype=pl.Int64).alias("agg_layer"))
-    return out
+    return _with_layer(pl.concat(frames) if frames else pl.DataFrame(), agg_layer)
 
 
 def heads(attention: torch.Tensor, *, sample_ids: Sequence[int] | None = None, agg_layer: int | None = None) -> pl.DataFrame:
     """Per-sample head statistics (see :func:`fastv_analysis.stats.head_stats`)."""
-    attention = attention.float()
-    ids = np.arange(attention.shape[0]) if sample_ids is None else np.asarray(sample_ids, dtype=np.int64)
+    attention, _, ids = _checked(attention, [], sample_ids)
     out = pl.DataFrame({"sample": ids, **stats.head_stats(strategies.head_importance(attention).numpy())})
-    if agg_layer is not None:
-        out = out.insert_column(1, pl.lit(int(agg_layer), dtype=pl.Int64).alias("agg_layer"))
-    return out
+    return _with_layer(out, agg_layer)
 
 
 def summarize_overlap(overlap_frame: pl.DataFrame) -> pl.DataFrame:
