@@ -222,6 +222,45 @@ def _quantile_accuracy(x: np.ndarray, correct: np.ndarray) -> dict:
     return out
 
 
+PART_SAMPLES = 16
+ANSWER_SCHEMA = {"sample_id": pl.Int64, "agg_layer": pl.Int64, "selection_id": pl.Utf8, "prediction": pl.Utf8,
+                 "correct": pl.Boolean}
+TIMING_SCHEMA = {"sample_id": pl.Int64, "agg_layer": pl.Int64, "keep": pl.Int64, "n_sets": pl.Int64,
+                 "prefill_seconds": pl.Float64, "decode_seconds": pl.Float64, "decode_tokens": pl.Int64}
+
+
+def _settings_key(fingerprint: str, max_new_tokens: int, selections: pl.DataFrame) -> str:
+    """What the cached answers depend on: the kept sets asked for, the model, the answer length."""
+    import hashlib
+
+    asked = selections.select("sample_id", "agg_layer", "keep", "selection_id").unique().sort(pl.all())
+    h = hashlib.sha256(f"{fingerprint}|{max_new_tokens}|".encode() + asked.write_csv().encode())
+    return h.hexdigest()[:16]
+
+
+class EvalParts:
+    """Answers of finished samples, in parts under RUN/.eval-parts/<key>/, so an
+    interrupted eval resumes where it stopped (key: selections, model, answer length)."""
+
+    def __init__(self, root: Path, key: str):
+        self.dir = root / ".eval-parts" / key
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def load(self) -> tuple[pl.DataFrame, pl.DataFrame]:
+        answers = sorted(self.dir.glob("answers-*.parquet"))
+        timing = sorted(self.dir.glob("timing-*.parquet"))
+        return (pl.concat([pl.read_parquet(f) for f in answers]) if answers else pl.DataFrame(schema=ANSWER_SCHEMA),
+                pl.concat([pl.read_parquet(f) for f in timing]) if timing else pl.DataFrame(schema=TIMING_SCHEMA))
+
+    def write(self, answers: list[dict], timing: list[dict]) -> None:
+        """Timing lands after the answers: a sample counts as done once both are there."""
+        if not timing:
+            return
+        n = len(list(self.dir.glob("timing-*.parquet")))
+        atomic_write_parquet(pl.DataFrame(answers, schema=ANSWER_SCHEMA), self.dir / f"answers-{n:05d}.parquet")
+        atomic_write_parquet(pl.DataFrame(timing, schema=TIMING_SCHEMA), self.dir / f"timing-{n:05d}.parquet")
+
+
 def run_eval(cfg: EvalConfig, progress: bool = True, command: list[str] | None = None) -> dict:
     """Evaluate the select stage's configurations of ``cfg.run``; writes ``RUN/eval/``."""
     from tqdm.auto import tqdm
@@ -259,33 +298,39 @@ def run_eval(cfg: EvalConfig, progress: bool = True, command: list[str] | None =
     out_dir = run.root / "eval"
     tmp = run.root / ".eval.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     sample_ids = selections["sample_id"].unique().sort().to_list()
+    parts = EvalParts(run.root, _settings_key(fingerprint, max_new, selections))
+    answers_parts, timing_parts = parts.load()
+    done = set(answers_parts["sample_id"].to_list()) | set(timing_parts["sample_id"].to_list())
     answers_rows, timing_rows, mask_checks = [], [], []
     by_sample = selections.partition_by("sample_id", as_dict=True)
     t_start = time.perf_counter()
     for sid in tqdm(sample_ids, desc="eval", unit="sample", disable=not progress):
+        needs_mask = len(mask_checks) < cfg.compare_mask
+        if sid in done and not needs_mask:
+            continue
         try:
             prepared = prepare(sid, questions[sid], loaded.processor, capture_cfg, max_tokens, adapter.image_token_id)
         except BadSample:
             continue  # skipped at capture time too (errors.jsonl)
         rows = by_sample[(sid,)]
         answers, timings = evaluate_sample(loaded, prepared, rows, max_new, batch_size=cfg.batch_size)
-        for t in timings:
-            timing_rows.append({"sample_id": sid, **t})
-        q = questions[sid]
-        for (layer, sel_id), text in answers.items():
-            answers_rows.append({"sample_id": sid, "agg_layer": layer, "selection_id": sel_id, "prediction": text,
-                                 "correct": is_correct(text, q.answer, q.choices)})
-        if len(mask_checks) < cfg.compare_mask:
+        if needs_mask:
             masked, _ = evaluate_sample(loaded, prepared, rows, max_new, mode="mask", batch_size=cfg.batch_size)
             mask_checks.append({"sample_id": sid, "n_sets": len(answers),
                                 "identical": all(masked[k] == v for k, v in answers.items())})
-    answers_df = pl.DataFrame(answers_rows, schema={"sample_id": pl.Int64, "agg_layer": pl.Int64, "selection_id": pl.Utf8,
-                                                    "prediction": pl.Utf8, "correct": pl.Boolean})
-    timing = pl.DataFrame(timing_rows) if timing_rows else pl.DataFrame(
-        schema={"sample_id": pl.Int64, "agg_layer": pl.Int64, "keep": pl.Int64, "n_sets": pl.Int64,
-                "prefill_seconds": pl.Float64, "decode_seconds": pl.Float64, "decode_tokens": pl.Int64})
+        if sid in done:
+            continue
+        timing_rows.extend({"sample_id": sid, **t} for t in timings)
+        q = questions[sid]
+        answers_rows.extend({"sample_id": sid, "agg_layer": layer, "selection_id": sel_id, "prediction": text,
+                             "correct": is_correct(text, q.answer, q.choices)} for (layer, sel_id), text in answers.items())
+        if len({r["sample_id"] for r in timing_rows}) >= PART_SAMPLES:
+            parts.write(answers_rows, timing_rows)
+            answers_rows, timing_rows = [], []
+    parts.write(answers_rows, timing_rows)
+    answers_df, timing = parts.load()
+    tmp.mkdir()
     pred = (
         selections.drop("kept")
         .join(answers_df, on=["sample_id", "agg_layer", "selection_id"], how="inner")
