@@ -209,18 +209,30 @@ def heads(attention: torch.Tensor, *, sample_ids: Sequence[int] | None = None, a
     return _with_layer(out, agg_layer)
 
 
-def summarize_overlap(overlap_frame: pl.DataFrame) -> pl.DataFrame:
-    """Mean and 95% interval over samples of each pair's agreement, per layer and keep."""
-    keys = [c for c in ("agg_layer", "keep", "config_a", "config_b") if c in overlap_frame.columns]
-    rows = []
-    for key, group in overlap_frame.group_by(keys, maintain_order=True):
-        row = dict(zip(keys, key))
-        row["n"] = group.height
-        for col in ("intersection", "jaccard", "kendall_tau", "spearman"):
-            m, lo, hi = stats.mean_interval(group[col].cast(pl.Float64).fill_null(np.nan).to_numpy())
-            row.update({f"{col}_mean": m, f"{col}_lo": lo, f"{col}_hi": hi})
-        rows.append(row)
-    return pl.DataFrame(rows)
+def summarize_overlap(overlap_frame: pl.DataFrame | pl.LazyFrame) -> pl.DataFrame:
+    """Mean and 95% t interval over samples of each pair's agreement, per layer and keep.
+
+    Lazy aggregation (mean, std, count per group), so a run's whole overlap table never
+    has to sit in memory; NaN correlations (constant or ``uniform`` scores) are left out.
+    """
+    from scipy.stats import t as student_t
+
+    lazy = overlap_frame.lazy()
+    keys = [c for c in ("agg_layer", "keep", "config_a", "config_b") if c in lazy.collect_schema().names()]
+    cols = ("intersection", "jaccard", "kendall_tau", "spearman")
+    aggs = [pl.len().alias("n")]
+    for c in cols:
+        v = pl.col(c).cast(pl.Float64).fill_nan(None)
+        aggs += [v.mean().alias(f"{c}_mean"), v.std().alias(f"_{c}_std"), v.count().alias(f"_{c}_n")]
+    out = lazy.group_by(keys, maintain_order=True).agg(aggs).collect(engine="streaming")
+    for c in cols:
+        n = out[f"_{c}_n"].to_numpy().astype(float)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            half = student_t.ppf(0.975, np.maximum(n - 1, 1)) * out[f"_{c}_std"].fill_null(0.0).to_numpy() / np.sqrt(n)
+        half = np.where(n >= 2, half, 0.0)
+        mean = out[f"{c}_mean"].to_numpy().astype(float)
+        out = out.with_columns(pl.Series(f"{c}_lo", mean - half), pl.Series(f"{c}_hi", mean + half))
+    return out.drop([f"_{c}_{x}" for c in cols for x in ("std", "n")])
 
 
 def resolve_keeps(keeps: Sequence[int], keep_ratios: Sequence[float], n_tokens: int) -> list[int]:
@@ -288,7 +300,7 @@ def run_select(
     bar.close()
     for name, folder in parts.items():
         pl.scan_parquet(folder / "*.parquet").sink_parquet(tmp / f"{name}.parquet")
-    summary = summarize_overlap(pl.read_parquet(tmp / "overlap.parquet"))
+    summary = summarize_overlap(pl.scan_parquet(tmp / "overlap.parquet"))
     atomic_write_parquet(summary, tmp / "overlap_summary.parquet")
     shutil.rmtree(tmp / "parts")
     info = {

@@ -186,3 +186,16 @@ def test_open_run_reads_what_was_written(run_dir, attention):
     torch.testing.assert_close(run.last_token_attention(4, 3), attention[4].flip(-1))
     with pytest.raises(ValueError, match="agg layer 5 was not captured"):
         run.last_token_attention(0, 5)
+
+
+def test_overlap_summary_interval_matches_scipy(attention):
+    from fastv_analysis.select import summarize_overlap
+
+    frame = overlap(attention, ["avg_all_heads", "max_head", "uniform"], [], [16], agg_layer=2)
+    summary = summarize_overlap(frame)
+    row = summary.filter(pl.col("config_a") == "avg_all_heads", pl.col("config_b") == "max_head").row(0, named=True)
+    values = frame.filter(pl.col("config_a") == "avg_all_heads", pl.col("config_b") == "max_head")["jaccard"].to_numpy()
+    m, lo, hi = stats.mean_interval(values)
+    assert math.isclose(row["jaccard_mean"], m) and math.isclose(row["jaccard_lo"], lo) and math.isclose(row["jaccard_hi"], hi)
+    uni = summary.filter(pl.col("config_b") == "uniform").row(0, named=True)
+    assert uni["kendall_tau_mean"] is None and uni["n"] == 12  # NaN correlations are left out
