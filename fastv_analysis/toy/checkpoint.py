@@ -37,7 +37,7 @@ CHAT_TEMPLATE = (
 # Size of the shipped toy (see fastv_analysis.toy.train for how it is trained).
 TOY_TEXT = dict(
     hidden_size=128,
-    intermediate_size=384,
+    intermediate_size=256,
     num_hidden_layers=8,
     num_attention_heads=4,
     num_key_value_heads=4,

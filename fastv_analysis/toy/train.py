@@ -4,7 +4,7 @@
 
 Model: ``LlavaForConditionalGeneration`` built by :func:`fastv_analysis.toy.checkpoint.build_config`
 (CLIP 336/14, width 64, 1 layer, features from ``vision_feature_layer=-2`` as in LLaVA-1.5;
-GELU projector; Llama decoder, 8 layers, width 128, 4 heads, MLP 384), all trained from
+GELU projector; Llama decoder, 8 layers, width 128, 4 heads, MLP 256), all trained from
 scratch, every weight (vision tower included).
 
 Data: scenes from :mod:`fastv_analysis.toy.scenes`, generated on the fly from the training
@@ -221,7 +221,7 @@ def train(args) -> None:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"params {n_params / 1e6:.2f}M  config text={text}", flush=True)
     exclude = {scenes.scene_key(o) for _, o, _ in scenes.eval_split()}
-    dev = dev_set()
+    dev = dev_set(150)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW(
@@ -325,22 +325,22 @@ def evaluate(ckpt: str, questions: str, out_json: str | None = None, prune_grid:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="data/toy-llava")
-    p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--max-minutes", type=float, default=85.0)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--turns", type=int, default=6)
+    p.add_argument("--steps", type=int, default=2200)
+    p.add_argument("--max-minutes", type=float, default=88.0)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--turns", type=int, default=12)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--wd", type=float, default=0.01)
-    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--clip", type=float, default=1.0)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--width", type=int, default=128)
-    p.add_argument("--mlp", type=int, default=384)
+    p.add_argument("--mlp", type=int, default=256)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--vision-width", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--eval-every", type=int, default=300)
     p.add_argument("--eval-only", metavar="CKPT")
     p.add_argument("--questions", default="data/toy-vqa/questions.jsonl")
     p.add_argument("--results", help="write eval results as JSON here")
