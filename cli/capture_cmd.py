@@ -30,11 +30,13 @@ from .params import IntList
 @click.option("--prompt-template", default=None,
               help="Used when the processor has no chat template: must contain <image> and {question}, "
                    "e.g. 'USER: <image>\\n{question} ASSISTANT:'.")
+@click.option("--part-size", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Samples per stored part (an interrupted capture redoes at most this many).")
 @click.option("--skip-bad", is_flag=True, help="Log bad samples to RUN/errors.jsonl and go on instead of stopping.")
 @click.option("--overwrite", is_flag=True, help="Replace a run directory made with other settings.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def capture_cmd(model, data, out, agg_layers, queries, device, dtype, store_dtype, batch_size, limit,
-                max_new_tokens, prompt_template, skip_bad, overwrite, quiet):
+                max_new_tokens, prompt_template, part_size, skip_bad, overwrite, quiet):
     """Run the full model once per sample; store its answer and the layer K-1 attention
     that the prompt paid to each image token, per head, under OUT.
 
@@ -47,7 +49,8 @@ def capture_cmd(model, data, out, agg_layers, queries, device, dtype, store_dtyp
     cfg = CaptureConfig(model=model or DEFAULT_MODEL, data=data or DEFAULT_DATA, out=out,
                         agg_layers=list(agg_layers), queries=queries, device=device, dtype=dtype,
                         batch_size=batch_size, limit=limit, skip_bad=skip_bad, max_new_tokens=max_new_tokens,
-                        prompt_template=prompt_template, store_dtype=store_dtype, overwrite=overwrite)
+                        prompt_template=prompt_template, store_dtype=store_dtype, overwrite=overwrite,
+                        part_size=part_size)
     info = run_capture(cfg, progress=not quiet, command=sys.argv)
     if info["n_samples"] is not None:
         acc = "" if info["accuracy"] is None else f", full-model accuracy {info['accuracy']:.1%}"

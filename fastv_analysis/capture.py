@@ -21,7 +21,7 @@ import torch
 from .loading import DEFAULT_DATA, DEFAULT_MODEL, build_prompt, check_template, load_model
 from .provenance import file_sha256, model_fingerprint, versions
 from .scoring import is_correct
-from .store import RunWriter, attention_key
+from .store import RunWriter, atomic_write_bytes, attention_key
 
 QUERIES = ("last", "text")
 
@@ -42,6 +42,7 @@ class CaptureConfig:
     prompt_template: str | None = None
     store_dtype: str = "float16"
     overwrite: bool = False
+    part_size: int = 32
 
 
 class BadSample(ValueError):
@@ -164,6 +165,20 @@ def capture_batch(loaded, batch: list[Prepared], cfg: CaptureConfig, store_dtype
     return rows, tensors
 
 
+def merge_errors(root: Path) -> None:
+    """The per-process errors-R.jsonl files become one errors.jsonl, ordered by sample."""
+    parts = sorted(root.glob("errors-*.jsonl"))
+    lines = [line for p in parts for line in p.read_text().splitlines() if line.strip()]
+    target = root / "errors.jsonl"
+    if lines:
+        lines.sort(key=lambda line: json.loads(line)["sample_id"])
+        atomic_write_bytes(target, ("\n".join(lines) + "\n").encode())
+    else:
+        target.unlink(missing_ok=True)
+    for p in parts:
+        p.unlink()
+
+
 def run_capture(cfg: CaptureConfig, progress: bool = True, command: list[str] | None = None) -> dict:
     """Capture every sample of ``cfg.data`` into the run directory ``cfg.out`` (resumable)."""
     from tqdm.auto import tqdm
@@ -220,19 +235,28 @@ def run_capture(cfg: CaptureConfig, progress: bool = True, command: list[str] | 
         state.wait_for_everyone()
     done = writer.done_sample_ids()
     todo = [(i, q) for i, q in enumerate(questions) if i not in done and i % world == rank]
-    errors_path = Path(cfg.out) / ("errors.jsonl" if world == 1 else f"errors-{rank}.jsonl")
+    errors_path = Path(cfg.out) / f"errors-{rank}.jsonl"
+    errors_path.unlink(missing_ok=True)  # bad samples are retried on resume, and logged again
     n_bad = 0
     t_start = time.perf_counter()
     bar = tqdm(total=len(todo), desc=f"capture[{rank}]" if world > 1 else "capture", unit="sample",
                disable=not progress)
     pending: list[Prepared] = []
+    part_rows: list[dict] = []
+    part_tensors: dict = {}
 
-    def flush():
+    def flush(final: bool = False):
+        """Capture the pending batch; write a part once it holds cfg.part_size samples."""
         if pending:
             rows, tensors = capture_batch(loaded, pending, cfg, store_dtype)
-            writer.write_part(rows, tensors)
+            part_rows.extend(rows)
+            part_tensors.update(tensors)
             bar.update(len(pending))
             pending.clear()
+        if part_rows and (final or len(part_rows) >= cfg.part_size):
+            writer.write_part(part_rows, part_tensors)
+            part_rows.clear()
+            part_tensors.clear()
 
     for sample_id, q in todo:
         try:
@@ -247,13 +271,14 @@ def run_capture(cfg: CaptureConfig, progress: bool = True, command: list[str] | 
             bar.update(1)
         if len(pending) == cfg.batch_size:
             flush()
-    flush()
+    flush(final=True)
     bar.close()
     if state is not None:
         state.wait_for_everyone()
     samples = None
     if rank == 0:
         samples = writer.finalize()
+        merge_errors(Path(cfg.out))
     if state is not None:
         state.wait_for_everyone()
     return {

@@ -103,8 +103,9 @@ def test_interrupted_capture_resumes_without_duplicates(checkpoints, tmp_path, m
 
     monkeypatch.setattr(store.RunWriter, "write_part", dying_write)
     with pytest.raises(RuntimeError, match="killed"):
-        capture(checkpoints["mha"], data, tmp_path / "resumed")
+        capture(checkpoints["mha"], data, tmp_path / "resumed", "--part-size", "2")
     monkeypatch.setattr(store.RunWriter, "write_part", real)
+    assert open_run_parts(tmp_path / "resumed") == [0, 1, 2, 3]  # two parts of two samples survived
     (tmp_path / "resumed" / "attention" / ".part-000-00009.safetensors.tmp-1").write_bytes(b"half")  # debris
     assert not (tmp_path / "resumed" / "samples.parquet").exists()
     assert capture(checkpoints["mha"], data, tmp_path / "resumed") == 0
@@ -116,6 +117,10 @@ def test_interrupted_capture_resumes_without_duplicates(checkpoints, tmp_path, m
     # a third run finds nothing to do
     assert capture(checkpoints["mha"], data, tmp_path / "resumed") == 0
     assert open_run(tmp_path / "resumed").samples.height == 5
+
+
+def open_run_parts(root):
+    return sorted(pl.read_parquet(sorted((root / "attention").glob("part-*.parquet")))["sample_id"].to_list())
 
 
 def test_mismatched_run_directory_is_refused(checkpoints, tmp_path, capsys):
