@@ -9,9 +9,10 @@ Layout (``RUN/``)::
     errors.jsonl                 samples skipped with --skip-bad (capture)
     select/ eval/ figures/       written by the later stages
 
-Tensor names inside a shard: ``"{sample_id}/L{agg_layer}/last"`` -> ``[H, N]`` (the last
-prompt token's attention at layer K-1 to the N image tokens) and, with ``--queries text``,
-``"{sample_id}/L{agg_layer}/text"`` -> ``[H, Q, N]`` (every text token after the image).
+Tensor names inside a part: ``"L{agg_layer}/last"`` -> ``[S_part, H, N]``, the last prompt
+token's attention at layer K-1 to the N image tokens, row ``part_row`` of samples.parquet;
+with ``--queries text`` also ``"{sample_id}/L{agg_layer}/text"`` -> ``[H, Q, N]`` (every
+text token after the image). Readers ask :class:`Run` by sample and layer, never by key.
 
 A part becomes visible only when its .parquet index lands, and both files are written to
 a temporary name and renamed: an interrupted capture leaves nothing half-written, and a
@@ -58,10 +59,12 @@ SAMPLE_COLUMNS = {
     "n_image_tokens": pl.Int64,
     "prompt_tokens": pl.Int64,
     "shard": pl.Utf8,
+    "part_row": pl.Int64,
     "capture_seconds": pl.Float64,
 }
 
 _PART = re.compile(r"^part-(\d+)-(\d+)\.parquet$")
+_LAST = re.compile(r"^(\d+)/L(\d+)/last$")
 
 
 def attention_key(sample_id: int, agg_layer: int, query: str = "last") -> str:
@@ -138,14 +141,35 @@ class RunWriter:
         return set(pl.read_parquet(files, columns=["sample_id"])["sample_id"].to_list())
 
     def write_part(self, rows: list[dict], tensors: dict) -> str:
-        """Store the tensors of some samples and then their index rows; returns the part name."""
+        """Store the tensors of some samples and then their index rows; returns the part name.
+
+        The last-token rows of one layer are stacked into one ``L{K}/last`` tensor
+        ``[S_part, H, N]`` (row i = ``rows[i]``), so a sample costs H x N x dtype bytes and
+        no header entry of its own; other tensors are stored under their own names.
+        """
+        import torch
         from safetensors.torch import save
 
         name = f"part-{self.rank:03d}-{self._next:05d}"
         self._next += 1
-        blob = save({k: v.contiguous().cpu() for k, v in tensors.items()})
+        position = {int(r["sample_id"]): i for i, r in enumerate(rows)}
+        per_layer: dict[int, dict[int, object]] = {}
+        out = {}
+        for key, value in tensors.items():
+            m = _LAST.match(key)
+            if m and int(m[1]) in position:
+                per_layer.setdefault(int(m[2]), {})[position[int(m[1])]] = value
+            else:
+                out[key] = value
+        for layer, by_row in per_layer.items():
+            if len(by_row) == len(rows):
+                out[f"L{layer}/last"] = torch.stack([by_row[i] for i in range(len(rows))])
+            else:
+                out.update({attention_key(rows[i]["sample_id"], layer): v for i, v in by_row.items()})
+        blob = save({k: v.contiguous().cpu() for k, v in out.items()})
         atomic_write_bytes(self.attention_dir / f"{name}.safetensors", blob)
-        frame = pl.DataFrame([{**r, "shard": name} for r in rows], schema_overrides=_present(rows))
+        frame = pl.DataFrame([{**r, "shard": name, "part_row": i} for i, r in enumerate(rows)],
+                             schema_overrides=_present(rows))
         atomic_write_parquet(frame, self.attention_dir / f"{name}.parquet")
         return name
 
@@ -194,8 +218,9 @@ class Run:
         return [int(k) for k in self.config.get("agg_layers", [])]
 
     @cached_property
-    def _shard_of(self) -> dict[int, str]:
-        return dict(zip(self.samples["sample_id"].to_list(), self.samples["shard"].to_list()))
+    def _shard_of(self) -> dict[int, tuple[str, int]]:
+        rows = self.samples["part_row"].to_list() if "part_row" in self.samples.columns else [0] * self.samples.height
+        return dict(zip(self.samples["sample_id"].to_list(), zip(self.samples["shard"].to_list(), rows)))
 
     @property
     def sample_ids(self) -> list[int]:
@@ -205,15 +230,19 @@ class Run:
         from safetensors import safe_open
 
         try:
-            shard = self._shard_of[int(sample_id)]
+            shard, row = self._shard_of[int(sample_id)]
         except KeyError:
             raise KeyError(f"sample {sample_id} is not in {self.root / 'samples.parquet'}") from None
         if shard not in self._handles:
             self._handles[shard] = safe_open(str(self.attention_dir / f"{shard}.safetensors"), framework="pt")
         handle = self._handles[shard]
-        if key not in handle.keys():
-            raise KeyError(f"{key} not stored in {self.attention_dir / shard}.safetensors")
-        return handle.get_tensor(key)
+        if key in handle.keys():
+            return handle.get_tensor(key)
+        m = _LAST.match(key)
+        stacked = m and f"L{m[2]}/last"
+        if stacked and stacked in handle.keys():
+            return handle.get_slice(stacked)[row]
+        raise KeyError(f"{key} not stored in {self.attention_dir / shard}.safetensors")
 
     @property
     def attention_dir(self) -> Path:
