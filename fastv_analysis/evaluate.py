@@ -229,12 +229,12 @@ TIMING_SCHEMA = {"sample_id": pl.Int64, "agg_layer": pl.Int64, "keep": pl.Int64,
                  "prefill_seconds": pl.Float64, "decode_seconds": pl.Float64, "decode_tokens": pl.Int64}
 
 
-def _settings_key(fingerprint: str, max_new_tokens: int, selections: pl.DataFrame) -> str:
-    """What the cached answers depend on: the kept sets asked for, the model, the answer length."""
+def _settings_key(fingerprint: str, data_sha256: str, max_new_tokens: int, selections: pl.DataFrame) -> str:
+    """What the cached answers depend on: the kept sets asked for, model, data, answer length."""
     import hashlib
 
     asked = selections.select("sample_id", "agg_layer", "keep", "selection_id").unique().sort(pl.all())
-    h = hashlib.sha256(f"{fingerprint}|{max_new_tokens}|".encode() + asked.write_csv().encode())
+    h = hashlib.sha256(f"{fingerprint}|{data_sha256}|{max_new_tokens}|".encode() + asked.write_csv().encode())
     return h.hexdigest()[:16]
 
 
@@ -247,16 +247,18 @@ class EvalParts:
         self.dir.mkdir(parents=True, exist_ok=True)
 
     def load(self) -> tuple[pl.DataFrame, pl.DataFrame]:
-        answers = sorted(self.dir.glob("answers-*.parquet"))
+        """Answers and timings of complete parts (a part is complete once its timing landed)."""
         timing = sorted(self.dir.glob("timing-*.parquet"))
+        answers = [self.dir / f.name.replace("timing-", "answers-") for f in timing]
         return (pl.concat([pl.read_parquet(f) for f in answers]) if answers else pl.DataFrame(schema=ANSWER_SCHEMA),
                 pl.concat([pl.read_parquet(f) for f in timing]) if timing else pl.DataFrame(schema=TIMING_SCHEMA))
 
     def write(self, answers: list[dict], timing: list[dict]) -> None:
-        """Timing lands after the answers: a sample counts as done once both are there."""
+        """Answers first, timing last: a part counts only once both are there."""
         if not timing:
             return
-        n = len(list(self.dir.glob("timing-*.parquet")))
+        numbers = [int(f.stem.split("-")[1]) for f in self.dir.glob("*-*.parquet")]
+        n = max(numbers, default=-1) + 1
         atomic_write_parquet(pl.DataFrame(answers, schema=ANSWER_SCHEMA), self.dir / f"answers-{n:05d}.parquet")
         atomic_write_parquet(pl.DataFrame(timing, schema=TIMING_SCHEMA), self.dir / f"timing-{n:05d}.parquet")
 
@@ -276,6 +278,11 @@ def run_eval(cfg: EvalConfig, progress: bool = True, command: list[str] | None =
     sel_path = run.root / "select" / "selections.parquet"
     if not sel_path.exists():
         raise FileNotFoundError(f"{sel_path} is missing: run `fastv-analyze select {cfg.run}` first")
+    select_info = json.loads((run.root / "select" / "select.json").read_text())
+    for key, name in (("run_model_fingerprint", "model_fingerprint"), ("run_data_sha256", "data_sha256")):
+        if select_info.get(key) != run.config.get(name):
+            raise ValueError(f"{run.root / 'select'} was made from another capture ({name} differs): "
+                             f"run `fastv-analyze select {cfg.run}` again")
     selections = configurations(pl.read_parquet(sel_path), cfg)
     data_file = run.config["data"]
     if not Path(data_file).exists():
@@ -299,9 +306,9 @@ def run_eval(cfg: EvalConfig, progress: bool = True, command: list[str] | None =
     tmp = run.root / ".eval.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     sample_ids = selections["sample_id"].unique().sort().to_list()
-    parts = EvalParts(run.root, _settings_key(fingerprint, max_new, selections))
-    answers_parts, timing_parts = parts.load()
-    done = set(answers_parts["sample_id"].to_list()) | set(timing_parts["sample_id"].to_list())
+    parts = EvalParts(run.root, _settings_key(fingerprint, run.config.get("data_sha256", ""), max_new, selections))
+    _, timing_parts = parts.load()
+    done = set(timing_parts["sample_id"].to_list())
     answers_rows, timing_rows, mask_checks = [], [], []
     by_sample = selections.partition_by("sample_id", as_dict=True)
     t_start = time.perf_counter()

@@ -43,6 +43,7 @@ IDENTITY_KEYS = (
     "max_new_tokens",
     "prompt_template",
     "limit",
+    "store_dtype",
 )
 """run.json keys that must match for a capture to resume into an existing run."""
 
@@ -193,11 +194,24 @@ def _present(rows: list[dict]) -> dict:
     return {k: t for k, t in SAMPLE_COLUMNS.items() if k in keys}
 
 
+DERIVED = ("select", "eval", ".eval-parts", ".select.tmp", ".eval.tmp", "figures", "report.html", "report.ipynb",
+           "report.json")
+"""What the later stages derived from a capture: removed with it on --overwrite."""
+
+
 def _remove_run_files(root: Path) -> None:
+    import shutil
+
     for p in [root / "run.json", root / "samples.parquet", root / "errors.jsonl"]:
         p.unlink(missing_ok=True)
     for p in (root / "attention").glob("*") if (root / "attention").exists() else []:
         p.unlink()
+    for name in DERIVED:
+        target = root / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        else:
+            target.unlink(missing_ok=True)
 
 
 @dataclass

@@ -147,3 +147,25 @@ def test_interrupted_eval_resumes(selected_run, tmp_path, monkeypatch):
     fresh = pl.read_parquet(run / "eval" / "predictions.parquet").sort(["sample_id", "agg_layer", "config", "keep"])
     assert resumed.select("sample_id", "config", "keep", "prediction").equals(
         fresh.select("sample_id", "config", "keep", "prediction"))
+
+
+def test_selections_from_an_overwritten_capture_are_refused(selected_run, tmp_path, capsys):
+    """select/ made from the old capture must not be replayed against a new one."""
+    run = tmp_path / "run"
+    shutil.copytree(selected_run, run)
+    info = json.loads((run / "select" / "select.json").read_text())
+    info["run_model_fingerprint"] = "0" * 16  # as if select ran on another capture
+    (run / "select" / "select.json").write_text(json.dumps(info))
+    assert main(["eval", str(run), "--quiet"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "was made from another capture" in err and len(err.splitlines()) == 1
+
+
+def test_capture_overwrite_removes_derived_stages(selected_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(selected_run, run)
+    config = json.loads((run / "run.json").read_text())
+    data = config["data"]
+    assert main(["capture", "--model", config["model"], "--data", data, "--out", str(run), "--agg-layers", "1",
+                 "--store-dtype", "float32", "--max-new-tokens", "3", "--overwrite", "--quiet"]) == 0
+    assert not (run / "select").exists() and not (run / "eval").exists() and not (run / ".eval-parts").exists()
