@@ -194,7 +194,8 @@ def run_capture(cfg: CaptureConfig, progress: bool = True, command: list[str] | 
         raise ValueError(f"--store-dtype must be float16, bfloat16 or float32, got {cfg.store_dtype!r}")
     if cfg.batch_size < 1:
         raise ValueError("--batch-size must be at least 1")
-    questions = load_questions(cfg.data)
+    bad_lines: list[dict] = []
+    questions = load_questions(cfg.data, bad_lines if cfg.skip_bad else None)
     if cfg.limit is not None:
         questions = questions[: cfg.limit]
     rank, world, state = _distributed(cfg.device)
@@ -238,6 +239,9 @@ def run_capture(cfg: CaptureConfig, progress: bool = True, command: list[str] | 
     errors_path = Path(cfg.out) / f"errors-{rank}.jsonl"
     errors_path.unlink(missing_ok=True)  # bad samples are retried on resume, and logged again
     n_bad = 0
+    if rank == 0 and bad_lines:
+        with open(errors_path, "a") as f:
+            f.writelines(json.dumps({"sample_id": -1, **e}) + "\n" for e in bad_lines)
     t_start = time.perf_counter()
     bar = tqdm(total=len(todo), desc=f"capture[{rank}]" if world > 1 else "capture", unit="sample",
                disable=not progress)

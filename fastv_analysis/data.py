@@ -57,8 +57,12 @@ def parse_line(obj: dict, base: Path, where: str) -> Question:
     )
 
 
-def load_questions(path: str | Path) -> list[Question]:
-    """All questions of a .jsonl file; a malformed line raises ValueError naming file and line."""
+def load_questions(path: str | Path, errors: list[dict] | None = None) -> list[Question]:
+    """All questions of a .jsonl file; a malformed line raises ValueError naming file and line.
+
+    With ``errors`` (a list), malformed lines are appended to it as
+    ``{"file", "line", "error"}`` and skipped instead (capture's ``--skip-bad``).
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"question file {path} does not exist")
@@ -69,10 +73,15 @@ def load_questions(path: str | Path) -> list[Question]:
                 continue
             where = f"{path}:{number}"
             try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{where}: malformed JSON ({err.msg} at column {err.colno})") from None
-            out.append(parse_line(obj, path.parent, where))
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{where}: malformed JSON ({err.msg} at column {err.colno})") from None
+                out.append(parse_line(obj, path.parent, where))
+            except ValueError as err:
+                if errors is None:
+                    raise
+                errors.append({"file": str(path), "line": number, "error": str(err)})
     if not out:
         raise ValueError(f"{path}: no questions")
     return out

@@ -297,7 +297,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True, command: list[str] | None =
                          f"(fingerprint {run.config.get('model_fingerprint')})")
     adapter = get_adapter(loaded.model)
     max_new = cfg.max_new_tokens or int(run.config.get("max_new_tokens", 10))
-    questions = load_questions(data_file)
+    questions = load_questions(data_file, errors=[])  # the same questions capture kept with --skip-bad
     capture_cfg = CaptureConfig(model=model_name, data=data_file, prompt_template=run.config.get("prompt_template"),
                                 max_new_tokens=max_new)
     max_tokens = int(getattr(loaded.model.config.text_config, "max_position_embeddings", 1 << 30))

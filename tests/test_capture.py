@@ -173,12 +173,16 @@ def test_bad_sample_stops_with_one_line_or_is_skipped(checkpoints, tmp_path, cap
     assert [e["question_id"] for e in errors] == ["q1"] and message in errors[0]["error"]
 
 
-def test_malformed_json_line_names_file_and_line(checkpoints, tmp_path, capsys):
+def test_malformed_json_line_names_file_and_line_or_is_skipped(checkpoints, tmp_path, capsys):
     data = write_questions(tmp_path / "d", n=3, broken=lambda lines, folder: lines[:2] + ["{oops"] + lines[2:])
     assert capture(checkpoints["mha"], data, tmp_path / "run") != 0
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and str(data) in err and "3" in err
+    assert len(err.splitlines()) == 1 and f"{data}:3: malformed JSON" in err
     assert not (tmp_path / "run").exists()
+    assert capture(checkpoints["mha"], data, tmp_path / "run2", "--skip-bad") == 0
+    assert open_run(tmp_path / "run2").samples["question_id"].to_list() == ["q0", "q1", "q2"]
+    errors = [json.loads(x) for x in (tmp_path / "run2" / "errors.jsonl").read_text().splitlines()]
+    assert [(e["line"], "malformed JSON" in e["error"]) for e in errors] == [(3, True)]
 
 
 def test_prompt_template_without_image_is_rejected(checkpoints, tmp_path, capsys):
