@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import click
 
 
@@ -29,11 +31,8 @@ class FloatGrid(click.ParamType):
             start, stop, step = (_float(p, flag) for p in parts)
             if step <= 0 or stop < start:
                 self.fail(f"{text!r}: need step > 0 and stop >= start", param, ctx)
-            n = int(round((stop - start) / step))
-            values = [round(start + i * step, 10) for i in range(n + 1)]
-            if values[-1] < stop - 1e-9 and abs(start + (n + 1) * step - stop) < 1e-9:
-                values.append(stop)
-            return values
+            n = int(math.floor((stop - start) / step + 1e-9))  # never past stop
+            return [round(start + i * step, 10) for i in range(n + 1)]
         return [_float(p, flag) for p in text.split(",") if p.strip()]
 
 

@@ -23,7 +23,7 @@ METHODS = ("avg_all_heads", "max_head", "weighted_combination", "random", "unifo
               help="Also keep these fractions of the image tokens, e.g. 0.5,0.25 (rounded to a count).")
 @click.option("--agg-layer", "agg_layers", type=IntList(), default=None,
               help="Aggregation layer(s) K to replay; default: every layer captured in RUN.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random control.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the random control.")
 @click.option("--chunk-size", type=click.IntRange(min=1), default=256, show_default=True,
               help="Samples of attention held in memory at once.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")

@@ -35,10 +35,14 @@ def option_letter(text: str, choices: list[str] | None = None) -> str | None:
 
 
 def reference_letter(answer, choices: list[str]) -> str | None:
-    """The correct option's letter from an answer given as a letter, an index or the text."""
-    if isinstance(answer, int) or (isinstance(answer, str) and answer.strip().isdigit()):
+    """The correct option's letter from an answer given as the option's text, a letter or
+    an index (in that order: an answer "3" among options "2", "3", "4" is the text "3")."""
+    if isinstance(answer, int):
+        return chr(ord("A") + answer)
+    letter = option_letter(str(answer), choices)
+    if letter is None and str(answer).strip().isdigit() and int(answer) < len(choices):
         return chr(ord("A") + int(answer))
-    return option_letter(str(answer), choices)
+    return letter
 
 
 def is_correct(prediction: str, answer, choices: list[str] | None = None) -> bool:

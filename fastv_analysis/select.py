@@ -47,6 +47,9 @@ def score_configs(methods: Sequence[str], alphas: Sequence[float]) -> list[Score
         if m == "weighted_combination":
             if not alphas:
                 raise ValueError("weighted_combination needs at least one alpha")
+            bad = [a for a in alphas if not 0.0 <= float(a) <= 1.0]
+            if bad:
+                raise ValueError(f"alpha {bad[0]:g} is outside [0, 1]")
             out.extend(ScoreConfig(m, float(a)) for a in alphas)
         else:
             out.append(ScoreConfig(m))

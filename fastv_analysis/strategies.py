@@ -121,8 +121,8 @@ def uniform_indices(n_tokens: int, keep: int) -> torch.Tensor:
     """``[keep]`` image-token indices spread evenly over the image grid (ascending).
 
     On a square grid (576 = 24 x 24) the kept tokens form an r x c lattice of cell
-    centres, r = ceil(sqrt(keep)), read in raster order; otherwise an even stride over
-    the raster order. The spatial baseline that attention ranking is compared with.
+    centres, r = ceil(sqrt(keep)), c = ceil(keep / r), with any surplus points left out
+    evenly along the raster order; otherwise an even stride over the raster order. The spatial baseline that attention ranking is compared with.
     """
     if keep == 0:
         return torch.zeros(0, dtype=torch.long)
@@ -134,7 +134,9 @@ def uniform_indices(n_tokens: int, keep: int) -> torch.Tensor:
     rows = torch.floor((torch.arange(rows_n) + 0.5) * side / rows_n).long()
     cols = torch.floor((torch.arange(cols_n) + 0.5) * side / cols_n).long()
     lattice = (rows[:, None] * side + cols[None, :]).flatten()
-    return lattice[:keep].sort().values
+    # r * c >= keep: leave out the surplus lattice points evenly, not all at the end
+    chosen = torch.floor((torch.arange(keep) + 0.5) * lattice.numel() / keep).long()
+    return lattice[chosen].sort().values
 
 
 def rank(scores: torch.Tensor) -> torch.Tensor:

@@ -39,3 +39,10 @@ def test_normalize_and_letter():
     assert normalize("The  Big, red ball!") == "big red ball"
     assert option_letter("c) bird", ["x", "y", "z"]) == "C"
     assert option_letter("nothing", ["x"]) is None
+
+
+def test_numeric_options_are_read_as_text_first():
+    assert is_correct("B", "3", ["2", "3", "4"])
+    assert is_correct("3", "3", ["2", "3", "4"])
+    assert not is_correct("A", "3", ["2", "3", "4"])
+    assert is_correct("C", "2", ["x", "y", "z"])  # an index where no option reads "2"

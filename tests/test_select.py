@@ -199,3 +199,25 @@ def test_overlap_summary_interval_matches_scipy(attention):
     assert math.isclose(row["jaccard_mean"], m) and math.isclose(row["jaccard_lo"], lo) and math.isclose(row["jaccard_hi"], hi)
     uni = summary.filter(pl.col("config_b") == "uniform").row(0, named=True)
     assert uni["kendall_tau_mean"] is None and uni["n"] == 12  # NaN correlations are left out
+
+
+def test_alpha_grid_is_inclusive_and_never_passes_stop():
+    from fastv_analysis.cli.params import FloatGrid
+
+    grid = FloatGrid()
+    assert grid.convert("0:1:0.1", None, None) == [round(0.1 * i, 10) for i in range(11)]
+    assert grid.convert("0:1:0.25", None, None) == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert grid.convert("0:0.5:0.3", None, None) == [0.0, 0.3]
+    assert grid.convert("0:1:0.6", None, None) == [0.0, 0.6]
+    assert grid.convert("0.3,0.5", None, None) == [0.3, 0.5]
+
+
+def test_replay_rejects_alpha_outside_unit_interval(attention):
+    with pytest.raises(ValueError, match="alpha 1.5 is outside"):
+        replay(attention, ["weighted_combination"], [1.5], [4])
+
+
+def test_select_bad_seed_names_the_flag(run_dir, capsys):
+    assert main(["select", str(run_dir), "--seed", "-1", "--quiet"]) != 0
+    assert "--seed" in capsys.readouterr().err
+    assert not (run_dir / ".select.tmp").exists()

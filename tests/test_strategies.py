@@ -51,6 +51,17 @@ def test_weighted_combination_matches_formula():
     assert sel.alpha == 0.7
 
 
+def test_weighted_formula_near_one_over_h_approaches_the_mean():
+    """The shortcut at alpha = 1/H is what the formula tends to, not a different score."""
+    from fastv_analysis.strategies import attention_scores
+
+    a = _attention(5, 7, 100).double()
+    mean = a.mean(dim=-2)
+    for eps in (1e-3, 1e-6):
+        near = attention_scores(a, "weighted_combination", 1 / 7 + eps)
+        assert (near - mean).abs().max() < 10 * eps
+
+
 @pytest.mark.parametrize("heads", [1, 3, 7, 8, 32, 40])
 def test_alpha_one_is_max_head_and_alpha_one_over_h_is_avg(heads):
     a = _attention(3, heads, 576, seed=heads)
@@ -73,7 +84,9 @@ def test_batch_equals_per_element(method):
     sel = select(a, method, 9, alpha=0.4, generator=torch.Generator().manual_seed(1))
     assert sel.indices.shape == (2, 3, 9) and sel.scores.shape == (2, 3, 64) and sel.max_head.shape == (2, 3)
     if method == "random":  # one stream for the batch; each element is still its own subset
-        assert all(len(set(r)) == 9 for r in sel.indices.reshape(-1, 9).tolist())
+        rows = sel.indices.reshape(-1, 9).tolist()
+        assert all(len(set(r)) == 9 and r == sorted(r) for r in rows)
+        assert len({tuple(r) for r in rows}) == 6  # not batch element 0's subset copied
         return
     for i in range(2):
         for j in range(3):
@@ -128,6 +141,9 @@ def test_uniform_spreads_over_the_grid():
         got = uniform_indices(576, keep)
         assert len(set(got.tolist())) == keep and torch.equal(got, got.sort().values)
     assert len(set(uniform_indices(50, 13).tolist())) == 13  # non-square N falls back to a stride
+    for keep in (20, 60, 192, 300):  # truncated lattices stay centred
+        got = uniform_indices(576, keep)
+        assert abs((got // 24).float().mean().item() - 11.5) < 1.0 and abs((got % 24).float().mean().item() - 11.5) < 1.0
 
 
 @pytest.mark.parametrize(
