@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .loading import DEFAULT_DATA, DEFAULT_MODEL, build_prompt, check_template, load_model
-from .provenance import file_sha256, model_fingerprint, versions
+from .provenance import file_sha256, fingerprint, versions
 from .scoring import is_correct
 from .store import RunWriter, atomic_write_bytes, attention_key
 
@@ -211,7 +211,7 @@ def run_capture(cfg: CaptureConfig, progress: bool = True, command: list[str] | 
     run_config = {
         "stage": "capture",
         "model": cfg.model,
-        "model_fingerprint": model_fingerprint(loaded.model),
+        "model_fingerprint": fingerprint(cfg.model, loaded.model),
         "architecture": adapter.architecture,
         "data": str(cfg.data),
         "data_sha256": file_sha256(cfg.data),

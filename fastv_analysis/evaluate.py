@@ -229,12 +229,12 @@ TIMING_SCHEMA = {"sample_id": pl.Int64, "agg_layer": pl.Int64, "keep": pl.Int64,
                  "prefill_seconds": pl.Float64, "decode_seconds": pl.Float64, "decode_tokens": pl.Int64}
 
 
-def _settings_key(fingerprint: str, data_sha256: str, max_new_tokens: int, selections: pl.DataFrame) -> str:
+def _settings_key(model_id: str, data_sha256: str, max_new_tokens: int, selections: pl.DataFrame) -> str:
     """What the cached answers depend on: the kept sets asked for, model, data, answer length."""
     import hashlib
 
     asked = selections.select("sample_id", "agg_layer", "keep", "selection_id").unique().sort(pl.all())
-    h = hashlib.sha256(f"{fingerprint}|{data_sha256}|{max_new_tokens}|".encode() + asked.write_csv().encode())
+    h = hashlib.sha256(f"{model_id}|{data_sha256}|{max_new_tokens}|".encode() + asked.write_csv().encode())
     return h.hexdigest()[:16]
 
 
@@ -271,7 +271,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True, command: list[str] | None =
     from .capture import BadSample, CaptureConfig, prepare
     from .data import load_questions
     from .loading import load_model
-    from .provenance import file_sha256, model_fingerprint, versions
+    from .provenance import file_sha256, fingerprint, versions
     from .scoring import is_correct
 
     run = open_run(cfg.run)
@@ -291,9 +291,9 @@ def run_eval(cfg: EvalConfig, progress: bool = True, command: list[str] | None =
         raise ValueError(f"{data_file} changed since the capture of {cfg.run} (sha256 differs)")
     model_name = cfg.model or run.config["model"]
     loaded = load_model(model_name, cfg.device, cfg.dtype or run.config.get("dtype", "auto"))
-    fingerprint = model_fingerprint(loaded.model)
-    if fingerprint != run.config.get("model_fingerprint"):
-        raise ValueError(f"model {model_name} (fingerprint {fingerprint}) is not the model of {cfg.run} "
+    model_id = fingerprint(model_name, loaded.model)
+    if model_id != run.config.get("model_fingerprint"):
+        raise ValueError(f"model {model_name} (fingerprint {model_id}) is not the model of {cfg.run} "
                          f"(fingerprint {run.config.get('model_fingerprint')})")
     adapter = get_adapter(loaded.model)
     max_new = cfg.max_new_tokens or int(run.config.get("max_new_tokens", 10))
@@ -306,7 +306,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True, command: list[str] | None =
     tmp = run.root / ".eval.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     sample_ids = selections["sample_id"].unique().sort().to_list()
-    parts = EvalParts(run.root, _settings_key(fingerprint, run.config.get("data_sha256", ""), max_new, selections))
+    parts = EvalParts(run.root, _settings_key(model_id, run.config.get("data_sha256", ""), max_new, selections))
     _, timing_parts = parts.load()
     done = set(timing_parts["sample_id"].to_list())
     answers_rows, timing_rows, mask_checks = [], [], []
@@ -357,7 +357,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True, command: list[str] | None =
         "stage": "eval",
         "settings": asdict(cfg),
         "model": model_name,
-        "model_fingerprint": fingerprint,
+        "model_fingerprint": model_id,
         "n_samples": len(sample_ids),
         "configurations_asked": selections.height,
         "distinct_kept_sets": answers_df.height,

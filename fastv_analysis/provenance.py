@@ -33,24 +33,51 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def checkpoint_fingerprint(path: str | Path) -> str:
-    """Cheap, content-based fingerprint of a local checkpoint folder.
+WHOLE_FILE_BYTES = 64 << 20
 
-    Hashes config.json and, for each weight file, its name, size, safetensors header
-    (tensor names, shapes, offsets) and first MiB of data: enough to tell checkpoints
-    apart without reading 14 GB of a 7B model.
+
+def checkpoint_fingerprint(path: str | Path) -> str:
+    """Content fingerprint of a local checkpoint folder, independent of the dtype it is loaded in.
+
+    Hashes config.json and each weight file: whole files up to 64 MiB (the toy model),
+    otherwise name, size, the first and the last MiB (the safetensors header with every
+    tensor's name, shape and offset is at the start) — enough to tell checkpoints apart
+    without reading 14 GB of a 7B model.
     """
     root = Path(path)
     h = hashlib.sha256()
-    for name in ("config.json",):
-        if (root / name).exists():
-            h.update((root / name).read_bytes())
+    if (root / "config.json").exists():
+        h.update((root / "config.json").read_bytes())
     for f in sorted(root.glob("*.safetensors")) + sorted(root.glob("*.bin")):
-        h.update(f.name.encode())
-        h.update(str(f.stat().st_size).encode())
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
         with open(f, "rb") as fh:
-            h.update(fh.read(1 << 20))
+            if size <= WHOLE_FILE_BYTES:
+                h.update(fh.read())
+            else:
+                h.update(fh.read(1 << 20))
+                fh.seek(size - (1 << 20))
+                h.update(fh.read())
     return h.hexdigest()[:16]
+
+
+def local_checkpoint(name: str) -> Path | None:
+    """The folder a model name loads from: the path itself, or its snapshot in the HF cache."""
+    if Path(name).is_dir():
+        return Path(name)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, local_files_only=True))
+    except Exception:  # not a hub id, or not in the cache
+        return None
+
+
+def fingerprint(name: str, model) -> str:
+    """The model's fingerprint for run.json: from its checkpoint files where they are on disk
+    (so loading in another dtype is the same model), else from the weights in memory."""
+    folder = local_checkpoint(name)
+    return checkpoint_fingerprint(folder) if folder is not None else model_fingerprint(model)
 
 
 def model_fingerprint(model) -> str:

@@ -169,3 +169,12 @@ def test_capture_overwrite_removes_derived_stages(selected_run, tmp_path):
     assert main(["capture", "--model", config["model"], "--data", data, "--out", str(run), "--agg-layers", "1",
                  "--store-dtype", "float32", "--max-new-tokens", "3", "--overwrite", "--quiet"]) == 0
     assert not (run / "select").exists() and not (run / "eval").exists() and not (run / ".eval-parts").exists()
+
+
+def test_eval_in_another_dtype_is_the_same_model(selected_run, tmp_path):
+    """The fingerprint identifies the checkpoint, not the dtype it is loaded in."""
+    run = tmp_path / "run"
+    shutil.copytree(selected_run, run)
+    shutil.rmtree(run / "eval", ignore_errors=True)
+    assert main(["eval", str(run), "--dtype", "bfloat16", "--keep", "64", "--methods", "avg_all_heads", "--quiet"]) == 0
+    assert pl.read_parquet(run / "eval" / "accuracy.parquet").height == 2  # layers 1 and 2
