@@ -30,9 +30,11 @@ from .select_cmd import METHODS
 @click.option("--dtype", default=None, help="Model dtype [default: the capture's].")
 @click.option("--compare-mask", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
               help="Also run mask mode on the first N samples and fail unless the answers are identical.")
+@click.option("--timing-samples", type=click.IntRange(min=0), default=5, show_default=True, metavar="N",
+              help="Time every configuration on its own (batch 1) and the full model on the first N samples.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def eval_cmd(run, agg_layers, from_select, methods, alphas, keeps, max_new_tokens, batch_size, limit, device,
-             dtype, compare_mask, quiet):
+             dtype, compare_mask, timing_samples, quiet):
     """Evaluate every selected configuration of RUN with the pruned model.
 
     Writes RUN/eval/predictions.parquet, accuracy.parquet (accuracy, 95% interval, change
@@ -46,6 +48,7 @@ def eval_cmd(run, agg_layers, from_select, methods, alphas, keeps, max_new_token
                                  param_hint="--from-select")
     cfg = EvalConfig(run=run, agg_layers=agg_layers, methods=methods, alphas=alphas, keeps=keeps,
                      max_new_tokens=max_new_tokens, device=device, dtype=dtype, limit=limit, batch_size=batch_size,
+                     timing_samples=timing_samples,
                      compare_mask=compare_mask)
     info = run_eval(cfg, progress=not quiet, command=sys.argv)
     click.echo(f"eval: {info['n_samples']} samples, {info['configurations_asked']} configurations asked, "

@@ -40,6 +40,7 @@ class EvalConfig:
     dtype: str | None = None
     limit: int | None = None
     compare_mask: int = 0
+    timing_samples: int = 5
     model: str | None = None
     batch_size: int = 64
 
@@ -79,14 +80,8 @@ def evaluate_sample(loaded, prepared, rows: pl.DataFrame, max_new_tokens: int, m
     rows: this sample's selection rows (any layers and keeps). Groups by (layer, keep):
     one shared prefill per group, all its distinct sets decoded together.
     """
-    from .pruning import greedy_decode, prefill_shared
-
     processor = loaded.processor
-    inputs = processor(text=[prepared.prompt], images=[prepared.image], return_tensors="pt")
-    inputs = {k: v.to(loaded.device) for k, v in inputs.items()}
-    inputs["pixel_values"] = inputs["pixel_values"].to(loaded.dtype)
-    eos = loaded.model.generation_config.eos_token_id
-    pad = processor.tokenizer.pad_token_id or 0
+    inputs = model_inputs(loaded, prepared)
     answers, timings = {}, []
     groups = []
     for (layer, keep), group in rows.group_by(["agg_layer", "keep"], maintain_order=True):
@@ -94,13 +89,7 @@ def evaluate_sample(loaded, prepared, rows: pl.DataFrame, max_new_tokens: int, m
         groups.extend(((layer, keep), distinct.slice(i, batch_size)) for i in range(0, distinct.height, batch_size))
     for (layer, keep), distinct in groups:
         kept = torch.tensor(distinct["kept"].to_list(), dtype=torch.long).reshape(distinct.height, int(keep))
-        t0 = time.perf_counter()
-        with prefill_shared(loaded.model, inputs, kept, int(layer), mode=mode) as shared:
-            _sync(loaded.device)
-            t1 = time.perf_counter()
-            tokens = greedy_decode(shared, max_new_tokens, eos, pad)
-            _sync(loaded.device)
-        t2 = time.perf_counter()
+        tokens, t0, t1, t2 = pruned_answer_tokens(loaded, inputs, kept, int(layer), max_new_tokens, mode)
         texts = processor.batch_decode(tokens, skip_special_tokens=True)
         answers.update(((int(layer), sid), t.strip()) for sid, t in zip(distinct["selection_id"].to_list(), texts))
         timings.append({"agg_layer": int(layer), "keep": int(keep), "n_sets": distinct.height,
@@ -114,6 +103,54 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
+def model_inputs(loaded, prepared) -> dict:
+    """Processor output of one prepared sample, on the model's device and dtype."""
+    inputs = loaded.processor(text=[prepared.prompt], images=[prepared.image], return_tensors="pt")
+    inputs = {k: v.to(loaded.device) for k, v in inputs.items()}
+    inputs["pixel_values"] = inputs["pixel_values"].to(loaded.dtype)
+    return inputs
+
+
+def pruned_answer_tokens(loaded, inputs: dict, kept: torch.Tensor, agg_layer: int, max_new_tokens: int,
+                         mode: str = "drop"):
+    """Greedy answer tokens ``[C, T]`` of C kept sets sharing one prefill, with the clock
+    readings (start, prefill done, decode done)."""
+    from .pruning import greedy_decode, prefill_shared
+
+    eos = loaded.model.generation_config.eos_token_id
+    pad = loaded.processor.tokenizer.pad_token_id or 0
+    t0 = time.perf_counter()
+    with prefill_shared(loaded.model, inputs, kept, agg_layer, mode=mode) as shared:
+        _sync(loaded.device)
+        t1 = time.perf_counter()
+        tokens = greedy_decode(shared, max_new_tokens, eos, pad)
+        _sync(loaded.device)
+    return tokens, t0, t1, time.perf_counter()
+
+
+@torch.no_grad()
+def time_configurations(loaded, prepared, rows: pl.DataFrame, max_new_tokens: int) -> list[dict]:
+    """Wall time of each configuration of one sample on its own (batch 1), and of the full model.
+
+    The shared-prefix batching that answers the configurations mixes their costs; these
+    separate runs are what a deployed pruned model would take: prefill ms and decode ms
+    per generated token, per configuration.
+    """
+    inputs = model_inputs(loaded, prepared)
+    out = []
+    t0 = time.perf_counter()
+    loaded.model(**inputs, use_cache=True, logits_to_keep=1)
+    _sync(loaded.device)
+    out.append({"agg_layer": None, "config": "full model", "keep": None,
+                "prefill_seconds": time.perf_counter() - t0, "decode_seconds": None, "decode_tokens": None})
+    for row in rows.unique(["agg_layer", "config", "keep"], keep="first", maintain_order=True).iter_rows(named=True):
+        kept = torch.tensor([row["kept"]], dtype=torch.long).reshape(1, int(row["keep"]))
+        tokens, t0, t1, t2 = pruned_answer_tokens(loaded, inputs, kept, int(row["agg_layer"]), max_new_tokens)
+        out.append({"agg_layer": int(row["agg_layer"]), "config": row["config"], "keep": int(row["keep"]),
+                    "prefill_seconds": t1 - t0, "decode_seconds": t2 - t1, "decode_tokens": int(tokens.shape[1])})
+    return out
+
+
 def mcnemar_exact(a: np.ndarray, b: np.ndarray) -> float:
     """Exact McNemar p-value of two paired correctness vectors (binomial on discordant pairs)."""
     from scipy.stats import binomtest
@@ -125,7 +162,8 @@ def mcnemar_exact(a: np.ndarray, b: np.ndarray) -> float:
     return float(binomtest(only_a, only_a + only_b, 0.5).pvalue)
 
 
-def accuracy_table(pred: pl.DataFrame, timing: pl.DataFrame, model_dims: dict) -> pl.DataFrame:
+def accuracy_table(pred: pl.DataFrame, timing: pl.DataFrame, model_dims: dict,
+                   config_timing: pl.DataFrame | None = None) -> pl.DataFrame:
     """Per configuration: accuracy with its Wilson 95% interval, change vs the full model,
     exact McNemar p vs avg_all_heads at the same keep and layer, FLOPs and timings."""
     rows = []
@@ -146,6 +184,7 @@ def accuracy_table(pred: pl.DataFrame, timing: pl.DataFrame, model_dims: dict) -
         n_tokens = int(g["prompt_tokens"].mean())
         n_image = int(g["n_image_tokens"][0])
         t = timing.filter(pl.col("agg_layer") == row["agg_layer"], pl.col("keep") == row["keep"])
+        own = _config_times(config_timing, row)
         rows.append({
             **row, "n": n, "accuracy": float(correct.mean()), "ci_lo": lo, "ci_hi": hi,
             "full_accuracy": float(full.mean()), "delta_vs_full": float(correct.mean() - full.mean()),
@@ -156,11 +195,32 @@ def accuracy_table(pred: pl.DataFrame, timing: pl.DataFrame, model_dims: dict) -
             "equivalent_image_tokens": flops_mod.equivalent_image_tokens(n_image, int(row["keep"]),
                                                                          model_dims["num_layers"],
                                                                          int(row["agg_layer"])),
-            "prefill_ms_per_set": 1e3 * float(t["prefill_seconds"].sum() / max(t["n_sets"].sum(), 1)),
-            "decode_ms_per_token": 1e3 * float(t["decode_seconds"].sum() / max(t["decode_tokens"].sum(), 1)),
+            **own,
+            "batched_prefill_ms_per_set": 1e3 * float(t["prefill_seconds"].sum() / max(t["n_sets"].sum(), 1)),
+            "batched_decode_ms_per_token": 1e3 * float(t["decode_seconds"].sum() / max(t["decode_tokens"].sum(), 1)),
         })
     return pl.DataFrame(rows).sort(["agg_layer", "keep", "method", "alpha"], descending=[False, True, False, False],
                                    nulls_last=True)
+
+
+def _config_times(config_timing: pl.DataFrame | None, row: dict) -> dict:
+    """Mean batch-1 prefill ms, decode ms per token and prefill speed-up vs the full model."""
+    empty = {"prefill_ms": None, "decode_ms_per_token": None, "prefill_speedup_vs_full": None, "timing_n": 0}
+    if config_timing is None or config_timing.height == 0:
+        return empty
+    mine = config_timing.filter(pl.col("agg_layer") == row["agg_layer"], pl.col("config") == row["config"],
+                                pl.col("keep") == row["keep"])
+    full = config_timing.filter(pl.col("config") == "full model")
+    if mine.height == 0:
+        return empty
+    prefill = float(mine["prefill_seconds"].mean())
+    tokens = mine["decode_tokens"].sum()
+    return {
+        "prefill_ms": 1e3 * prefill,
+        "decode_ms_per_token": 1e3 * float(mine["decode_seconds"].sum()) / tokens if tokens else None,
+        "prefill_speedup_vs_full": float(full["prefill_seconds"].mean()) / prefill if full.height else None,
+        "timing_n": mine.height,
+    }
 
 
 def statistics_frame(pred: pl.DataFrame, run_dir: Path) -> pl.DataFrame:
@@ -309,18 +369,24 @@ def run_eval(cfg: EvalConfig, progress: bool = True, command: list[str] | None =
     parts = EvalParts(run.root, _settings_key(model_id, run.config.get("data_sha256", ""), max_new, selections))
     _, timing_parts = parts.load()
     done = set(timing_parts["sample_id"].to_list())
-    answers_rows, timing_rows, mask_checks = [], [], []
+    answers_rows, timing_rows, mask_checks, timed, config_timing_rows = [], [], [], [], []
     by_sample = selections.partition_by("sample_id", as_dict=True)
     t_start = time.perf_counter()
     for sid in tqdm(sample_ids, desc="eval", unit="sample", disable=not progress):
         needs_mask = len(mask_checks) < cfg.compare_mask
-        if sid in done and not needs_mask:
+        needs_timing = len(timed) < cfg.timing_samples
+        if sid in done and not needs_mask and not needs_timing:
             continue
         try:
             prepared = prepare(sid, questions[sid], loaded.processor, capture_cfg, max_tokens, adapter.image_token_id)
         except BadSample:
             continue  # skipped at capture time too (errors.jsonl)
         rows = by_sample[(sid,)]
+        if needs_timing:
+            timed.append(sid)
+            config_timing_rows.extend({"sample_id": sid, **t} for t in time_configurations(loaded, prepared, rows, max_new))
+        if sid in done and not needs_mask:
+            continue
         answers, timings = evaluate_sample(loaded, prepared, rows, max_new, batch_size=cfg.batch_size)
         if needs_mask:
             masked, _ = evaluate_sample(loaded, prepared, rows, max_new, mode="mask", batch_size=cfg.batch_size)
@@ -346,12 +412,15 @@ def run_eval(cfg: EvalConfig, progress: bool = True, command: list[str] | None =
               on="sample_id", how="left")
     )
     dims = {"num_layers": adapter.num_layers, "hidden": adapter.hidden_size, "intermediate": adapter.intermediate_size}
-    accuracy = accuracy_table(pred, timing, dims)
+    config_timing = pl.DataFrame(config_timing_rows, infer_schema_length=None) if config_timing_rows else None
+    accuracy = accuracy_table(pred, timing, dims, config_timing)
     relations = relations_table(statistics_frame(pred, run.root))
     atomic_write_parquet(pred, tmp / "predictions.parquet")
     atomic_write_parquet(accuracy, tmp / "accuracy.parquet")
     atomic_write_parquet(relations, tmp / "relations.parquet")
     atomic_write_parquet(timing, tmp / "timing.parquet")
+    if config_timing is not None:
+        atomic_write_parquet(config_timing, tmp / "config_timing.parquet")
     n_forwards = timing.height
     info = {
         "stage": "eval",

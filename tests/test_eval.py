@@ -44,8 +44,13 @@ def test_eval_end_to_end(selected_run, capsys):
     acc = pl.read_parquet(ev / "accuracy.parquet")
     assert acc.height == sel.select("agg_layer", "config", "keep").unique().height
     for col in ("accuracy", "n", "ci_lo", "ci_hi", "delta_vs_full", "mcnemar_p_vs_avg", "flops_ratio",
-                "equivalent_image_tokens", "prefill_ms_per_set", "decode_ms_per_token"):
+                "equivalent_image_tokens", "prefill_ms", "decode_ms_per_token", "prefill_speedup_vs_full",
+                "batched_prefill_ms_per_set"):
         assert col in acc.columns
+    timed = pl.read_parquet(ev / "config_timing.parquet")
+    assert timed["sample_id"].n_unique() == 4  # --timing-samples defaults to 5; the run has 4
+    assert timed.filter(pl.col("config") == "full model").height == 4
+    assert (acc["timing_n"] == 4).all() and (acc["prefill_ms"] > 0).all()
     assert (acc["ci_lo"] <= acc["accuracy"]).all() and (acc["accuracy"] <= acc["ci_hi"]).all()
     rel = pl.read_parquet(ev / "relations.parquet")
     assert set(rel["scope"].unique()) == {"pooled", "configuration"}
