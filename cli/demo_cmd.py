@@ -30,8 +30,16 @@ def demo_cmd(out, limit, agg_layer, keep, alphas, no_report, quiet):
     keeps = IntList().convert(keep, None, None)
     alpha_list = FloatGrid().convert(alphas, None, None)
     t0 = time.perf_counter()
+    from fastv_analysis.store import RunMismatchError
+
     click.echo(f"[1/4] capture: full model on the toy VQA set -> {out}")
-    run_capture(CaptureConfig(out=out, agg_layers=[agg_layer], limit=limit, batch_size=8), progress=not quiet)
+    capture = CaptureConfig(out=out, agg_layers=[agg_layer], limit=limit, batch_size=8)
+    try:
+        run_capture(capture, progress=not quiet)
+    except RunMismatchError:  # a demo made with other settings (e.g. --limit): the demo folder is disposable
+        click.echo(f"      {out} holds a demo made with other settings: replacing it")
+        capture.overwrite = True
+        run_capture(capture, progress=not quiet)
     click.echo("[2/4] select: replaying strategies on the cached attention")
     run_select(out, METHODS, alpha_list, keeps, agg_layers=[agg_layer], progress=not quiet)
     click.echo("[3/4] eval: pruned model on every distinct kept set")

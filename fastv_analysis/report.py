@@ -240,12 +240,18 @@ def one_config_per_method(selections: pl.DataFrame, keep: int | None = None, agg
     return sel, layer, keep, configs
 
 
+def grid_side(selections: pl.DataFrame) -> int:
+    """Side of the square image-token grid (24 for LLaVA-1.5's 576), from keep / keep_ratio."""
+    row = selections.filter(pl.col("keep") > 0).head(1)
+    return math.isqrt(round(row["keep"][0] / row["keep_ratio"][0])) if row.height else 24
+
+
 def plot_keep_frequency(selections: pl.DataFrame, keep: int | None = None, agg_layer: int | None = None):
     """Where kept tokens sit: keep frequency of every grid cell (e.g. 24 x 24), one panel per method."""
     import seaborn as sns
 
     sel, layer, keep, configs = one_config_per_method(selections, keep, agg_layer)
-    side = math.isqrt(round(keep / sel["keep_ratio"][0]))
+    side = grid_side(sel)
     freq = keep_frequency(sel, side * side)
     fig, axes = _figure(width=3.9 * len(configs), height=3.8, ncols=len(configs))
     for ax, config in zip(axes[0], configs):
@@ -269,14 +275,17 @@ def plot_examples(selections: pl.DataFrame, samples: pl.DataFrame, n_examples: i
     fig, axes = _figure(width=2.6 * len(configs), height=2.9 * len(ids), ncols=len(configs), nrows=len(ids))
     for r, sid in enumerate(ids):
         row = samples.filter(pl.col("sample_id") == sid).row(0, named=True)
-        img = np.asarray(Image.open(row["image"]).convert("RGB").resize((336, 336))).astype(float) / 255
+        side = grid_side(sel)
+        cell = max(1, 336 // side)
+        img = np.asarray(Image.open(row["image"]).convert("RGB").resize((side * cell, side * cell)))
+        img = img.astype(float) / 255
         for c, config in enumerate(configs):
             ax = axes[r, c]
             kept = sel.filter(pl.col("sample_id") == sid, pl.col("config") == config)["kept"]
-            mask = np.zeros(576)
+            mask = np.zeros(side * side)
             if kept.len():
                 mask[np.asarray(kept[0], dtype=int)] = 1
-            overlay = np.kron(mask.reshape(24, 24), np.ones((14, 14)))[..., None]
+            overlay = np.kron(mask.reshape(side, side), np.ones((cell, cell)))[..., None]
             ax.imshow(img * (0.25 + 0.75 * overlay))
             ax.set_xticks([])
             ax.set_yticks([])
@@ -340,9 +349,13 @@ def figure(name: str, tables: RunTables, save: bool = True):
         return None
     fig = FIGURES[name](tables)
     if save:
+        import os
+
         out = tables.root / "figures"
         out.mkdir(exist_ok=True)
-        fig.savefig(out / f"{name}.png", dpi=100, bbox_inches="tight")
+        tmp = out / f".{name}.tmp-{os.getpid()}.png"
+        fig.savefig(tmp, dpi=100, bbox_inches="tight")
+        os.replace(tmp, out / f"{name}.png")
     return fig
 
 
@@ -382,9 +395,11 @@ def render(run_dir: str | Path, out: str | Path | None = None, notebook: str | P
     if not Path(notebook).exists():
         raise FileNotFoundError(f"report notebook {notebook} is missing (install fastv-analysis with `pip install -e .`)")
     out = Path(out) if out else root / "report.html"
-    executed = root / "report.ipynb"
+    executed = root / f".report.tmp-{os.getpid()}.ipynb"
     pm.execute_notebook(str(notebook), str(executed), parameters={"run_dir": str(root.resolve())},
                         kernel_name="python3", progress_bar=progress, cwd=str(root))
+    os.replace(executed, root / "report.ipynb")
+    executed = root / "report.ipynb"
     exporter = HTMLExporter(template_name="lab")
     exporter.exclude_input = True
     exporter.exclude_input_prompt = True
@@ -393,4 +408,27 @@ def render(run_dir: str | Path, out: str | Path | None = None, notebook: str | P
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     tmp.write_text(body, encoding="utf-8")
     os.replace(tmp, out)
+    _write_provenance(root, out, Path(notebook))
     return out
+
+
+def _write_provenance(root: Path, html: Path, notebook: Path) -> None:
+    """RUN/report.json: what the report was made from (stage files, fingerprints, versions)."""
+    import json
+
+    from .provenance import file_sha256, versions
+    from .store import atomic_write_json
+
+    config = json.loads((root / "run.json").read_text())
+    inputs = [p for p in ("samples.parquet", "select/select.json", "eval/eval.json") if (root / p).exists()]
+    atomic_write_json(root / "report.json", {
+        "stage": "report",
+        "notebook": str(notebook),
+        "notebook_sha256": file_sha256(notebook),
+        "html": str(html),
+        "figures": sorted(p.name for p in (root / "figures").glob("*.png")),
+        "inputs_sha256": {p: file_sha256(root / p) for p in inputs},
+        "model_fingerprint": config.get("model_fingerprint"),
+        "data_sha256": config.get("data_sha256"),
+        "versions": versions(),
+    })

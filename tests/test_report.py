@@ -1,5 +1,6 @@
 """The report: figure functions and the notebook executed headless into HTML."""
 
+import json
 import re
 
 import numpy as np
@@ -36,11 +37,14 @@ def test_figure_functions_label_everything(evaluated_run):
         fig = report.figure(name, tables, save=False)
         assert fig is not None, name
         assert fig.axes, name
-        titled = fig._suptitle is not None or all(ax.get_title() for ax in fig.axes if ax.get_label() != "<colorbar>")
-        assert titled, f"{name} has an untitled panel"
-        if name == "examples":  # image panels: each column titled with its method, each row with its question
-            assert all(ax.get_title() for ax in fig.axes[: len(fig.axes) // 6 or 1])
-            assert fig.axes[0].get_ylabel()
+        panels = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
+        assert fig._suptitle is not None or all(ax.get_title() for ax in panels), f"{name} has no title"
+        if name == "examples":  # image grid: every column titled with its method, every row with its question
+            n_cols = len({ax.get_subplotspec().colspan.start for ax in panels})
+            assert all(ax.get_title() for ax in panels[:n_cols])
+            assert all(ax.get_ylabel() for ax in panels[::n_cols])
+        elif name in ("overlap_heatmap", "keep_frequency"):  # one titled panel per keep / method
+            assert all(ax.get_title() for ax in panels)
         else:
             main_axes = [ax for ax in fig.axes if ax.get_label() != "<colorbar>" and ax.get_xlabel()]
             assert main_axes and all(ax.get_ylabel() for ax in main_axes), f"{name} lacks axis labels"
@@ -58,6 +62,9 @@ def test_report_notebook_writes_html_and_figures(evaluated_run, capsys):
     html = (evaluated_run / "report.html").read_text()
     assert len(re.findall(r'<img[^>]* src="data:image/png;base64,', html)) >= len(report.FIGURES)
     assert "Main numbers" in html and "Traceback" not in html
+    provenance = json.loads((evaluated_run / "report.json").read_text())
+    assert sorted(provenance["figures"]) == sorted(p.name for p in figures) and "versions" in provenance
+    assert not list(evaluated_run.glob(".report.tmp-*")) and not list((evaluated_run / "figures").glob(".*"))
     assert not re.search(r'<img[^>]* src="(?!data:)', html)  # opens on its own: no external images
 
 
