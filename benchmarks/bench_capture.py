@@ -37,50 +37,8 @@ import torch
 from fastv_analysis.attention import AttentionRecorder
 from fastv_analysis.capture import CaptureConfig, capture_batch, prepare, run_capture
 from fastv_analysis.data import load_questions
-from fastv_analysis.loading import DEFAULT_DATA, DEFAULT_MODEL, load_model
-
-QUESTIONS = [
-    "what color is the circle ?",
-    "how many objects are there ?",
-    "is there a red square ?",
-    "what shape is the blue object ?",
-    "where is the green cross ?",
-]
-
-
-def random_toy_checkpoint(out_dir: Path, seed: int = 0) -> Path:
-    """The toy's configuration (8 x 128 decoder, 576 image tokens) with random weights."""
-    from transformers import LlavaForConditionalGeneration
-
-    from fastv_analysis.toy.checkpoint import build_config, save_checkpoint
-
-    from transformers import logging as hf_logging
-
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(build_config()).eval()
-    hf_logging.disable_progress_bar()
-    try:
-        return save_checkpoint(model, out_dir)
-    finally:
-        hf_logging.enable_progress_bar()
-
-
-def random_questions(folder: Path, n: int, seed: int = 0) -> Path:
-    """A question file of n samples with random-pixel 336 x 336 images."""
-    from PIL import Image
-
-    (folder / "images").mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(seed)
-    lines = []
-    for i in range(n):
-        pixels = (torch.rand(336, 336, 3, generator=g) * 255).to(torch.uint8).numpy()
-        Image.fromarray(pixels).save(folder / "images" / f"{i}.png")
-        lines.append(json.dumps({"question_id": f"b{i}", "image": f"images/{i}.png", "text": QUESTIONS[i % len(QUESTIONS)],
-                                 "answer": "red", "category": "color"}))
-    path = folder / "questions.jsonl"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
+from fastv_analysis.loading import DEFAULT_DATA, load_model
+from fastv_analysis.testing import timed, toy_or_random_checkpoint, write_random_questions
 
 def plain_batch(loaded, batch, cfg: CaptureConfig) -> list[str]:
     """What capture_batch does for the answer alone: processor + greedy generate, no recorder."""
@@ -94,16 +52,6 @@ def plain_batch(loaded, batch, cfg: CaptureConfig) -> list[str]:
         out = loaded.model.generate(**inputs, max_new_tokens=cfg.max_new_tokens, do_sample=False,
                                     pad_token_id=processor.tokenizer.pad_token_id)
     return processor.batch_decode(out[:, seq_len:], skip_special_tokens=True)
-
-
-def timed(fn, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -125,17 +73,12 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="bench_capture-") as tmp:
         tmp = Path(tmp)
-        model_path = Path(args.model or DEFAULT_MODEL)
-        if model_path.exists() or args.model:
-            model_name = str(model_path)
-        else:
-            model_path = random_toy_checkpoint(tmp / "model")
-            model_name = "random-weight checkpoint of the toy's size (8 x 128 decoder, 576 image tokens)"
+        model_path, model_name = (args.model, args.model) if args.model else toy_or_random_checkpoint(tmp)
         data_path = Path(args.data or DEFAULT_DATA)
         if data_path.exists() or args.data:
             data_name = str(data_path)
         else:
-            data_path = random_questions(tmp / "data", args.samples)
+            data_path = write_random_questions(tmp / "data", args.samples)
             data_name = f"{args.samples} questions on random images"
 
         cfg = CaptureConfig(model=str(model_path), data=str(data_path), out=str(tmp / "run"),

@@ -48,7 +48,9 @@ import torch
 
 from fastv_analysis.adapters import get_adapter
 from fastv_analysis.flops import equivalent_image_tokens, flops_ratio, layer_flops
+from fastv_analysis.evaluate import _sync
 from fastv_analysis.pruning import FastVConfig, apply_fastv
+from fastv_analysis.testing import timed, toy_or_random_checkpoint
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 TOY = DATA / "toy-llava"
@@ -57,22 +59,6 @@ TOY_QUESTIONS = DATA / "toy-vqa" / "questions.jsonl"
 METHODS = ("avg_all_heads", "max_head", "weighted_combination")
 ALPHAS = (0.25, 0.5, 0.75, 1.0)
 KEEPS = (192, 128, 64, 16)
-
-
-def resolve_model(model_path: str | None, tmp: Path) -> tuple[str, str]:
-    """(path, description): the given model, the shipped toy, or a random model of the toy's shape."""
-    if model_path:
-        return model_path, model_path
-    if (TOY / "config.json").exists():
-        return str(TOY), str(TOY)
-    from transformers import LlavaForConditionalGeneration
-
-    from fastv_analysis.toy.checkpoint import build_config, save_checkpoint
-
-    torch.manual_seed(0)
-    model = LlavaForConditionalGeneration(build_config()).eval()
-    out = save_checkpoint(model, tmp / "random-toy-llava")
-    return str(out), "random-weight LLaVA of the toy's shape (data/toy-llava absent)"
 
 
 def resolve_questions(data: str | None, n: int, tmp: Path) -> tuple[str, str]:
@@ -121,16 +107,6 @@ def llava_inputs(model, batch: int, before: int, after: int, device, dtype) -> d
     size = config.vision_config.image_size
     pixel_values = torch.randn(batch, 3, size, size, generator=g)
     return {"input_ids": input_ids.to(device), "pixel_values": pixel_values.to(device=device, dtype=dtype)}
-
-
-def timed(fn, device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def part1(model, name: str, args, device, dtype) -> list[str]:
@@ -365,11 +341,6 @@ def part2(loaded, name: str, questions_path: str, qdesc: str, args) -> None:
     print(f"eval speed-up vs naive: {t_naive / t_ours:.2f}x")
 
 
-def _sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default=None, help="default: data/toy-llava, else a random model of its shape")
@@ -393,7 +364,7 @@ def main() -> None:
     from fastv_analysis.loading import load_model
 
     with tempfile.TemporaryDirectory(prefix="bench_eval_") as tmp:
-        model_path, name = resolve_model(args.model, Path(tmp))
+        model_path, name = (args.model, args.model) if args.model else toy_or_random_checkpoint(Path(tmp))
         questions_path, qdesc = resolve_questions(args.data, args.samples, Path(tmp))
         loaded = load_model(model_path, args.device, args.dtype)
         if not args.skip_part1:

@@ -162,17 +162,6 @@ def llava_inputs():
 # Stages (capture, select, eval): tiny random checkpoints saved like real ones, question files
 # ----------------------------------------------------------------------------------------
 
-import json  # noqa: E402
-
-QUESTIONS = [
-    "what color is the circle ?",
-    "how many objects are there ?",
-    "is there a red square ?",
-    "what shape is the blue object ?",
-    "where is the green cross ?",
-]
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     from fastv_analysis.toy.checkpoint import save_tiny_random_checkpoint
@@ -186,21 +175,7 @@ def checkpoints(tmp_path_factory):
 
 
 def write_questions(folder, n=5, broken=None):
-    """A question file with n samples and PNG images (random colours); ``broken`` tweaks one line."""
-    from PIL import Image
+    """A question file with n samples and random-pixel PNGs; ``broken`` tweaks the lines."""
+    from fastv_analysis.testing import write_random_questions
 
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "images").mkdir(exist_ok=True)
-    g = torch.Generator().manual_seed(0)
-    lines = []
-    for i in range(n):
-        pixels = (torch.rand(336, 336, 3, generator=g) * 255).to(torch.uint8).numpy()
-        Image.fromarray(pixels).save(folder / "images" / f"{i}.png")
-        lines.append(json.dumps({"question_id": f"q{i}", "image": f"images/{i}.png", "text": QUESTIONS[i % 5],
-                                 "answer": "red", "category": "color"}))
-    if broken:
-        lines = broken(lines, folder)
-    (folder / "questions.jsonl").write_text("\n".join(lines) + "\n")
-    return folder / "questions.jsonl"
-
-
+    return write_random_questions(folder, n, broken=broken)
