@@ -73,10 +73,14 @@ def vocabulary() -> list[str]:
 
 @dataclass(frozen=True)
 class Obj:
+    """One object: the cell (row, col) of its top-left corner; ``size`` > 1 only in the
+    training curriculum, where the object is a size x size block of identical cells."""
+
     row: int
     col: int
     color: str
     shape: str
+    size: int = 1
 
 
 @dataclass(frozen=True)
@@ -88,19 +92,40 @@ class QA:
 
 def scene_key(objects: list[Obj] | tuple[Obj, ...]) -> tuple:
     """Canonical identity of a scene (two scenes with equal keys render identically)."""
-    return tuple(sorted((o.row, o.col, o.color, o.shape) for o in objects))
+    return tuple(sorted((o.row, o.col, o.color, o.shape, o.size) for o in objects))
 
 
-def make_scene(rng: random.Random) -> list[Obj]:
-    """Random scene with at least one unique shape and one unique colour."""
+def _place_blocks(rng: random.Random, n: int, size: int) -> list[tuple[int, int]]:
+    """Top-left cells of up to n non-touching size x size blocks, each inside one quadrant."""
+    half = GRID // 2 - 1  # 11 usable cells per quadrant side
+    size = min(size, half)
+    taken: list[tuple[int, int]] = []
+    for _ in range(n):
+        for _try in range(100):
+            r = rng.randrange(half - size + 1) + rng.choice((0, GRID // 2 + 1))
+            c = rng.randrange(half - size + 1) + rng.choice((0, GRID // 2 + 1))
+            if all(abs(r - r2) > size or abs(c - c2) > size for r2, c2 in taken):
+                taken.append((r, c))
+                break
+    return taken
+
+
+def make_scene(rng: random.Random, n_objects: tuple[int, int] = (MIN_OBJECTS, MAX_OBJECTS), size: int = 1) -> list[Obj]:
+    """Random scene with at least one unique shape and one unique colour.
+
+    ``size`` > 1 (training curriculum only) draws each object as a size x size block.
+    """
     while True:
-        n = rng.randint(MIN_OBJECTS, MAX_OBJECTS)
-        cells = rng.sample([(r, c) for r in _FREE for c in _FREE], n)
+        n = rng.randint(*n_objects)
+        if size == 1:
+            cells = rng.sample([(r, c) for r in _FREE for c in _FREE], n)
+        else:
+            cells = _place_blocks(rng, n, size)
         # Skewed per-scene frequencies make unique colours/shapes and varied counts common.
         cw = [rng.random() ** 2 + 0.02 for _ in COLORS]
         sw = [rng.random() ** 2 + 0.02 for _ in SHAPES]
         objs = [
-            Obj(r, c, rng.choices(list(COLORS), cw)[0], rng.choices(SHAPES, sw)[0]) for r, c in cells
+            Obj(r, c, rng.choices(list(COLORS), cw)[0], rng.choices(SHAPES, sw)[0], size) for r, c in cells
         ]
         ccount = {k: sum(o.color == k for o in objs) for k in COLORS}
         scount = {k: sum(o.shape == k for o in objs) for k in SHAPES}
@@ -115,19 +140,26 @@ def render(objects: list[Obj] | tuple[Obj, ...]) -> Image.Image:
     img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND)
     d = ImageDraw.Draw(img)
     for o in objects:
-        x, y, fill = o.col * CELL, o.row * CELL, COLORS[o.color]
-        if o.shape == "circle":
-            d.ellipse([x + 1, y + 1, x + 12, y + 12], fill=fill)
-        elif o.shape == "square":
-            d.rectangle([x + 2, y + 2, x + 11, y + 11], fill=fill)
-        elif o.shape == "triangle":
-            d.polygon([(x + 7, y + 1), (x + 13, y + 12), (x + 1, y + 12)], fill=fill)
-        elif o.shape == "cross":
-            d.rectangle([x + 5, y + 1, x + 8, y + 12], fill=fill)
-            d.rectangle([x + 1, y + 5, x + 12, y + 8], fill=fill)
-        else:  # pragma: no cover
-            raise ValueError(o.shape)
+        for dr in range(o.size):
+            for dc in range(o.size):
+                _draw_cell(d, o.col + dc, o.row + dr, o.shape, COLORS[o.color])
     return img
+
+
+def _draw_cell(d: ImageDraw.ImageDraw, col: int, row: int, shape: str, fill) -> None:
+    """Draw one shape inside the 14 x 14 cell (row, col)."""
+    x, y = col * CELL, row * CELL
+    if shape == "circle":
+        d.ellipse([x + 1, y + 1, x + 12, y + 12], fill=fill)
+    elif shape == "square":
+        d.rectangle([x + 2, y + 2, x + 11, y + 11], fill=fill)
+    elif shape == "triangle":
+        d.polygon([(x + 7, y + 1), (x + 13, y + 12), (x + 1, y + 12)], fill=fill)
+    elif shape == "cross":
+        d.rectangle([x + 5, y + 1, x + 8, y + 12], fill=fill)
+        d.rectangle([x + 1, y + 5, x + 12, y + 8], fill=fill)
+    else:  # pragma: no cover
+        raise ValueError(shape)
 
 
 def questions_for(objects: list[Obj], rng: random.Random, category: str) -> QA | None:
@@ -176,10 +208,11 @@ def questions_for(objects: list[Obj], rng: random.Random, category: str) -> QA |
     raise ValueError(f"unknown category {category!r}")
 
 
-def make_sample(seed: int, categories: tuple[str, ...] = CATEGORIES, n_questions: int = 1):
+def make_sample(seed: int, categories: tuple[str, ...] = CATEGORIES, n_questions: int = 1,
+                n_objects: tuple[int, int] = (MIN_OBJECTS, MAX_OBJECTS), size: int = 1):
     """(objects, [QA, ...]) for one seed: a scene plus up to n_questions of distinct categories."""
     rng = random.Random(seed)
-    objs = make_scene(rng)
+    objs = make_scene(rng, n_objects, size)
     cats = list(categories)
     rng.shuffle(cats)
     qas: list[QA] = []
@@ -201,11 +234,13 @@ def eval_split(n_images: int = 240, questions_per_image: int = 2):
     return out
 
 
-def train_sample(i: int, exclude: set | frozenset = frozenset(), categories=CATEGORIES):
+def train_sample(i: int, exclude: set | frozenset = frozenset(), categories=CATEGORIES,
+                 n_objects: tuple[int, int] = (MIN_OBJECTS, MAX_OBJECTS), size: int = 1):
     """Training sample i (seed space disjoint from the eval split); skips excluded scene keys."""
     k = 0
     while True:
-        objs, qas = make_sample(TRAIN_SEED_BASE + i + k * 7_919_000, categories=categories)
+        objs, qas = make_sample(TRAIN_SEED_BASE + i + k * 7_919_000, categories=categories, n_objects=n_objects,
+                                size=size)
         if scene_key(objs) not in exclude:
             return objs, qas[0]
         k += 1

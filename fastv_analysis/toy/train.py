@@ -15,6 +15,12 @@ questions, categories drawn uniformly), so one pass over the 576 image tokens su
 several answers; the first turn is exactly the single-turn evaluation prompt. Loss: cross
 entropy on the answer tokens and their ``</s>`` only.
 
+Curriculum (:func:`curriculum`): the first ``--hold-steps`` (200) steps use 1-3 objects
+drawn as 8 x 8 blocks of identical cells; block size then shrinks linearly to 1 cell and
+the object count grows to the evaluation's 6-12 at step ``--ramp-end`` (1400). Without it
+the model sat at the answer priors (run 1: 700 steps on the final task; run 2: 300 steps
+on 1-2 one-cell objects), unable to find one patch among 576.
+
 Optimisation (defaults): AdamW (lr 1e-3, betas 0.9/0.98, weight decay 0.01), linear
 warm-up 200 steps then cosine decay to 5% over ``--steps``, gradient clipping 1.0, batch
 16, fp32, ``torch.manual_seed(--seed)``, 2 torch threads. ``--max-minutes`` stops early
@@ -78,8 +84,22 @@ class Encoder:
         return ids, labels
 
 
-def train_dialogue(i: int, exclude, turns: int, rng: random.Random):
-    objs, _ = scenes.train_sample(i, exclude)
+def curriculum(step: int, hold: int, ramp_end: int) -> tuple[tuple[int, int], int]:
+    """(object-count range, block size) at a step.
+
+    For ``hold`` steps: 1-3 objects drawn as 8 x 8 blocks of identical cells (each patch
+    still carries the same colour/shape features as in the final task, but mean pooling
+    over the image already sees them); then linearly down to 1 x 1 objects and up to the
+    evaluation's 6-12 objects at ``ramp_end``; the evaluation distribution afterwards.
+    """
+    t = min(1.0, max(0.0, (step - hold) / max(1, ramp_end - hold)))
+    size = round(8 - 7 * t)
+    return (1 + round(t * (scenes.MIN_OBJECTS - 1)), 3 + round(t * (scenes.MAX_OBJECTS - 3))), size
+
+
+def train_dialogue(i: int, exclude, turns: int, rng: random.Random,
+                   n_objects=(scenes.MIN_OBJECTS, scenes.MAX_OBJECTS), size: int = 1):
+    objs, _ = scenes.train_sample(i, exclude, n_objects=n_objects, size=size)
     qas = []
     for _ in range(turns * 3):
         qa = scenes.questions_for(objs, rng, rng.choice(scenes.CATEGORIES))
@@ -241,8 +261,9 @@ def train(args) -> None:
     model.train()
     for step in range(args.steps):
         items = []
+        n_objects, size = curriculum(step, args.hold_steps, args.ramp_end)
         for _ in range(args.batch):
-            objs, qas = train_dialogue(sample, exclude, args.turns, rng)
+            objs, qas = train_dialogue(sample, exclude, args.turns, rng, n_objects, size)
             sample += 1
             ids, lab = enc.dialogue(qas)
             items.append((ids, lab, pixels(scenes.render(objs))))
@@ -257,7 +278,7 @@ def train(args) -> None:
         ema = out.loss.item() if ema is None else 0.98 * ema + 0.02 * out.loss.item()
         elapsed = (time.time() - t0) / 60
         if step % 25 == 0:
-            print(f"step {step} loss {ema:.4f} lr {lr_at(step):.2e} {elapsed:.1f} min", flush=True)
+            print(f"step {step} loss {ema:.4f} lr {lr_at(step):.2e} objects {n_objects} size {size} {elapsed:.1f} min", flush=True)
         last = step == args.steps - 1 or elapsed > args.max_minutes
         if (step + 1) % args.eval_every == 0 or last:
             full = quick_eval(model, enc, dev)
@@ -325,7 +346,9 @@ def evaluate(ckpt: str, questions: str, out_json: str | None = None, prune_grid:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="data/toy-llava")
-    p.add_argument("--steps", type=int, default=2200)
+    p.add_argument("--steps", type=int, default=3200)
+    p.add_argument("--hold-steps", type=int, default=200, help="curriculum: steps on 1-3 big (8x8-cell) objects")
+    p.add_argument("--ramp-end", type=int, default=1400, help="curriculum: step reaching 1-cell objects, 6-12 of them")
     p.add_argument("--max-minutes", type=float, default=88.0)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--turns", type=int, default=12)
