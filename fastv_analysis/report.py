@@ -319,6 +319,38 @@ def plot_relations(relations: pl.DataFrame):
     return fig
 
 
+def plot_sample_attention(run_dir: str | Path, sample_id: int, agg_layer: int | None = None, max_heads: int = 8):
+    """One sample's last-token attention at layer K-1 on the image grid: the head mean
+    (what avg_all_heads ranks) and each head (the max head marked), from the cached run."""
+    import seaborn as sns
+
+    from .store import open_run
+    from .strategies import head_importance, max_head_index
+
+    run = open_run(run_dir)
+    layer = agg_layer if agg_layer is not None else run.agg_layers[0]
+    att = run.last_token_attention(sample_id, layer)  # [H, N]
+    side = math.isqrt(att.shape[-1])
+    top = int(max_head_index(head_importance(att)))
+    heads = list(range(min(att.shape[0], max_heads)))
+    if top not in heads:
+        heads[-1] = top
+    panels = [("mean over heads", att.mean(0))] + [
+        (f"head {h}{' (max head)' if h == top else ''}", att[h]) for h in heads]
+    fig, axes = _figure(width=3.4 * len(panels), height=3.6, ncols=len(panels))
+    for ax, (title, a) in zip(axes[0], panels):
+        sns.heatmap((100 * a).reshape(side, side).numpy(), ax=ax, cmap="viridis", square=True, xticklabels=6,
+                    yticklabels=6, cbar_kws={"label": "attention (% of the row)", "shrink": 0.7})
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("image column (patch)")
+        ax.set_ylabel("image row (patch)")
+    row = run.samples.filter(pl.col("sample_id") == sample_id).row(0, named=True)
+    fig.suptitle(f"Sample {sample_id}: last-token attention to the image at layer {layer - 1} "
+                 f"(\"{row['question'][:40]}\" -> {row['prediction']!r}, reference {row['answer']!r})")
+    fig.tight_layout()
+    return fig
+
+
 def main_numbers(accuracy: pl.DataFrame) -> pl.DataFrame:
     """The headline table: accuracy per method and keep (weighted at its alpha nearest 0.5)."""
     alpha = _primary_alpha(accuracy)

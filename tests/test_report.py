@@ -51,6 +51,22 @@ def test_figure_functions_label_everything(evaluated_run):
         plt.close(fig)
 
 
+def test_sample_explorer_notebook_runs(evaluated_run, tmp_path):
+    import papermill as pm
+
+    fig = report.plot_sample_attention(evaluated_run, 2)
+    assert len(fig.axes) >= 5 and fig._suptitle is not None  # mean + 4 heads (+ colorbars)
+    out = tmp_path / "explorer.ipynb"
+    pm.execute_notebook(str(report.NOTEBOOK.parent / "sample_explorer.ipynb"), str(out),
+                        parameters={"run_dir": str(evaluated_run), "sample_id": 1}, kernel_name="python3",
+                        progress_bar=False)
+    import nbformat
+
+    nb = nbformat.read(out, as_version=4)
+    images = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(images) == 2
+
+
 def test_report_notebook_writes_html_and_figures(evaluated_run, capsys):
     assert main(["report", str(evaluated_run)]) == 0
     figures = sorted((evaluated_run / "figures").glob("*.png"))
