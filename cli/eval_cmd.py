@@ -14,9 +14,9 @@ from .select_cmd import METHODS
 @click.argument("run", type=click.Path(file_okay=False, path_type=str))
 @click.option("--agg-layer", "agg_layers", type=IntList(), default=None,
               help="Aggregation layer(s) K to evaluate; default: every selected layer.")
-@click.option("--from-select/--no-from-select", default=True, show_default=True,
-              help="Replay the kept sets of RUN/select/selections.parquet (the only mode: capture, select and "
-                   "eval agree token for token).")
+@click.option("--from-select", is_flag=True, default=True,
+              help="Replay the kept sets of RUN/select/selections.parquet (the default and only mode, so that "
+                   "capture, select and eval agree token for token).")
 @click.option("--methods", type=Choices(METHODS), default=None, help="Only these methods (comma list).")
 @click.option("--alphas", type=FloatGrid(), default=None, help="Only these weighted_combination alphas.")
 @click.option("--keep", "keeps", type=IntList(), default=None, help="Only these keep counts.")
@@ -43,9 +43,6 @@ def eval_cmd(run, agg_layers, from_select, methods, alphas, keeps, max_new_token
     """
     from fastv_analysis.evaluate import EvalConfig, run_eval
 
-    if not from_select:
-        raise click.BadParameter("only --from-select is supported: run `fastv-analyze select` first",
-                                 param_hint="--from-select")
     cfg = EvalConfig(run=run, agg_layers=agg_layers, methods=methods, alphas=alphas, keeps=keeps,
                      max_new_tokens=max_new_tokens, device=device, dtype=dtype, limit=limit, batch_size=batch_size,
                      timing_samples=timing_samples,

@@ -24,6 +24,7 @@ def cli():
 
 
 for command in (capture_cmd, select_cmd, eval_cmd, report_cmd, demo_cmd):
+    command.context_settings.setdefault("max_content_width", 100)
     cli.add_command(command)
 
 
