@@ -48,7 +48,8 @@ SHAPES = ("circle", "square", "triangle", "cross")
 NUMBERS = ("zero", "one", "two", "three", "four", "five")
 CATEGORIES = ("color", "shape", "count", "exist", "position")
 MAX_PER_COLOR = 5
-MIN_OBJECTS, MAX_OBJECTS = 6, 12
+MIN_OBJECTS, MAX_OBJECTS = 3, 8
+OBJECT_SIZE = 2  # each object is a 2 x 2 block of identical cells (4 image tokens)
 _FREE = [i for i in range(GRID) if i not in (GRID // 2 - 1, GRID // 2)]  # skip middle rows/cols
 
 EVAL_SEED_BASE = 1_000_000_000
@@ -110,7 +111,7 @@ def _place_blocks(rng: random.Random, n: int, size: int) -> list[tuple[int, int]
     return taken
 
 
-def make_scene(rng: random.Random, n_objects: tuple[int, int] = (MIN_OBJECTS, MAX_OBJECTS), size: int = 1) -> list[Obj]:
+def make_scene(rng: random.Random, n_objects: tuple[int, int] = (MIN_OBJECTS, MAX_OBJECTS), size: int = OBJECT_SIZE) -> list[Obj]:
     """Random scene with at least one unique shape and one unique colour.
 
     ``size`` > 1 (training curriculum only) draws each object as a size x size block.
@@ -209,7 +210,7 @@ def questions_for(objects: list[Obj], rng: random.Random, category: str) -> QA |
 
 
 def make_sample(seed: int, categories: tuple[str, ...] = CATEGORIES, n_questions: int = 1,
-                n_objects: tuple[int, int] = (MIN_OBJECTS, MAX_OBJECTS), size: int = 1):
+                n_objects: tuple[int, int] = (MIN_OBJECTS, MAX_OBJECTS), size: int = OBJECT_SIZE):
     """(objects, [QA, ...]) for one seed: a scene plus up to n_questions of distinct categories."""
     rng = random.Random(seed)
     objs = make_scene(rng, n_objects, size)
@@ -235,7 +236,7 @@ def eval_split(n_images: int = 240, questions_per_image: int = 2):
 
 
 def train_sample(i: int, exclude: set | frozenset = frozenset(), categories=CATEGORIES,
-                 n_objects: tuple[int, int] = (MIN_OBJECTS, MAX_OBJECTS), size: int = 1):
+                 n_objects: tuple[int, int] = (MIN_OBJECTS, MAX_OBJECTS), size: int = OBJECT_SIZE):
     """Training sample i (seed space disjoint from the eval split); skips excluded scene keys."""
     k = 0
     while True:

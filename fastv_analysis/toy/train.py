@@ -87,22 +87,26 @@ class Encoder:
 def curriculum(step: int, hold: int, ramp_end: int) -> tuple[tuple[int, int], int]:
     """(object-count range, block size) at a step.
 
-    For ``hold`` steps: 1-3 objects drawn as 8 x 8 blocks of identical cells (each patch
-    still carries the same colour/shape features as in the final task, but mean pooling
-    over the image already sees them); then linearly down to 1 x 1 objects and up to the
-    evaluation's 6-12 objects at ``ramp_end``; the evaluation distribution afterwards.
+    For ``hold`` steps: 1-3 objects drawn as 6 x 6 blocks of identical cells (each patch
+    carries the same colour/shape features as in the final task, but even near-uniform
+    attention over the image sees them); then linearly down to the evaluation's 2 x 2
+    blocks and up to its 3-8 objects at ``ramp_end``; the evaluation distribution after.
     """
     t = min(1.0, max(0.0, (step - hold) / max(1, ramp_end - hold)))
-    size = round(8 - 7 * t)
-    return (1 + round(t * (scenes.MIN_OBJECTS - 1)), 3 + round(t * (scenes.MAX_OBJECTS - 3))), size
+    size = round(6 - (6 - scenes.OBJECT_SIZE) * t)
+    lo = 1 + round(t * (scenes.MIN_OBJECTS - 1))
+    hi = 3 + round(t * (scenes.MAX_OBJECTS - 3))
+    return (lo, hi), size
 
 
 def train_dialogue(i: int, exclude, turns: int, rng: random.Random,
-                   n_objects=(scenes.MIN_OBJECTS, scenes.MAX_OBJECTS), size: int = 1):
+                   n_objects=(scenes.MIN_OBJECTS, scenes.MAX_OBJECTS), size: int = scenes.OBJECT_SIZE):
     objs, _ = scenes.train_sample(i, exclude, n_objects=n_objects, size=size)
+    # counting is only asked at the final object size (a count is read off an area)
+    cats = scenes.CATEGORIES if size == scenes.OBJECT_SIZE else tuple(c for c in scenes.CATEGORIES if c != "count")
     qas = []
     for _ in range(turns * 3):
-        qa = scenes.questions_for(objs, rng, rng.choice(scenes.CATEGORIES))
+        qa = scenes.questions_for(objs, rng, rng.choice(cats))
         if qa is not None and all(qa.text != x.text for x in qas):
             qas.append(qa)
         if len(qas) == turns:
@@ -346,10 +350,10 @@ def evaluate(ckpt: str, questions: str, out_json: str | None = None, prune_grid:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="data/toy-llava")
-    p.add_argument("--steps", type=int, default=3200)
-    p.add_argument("--hold-steps", type=int, default=200, help="curriculum: steps on 1-3 big (8x8-cell) objects")
-    p.add_argument("--ramp-end", type=int, default=1400, help="curriculum: step reaching 1-cell objects, 6-12 of them")
-    p.add_argument("--max-minutes", type=float, default=88.0)
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--hold-steps", type=int, default=200, help="curriculum: steps on 1-3 big (6x6-cell) objects")
+    p.add_argument("--ramp-end", type=int, default=1000, help="curriculum: step reaching the eval scenes (2x2, 3-8)")
+    p.add_argument("--max-minutes", type=float, default=75.0)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--turns", type=int, default=12)
     p.add_argument("--lr", type=float, default=1e-3)
