@@ -48,8 +48,8 @@ SHAPES = ("circle", "square", "triangle", "cross")
 NUMBERS = ("zero", "one", "two", "three", "four", "five")
 CATEGORIES = ("color", "shape", "count", "exist", "position")
 MAX_PER_COLOR = 5
-MIN_OBJECTS, MAX_OBJECTS = 3, 8
-OBJECT_SIZE = 2  # each object is a 2 x 2 block of identical cells (4 image tokens)
+MIN_OBJECTS, MAX_OBJECTS = 2, 5
+OBJECT_SIZE = 3  # each object is a 3 x 3 block of identical cells (9 image tokens)
 _FREE = [i for i in range(GRID) if i not in (GRID // 2 - 1, GRID // 2)]  # skip middle rows/cols
 
 EVAL_SEED_BASE = 1_000_000_000

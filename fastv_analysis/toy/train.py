@@ -84,19 +84,16 @@ class Encoder:
         return ids, labels
 
 
-def curriculum(step: int, hold: int, ramp_end: int) -> tuple[tuple[int, int], int]:
-    """(object-count range, block size) at a step.
+# Curriculum levels: (block size in cells, object-count range); the last is the eval split.
+LEVELS = ((6, (1, 3)), (5, (1, 4)), (4, (2, 4)), (scenes.OBJECT_SIZE, (scenes.MIN_OBJECTS, scenes.MAX_OBJECTS)))
 
-    For ``hold`` steps: 1-3 objects drawn as 6 x 6 blocks of identical cells (each patch
-    carries the same colour/shape features as in the final task, but even near-uniform
-    attention over the image sees them); then linearly down to the evaluation's 2 x 2
-    blocks and up to its 3-8 objects at ``ramp_end``; the evaluation distribution after.
-    """
-    t = min(1.0, max(0.0, (step - hold) / max(1, ramp_end - hold)))
-    size = round(6 - (6 - scenes.OBJECT_SIZE) * t)
-    lo = 1 + round(t * (scenes.MIN_OBJECTS - 1))
-    hi = 3 + round(t * (scenes.MAX_OBJECTS - 3))
-    return (lo, hi), size
+
+def answer_accuracy(logits: torch.Tensor, labels: torch.Tensor, eos: int) -> tuple[int, int]:
+    """(correct, total) greedy answer tokens in a training batch (the </s> labels excluded)."""
+    tgt = labels[:, 1:]
+    sel = (tgt != -100) & (tgt != eos)
+    pred = logits[:, :-1].argmax(-1)
+    return int((pred[sel] == tgt[sel]).sum()), int(sel.sum())
 
 
 def train_dialogue(i: int, exclude, turns: int, rng: random.Random,
@@ -253,28 +250,40 @@ def train(args) -> None:
         lr=args.lr, betas=(0.9, 0.98),
     )
 
-    def lr_at(step):
+    def lr_at(step, final_start):
         if step < args.warmup:
             return args.lr * (step + 1) / args.warmup
-        t = min(1.0, (step - args.warmup) / max(1, args.steps - args.warmup))
+        if final_start is None:
+            return args.lr
+        t = min(1.0, (step - final_start) / max(1, args.final_steps))
         return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
 
     t0 = time.time()
     sample = 0
     ema = None
+    level, window, final_start = 0, [], None
     model.train()
     for step in range(args.steps):
         items = []
-        n_objects, size = curriculum(step, args.hold_steps, args.ramp_end)
+        size, n_objects = LEVELS[level]
         for _ in range(args.batch):
             objs, qas = train_dialogue(sample, exclude, args.turns, rng, n_objects, size)
             sample += 1
             ids, lab = enc.dialogue(qas)
             items.append((ids, lab, pixels(scenes.render(objs))))
         ids, lab, att, pix = collate(items, tok.pad_token_id)
+        lr = lr_at(step, final_start)
         for g in opt.param_groups:
-            g["lr"] = lr_at(step)
+            g["lr"] = lr
         out = model(input_ids=ids, attention_mask=att, pixel_values=pix, labels=lab)
+        window.append(answer_accuracy(out.logits.detach(), lab, tok.eos_token_id))
+        window = window[-args.window:]
+        acc = sum(c for c, _ in window) / max(1, sum(n for _, n in window))
+        if level < len(LEVELS) - 1 and len(window) == args.window and acc >= args.advance_at:
+            level, window = level + 1, []
+            print(f"LEVEL {level} at step {step + 1}: size {LEVELS[level][0]} objects {LEVELS[level][1]}", flush=True)
+            if level == len(LEVELS) - 1:
+                final_start = step + 1
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
         opt.step()
@@ -282,8 +291,10 @@ def train(args) -> None:
         ema = out.loss.item() if ema is None else 0.98 * ema + 0.02 * out.loss.item()
         elapsed = (time.time() - t0) / 60
         if step % 25 == 0:
-            print(f"step {step} loss {ema:.4f} lr {lr_at(step):.2e} objects {n_objects} size {size} {elapsed:.1f} min", flush=True)
-        last = step == args.steps - 1 or elapsed > args.max_minutes
+            print(f"step {step} loss {ema:.4f} train-acc {acc:.3f} lr {lr:.2e} objects {n_objects} size {size} "
+                  f"{elapsed:.1f} min", flush=True)
+        done_final = final_start is not None and step + 1 >= final_start + args.final_steps
+        last = step == args.steps - 1 or elapsed > args.max_minutes or done_final
         if (step + 1) % args.eval_every == 0 or last:
             full = quick_eval(model, enc, dev)
             pr = quick_eval(model, enc, dev, prune=dict(agg_layer=2, keep=64, seed=0))
@@ -291,7 +302,7 @@ def train(args) -> None:
             print(f"EVAL step {step + 1} K2 keep64 random: {fmt(pr)}", flush=True)
             save_checkpoint(model, args.out)
         if last:
-            print(f"done: {step + 1} steps, {sample} sequences, {elapsed:.1f} min", flush=True)
+            print(f"done: {step + 1} steps, {sample} sequences, {elapsed:.1f} min, level {level}", flush=True)
             break
 
 
@@ -350,10 +361,11 @@ def evaluate(ckpt: str, questions: str, out_json: str | None = None, prune_grid:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="data/toy-llava")
-    p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--hold-steps", type=int, default=200, help="curriculum: steps on 1-3 big (6x6-cell) objects")
-    p.add_argument("--ramp-end", type=int, default=1000, help="curriculum: step reaching the eval scenes (2x2, 3-8)")
-    p.add_argument("--max-minutes", type=float, default=75.0)
+    p.add_argument("--steps", type=int, default=6000)
+    p.add_argument("--advance-at", type=float, default=0.9, help="curriculum: train answer accuracy to go up a level")
+    p.add_argument("--window", type=int, default=30, help="curriculum: steps the accuracy is averaged over")
+    p.add_argument("--final-steps", type=int, default=1200, help="steps on the last level (cosine LR decay)")
+    p.add_argument("--max-minutes", type=float, default=88.0)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--turns", type=int, default=12)
     p.add_argument("--lr", type=float, default=1e-3)
