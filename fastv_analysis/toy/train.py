@@ -15,18 +15,30 @@ questions, categories drawn uniformly), so one pass over the 576 image tokens su
 several answers; the first turn is exactly the single-turn evaluation prompt. Loss: cross
 entropy on the answer tokens and their ``</s>`` only.
 
-Curriculum (:func:`curriculum`): the first ``--hold-steps`` (200) steps use 1-3 objects
-drawn as 8 x 8 blocks of identical cells; block size then shrinks linearly to 1 cell and
-the object count grows to the evaluation's 6-12 at step ``--ramp-end`` (1400). Without it
-the model sat at the answer priors (run 1: 700 steps on the final task; run 2: 300 steps
-on 1-2 one-cell objects), unable to find one patch among 576.
+Curriculum (``LEVELS``, gated by accuracy): objects are drawn as k x k blocks of identical
+cells (each patch carries the same colour/shape features as in the final task, but large
+blocks are visible even to near-uniform attention). Level 0: 6 x 6 blocks, 1-3 objects;
+then 5 x 5 (1-4), 4 x 4 (2-4) and the evaluation's 3 x 3 (2-5). The level goes up when the
+greedy answer accuracy over the last ``--window`` (30) training batches reaches
+``--advance-at`` (0.9). Count questions are asked only at the last level (a count is read
+off an area, which depends on the block size). With ``--schedule gated`` (default) the LR
+is constant until the last level, then decays (cosine) over ``--final-steps`` (1200) and
+training stops; ``--schedule cosine`` decays over ``--steps`` whatever the level.
 
-Optimisation (defaults): AdamW (lr 1e-3, betas 0.9/0.98, weight decay 0.01), linear
-warm-up 200 steps then cosine decay to 5% over ``--steps``, gradient clipping 1.0, batch
-16, fp32, ``torch.manual_seed(--seed)``, 2 torch threads. ``--max-minutes`` stops early
-(saving) if the machine is slower than planned. Every ``--eval-every`` steps a 240-question
-dev set (training seed space, never trained on) is scored with the full model and with
-random FastV pruning (agg layer 2, keep 64); the checkpoint is saved each time.
+Optimisation (defaults): AdamW (lr 1e-3, betas 0.9/0.98, weight decay 0.01 on matrices),
+linear warm-up 100 steps, gradient clipping 1.0, batch 8 conversations of 12 turns, fp32,
+``torch.manual_seed(--seed)``, ``--threads`` torch threads (use 1 when another process
+shares the 2 cores: 2 threads on a busy 2-core machine ran 7x slower). ``--max-minutes``
+stops early (saving). Every ``--eval-every`` (300) steps a 150-question dev set (training
+seed space, never trained on, evaluation-size scenes) is scored with the full model and
+with random FastV pruning (agg layer 2, keep 64); the checkpoint is saved each time.
+
+The shipped ``data/toy-llava`` was made in two stages (see its ``training_log.txt``)::
+
+    python -m fastv_analysis.toy.train --out /tmp/stage1 --threads 1 --max-minutes 50
+    #   stopped by hand after its step-900 save (the session's time ran out)
+    python -m fastv_analysis.toy.train --out data/toy-llava --init-from /tmp/stage1 \
+        --schedule cosine --lr 3e-4 --warmup 30 --steps 900 --seed 1 --threads 1 --max-minutes 25
 
 ``--eval-only DIR`` scores a saved checkpoint on ``--questions`` (default: the shipped
 ``data/toy-vqa/questions.jsonl``) through AutoProcessor + generate, per category, full
@@ -237,7 +249,10 @@ def train(args) -> None:
     cfg = build_config(text=text, vision={"hidden_size": args.vision_width})
     from transformers import LlavaForConditionalGeneration
 
-    model = LlavaForConditionalGeneration(cfg)
+    if args.init_from:  # continue a saved run (stage 2)
+        model = LlavaForConditionalGeneration.from_pretrained(args.init_from)
+    else:
+        model = LlavaForConditionalGeneration(cfg)
     model.config._attn_implementation = "sdpa"
     n_params = sum(p.numel() for p in model.parameters())
     print(f"params {n_params / 1e6:.2f}M  config text={text}", flush=True)
@@ -253,6 +268,9 @@ def train(args) -> None:
     def lr_at(step, final_start):
         if step < args.warmup:
             return args.lr * (step + 1) / args.warmup
+        if args.schedule == "cosine":  # decay over --steps whatever the level
+            t = min(1.0, (step - args.warmup) / max(1, args.steps - args.warmup))
+            return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
         if final_start is None:
             return args.lr
         t = min(1.0, (step - final_start) / max(1, args.final_steps))
@@ -261,7 +279,7 @@ def train(args) -> None:
     t0 = time.time()
     sample = 0
     ema = None
-    level, window, final_start = 0, [], None
+    level, window, final_start = args.start_level, [], None
     model.train()
     for step in range(args.steps):
         items = []
@@ -380,6 +398,11 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--eval-every", type=int, default=300)
+    p.add_argument("--init-from", metavar="CKPT", help="start from a saved checkpoint instead of random init")
+    p.add_argument("--start-level", type=int, default=0, help="curriculum level to start at")
+    p.add_argument("--schedule", choices=("gated", "cosine"), default="gated",
+                   help="gated: constant LR until the last level, then cosine over --final-steps; "
+                        "cosine: warm-up then cosine over --steps")
     p.add_argument("--eval-only", metavar="CKPT")
     p.add_argument("--questions", default="data/toy-vqa/questions.jsonl")
     p.add_argument("--results", help="write eval results as JSON here")
