@@ -1,0 +1,30 @@
+"""The one-command demo on the embedded default (toy LLaVA + toy VQA), on a few samples."""
+
+import json
+
+import polars as pl
+
+from fastv_analysis.cli.main import main
+
+
+def test_demo_runs_every_stage_on_the_embedded_default(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--limit", "8", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "report.html" in printed and "demo finished" in printed and "avg_all_heads" in printed
+    config = json.loads((out / "run.json").read_text())
+    assert config["model"].endswith("toy-llava") and config["agg_layers"] == [2]
+    acc = pl.read_parquet(out / "eval" / "accuracy.parquet")
+    assert sorted(acc["keep"].unique().to_list()) == [16, 64, 192]
+    assert set(acc["method"].unique()) >= {"avg_all_heads", "max_head", "weighted_combination", "random"}
+    assert acc["n"].unique().to_list() == [8]
+    assert (out / "report.html").stat().st_size > 50_000
+    assert len(list((out / "figures").glob("*.png"))) == 7
+
+
+def test_demo_replaces_a_demo_made_with_other_settings(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--limit", "3", "--no-report", "--keep", "64", "--quiet"]) == 0
+    assert main(["demo", "--out", str(out), "--limit", "4", "--no-report", "--keep", "64", "--quiet"]) == 0
+    assert "replacing it" in capsys.readouterr().out
+    assert pl.read_parquet(out / "eval" / "accuracy.parquet")["n"].unique().to_list() == [4]
