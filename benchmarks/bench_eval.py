@@ -48,7 +48,7 @@ import torch
 
 from fastv_analysis.adapters import get_adapter
 from fastv_analysis.flops import equivalent_image_tokens, flops_ratio, layer_flops
-from fastv_analysis.evaluate import _sync
+from fastv_analysis.loading import sync_device
 from fastv_analysis.pruning import FastVConfig, apply_fastv
 from fastv_analysis.testing import timed, toy_or_random_checkpoint
 
@@ -251,7 +251,7 @@ def part2(loaded, name: str, questions_path: str, qdesc: str, args) -> None:
             with counter("capture"):
                 t0 = time.perf_counter()
                 rows, sel_seconds = capture_and_select(p)
-                _sync(device)
+                sync_device(device)
                 t_capture += time.perf_counter() - t0 - sel_seconds
                 t_select += sel_seconds
 
@@ -259,14 +259,14 @@ def part2(loaded, name: str, questions_path: str, qdesc: str, args) -> None:
                 with counter("ours"):
                     t0 = time.perf_counter()
                     result = ours(p, rows)
-                    _sync(device)
+                    sync_device(device)
                     return result, time.perf_counter() - t0
 
             def run_naive():
                 with counter("naive"):
                     t0 = time.perf_counter()
                     result = naive(p)
-                    _sync(device)
+                    sync_device(device)
                     return result, time.perf_counter() - t0
 
             if i % 2 == 0:  # alternate the order, so neither way always runs on a warmer cache

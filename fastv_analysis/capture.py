@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .loading import DEFAULT_DATA, DEFAULT_MODEL, build_prompt, check_template, load_model
+from .loading import DEFAULT_DATA, DEFAULT_MODEL, build_prompt, check_template, load_model, sync_device
 from .provenance import file_sha256, fingerprint, versions
 from .scoring import is_correct
 from .store import RunWriter, atomic_write_bytes, attention_key
@@ -139,8 +139,7 @@ def capture_batch(loaded, batch: list[Prepared], cfg: CaptureConfig, store_dtype
     with torch.inference_mode(), AttentionRecorder(loaded.model, layers, queries) as rec:
         out = loaded.model.generate(**inputs, max_new_tokens=cfg.max_new_tokens, do_sample=False,
                                     pad_token_id=processor.tokenizer.pad_token_id)
-    if loaded.device.type == "cuda":
-        torch.cuda.synchronize()
+    sync_device(loaded.device)
     seconds = (time.perf_counter() - t0) / len(batch)
     answers = processor.batch_decode(out[:, seq_len:], skip_special_tokens=True)
     prompt_tokens = inputs["attention_mask"].sum(dim=1)

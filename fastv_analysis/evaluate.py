@@ -22,6 +22,7 @@ import torch
 
 from . import flops as flops_mod
 from . import stats
+from .loading import sync_device
 from .store import atomic_write_json, atomic_write_parquet, open_run
 
 QUANTILES = 4
@@ -98,11 +99,6 @@ def evaluate_sample(loaded, prepared, rows: pl.DataFrame, max_new_tokens: int, m
     return answers, timings
 
 
-def _sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def model_inputs(loaded, prepared) -> dict:
     """Processor output of one prepared sample, on the model's device and dtype."""
     inputs = loaded.processor(text=[prepared.prompt], images=[prepared.image], return_tensors="pt")
@@ -121,10 +117,10 @@ def pruned_answer_tokens(loaded, inputs: dict, kept: torch.Tensor, agg_layer: in
     pad = loaded.processor.tokenizer.pad_token_id or 0
     t0 = time.perf_counter()
     with prefill_shared(loaded.model, inputs, kept, agg_layer, mode=mode) as shared:
-        _sync(loaded.device)
+        sync_device(loaded.device)
         t1 = time.perf_counter()
         tokens = greedy_decode(shared, max_new_tokens, eos, pad)
-        _sync(loaded.device)
+        sync_device(loaded.device)
     return tokens, t0, t1, time.perf_counter()
 
 
@@ -140,7 +136,7 @@ def time_configurations(loaded, prepared, rows: pl.DataFrame, max_new_tokens: in
     out = []
     t0 = time.perf_counter()
     loaded.model(**inputs, use_cache=True, logits_to_keep=1)
-    _sync(loaded.device)
+    sync_device(loaded.device)
     out.append({"agg_layer": None, "config": "full model", "keep": None,
                 "prefill_seconds": time.perf_counter() - t0, "decode_seconds": None, "decode_tokens": None})
     for row in rows.unique(["agg_layer", "config", "keep"], keep="first", maintain_order=True).iter_rows(named=True):

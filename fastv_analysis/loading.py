@@ -25,6 +25,12 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def sync_device(device: torch.device) -> None:
+    """Wait for queued GPU work, so wall-clock timings measure the work itself."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """auto: bfloat16 (or float16) on GPU, float32 on CPU."""
     if dtype == "auto":

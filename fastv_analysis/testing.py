@@ -68,12 +68,10 @@ def toy_or_random_checkpoint(tmp: Path, seed: int = 0) -> tuple[str, str]:
 
 def timed(fn: Callable[[], object], device) -> float:
     """Wall seconds of ``fn()``, synchronising CUDA before and after."""
-    import torch
+    from .loading import sync_device
 
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync_device(device)
     start = time.perf_counter()
     fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync_device(device)
     return time.perf_counter() - start
