@@ -26,7 +26,6 @@ Target: capture / plain <= 1.3. Last line: ``capture overhead: <ratio>x``.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time

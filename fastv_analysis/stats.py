@@ -107,19 +107,6 @@ def head_stats(importance: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
-def mean_interval(values: np.ndarray, confidence: float = 0.95) -> tuple[float, float, float]:
-    """Mean and its two-sided t confidence interval; NaNs are ignored."""
-    v = np.asarray(values, dtype=np.float64)
-    v = v[~np.isnan(v)]
-    if v.size == 0:
-        return (math.nan, math.nan, math.nan)
-    m = float(v.mean())
-    if v.size < 2 or np.all(v == v[0]):
-        return (m, m, m)
-    half = float(sps.sem(v) * sps.t.ppf(0.5 + confidence / 2, v.size - 1))
-    return (m, m - half, m + half)
-
-
 def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
     """Wilson score interval of a proportion (accuracy), well behaved near 0 and 1."""
     if n == 0:

@@ -59,7 +59,7 @@ import numpy as np
 import torch
 
 from . import scenes
-from .checkpoint import IMAGE_TOKEN, NUM_IMAGE_TOKENS, build_config, build_processor, build_tokenizer, save_checkpoint
+from .checkpoint import IMAGE_TOKEN, NUM_IMAGE_TOKENS, build_config, build_tokenizer, save_checkpoint
 
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
