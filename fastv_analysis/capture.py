@@ -56,10 +56,13 @@ class BadSample(ValueError):
 
 @dataclass
 class Prepared:
+    """One checked sample: its prompt, its image and the processor's output for it alone."""
+
     sample_id: int
     question: object
     prompt: str
     image: object
+    inputs: dict
 
 
 def _distributed(device: str = "auto"):
@@ -100,13 +103,29 @@ def prepare(sample_id: int, question, processor, cfg: CaptureConfig, max_tokens:
     prompt = build_prompt(processor, question.text, question.choices, cfg.prompt_template)
     if "<image>" not in prompt:
         raise BadSample(question, cfg.data, "the prompt has no <image> placeholder")
-    ids = processor(text=[prompt], images=[image], return_tensors="pt")["input_ids"]
+    inputs = processor(text=[prompt], images=[image], return_tensors="pt")
+    ids = inputs["input_ids"]
     if not (ids == image_token_id).any():
         raise BadSample(question, cfg.data, "the prompt has no image token after processing")
     if ids.shape[1] + cfg.max_new_tokens > max_tokens:
         raise BadSample(question, cfg.data, f"{ids.shape[1]} prompt tokens + {cfg.max_new_tokens} new tokens "
                                             f"exceed the model's context of {max_tokens}")
-    return Prepared(sample_id, question, prompt, image)
+    return Prepared(sample_id, question, prompt, image, dict(inputs))
+
+
+def model_inputs(loaded, batch: list[Prepared]) -> dict:
+    """Model inputs of prepared samples on the model's device and dtype (left-padded batch).
+
+    A single sample reuses the processor output :func:`prepare` already made for it.
+    """
+    if len(batch) == 1:
+        inputs = batch[0].inputs
+    else:
+        inputs = loaded.processor(text=[p.prompt for p in batch], images=[p.image for p in batch],
+                                  return_tensors="pt", padding=True)
+    inputs = {k: v.to(loaded.device) for k, v in inputs.items()}
+    inputs["pixel_values"] = inputs["pixel_values"].to(loaded.dtype)
+    return inputs
 
 
 def text_query_positions(image_pos: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -127,10 +146,7 @@ def capture_batch(loaded, batch: list[Prepared], cfg: CaptureConfig, store_dtype
 
     adapter = get_adapter(loaded.model)
     processor = loaded.processor
-    inputs = processor(text=[p.prompt for p in batch], images=[p.image for p in batch], return_tensors="pt",
-                       padding=True)
-    inputs = {k: v.to(loaded.device) for k, v in inputs.items()}
-    inputs["pixel_values"] = inputs["pixel_values"].to(loaded.dtype)
+    inputs = model_inputs(loaded, batch)
     image_pos = image_positions(inputs["input_ids"], adapter.image_token_id)  # [B, N]
     seq_len = inputs["input_ids"].shape[1]
     queries = "last" if cfg.queries == "last" else text_query_positions(image_pos, seq_len)

@@ -22,6 +22,7 @@ import torch
 
 from . import flops as flops_mod
 from . import stats
+from .capture import model_inputs
 from .loading import sync_device
 from .store import atomic_write_json, atomic_write_parquet, open_run
 
@@ -82,7 +83,7 @@ def evaluate_sample(loaded, prepared, rows: pl.DataFrame, max_new_tokens: int, m
     one shared prefill per group, all its distinct sets decoded together.
     """
     processor = loaded.processor
-    inputs = model_inputs(loaded, prepared)
+    inputs = model_inputs(loaded, [prepared])
     answers, timings = {}, []
     groups = []
     for (layer, keep), group in rows.group_by(["agg_layer", "keep"], maintain_order=True):
@@ -97,14 +98,6 @@ def evaluate_sample(loaded, prepared, rows: pl.DataFrame, max_new_tokens: int, m
                         "prefill_seconds": t1 - t0, "decode_seconds": t2 - t1,
                         "decode_tokens": int(tokens.shape[1]) * distinct.height})
     return answers, timings
-
-
-def model_inputs(loaded, prepared) -> dict:
-    """Processor output of one prepared sample, on the model's device and dtype."""
-    inputs = loaded.processor(text=[prepared.prompt], images=[prepared.image], return_tensors="pt")
-    inputs = {k: v.to(loaded.device) for k, v in inputs.items()}
-    inputs["pixel_values"] = inputs["pixel_values"].to(loaded.dtype)
-    return inputs
 
 
 def pruned_answer_tokens(loaded, inputs: dict, kept: torch.Tensor, agg_layer: int, max_new_tokens: int,
@@ -132,7 +125,7 @@ def time_configurations(loaded, prepared, rows: pl.DataFrame, max_new_tokens: in
     separate runs are what a deployed pruned model would take: prefill ms and decode ms
     per generated token, per configuration.
     """
-    inputs = model_inputs(loaded, prepared)
+    inputs = model_inputs(loaded, [prepared])
     out = []
     t0 = time.perf_counter()
     loaded.model(**inputs, use_cache=True, logits_to_keep=1)
