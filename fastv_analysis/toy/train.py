@@ -42,7 +42,7 @@ The shipped ``data/toy-llava`` was made in two stages (see its ``training_log.tx
 
 ``--eval-only DIR`` scores a saved checkpoint on ``--questions`` (default: the shipped
 ``data/toy-vqa/questions.jsonl``) through AutoProcessor + generate, per category, full
-and pruned (through :mod:`fastv_analysis.pruning` when importable).
+and pruned (through :mod:`fastv_analysis.pruning`).
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..pruning import FastVConfig, apply_fastv
 from . import scenes
 from .checkpoint import IMAGE_TOKEN, NUM_IMAGE_TOKENS, build_config, build_tokenizer, save_checkpoint
 
@@ -144,65 +145,6 @@ def dev_set(n: int = 240):
     return out
 
 
-# ---- THROWAWAY pruning measurement for training-time monitoring only -----------------
-# The library's FastV implementation is fastv_analysis.pruning (used by --eval-only).
-# This is a minimal prefill-only version: pre-hooks on decoder layers >= K gather the kept
-# positions from hidden_states / RoPE (cos, sin); used with unpadded batches only.
-class _RandomDrop:
-    def __init__(self, model, agg_layer: int, keep: int, seed: int):
-        self.layers = model.model.language_model.layers
-        self.k, self.keep, self.seed = agg_layer, keep, seed
-        self.handles = []
-        self.kept = None
-
-    def set_input(self, input_ids, image_id):
-        g = torch.Generator().manual_seed(self.seed)
-        rows = []
-        for b in range(input_ids.shape[0]):
-            img = (input_ids[b] == image_id).nonzero().squeeze(1)
-            sel = img[torch.randperm(len(img), generator=g)[: self.keep]]
-            other = (input_ids[b] != image_id).nonzero().squeeze(1)
-            rows.append(torch.cat([sel, other]).sort().values)
-        self.kept = torch.stack(rows)
-
-    def __enter__(self):
-        for i, layer in enumerate(self.layers):
-            if i >= self.k:
-                self.handles.append(layer.register_forward_pre_hook(self._hook(i), with_kwargs=True))
-        return self
-
-    def _hook(self, i):
-        def hook(module, args, kwargs):
-            idx = self.kept
-            kwargs = dict(kwargs)
-            if i == self.k:
-                h = args[0] if args else kwargs.pop("hidden_states")
-                h = torch.gather(h, 1, idx.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
-                args = (h,) + tuple(args[1:]) if args else ()
-                if not args:
-                    kwargs["hidden_states"] = h
-            cos, sin = kwargs["position_embeddings"]
-            g = idx.unsqueeze(-1).expand(-1, -1, cos.shape[-1])
-            kwargs["position_embeddings"] = (torch.gather(cos.expand(idx.shape[0], -1, -1), 1, g),
-                                             torch.gather(sin.expand(idx.shape[0], -1, -1), 1, g))
-            if kwargs.get("position_ids") is not None:
-                kwargs["position_ids"] = torch.gather(kwargs["position_ids"].expand(idx.shape[0], -1), 1, idx)
-            if kwargs.get("attention_mask") is not None:
-                m = kwargs["attention_mask"]
-                m = m.expand(idx.shape[0], -1, -1, -1)
-                m = torch.gather(m, 2, idx[:, None, :, None].expand(-1, m.shape[1], -1, m.shape[3]))
-                m = torch.gather(m, 3, idx[:, None, None, :].expand(-1, m.shape[1], m.shape[2], -1))
-                kwargs["attention_mask"] = m
-            return args, kwargs
-
-        return hook
-
-    def __exit__(self, *exc):
-        for h in self.handles:
-            h.remove()
-        self.handles = []
-
-
 @torch.no_grad()
 def quick_eval(model, enc, data, prune: dict | None = None, batch: int = 24):
     """Greedy first answer token from one prefill; data = [(objs, qa)]; returns acc per cat."""
@@ -218,11 +160,9 @@ def quick_eval(model, enc, data, prune: dict | None = None, batch: int = 24):
             chunk = items[s : s + batch]
             ids = torch.tensor([x[0] for x in chunk])
             pix = torch.from_numpy(np.stack([pixels(scenes.render(x[1])) for x in chunk]))
-            if prune:
-                dropper = _RandomDrop(model, **prune)
-                dropper.set_input(ids, enc.image)
-                with dropper:
-                    logits = model(input_ids=ids, pixel_values=pix).logits[:, -1]
+            if prune:  # the library's FastV, random kept sets (seeded)
+                with apply_fastv(model, FastVConfig(method="random", **prune)) as pruned:
+                    logits = pruned(input_ids=ids, pixel_values=pix).logits[:, -1]
             else:
                 logits = model(input_ids=ids, pixel_values=pix).logits[:, -1]
             pred = logits.argmax(-1).tolist()
@@ -360,11 +300,6 @@ def evaluate(ckpt: str, questions: str, out_json: str | None = None, prune_grid:
     res = {"full": run()}
     print("full:", fmt(res["full"]), flush=True)
     if prune_grid:
-        try:
-            from ..pruning import FastVConfig, apply_fastv
-        except Exception as e:  # pragma: no cover - pruning module not available
-            print("pruning module unavailable:", e)
-            return res
         for method in ("random", "avg_all_heads"):
             for keep in (192, 64, 16, 0):
                 with apply_fastv(model, FastVConfig(agg_layer=2, keep=keep, method=method, seed=0)) as m:
