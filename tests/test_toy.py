@@ -31,33 +31,43 @@ def test_same_seed_gives_identical_scene_image_and_questions():
 
 
 def test_answers_agree_with_the_scene():
-    for seed in range(60):
-        objs, qas = scenes.make_sample(seed, n_questions=5)
+    seen = set()
+    for seed in range(80):
+        objs, qas = scenes.make_sample(seed, n_questions=3)
+        assert len({(o.color, o.shape) for o in objs}) == 1  # one group of identical objects
         for qa in qas:
+            seen.add((qa.category, qa.answer))
             words = qa.text.rstrip("?").lower().split()
             if qa.category == "count":
-                assert scenes.NUMBERS.index(qa.answer) == sum(o.color == words[2] for o in objs)
+                assert scenes.NUMBERS.index(qa.answer) == len(objs)
             elif qa.category == "exist":
-                present = any((o.color, o.shape) == (words[3], words[4]) for o in objs)
-                assert qa.answer == ("yes" if present else "no")
-            elif qa.category == "color":
-                (obj,) = [o for o in objs if o.shape == words[-1]]
-                assert qa.answer == obj.color
-            elif qa.category == "shape":
-                (obj,) = [o for o in objs if o.color == words[4]]
-                assert qa.answer == obj.shape
+                assert qa.answer == ("yes" if words[3] == objs[0].color else "no")
+            else:
+                assert qa.category == "color" and qa.answer == objs[0].color
+                assert words[-1] == ("object" if len(objs) == 1 else "objects")
+    # every answer word of every category occurs (no category is stuck on one answer)
+    assert {a for c, a in seen if c == "count"} == {"one", "two", "three", "four"}
+    assert {a for c, a in seen if c == "exist"} == {"yes", "no"}
+    assert {a for c, a in seen if c == "color"} == set(scenes.COLORS)
 
 
-def test_every_object_is_a_block_of_whole_patches_off_the_middle_lines():
-    img = np.asarray(scenes.render([scenes.Obj(3, 20, "red", "cross", size=2)]))
+def test_objects_are_blocks_of_whole_patches_with_colour_in_every_patch():
+    img = np.asarray(scenes.render([scenes.Obj(3, 13, "red", "cross", size=2)])).astype(int)
     ys, xs = np.nonzero((img != scenes.BACKGROUND).any(-1))
-    assert (ys.min() // 14, ys.max() // 14, xs.min() // 14, xs.max() // 14) == (3, 4, 20, 21)
-    for seed in range(30):
+    assert (ys.min() // 14, ys.max() // 14, xs.min() // 14, xs.max() // 14) == (3, 4, 13, 14)
+    # each patch holds the fill colour and the glyph (fill - GLYPH_SHADE), nothing else
+    patch = img[3 * 14 : 4 * 14, 13 * 14 : 14 * 14].reshape(-1, 3)
+    fill = np.array(scenes.COLORS["red"])
+    assert {tuple(v) for v in patch} == {tuple(fill), tuple(fill - scenes.GLYPH_SHADE)}
+    for seed in range(40):
         objs, _ = scenes.make_sample(seed)
+        assert scenes.MIN_OBJECTS <= len(objs) <= scenes.MAX_OBJECTS
         assert all(o.size == scenes.OBJECT_SIZE for o in objs)
         cells = [(o.row + i, o.col + j) for o in objs for i in range(o.size) for j in range(o.size)]
         assert len(set(cells)) == len(cells)  # no overlap
-        assert all(r not in (11, 12) and c not in (11, 12) and max(r, c) < 24 for r, c in cells)
+        assert max(r for r, _ in cells) < 24
+        cols = {c for _, c in cells}
+        assert max(cols) < 11 or min(cols) > 12  # all on one side of the empty middle columns
 
 
 def test_train_split_never_contains_an_eval_scene():
@@ -128,9 +138,9 @@ def test_chat_template_renders_the_llava_1_5_prompt(tmp_path):
 def test_shipped_toy_llava_loads_offline_and_answers_shipped_questions(monkeypatch):
     """Load path + weights regression: Auto classes offline, 576 image tokens, real answers.
 
-    The bar is "clearly better than an untrained model" (which answers ~0%: its greedy
-    token is almost never the one answer word); README's toy section gives the measured
-    accuracy. Raise MIN_CORRECT when a stronger checkpoint lands.
+    The bar sits a few questions under the measured accuracy on these 40 (README's toy
+    section has the full-split numbers); an untrained model answers ~0%: its greedy token
+    is almost never the one answer word.
     """
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     import torch

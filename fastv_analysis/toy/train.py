@@ -10,35 +10,23 @@ scratch, every weight (vision tower included).
 Data: scenes from :mod:`fastv_analysis.toy.scenes`, generated on the fly from the training
 seed space (disjoint from the shipped eval split; any scene equal to an eval scene is
 skipped). Each training sequence is a multi-turn LLaVA conversation about one image,
-``<s>USER: <image>\\nQ1 ASSISTANT: A1</s>USER: Q2 ASSISTANT: A2</s>...`` (``--turns``
-questions, categories drawn uniformly), so one pass over the 576 image tokens supervises
-several answers; the first turn is exactly the single-turn evaluation prompt. Loss: cross
-entropy on the answer tokens and their ``</s>`` only.
-
-Curriculum (``LEVELS``, gated by accuracy): objects are drawn as k x k blocks of identical
-cells (each patch carries the same colour/shape features as in the final task, but large
-blocks are visible even to near-uniform attention). Level 0: 6 x 6 blocks, 1-3 objects;
-then 5 x 5 (1-4), 4 x 4 (2-4) and the evaluation's 3 x 3 (2-5). The level goes up when the
-greedy answer accuracy over the last ``--window`` (30) training batches reaches
-``--advance-at`` (0.9). Count questions are asked only at the last level (a count is read
-off an area, which depends on the block size). With ``--schedule gated`` (default) the LR
-is constant until the last level, then decays (cosine) over ``--final-steps`` (1200) and
-training stops; ``--schedule cosine`` decays over ``--steps`` whatever the level.
+``<s>USER: <image>\\nQ1 ASSISTANT: A1</s>USER: Q2 ASSISTANT: A2</s>...`` (up to ``--turns``
+distinct questions, categories drawn uniformly), so one pass over the 576 image tokens
+supervises several answers; the first turn is exactly the single-turn evaluation prompt.
+Loss: cross entropy on the answer tokens and their ``</s>`` only. No curriculum: the
+objects are large enough (25 tokens each) to be seen through near-uniform attention.
 
 Optimisation (defaults): AdamW (lr 1e-3, betas 0.9/0.98, weight decay 0.01 on matrices),
-linear warm-up 100 steps, gradient clipping 1.0, batch 8 conversations of 12 turns, fp32,
-``torch.manual_seed(--seed)``, ``--threads`` torch threads (use 1 when another process
-shares the 2 cores: 2 threads on a busy 2-core machine ran 7x slower). ``--max-minutes``
-stops early (saving). Every ``--eval-every`` (300) steps a 150-question dev set (training
-seed space, never trained on, evaluation-size scenes) is scored with the full model and
-with random FastV pruning (agg layer 2, keep 64); the checkpoint is saved each time.
+linear warm-up 50 steps then cosine decay to 5% over ``--steps``, gradient clipping 1.0,
+batch 8 conversations, fp32, ``torch.manual_seed(--seed)``, ``--threads`` torch threads
+(run it alone: 2 threads on a busy 2-core machine ran 7x slower). ``--max-minutes`` stops
+early (saving). Every ``--eval-every`` steps a 150-question dev set (training seed space,
+never trained on) is scored with the full model and with random FastV pruning (agg layer
+2, keep 64); the checkpoint is saved each time.
 
-The shipped ``data/toy-llava`` was made in two stages (see its ``training_log.txt``)::
+The shipped ``data/toy-llava`` was made by::
 
-    python -m fastv_analysis.toy.train --out /tmp/stage1 --threads 1 --max-minutes 50
-    #   stopped by hand after its step-900 save (the session's time ran out)
-    python -m fastv_analysis.toy.train --out data/toy-llava --init-from /tmp/stage1 \
-        --schedule cosine --lr 3e-4 --warmup 30 --steps 900 --seed 1 --threads 1 --max-minutes 25
+    python -m fastv_analysis.toy.train --out data/toy-llava
 
 ``--eval-only DIR`` scores a saved checkpoint on ``--questions`` (default: the shipped
 ``data/toy-vqa/questions.jsonl``) through AutoProcessor + generate, per category, full
@@ -97,10 +85,6 @@ class Encoder:
         return ids, labels
 
 
-# Curriculum levels: (block size in cells, object-count range); the last is the eval split.
-LEVELS = ((6, (1, 3)), (5, (1, 4)), (4, (2, 4)), (scenes.OBJECT_SIZE, (scenes.MIN_OBJECTS, scenes.MAX_OBJECTS)))
-
-
 def answer_accuracy(logits: torch.Tensor, labels: torch.Tensor, eos: int) -> tuple[int, int]:
     """(correct, total) greedy answer tokens in a training batch (the </s> labels excluded)."""
     tgt = labels[:, 1:]
@@ -109,15 +93,13 @@ def answer_accuracy(logits: torch.Tensor, labels: torch.Tensor, eos: int) -> tup
     return int((pred[sel] == tgt[sel]).sum()), int(sel.sum())
 
 
-def train_dialogue(i: int, exclude, turns: int, rng: random.Random,
-                   n_objects=(scenes.MIN_OBJECTS, scenes.MAX_OBJECTS), size: int = scenes.OBJECT_SIZE):
-    objs, _ = scenes.train_sample(i, exclude, n_objects=n_objects, size=size)
-    # counting is only asked at the final object size (a count is read off an area)
-    cats = scenes.CATEGORIES if size == scenes.OBJECT_SIZE else tuple(c for c in scenes.CATEGORIES if c != "count")
+def train_dialogue(i: int, exclude, turns: int, rng: random.Random):
+    """Training scene i and up to ``turns`` distinct questions about it."""
+    objs, _ = scenes.train_sample(i, exclude)
     qas = []
     for _ in range(turns * 3):
-        qa = scenes.questions_for(objs, rng, rng.choice(cats))
-        if qa is not None and all(qa.text != x.text for x in qas):
+        qa = scenes.questions_for(objs, rng, rng.choice(scenes.CATEGORIES))
+        if all(qa.text != x.text for x in qas):
             qas.append(qa)
         if len(qas) == turns:
             break
@@ -140,7 +122,7 @@ def collate(items, pad_id):
 def dev_set(n: int = 240):
     out = []
     for i in range(n):
-        objs, qas = scenes.make_sample(DEV_SEED_BASE + i, categories=(scenes.CATEGORIES[i % 5],))
+        objs, qas = scenes.make_sample(DEV_SEED_BASE + i, categories=(scenes.CATEGORIES[i % len(scenes.CATEGORIES)],))
         out.append((objs, qas[0]))
     return out
 
@@ -205,43 +187,31 @@ def train(args) -> None:
         lr=args.lr, betas=(0.9, 0.98),
     )
 
-    def lr_at(step, final_start):
+    def lr_at(step):
         if step < args.warmup:
             return args.lr * (step + 1) / args.warmup
-        if args.schedule == "cosine":  # decay over --steps whatever the level
-            t = min(1.0, (step - args.warmup) / max(1, args.steps - args.warmup))
-            return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
-        if final_start is None:
-            return args.lr
-        t = min(1.0, (step - final_start) / max(1, args.final_steps))
+        t = min(1.0, (step - args.warmup) / max(1, args.steps - args.warmup))
         return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
 
     t0 = time.time()
     sample = 0
     ema = None
-    level, window, final_start = args.start_level, [], None
+    window: list[tuple[int, int]] = []
     model.train()
     for step in range(args.steps):
         items = []
-        size, n_objects = LEVELS[level]
         for _ in range(args.batch):
-            objs, qas = train_dialogue(sample, exclude, args.turns, rng, n_objects, size)
+            objs, qas = train_dialogue(sample, exclude, args.turns, rng)
             sample += 1
             ids, lab = enc.dialogue(qas)
             items.append((ids, lab, pixels(scenes.render(objs))))
         ids, lab, att, pix = collate(items, tok.pad_token_id)
-        lr = lr_at(step, final_start)
+        lr = lr_at(step)
         for g in opt.param_groups:
             g["lr"] = lr
         out = model(input_ids=ids, attention_mask=att, pixel_values=pix, labels=lab)
-        window.append(answer_accuracy(out.logits.detach(), lab, tok.eos_token_id))
-        window = window[-args.window:]
+        window = (window + [answer_accuracy(out.logits.detach(), lab, tok.eos_token_id)])[-30:]
         acc = sum(c for c, _ in window) / max(1, sum(n for _, n in window))
-        if level < len(LEVELS) - 1 and len(window) == args.window and acc >= args.advance_at:
-            level, window = level + 1, []
-            print(f"LEVEL {level} at step {step + 1}: size {LEVELS[level][0]} objects {LEVELS[level][1]}", flush=True)
-            if level == len(LEVELS) - 1:
-                final_start = step + 1
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
         opt.step()
@@ -249,10 +219,8 @@ def train(args) -> None:
         ema = out.loss.item() if ema is None else 0.98 * ema + 0.02 * out.loss.item()
         elapsed = (time.time() - t0) / 60
         if step % 25 == 0:
-            print(f"step {step} loss {ema:.4f} train-acc {acc:.3f} lr {lr:.2e} objects {n_objects} size {size} "
-                  f"{elapsed:.1f} min", flush=True)
-        done_final = final_start is not None and step + 1 >= final_start + args.final_steps
-        last = step == args.steps - 1 or elapsed > args.max_minutes or done_final
+            print(f"step {step} loss {ema:.4f} train-acc {acc:.3f} lr {lr:.2e} {elapsed:.1f} min", flush=True)
+        last = step == args.steps - 1 or elapsed > args.max_minutes
         if (step + 1) % args.eval_every == 0 or last:
             full = quick_eval(model, enc, dev)
             pr = quick_eval(model, enc, dev, prune=dict(agg_layer=2, keep=64, seed=0))
@@ -260,7 +228,7 @@ def train(args) -> None:
             print(f"EVAL step {step + 1} K2 keep64 random: {fmt(pr)}", flush=True)
             save_checkpoint(model, args.out)
         if last:
-            print(f"done: {step + 1} steps, {sample} sequences, {elapsed:.1f} min, level {level}", flush=True)
+            print(f"done: {step + 1} steps, {sample} sequences, {elapsed:.1f} min", flush=True)
             break
 
 
@@ -314,16 +282,13 @@ def evaluate(ckpt: str, questions: str, out_json: str | None = None, prune_grid:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="data/toy-llava")
-    p.add_argument("--steps", type=int, default=6000)
-    p.add_argument("--advance-at", type=float, default=0.9, help="curriculum: train answer accuracy to go up a level")
-    p.add_argument("--window", type=int, default=30, help="curriculum: steps the accuracy is averaged over")
-    p.add_argument("--final-steps", type=int, default=1200, help="steps on the last level (cosine LR decay)")
+    p.add_argument("--steps", type=int, default=4800)
     p.add_argument("--max-minutes", type=float, default=88.0)
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--turns", type=int, default=12)
+    p.add_argument("--turns", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--wd", type=float, default=0.01)
-    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--clip", type=float, default=1.0)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--width", type=int, default=128)
@@ -332,12 +297,8 @@ def main(argv=None) -> None:
     p.add_argument("--vision-width", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--eval-every", type=int, default=300)
+    p.add_argument("--eval-every", type=int, default=600)
     p.add_argument("--init-from", metavar="CKPT", help="start from a saved checkpoint instead of random init")
-    p.add_argument("--start-level", type=int, default=0, help="curriculum level to start at")
-    p.add_argument("--schedule", choices=("gated", "cosine"), default="gated",
-                   help="gated: constant LR until the last level, then cosine over --final-steps; "
-                        "cosine: warm-up then cosine over --steps")
     p.add_argument("--eval-only", metavar="CKPT")
     p.add_argument("--questions", default="data/toy-vqa/questions.jsonl")
     p.add_argument("--results", help="write eval results as JSON here")
