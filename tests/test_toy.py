@@ -149,7 +149,7 @@ def test_shipped_toy_llava_loads_offline_and_answers_shipped_questions(monkeypat
 
     from fastv_analysis.data import load_questions
 
-    MIN_CORRECT = 10  # of 40
+    MIN_CORRECT = 36  # of 40 (the shipped model answers all 480 questions of the split)
     files = {p.name for p in TOY_MODEL.iterdir()}
     assert {"config.json", "model.safetensors", "processor_config.json", "tokenizer.json"} <= files
     assert sum(p.stat().st_size for p in TOY_MODEL.iterdir()) < 25 * 2**20
