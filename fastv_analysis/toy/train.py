@@ -1,6 +1,6 @@
 """Train the toy LLaVA shipped in ``data/toy-llava`` (CPU, seeded).
 
-    python -m fastv_analysis.toy.train --out data/toy-llava
+    python -m fastv_analysis.toy.train --out data/toy-llava    # 4,800 steps, 55.5 min on 2 cores alone
 
 Model: ``LlavaForConditionalGeneration`` built by :func:`fastv_analysis.toy.checkpoint.build_config`
 (CLIP 336/14, width 64, 1 layer, features from ``vision_feature_layer=-2`` as in LLaVA-1.5;
@@ -26,7 +26,7 @@ never trained on) is scored with the full model and with random FastV pruning (a
 
 The shipped ``data/toy-llava`` was made by::
 
-    python -m fastv_analysis.toy.train --out data/toy-llava
+    python -m fastv_analysis.toy.train --out data/toy-llava    # 4,800 steps, 55.5 min on 2 cores alone
 
 ``--eval-only DIR`` scores a saved checkpoint on ``--questions`` (default: the shipped
 ``data/toy-vqa/questions.jsonl``) through AutoProcessor + generate, per category, full
