@@ -4,7 +4,7 @@ A scene is a 336 x 336 canvas divided into the 24 x 24 grid of 14-pixel cells th
 CLIP ViT-L/14-336-style vision tower sees as its 576 patches. It holds one to four
 identical objects (one colour, one shape), each a 5 x 5 block of cells (25 image tokens),
 all on the same side of the two empty middle columns. Every cell of an object is filled
-with the object's colour and carries its shape as a lighter glyph, so colour and shape
+with the object's colour and carries its shape as a darker glyph, so colour and shape
 add up inside each patch (a glyph drawn *in* the colour would multiply them) and every
 object token carries the object's colour by itself.
 
@@ -15,8 +15,8 @@ Question categories (all answers are one word):
 * ``exist``  "Is there a <color> object?"             (yes / no, balanced)
 
 Why these three: every earlier toy asked about *one* object among several (colour of the
-<shape>, shape of the <colour> object, left/right of an object), and none of those ever
-left the answer priors in up to 90 CPU minutes of training (README's toy section lists the
+<shape>, shape of the <colour> object, left/right of an object), and none of those got
+far from its answer prior in up to 90 CPU minutes of training (README's toy section lists the
 runs). Questions about the whole group are learned in minutes, and ``count`` keeps the
 answer spread over every object token, so pruning image tokens costs accuracy.
 
@@ -152,8 +152,8 @@ def _draw_cell(d: ImageDraw.ImageDraw, col: int, row: int, shape: str, fill) -> 
         raise ValueError(shape)
 
 
-def questions_for(objects: list[Obj], rng: random.Random, category: str) -> QA | None:
-    """One question of ``category`` about the scene (None for an unknown-answer case)."""
+def questions_for(objects: list[Obj], rng: random.Random, category: str) -> QA:
+    """One question of ``category`` about the scene (every category fits every scene)."""
     n = len(objects)
     color = objects[0].color
     if category == "color":
@@ -174,13 +174,7 @@ def make_sample(seed: int, categories: tuple[str, ...] = CATEGORIES, n_questions
     objs = make_scene(rng, n_objects, size)
     cats = list(categories)
     rng.shuffle(cats)
-    qas: list[QA] = []
-    for cat in cats:
-        qa = questions_for(objs, rng, cat)
-        if qa is not None:
-            qas.append(qa)
-        if len(qas) == n_questions:
-            break
+    qas = [questions_for(objs, rng, cat) for cat in cats[:n_questions]]
     return objs, qas
 
 
