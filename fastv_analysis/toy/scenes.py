@@ -114,12 +114,11 @@ def _place_blocks(rng: random.Random, n: int, size: int, side: int) -> list[tupl
                     return taken
 
 
-def make_scene(rng: random.Random, n_objects: tuple[int, int] = (MIN_OBJECTS, MAX_OBJECTS),
-               size: int = OBJECT_SIZE) -> list[Obj]:
+def make_scene(rng: random.Random) -> list[Obj]:
     """Random scene: n identical objects (one colour, one shape) on one side of the canvas."""
-    n = rng.randint(*n_objects)
+    n = rng.randint(MIN_OBJECTS, MAX_OBJECTS)
     color, shape, side = rng.choice(list(COLORS)), rng.choice(SHAPES), rng.randrange(2)
-    return [Obj(r, c, color, shape, size) for r, c in _place_blocks(rng, n, size, side)]
+    return [Obj(r, c, color, shape) for r, c in _place_blocks(rng, n, OBJECT_SIZE, side)]
 
 
 def render(objects: list[Obj] | tuple[Obj, ...]) -> Image.Image:
@@ -167,11 +166,10 @@ def questions_for(objects: list[Obj], rng: random.Random, category: str) -> QA:
     raise ValueError(f"unknown category {category!r}")
 
 
-def make_sample(seed: int, categories: tuple[str, ...] = CATEGORIES, n_questions: int = 1,
-                n_objects: tuple[int, int] = (MIN_OBJECTS, MAX_OBJECTS), size: int = OBJECT_SIZE):
+def make_sample(seed: int, categories: tuple[str, ...] = CATEGORIES, n_questions: int = 1):
     """(objects, [QA, ...]) for one seed: a scene plus up to n_questions of distinct categories."""
     rng = random.Random(seed)
-    objs = make_scene(rng, n_objects, size)
+    objs = make_scene(rng)
     cats = list(categories)
     rng.shuffle(cats)
     qas = [questions_for(objs, rng, cat) for cat in cats[:n_questions]]
@@ -187,13 +185,11 @@ def eval_split(n_images: int = 240, questions_per_image: int = 2):
     return out
 
 
-def train_sample(i: int, exclude: set | frozenset = frozenset(), categories=CATEGORIES,
-                 n_objects: tuple[int, int] = (MIN_OBJECTS, MAX_OBJECTS), size: int = OBJECT_SIZE):
+def train_sample(i: int, exclude: set | frozenset = frozenset()):
     """Training sample i (seed space disjoint from the eval split); skips excluded scene keys."""
     k = 0
     while True:
-        objs, qas = make_sample(TRAIN_SEED_BASE + i + k * 7_919_000, categories=categories, n_objects=n_objects,
-                                size=size)
+        objs, qas = make_sample(TRAIN_SEED_BASE + i + k * 7_919_000)
         if scene_key(objs) not in exclude:
             return objs, qas[0]
         k += 1
