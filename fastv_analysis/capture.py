@@ -138,6 +138,12 @@ def text_query_positions(image_pos: torch.Tensor, seq_len: int) -> torch.Tensor:
     return torch.arange(seq_len - q, seq_len)
 
 
+def _answer_text(answer) -> str:
+    """The reference as stored in samples.parquet: an option index as its letter ("A"),
+    which the scorer reads back as that option (a digit would read as option text)."""
+    return chr(ord("A") + answer) if isinstance(answer, int) else str(answer)
+
+
 def capture_batch(loaded, batch: list[Prepared], cfg: CaptureConfig, store_dtype: torch.dtype):
     """Answer and record one batch; returns (index rows, tensors by name)."""
     from .adapters import get_adapter
@@ -165,7 +171,7 @@ def capture_batch(loaded, batch: list[Prepared], cfg: CaptureConfig, store_dtype
         prediction = answers[b].strip()
         rows.append({
             "sample_id": p.sample_id, "question_id": str(q.question_id), "image": str(q.image),
-            "question": q.text, "answer": str(q.answer), "category": q.category or "",
+            "question": q.text, "answer": _answer_text(q.answer), "category": q.category or "",
             "prediction": prediction, "correct": is_correct(prediction, q.answer, q.choices),
             "image_start": int(image_pos[b, 0] - (seq_len - prompt_tokens[b])),  # in the unpadded prompt
             "n_image_tokens": int(image_pos.shape[1]), "prompt_tokens": int(prompt_tokens[b]), "capture_seconds": seconds,

@@ -2,8 +2,10 @@
 
 Keys (first one found wins): ``question_id`` | ``id`` | ``qid``; ``image``; ``text`` |
 ``question`` | ``prompt``; ``answer`` | ``label`` | ``gt_answer``; optional ``category``
-and ``choices`` (list of option texts, for multiple choice). Image paths are relative to
-the question file. The shipped toy set and ScienceQA-IMG / POPE / GQA exports read alike.
+and ``choices`` (list of option texts, for multiple choice). With ``choices``, a JSON
+integer answer is the option's index (0 = A) and stays an ``int``; every other answer is a
+string (see ``scoring``). Image paths are relative to the question file. The shipped toy
+set and ScienceQA-IMG / POPE / GQA exports read alike.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ class Question:
     question_id: str
     image: Path
     text: str
-    answer: str
+    answer: str | int  # int: an option index, only with choices
     category: str = ""
     choices: list[str] | None = field(default=None)
 
@@ -45,13 +47,19 @@ def parse_line(obj: dict, base: Path, where: str) -> Question:
     choices = obj.get("choices")
     if choices is not None and not (isinstance(choices, list) and all(isinstance(c, str) for c in choices)):
         raise ValueError(f"{where}: choices must be a list of strings")
+    answer = _first(obj, ANSWER_KEYS)
+    if choices is not None and isinstance(answer, int) and not isinstance(answer, bool):
+        if not 0 <= answer < len(choices):
+            raise ValueError(f"{where}: answer {answer} is not an option index ({len(choices)} choices)")
+    else:
+        answer = str(answer)
     qid = _first(obj, ID_KEYS)
     image = Path(obj["image"])
     return Question(
         question_id=str(qid if qid is not None else where.rsplit(":", 1)[-1]),
         image=image if image.is_absolute() else (base / image),
         text=str(_first(obj, TEXT_KEYS)),
-        answer=str(_first(obj, ANSWER_KEYS)),
+        answer=answer,
         category=str(obj.get("category") or ""),
         choices=choices,
     )

@@ -16,8 +16,12 @@ image tokens remain. Here that is done without a copy of transformers' modeling 
   the layer-0 cache stays full length, so new tokens get their original RoPE positions,
   and kept tokens keep theirs.
 
-K = 0 (no attention to rank by) keeps a seeded random subset and prunes the decoder's
-input embeddings instead (a pre-hook on the language model), passing explicit positions.
+K = 0 (no attention to rank by) keeps a random subset and prunes the decoder's input
+embeddings instead (a pre-hook on the language model), passing explicit positions. Random
+subsets (K = 0 and ``method="random"``) are drawn per sample, keyed by (seed, sample): an
+explicit ``sample_ids`` or a hash of the element's unpadded input ids and pixel values,
+so a sample keeps the same set whatever its batch, and the same set as the select stage
+when ``sample_ids`` are the run's sample ids.
 ``mode="mask"`` keeps every token but masks the pruned ones out as keys from layer K on,
 as the reference implementation did; it exists to check ``mode="drop"`` against.
 
@@ -27,8 +31,9 @@ owns the hook handles and removes them on :meth:`FastVModel.remove` / context ex
 
 from __future__ import annotations
 
+import hashlib
 import weakref
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -65,7 +70,10 @@ class FastVConfig:
     method/alpha: selection strategy, see :mod:`fastv_analysis.strategies`.
     image_start, image_tokens: a fixed image span for every element (the reference's
                   ``sys_length``/``image_token_length``); None = find it in input_ids.
-    seed:         seeds the random method and the K = 0 subset, per forward.
+    seed:         seeds the random method and the K = 0 subset (with each sample's key).
+    sample_ids:   one non-negative id per batch element keying its random subset (the
+                  select stage's ``sample_id``); None = a hash of the element's unpadded
+                  input ids and pixel values (:func:`sample_keys`).
     mode:         "drop" (physically remove) or "mask" (mask out as keys).
     kept:         externally chosen image-token indices ``[B, keep]`` or ``[keep]``
                   (replaying the select stage); overrides method when set.
@@ -79,6 +87,7 @@ class FastVConfig:
     image_start: int | None = None
     image_tokens: int | None = None
     seed: int = 0
+    sample_ids: Sequence[int] | None = None
     mode: str = "drop"
     kept: torch.Tensor | None = field(default=None, repr=False)
 
@@ -119,6 +128,10 @@ class FastVConfig:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if (self.image_start is None) != (self.image_tokens is None):
             raise ValueError("image_start and image_tokens must be given together (or neither)")
+        if self.sample_ids is not None and not all(isinstance(i, int) and i >= 0 for i in self.sample_ids):
+            raise ValueError(f"sample_ids must be non-negative integers, got {list(self.sample_ids)!r}")
+        if not (isinstance(self.seed, int) and self.seed >= 0):
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
         for name in ("image_start", "image_tokens"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, int) and value >= 0):
@@ -204,9 +217,42 @@ def image_attention(rows: torch.Tensor, image_pos: torch.Tensor) -> torch.Tensor
     return take_positions(rows, image_pos, dim=2)
 
 
-def random_selection(batch: int, n_image: int, keep: int, generator: torch.Generator) -> strategies.Selection:
-    """Seeded random subset when there is no attention to rank by (K = 0)."""
-    return strategies.select(torch.zeros(batch, 1, n_image), "random", keep, generator=generator)
+def random_selection(n_image: int, keep: int, seed: int, keys: Sequence[int]) -> strategies.Selection:
+    """Per-sample random subset when there is no attention to rank by (K = 0)."""
+    return strategies.select(torch.zeros(len(keys), 1, n_image), "random", keep, seed=seed, sample_keys=keys)
+
+
+def last_token_positions(attention_mask: torch.Tensor | None, batch: int, seq_len: int, device) -> torch.Tensor:
+    """``[B, 1]`` position of each element's last real token: FastV's query.
+
+    With left padding (what generate needs) it is ``seq_len - 1``; a right-padded element
+    ends earlier, and ranking by its padding would rank by a token that is not the prompt.
+    """
+    if attention_mask is None or attention_mask.dim() != 2:
+        return torch.full((batch, 1), seq_len - 1, dtype=torch.long, device=device)
+    real = attention_mask.to(device).bool()
+    if not real.any(dim=1).all():
+        raise ValueError("an element of the batch is all padding (attention_mask is 0 everywhere)")
+    last = seq_len - 1 - real.flip(1).long().argmax(dim=1)
+    return last[:, None]
+
+
+def sample_keys(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                pixel_values: torch.Tensor | None) -> list[int]:
+    """One integer key per element: a hash of its unpadded input ids and its pixel values.
+
+    Both enter because benchmarks like POPE ask the same question about thousands of
+    images; padding is left out so the key does not depend on the batch it came in.
+    """
+    keys = []
+    for b in range(input_ids.shape[0]):
+        ids = input_ids[b] if attention_mask is None or attention_mask.dim() != 2 else input_ids[b][attention_mask[b].bool()]
+        h = hashlib.blake2b(ids.detach().cpu().to(torch.int64).numpy().tobytes(), digest_size=8)
+        if pixel_values is not None:
+            pixels = pixel_values[b] if pixel_values.shape[0] == input_ids.shape[0] else pixel_values
+            h.update(pixels.detach().cpu().to(torch.float32).contiguous().numpy().tobytes())
+        keys.append(int.from_bytes(h.digest(), "little") >> 1)
+    return keys
 
 
 # ----------------------------------------------------------------------------------------
@@ -223,6 +269,10 @@ class _Prompt:
     agg_layer: int
     mode: str
     image_pos: torch.Tensor  # [B, N]
+    query_pos: torch.Tensor | None = None  # [B, 1] last real token of each element
+    input_ids: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = None
+    keys: list[int] | None = None  # per-element keys of the random control, set when first needed
     selection: strategies.Selection | None = None
     given: torch.Tensor | None = None  # [B, keep] image-token indices chosen outside
     kept_mask: torch.Tensor | None = None  # [B, S]
@@ -273,6 +323,7 @@ class FastVModel:
         self.prompt: _Prompt | None = None
         self.phase: str | None = None  # "prefill" | "decode" | None for the running forward
         self._memo: dict = {}
+        self._pixels: torch.Tensor | None = None  # what the vision tower last encoded
         self._handles: list = []
         self._install()
 
@@ -344,6 +395,7 @@ class FastVModel:
         _ACTIVE[self.model] = self
         self._handles.append(adapter.model.register_forward_pre_hook(self._on_model, with_kwargs=True))
         self._handles.append(adapter.model.register_forward_hook(self._after_model, always_call=True))
+        self._handles.append(adapter.vision_tower.register_forward_pre_hook(self._on_vision, with_kwargs=True))
         self._handles.append(
             adapter.language_model.register_forward_pre_hook(self._on_language_model, with_kwargs=True)
         )
@@ -372,15 +424,37 @@ class FastVModel:
         if config.image_start is None and not (input_ids == self.adapter.image_token_id).any():
             self.prompt = None
             return None
-        self.prompt = self._new_prompt(input_ids)
+        self.prompt = self._new_prompt(input_ids, kwargs.get("attention_mask"))
         self.phase = "prefill"
         return None
 
     def _after_model(self, module, args, output):
         """Forget the per-forward state, so direct calls of a submodule are never pruned."""
-        self.phase, self._memo = None, {}
+        self.phase, self._memo, self._pixels = None, {}, None
 
-    def _new_prompt(self, input_ids: torch.Tensor) -> _Prompt:
+    def _on_vision(self, module, args, kwargs):
+        """Remember the pixels being encoded: in generate this runs before the prefill."""
+        self._pixels = args[0] if args else kwargs.get("pixel_values")
+
+    def _sample_keys(self, prompt: _Prompt) -> list[int]:
+        """Keys of the random control, computed once the image has been encoded."""
+        if prompt.keys is None:
+            ids = self.fastv.sample_ids
+            if ids is not None:
+                if len(ids) != prompt.input_ids.shape[0]:
+                    raise ValueError(f"sample_ids has {len(ids)} ids for a batch of {prompt.input_ids.shape[0]}")
+                prompt.keys = [int(i) for i in ids]
+            else:
+                prompt.keys = sample_keys(prompt.input_ids, prompt.attention_mask, self._pixels)
+        return prompt.keys
+
+    def _choose_random_at_input(self, prompt: _Prompt) -> None:
+        """K = 0: nothing to rank by; a per-sample random subset of the image tokens."""
+        prompt.selection = random_selection(prompt.image_pos.shape[1], self.fastv.keep, self.fastv.seed,
+                                            self._sample_keys(prompt))
+        prompt.choose(prompt.selection.indices.to(prompt.image_pos.device))
+
+    def _new_prompt(self, input_ids: torch.Tensor, attention_mask=None) -> _Prompt:
         config = self.fastv
         batch, seq_len = input_ids.shape
         if config.image_start is not None:
@@ -402,13 +476,13 @@ class FastVModel:
             fan_out = max(batch, given.shape[0])
             if fan_out != batch and config.agg_layer == 0 and config.mode == "mask":
                 raise ValueError("fanning one prompt out to several kept sets needs agg_layer >= 1 in mask mode")
-        prompt = _Prompt(seq_len, fan_out, config.agg_layer, config.mode, image_pos, given=given)
+        prompt = _Prompt(seq_len, fan_out, config.agg_layer, config.mode, image_pos, given=given,
+                         query_pos=last_token_positions(attention_mask, batch, seq_len, input_ids.device),
+                         input_ids=input_ids, attention_mask=attention_mask)
+        if config.sample_ids is not None and len(config.sample_ids) != batch:
+            raise ValueError(f"sample_ids has {len(config.sample_ids)} ids for a batch of {batch}")
         if given is not None:
             prompt.choose(given.sort(dim=1).values)
-        elif config.agg_layer == 0:
-            generator = torch.Generator().manual_seed(config.seed)
-            prompt.selection = random_selection(batch, image_pos.shape[1], config.keep, generator)
-            prompt.choose(prompt.selection.indices.to(input_ids.device))
         return prompt
 
     def _attention_hook(self, layer: int):
@@ -417,11 +491,12 @@ class FastVModel:
             if self.phase != "prefill" or prompt.kept_mask is not None or layer != prompt.agg_layer - 1:
                 return None
             with torch.no_grad():
-                rows = rows_from_call(self.adapter, module, args, kwargs, "last")[:, :, 0, :]
+                rows = rows_from_call(self.adapter, module, args, kwargs, prompt.query_pos)[:, :, 0, :]
                 prompt.image_rows = image_attention(rows, prompt.image_pos)
-                generator = torch.Generator().manual_seed(self.fastv.seed)
                 prompt.selection = strategies.select(
-                    prompt.image_rows, self.fastv.method, self.fastv.keep, alpha=self.fastv.alpha, generator=generator
+                    prompt.image_rows, self.fastv.method, self.fastv.keep, alpha=self.fastv.alpha,
+                    seed=self.fastv.seed,
+                    sample_keys=self._sample_keys(prompt) if self.fastv.method == "random" else None,
                 )
             prompt.choose(prompt.selection.indices.to(prompt.image_pos.device))
             return None
@@ -495,6 +570,8 @@ class FastVModel:
     def _on_language_model(self, module, args, kwargs):
         """K = 0 in drop mode: prune the decoder's input and give it explicit positions."""
         prompt = self.prompt
+        if self.phase == "prefill" and prompt.agg_layer == 0 and prompt.kept_mask is None:
+            self._choose_random_at_input(prompt)  # the image is encoded by now
         if self.phase is None or prompt.agg_layer != 0 or prompt.mode != "drop":
             return None
         kept = prompt.kept_positions

@@ -56,13 +56,6 @@ def score_configs(methods: Sequence[str], alphas: Sequence[float]) -> list[Score
     return list(dict.fromkeys(out))
 
 
-def random_keys(sample_ids: Sequence[int], n_tokens: int, seed: int) -> np.ndarray:
-    """``[S, N]`` random ranking keys, one stream per (seed, sample): chunking never changes them."""
-    return np.stack([np.random.default_rng([seed, int(s)]).random(n_tokens) for s in sample_ids]) if len(
-        sample_ids
-    ) else np.zeros((0, n_tokens))
-
-
 def selection_ids(kept: np.ndarray) -> list[str]:
     """Stable short hash of each kept set (rows of ``[S, k]``), equal sets -> equal ids."""
     data = np.ascontiguousarray(kept, dtype="<i4")
@@ -76,7 +69,7 @@ def config_scores(attention: torch.Tensor, cfg: ScoreConfig, sample_ids: Sequenc
     if cfg.method == "uniform":
         return None
     if cfg.method == "random":
-        return random_keys(sample_ids, attention.shape[-1], seed)
+        return strategies.random_keys(seed, sample_ids, attention.shape[-1]).numpy()
     return strategies.attention_scores(attention, cfg.method, cfg.alpha if cfg.alpha is not None else 0.5).numpy()
 
 

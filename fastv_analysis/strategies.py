@@ -13,8 +13,10 @@ a whole keep grid for the price of one sort.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 METHODS = ("avg_all_heads", "max_head", "weighted_combination", "random", "uniform")
@@ -112,9 +114,20 @@ def attention_scores(attention: torch.Tensor, method: str, alpha: float = 0.5) -
     return alpha * top + (1.0 - alpha) * others
 
 
-def random_scores(shape: tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:
-    """Uniform random keys ``[*shape]``; ranking them keeps a random subset."""
-    return torch.rand(shape, generator=generator)
+def random_keys(seed: int, sample_keys: Sequence[int], n_tokens: int) -> torch.Tensor:
+    """``[S, N]`` float64 random ranking keys, one independent stream per (seed, sample key).
+
+    The random control must be drawn per sample: one subset reused for every sample
+    measures that subset, not random selection. Keying by the sample (not its batch
+    position or chunk) makes the draw identical online (:mod:`fastv_analysis.pruning`),
+    in the select stage and in any batch, so all of them keep the same random set.
+    """
+    keys = [int(k) for k in sample_keys]
+    if any(k < 0 for k in keys) or int(seed) < 0:
+        raise ValueError("seed and sample keys of the random control must be non-negative integers")
+    if not keys:
+        return torch.zeros(0, n_tokens, dtype=torch.float64)
+    return torch.from_numpy(np.stack([np.random.default_rng([int(seed), k]).random(n_tokens) for k in keys]))
 
 
 def uniform_indices(n_tokens: int, keep: int) -> torch.Tensor:
@@ -150,13 +163,23 @@ def top_k(order: torch.Tensor, keep: int) -> torch.Tensor:
 
 
 def method_scores(
-    attention: torch.Tensor, method: str, alpha: float = 0.5, generator: torch.Generator | None = None
+    attention: torch.Tensor, method: str, alpha: float = 0.5, seed: int = 0, sample_keys: Sequence[int] | None = None
 ) -> torch.Tensor:
-    """Score vector ``[..., N]`` for any method; ``uniform`` scores are its lattice mask."""
+    """Score vector ``[..., N]`` for a ranking method (``uniform`` is a set, see uniform_indices).
+
+    ``random`` draws :func:`random_keys` for ``sample_keys`` (one per leading element, by
+    default their flat positions 0..S-1, as :func:`fastv_analysis.select.replay` does
+    without sample ids); its scores are float64 keys, never rounded to attention's dtype.
+    """
     if method in ATTENTION_METHODS:
         return attention_scores(attention, method, alpha)
     if method == "random":
-        return random_scores(attention.shape[:-2] + attention.shape[-1:], generator).to(attention.dtype)
+        batch_shape, n_tokens = attention.shape[:-2], attention.shape[-1]
+        count = math.prod(batch_shape)
+        keys = range(count) if sample_keys is None else list(sample_keys)
+        if len(keys) != count:
+            raise ValueError(f"random needs one sample key per element: got {len(keys)} for {count}")
+        return random_keys(seed, keys, n_tokens).reshape(*batch_shape, n_tokens)
     raise ValueError(f"{method!r} has no keep-independent score; use uniform_indices")
 
 
@@ -165,13 +188,16 @@ def select(
     method: str = "avg_all_heads",
     keep: int = 288,
     alpha: float = 0.5,
-    generator: torch.Generator | None = None,
+    *,
+    seed: int = 0,
+    sample_keys: Sequence[int] | None = None,
 ) -> Selection:
     """Choose ``keep`` of the N image tokens for every leading batch element.
 
     attention: ``[..., H, N]`` last-prompt-token attention at layer K-1, per head.
     method:    avg_all_heads (original FastV) | max_head | weighted_combination |
-               random (seeded by ``generator``) | uniform (even spread over the grid).
+               random (per sample: ``seed`` and ``sample_keys``, see :func:`random_keys`) |
+               uniform (even spread over the grid).
     keep:      number of image tokens to keep, 0..N.
     alpha:     weight of the max head in weighted_combination, in [0, 1].
     """
@@ -186,7 +212,7 @@ def select(
         scores[..., lattice] = 1.0
         indices = lattice.expand(*batch_shape, keep).clone()
     else:
-        scores = method_scores(attention, method, alpha, generator).to(attention.device)
+        scores = method_scores(attention, method, alpha, seed, sample_keys).to(attention.device)
         indices = top_k(rank(scores), keep)
     return Selection(
         indices=indices,

@@ -47,3 +47,39 @@ def test_line_missing_a_required_key_names_the_key_and_line(tmp_path):
     f.write_text(json.dumps({"image": "a.png", "text": "q"}) + "\n")
     with pytest.raises(ValueError, match=r"q\.jsonl:1.*answer"):
         load_questions(f)
+
+
+def _one_line(tmp_path, **row):
+    f = tmp_path / "q.jsonl"
+    f.write_text(json.dumps({"image": "a.png", "text": "q", **row}) + "\n")
+    return f
+
+
+def test_int_answer_with_choices_is_kept_as_an_option_index(tmp_path):
+    (q,) = load_questions(_one_line(tmp_path, answer=0, choices=["1", "0"]))
+    assert q.answer == 0 and type(q.answer) is int and q.choices == ["1", "0"]
+
+
+def test_answers_without_choices_stay_strings(tmp_path):
+    (q,) = load_questions(_one_line(tmp_path, answer=3))
+    assert q.answer == "3"
+    (q,) = load_questions(_one_line(tmp_path, answer="0", choices=["1", "0"]))
+    assert q.answer == "0"
+
+
+@pytest.mark.parametrize("answer", [2, -1])
+def test_out_of_range_int_answer_names_file_and_line(tmp_path, answer):
+    f = tmp_path / "q.jsonl"
+    good = json.dumps({"image": "a.png", "text": "q", "answer": 1, "choices": ["x", "y"]})
+    bad = json.dumps({"image": "a.png", "text": "q", "answer": answer, "choices": ["x", "y"]})
+    f.write_text(f"{good}\n{bad}\n")
+    with pytest.raises(ValueError, match=r"q\.jsonl:2.*answer") as err:
+        load_questions(f)
+    assert "\n" not in str(err.value)
+    errors = []
+    assert len(load_questions(f, errors=errors)) == 1 and errors[0]["line"] == 2
+
+
+def test_bool_answer_with_choices_is_not_an_option_index(tmp_path):
+    (q,) = load_questions(_one_line(tmp_path, answer=True, choices=["x", "y"]))
+    assert q.answer == "True"

@@ -344,3 +344,104 @@ def test_kept_positions_property(data):
         assert torch.equal(kept, image[row, kept_image[row]])
     keys = decode_key_positions(positions, seq_len, seq_len + 3)
     assert torch.equal(keys[:, -3:], torch.arange(seq_len, seq_len + 3).expand(batch, -1))
+
+
+# ----------------------------------------------------------------------------------------
+# the random control is drawn per sample (issue 11.1); the query is the last real token (11.8)
+# ----------------------------------------------------------------------------------------
+
+
+def _left_padded(elements: list[dict], extra: int = 0) -> dict:
+    """Batch single-element inputs again, left-padded to the longest plus ``extra``."""
+    length = max(e["input_ids"].shape[1] for e in elements) + extra
+    ids = torch.zeros(len(elements), length, dtype=torch.long)
+    mask = torch.zeros(len(elements), length, dtype=torch.long)
+    for i, e in enumerate(elements):
+        n = e["input_ids"].shape[1]
+        ids[i, length - n:], mask[i, length - n:] = e["input_ids"][0], 1
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.cat([e["pixel_values"] for e in elements])}
+
+
+def _three_prompts(model):
+    return make_llava_inputs(model, before=[3, 5, 2], after=[4, 2, 6], seed=11)
+
+
+@pytest.mark.parametrize("agg_layer", [0, 2])
+def test_random_control_differs_across_samples(model, agg_layer):
+    """Three prompts, one forward each, must not all keep one subset (the old per-forward re-seed did)."""
+    inputs = _three_prompts(model)
+    kept = set()
+    with apply_fastv(model, FastVConfig(agg_layer=agg_layer, keep=5, method="random", seed=0)) as fastv:
+        for i in range(3):
+            fastv(**unpadded(inputs, i))
+            kept.add(tuple(fastv.last_selection_metadata["kept_indices"][0].tolist()))
+    assert len(kept) == 3
+
+
+@pytest.mark.parametrize("agg_layer", [0, 2])
+def test_random_control_same_sample_same_set_in_any_batch(model, agg_layer):
+    """A sample keeps the same random set alone, at another batch position or in a bigger batch."""
+    inputs = _three_prompts(model)
+    config = FastVConfig(agg_layer=agg_layer, keep=5, method="random", seed=4)
+    with apply_fastv(model, config) as fastv:
+        fastv(**inputs)
+        batched = fastv.last_selection_metadata["kept_indices"].clone()
+        for i in range(3):
+            fastv(**unpadded(inputs, i))
+            assert torch.equal(fastv.last_selection_metadata["kept_indices"][0], batched[i])
+        # reversed order, padded to another length: element 2 first
+        order = [2, 1, 0]
+        rev = _left_padded([unpadded(inputs, j) for j in order], extra=3)
+        fastv(**rev)
+        again = fastv.last_selection_metadata["kept_indices"]
+        assert torch.equal(again, batched[order])
+
+
+def test_random_control_key_includes_pixels(model):
+    """The same question about another image is another sample (POPE)."""
+    inputs = make_llava_inputs(model, before=3, after=4, batch=1, seed=2)
+    other = dict(inputs, pixel_values=inputs["pixel_values"] + 0.5)
+    with apply_fastv(model, FastVConfig(agg_layer=2, keep=5, method="random")) as fastv:
+        fastv(**inputs)
+        a = fastv.last_selection_metadata["kept_indices"].clone()
+        fastv(**other)
+        b = fastv.last_selection_metadata["kept_indices"]
+    assert not torch.equal(a, b)
+
+
+@pytest.mark.parametrize("agg_layer", [0, 2])
+def test_random_control_with_sample_ids_equals_select_replay(model, agg_layer):
+    """Online random with explicit sample ids keeps exactly what select.replay keeps for them."""
+    from fastv_analysis.select import replay
+
+    inputs = _three_prompts(model)
+    ids = [7, 0, 123]
+    with apply_fastv(model, FastVConfig(agg_layer=agg_layer, keep=5, method="random", seed=9,
+                                        sample_ids=ids)) as fastv:
+        fastv(**inputs)
+        online = fastv.last_selection_metadata["kept_indices"]
+    offline = replay(torch.rand(3, 4, 16), ["random"], keeps=[5], seed=9, sample_ids=ids)
+    assert offline["kept"].to_list() == online.tolist()
+    with pytest.raises(ValueError, match="sample_ids has 2 ids for a batch of 3"):
+        with apply_fastv(model, FastVConfig(agg_layer=agg_layer, keep=5, method="random", sample_ids=[1, 2])) as f:
+            f(**inputs)
+
+
+def test_right_padding_ranks_by_the_last_real_token(model):
+    """A right-padded element is ranked by its last real token, as if it stood alone."""
+    left = make_llava_inputs(model, before=[3, 6], after=[5, 4], seed=5)
+    right = {k: v.clone() for k, v in left.items()}
+    for i in range(2):
+        real = left["attention_mask"][i].bool()
+        n = int(real.sum())
+        right["input_ids"][i] = 0
+        right["attention_mask"][i] = 0
+        right["input_ids"][i, :n] = left["input_ids"][i, real]
+        right["attention_mask"][i, :n] = 1
+    assert right["attention_mask"][:, -1].eq(0).any()  # really right-padded
+    with apply_fastv(model, FastVConfig(agg_layer=2, keep=5)) as fastv:
+        for i in range(2):
+            fastv(**unpadded(left, i))
+            alone = fastv.last_selection_metadata["kept_indices"][0].clone()
+            fastv(**right)
+            assert torch.equal(fastv.last_selection_metadata["kept_indices"][i], alone)

@@ -81,9 +81,9 @@ def test_single_head_weighted_combination_is_defined():
 @pytest.mark.parametrize("method", METHODS)
 def test_batch_equals_per_element(method):
     a = _attention(2, 3, 4, 64)
-    sel = select(a, method, 9, alpha=0.4, generator=torch.Generator().manual_seed(1))
+    sel = select(a, method, 9, alpha=0.4, seed=1)
     assert sel.indices.shape == (2, 3, 9) and sel.scores.shape == (2, 3, 64) and sel.max_head.shape == (2, 3)
-    if method == "random":  # one stream for the batch; each element is still its own subset
+    if method == "random":  # keyed by flat position by default: each element its own subset
         rows = sel.indices.reshape(-1, 9).tolist()
         assert all(len(set(r)) == 9 and r == sorted(r) for r in rows)
         assert len({tuple(r) for r in rows}) == 6  # not batch element 0's subset copied
@@ -119,16 +119,26 @@ def test_head_permutation_does_not_change_avg_all_heads():
 def test_keep_zero_and_keep_all():
     a = _attention(2, 4, 16)
     for method in METHODS:
-        assert select(a, method, 0, generator=torch.Generator()).indices.shape == (2, 0)
-        assert select(a, method, 16, generator=torch.Generator()).indices.tolist() == [list(range(16))] * 2
+        assert select(a, method, 0).indices.shape == (2, 0)
+        assert select(a, method, 16).indices.tolist() == [list(range(16))] * 2
 
 
-def test_random_is_seeded():
-    a = _attention(4, 100)
-    one = select(a, "random", 10, generator=torch.Generator().manual_seed(5)).indices
-    two = select(a, "random", 10, generator=torch.Generator().manual_seed(5)).indices
-    other = select(a, "random", 10, generator=torch.Generator().manual_seed(6)).indices
+def test_random_is_seeded_per_sample_key():
+    a = _attention(2, 4, 100)
+    one = select(a, "random", 10, seed=5, sample_keys=[3, 8]).indices
+    two = select(a, "random", 10, seed=5, sample_keys=[3, 8]).indices
+    other = select(a, "random", 10, seed=6, sample_keys=[3, 8]).indices
     assert torch.equal(one, two) and not torch.equal(one, other)
+    # a sample's subset depends on its key only, not on its position or its batch
+    swapped = select(a, "random", 10, seed=5, sample_keys=[8, 3]).indices
+    assert torch.equal(swapped, one.flip(0))
+    alone = select(a[1], "random", 10, seed=5, sample_keys=[8]).indices
+    assert torch.equal(alone, one[1])
+    # the stream is numpy's default_rng((seed, key)): the keep smallest-ranked = largest keys
+    keys = np.random.default_rng([5, 3]).random(100)
+    assert one[0].tolist() == sorted(np.argsort(-keys, kind="stable")[:10].tolist())
+    with pytest.raises(ValueError, match="one sample key per element"):
+        select(a, "random", 10, sample_keys=[1])
 
 
 def test_uniform_spreads_over_the_grid():

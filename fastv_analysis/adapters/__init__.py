@@ -28,6 +28,9 @@ class Adapter:
                      attention_mask, query_positions)`` -> ``[B, H, Q, S]`` float32
                      softmax rows, recomputed from one attention module's inputs.
     image_token_id:  the placeholder id of image tokens in ``input_ids``.
+    vision_tower:    the module whose first input is the pixel values (the random
+                     control keys each sample by them; generate encodes images before
+                     the first forward, so the top-level call may never see them).
     """
 
     architecture: str
@@ -45,6 +48,7 @@ class Adapter:
     hidden_size: int
     intermediate_size: int
     image_token_id: int
+    vision_tower: nn.Module
 
     @property
     def dtype(self) -> torch.dtype:

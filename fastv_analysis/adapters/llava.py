@@ -38,4 +38,5 @@ def build(model: nn.Module) -> Adapter:
         hidden_size=text.hidden_size,
         intermediate_size=text.intermediate_size,
         image_token_id=model.config.image_token_id,
+        vision_tower=model.model.vision_tower,
     )

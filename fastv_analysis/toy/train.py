@@ -142,7 +142,7 @@ def quick_eval(model, enc, data, prune: dict | None = None, batch: int = 24):
             chunk = items[s : s + batch]
             ids = torch.tensor([x[0] for x in chunk])
             pix = torch.from_numpy(np.stack([pixels(scenes.render(x[1])) for x in chunk]))
-            if prune:  # the library's FastV, random kept sets (seeded)
+            if prune:  # the library's FastV, random kept sets (per sample: a hash of its ids and pixels)
                 with apply_fastv(model, FastVConfig(method="random", **prune)) as pruned:
                     logits = pruned(input_ids=ids, pixel_values=pix).logits[:, -1]
             else:
@@ -256,6 +256,8 @@ def evaluate(ckpt: str, questions: str, out_json: str | None = None, prune_grid:
             ]
             imgs = [Image.open(q.image).convert("RGB") for q in chunk]
             batch = proc(images=imgs, text=texts, return_tensors="pt", padding=True)
+            if wrapper is not None:  # random sets keyed like the select stage's (sample id = file position)
+                wrapper.fastv.sample_ids = list(range(s, s + len(chunk)))
             with torch.no_grad():
                 out = (wrapper or model).generate(**batch, max_new_tokens=3, do_sample=False)
             answers = proc.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
