@@ -16,13 +16,16 @@ from .params import IntList
               "[default: data/toy-vqa/questions.jsonl].")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory to write (or resume).")
 @click.option("--agg-layers", type=IntList(), default="2", show_default=True,
-              help="Aggregation layer(s) K; the attention of layer K-1 is stored.")
+              help="Aggregation layer(s) K; the attention of layer K-1 is stored. K = 0 (prune the "
+                   "decoder input; random and uniform only) stores nothing.")
 @click.option("--queries", type=click.Choice(["last", "text"]), default="last", show_default=True,
               help="last: the last prompt token's row; text: every text token after the image too.")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
 @click.option("--dtype", default="auto", show_default=True,
               help="Model dtype: auto (bfloat16/float16 on GPU, float32 on CPU), float32, float16, bfloat16.")
-@click.option("--store-dtype", default="float16", show_default=True, help="dtype of the stored attention.")
+@click.option("--store-dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",
+              show_default=True, help="dtype of the stored attention: float32 ranks exactly as the model does "
+              "(H x N x 4 bytes per sample and layer); float16 halves that but can swap near-ties.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N samples.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=10, show_default=True,

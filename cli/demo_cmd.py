@@ -6,8 +6,6 @@ import time
 
 import click
 
-METHODS = ["avg_all_heads", "max_head", "weighted_combination", "random", "uniform"]
-
 
 @click.command("demo")
 @click.option("--out", type=click.Path(file_okay=False), default="runs/demo", show_default=True,
@@ -23,6 +21,7 @@ def demo_cmd(out, limit, agg_layer, keep, alphas, no_report, quiet):
     from fastv_analysis.capture import CaptureConfig, run_capture
     from fastv_analysis.evaluate import EvalConfig, run_eval
     from fastv_analysis.select import run_select
+    from fastv_analysis.strategies import METHODS
 
     from .eval_cmd import headline
     from .params import FloatGrid, IntList

@@ -7,7 +7,7 @@ import sys
 import click
 
 from .params import Choices, FloatGrid, IntList
-from .select_cmd import METHODS
+from fastv_analysis.strategies import METHODS
 
 
 @click.command("eval")

@@ -6,9 +6,9 @@ import sys
 
 import click
 
-from .params import Choices, FloatGrid, IntList
+from fastv_analysis.strategies import METHODS
 
-METHODS = ("avg_all_heads", "max_head", "weighted_combination", "random", "uniform")
+from .params import Choices, FloatGrid, IntList
 
 
 @click.command("select")

@@ -40,7 +40,7 @@ class CaptureConfig:
     skip_bad: bool = False
     max_new_tokens: int = 10
     prompt_template: str | None = None
-    store_dtype: str = "float16"
+    store_dtype: str = "float32"
     overwrite: bool = False
     part_size: int = 32
 
@@ -156,7 +156,8 @@ def capture_batch(loaded, batch: list[Prepared], cfg: CaptureConfig, store_dtype
     image_pos = image_positions(inputs["input_ids"], adapter.image_token_id)  # [B, N]
     seq_len = inputs["input_ids"].shape[1]
     queries = "last" if cfg.queries == "last" else text_query_positions(image_pos, seq_len)
-    layers = [k - 1 for k in cfg.agg_layers]
+    ranked = [k for k in cfg.agg_layers if k >= 1]  # K = 0 ranks nothing: nothing to record
+    layers = [k - 1 for k in ranked]
     t0 = time.perf_counter()
     with torch.inference_mode(), AttentionRecorder(loaded.model, layers, queries) as rec:
         out = loaded.model.generate(**inputs, max_new_tokens=cfg.max_new_tokens, do_sample=False,
@@ -176,7 +177,7 @@ def capture_batch(loaded, batch: list[Prepared], cfg: CaptureConfig, store_dtype
             "image_start": int(image_pos[b, 0] - (seq_len - prompt_tokens[b])),  # in the unpadded prompt
             "n_image_tokens": int(image_pos.shape[1]), "prompt_tokens": int(prompt_tokens[b]), "capture_seconds": seconds,
         })
-    for k, layer in zip(cfg.agg_layers, layers):
+    for k, layer in zip(ranked, layers):
         cols = take_positions(rec.rows[layer], image_pos, dim=-1).to(store_dtype).cpu()  # [B, H, Q, N]
         for b, p in enumerate(batch):
             tensors[attention_key(p.sample_id, k, "last")] = cols[b, :, -1, :].clone()
@@ -225,9 +226,9 @@ def run_capture(cfg: CaptureConfig, progress: bool = True, command: list[str] | 
 
     adapter = get_adapter(loaded.model)
     for k in cfg.agg_layers:
-        if not 1 <= k < adapter.num_layers:
-            raise ValueError(f"--agg-layers {k}: must be in 1..{adapter.num_layers - 1} "
-                             f"(layer K-1 is ranked, layers K.. are pruned; the model has {adapter.num_layers})")
+        if not 0 <= k < adapter.num_layers:
+            raise ValueError(f"--agg-layers {k}: must be in 0..{adapter.num_layers - 1} (layer K-1 is ranked, "
+                             f"layers K.. are pruned, K = 0 prunes the input; the model has {adapter.num_layers})")
     max_tokens = int(getattr(loaded.model.config.text_config, "max_position_embeddings", 1 << 30))
     run_config = {
         "stage": "capture",

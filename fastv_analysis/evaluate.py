@@ -5,6 +5,11 @@ agree token for token. For each sample, layer and keep count, the distinct kept 
 (``selection_id``) share one pass through layers 0..K-1 and go through layers K.. as one
 batch (:func:`fastv_analysis.pruning.prefill_shared`); configurations with the same set
 are answered once.
+
+The reference is the ``full`` control: every image token kept, answered through exactly
+the same hooks, prefill and greedy decode as the pruned sets, so a change against it is
+the pruning and nothing else (capture's own answers, from ``generate``, are only compared
+with it: ``eval.json``'s ``full_vs_capture``).
 """
 
 from __future__ import annotations
@@ -28,6 +33,10 @@ from .store import atomic_write_json, atomic_write_parquet, open_run
 
 QUANTILES = 4
 STATISTICS = ("jaccard_vs_avg", "max_head_share", "head_entropy", "mean_row", "mean_col", "bottom_share")
+FULL = "full"
+"""The unpruned control: keep = N, through the same code path as every pruned set."""
+REFERENCE = "avg_all_heads"
+"""Original FastV: the second reference of the paired tests."""
 
 
 @dataclass
@@ -43,6 +52,7 @@ class EvalConfig:
     limit: int | None = None
     compare_mask: int = 0
     timing_samples: int = 5
+    timing_repeats: int = 3
     model: str | None = None
     batch_size: int = 64
 
@@ -70,9 +80,25 @@ def configurations(selections: pl.DataFrame, cfg: EvalConfig) -> pl.DataFrame:
     return out
 
 
-def _full_baseline(run) -> pl.DataFrame:
-    return run.samples.select("sample_id", pl.col("prediction").alias("full_prediction"),
-                              pl.col("correct").alias("full_correct"))
+def with_full_control(selections: pl.DataFrame, n_image: dict[int, int]) -> pl.DataFrame:
+    """``selections`` plus one ``full`` row (every image token kept) per sample and layer."""
+    from .select import selection_ids
+
+    base = selections.unique(["sample_id", "agg_layer"], keep="first", maintain_order=True).sort(
+        "sample_id", "agg_layer")
+    rows = []
+    for sid, layer in base.select("sample_id", "agg_layer").iter_rows():
+        n = int(n_image[sid])
+        kept = np.arange(n)[None]
+        rows.append({"sample_id": sid, "agg_layer": layer, "method": FULL, "alpha": None, "config": FULL,
+                     "keep": n, "keep_ratio": 1.0, "kept": list(range(n)), "max_head": None,
+                     "selection_id": selection_ids(kept)[0],
+                     **{k: float(v[0]) for k, v in stats.spatial_stats(kept, n).items()}})
+    full = pl.DataFrame(rows, schema_overrides={"alpha": pl.Float64, "max_head": pl.Int64,
+                                                "kept": pl.List(pl.Int32)})
+    full = full.select([pl.col(c).cast(selections.schema[c]) if c in full.columns
+                        else pl.lit(None, dtype=selections.schema[c]).alias(c) for c in selections.columns])
+    return pl.concat([selections, full])
 
 
 def evaluate_sample(loaded, prepared, rows: pl.DataFrame, max_new_tokens: int, mode: str = "drop",
@@ -88,7 +114,8 @@ def evaluate_sample(loaded, prepared, rows: pl.DataFrame, max_new_tokens: int, m
     groups = []
     for (layer, keep), group in rows.group_by(["agg_layer", "keep"], maintain_order=True):
         distinct = group.unique("selection_id", keep="first", maintain_order=True)
-        groups.extend(((layer, keep), distinct.slice(i, batch_size)) for i in range(0, distinct.height, batch_size))
+        step = 1 if mode == "mask" and layer == 0 else batch_size  # mask mode cannot fan out the input at K = 0
+        groups.extend(((layer, keep), distinct.slice(i, step)) for i in range(0, distinct.height, step))
     for (layer, keep), distinct in groups:
         kept = torch.tensor(distinct["kept"].to_list(), dtype=torch.long).reshape(distinct.height, int(keep))
         tokens, t0, t1, t2 = pruned_answer_tokens(loaded, inputs, kept, int(layer), max_new_tokens, mode)
@@ -118,66 +145,92 @@ def pruned_answer_tokens(loaded, inputs: dict, kept: torch.Tensor, agg_layer: in
 
 
 @torch.no_grad()
-def time_configurations(loaded, prepared, rows: pl.DataFrame, max_new_tokens: int) -> list[dict]:
-    """Wall time of each configuration of one sample on its own (batch 1), and of the full model.
+def time_configurations(loaded, prepared, rows: pl.DataFrame, max_new_tokens: int, repeats: int = 3,
+                        warmup: int = 1, seed: int = 0) -> list[dict]:
+    """Wall time of each configuration of one sample on its own (batch 1), ``full`` included.
 
     The shared-prefix batching that answers the configurations mixes their costs; these
-    separate runs are what a deployed pruned model would take: prefill ms and decode ms
-    per generated token, per configuration.
+    separate runs are what a deployed pruned model would take. ``warmup`` untimed passes
+    over every configuration first (allocator, kernels, caches), then ``repeats`` timed
+    passes, each in a fresh seeded order, so drift and position effects fall on every
+    configuration alike. One row per (configuration, repeat).
     """
     inputs = model_inputs(loaded, [prepared])
-    out = []
-    t0 = time.perf_counter()
-    loaded.model(**inputs, use_cache=True, logits_to_keep=1)
-    sync_device(loaded.device)
-    out.append({"agg_layer": None, "config": "full model", "keep": None,
-                "prefill_seconds": time.perf_counter() - t0, "decode_seconds": None, "decode_tokens": None})
-    for row in rows.unique(["agg_layer", "config", "keep"], keep="first", maintain_order=True).iter_rows(named=True):
+    configs = rows.unique(["agg_layer", "config", "keep"], keep="first", maintain_order=True).to_dicts()
+    rng = np.random.default_rng([seed, int(prepared.sample_id)])
+
+    def run(row):
         kept = torch.tensor([row["kept"]], dtype=torch.long).reshape(1, int(row["keep"]))
-        tokens, t0, t1, t2 = pruned_answer_tokens(loaded, inputs, kept, int(row["agg_layer"]), max_new_tokens)
-        out.append({"agg_layer": int(row["agg_layer"]), "config": row["config"], "keep": int(row["keep"]),
-                    "prefill_seconds": t1 - t0, "decode_seconds": t2 - t1, "decode_tokens": int(tokens.shape[1])})
+        return pruned_answer_tokens(loaded, inputs, kept, int(row["agg_layer"]), max_new_tokens)
+
+    for _ in range(warmup):
+        for row in configs:
+            run(row)
+    out = []
+    for rep in range(repeats):
+        for i in rng.permutation(len(configs)):
+            row = configs[i]
+            tokens, t0, t1, t2 = run(row)
+            out.append({"agg_layer": int(row["agg_layer"]), "config": row["config"], "keep": int(row["keep"]),
+                        "repeat": rep, "prefill_seconds": t1 - t0, "decode_seconds": t2 - t1,
+                        "decode_tokens": int(tokens.shape[1])})
     return out
 
 
-def mcnemar_exact(a: np.ndarray, b: np.ndarray) -> float:
-    """Exact McNemar p-value of two paired correctness vectors (binomial on discordant pairs)."""
-    from scipy.stats import binomtest
+def _paired_p(g: pl.DataFrame, ref: pl.DataFrame) -> float | None:
+    """Exact McNemar p of a configuration against a reference on the samples both answered."""
+    if ref.height == 0:
+        return None
+    merged = g.join(ref.select("sample_id", pl.col("correct").alias("ref")), on="sample_id")
+    return stats.mcnemar_exact(merged["correct"].to_numpy(), merged["ref"].to_numpy())
 
-    only_a = int(np.sum(a & ~b))
-    only_b = int(np.sum(~a & b))
-    if only_a + only_b == 0:
-        return 1.0
-    return float(binomtest(only_a, only_a + only_b, 0.5).pvalue)
+
+P_COLUMNS = ("mcnemar_p_vs_full", "mcnemar_p_vs_avg")
+
+
+def with_adjusted(frame: pl.DataFrame, columns) -> pl.DataFrame:
+    """Add ``<col>_holm`` and ``<col>_bh`` next to each p-value column.
+
+    The family of a column is every test in it (all layers, keeps and configurations of
+    the table): Holm controls the chance of any false positive among them,
+    Benjamini-Hochberg the expected share of false positives among the rejections.
+    """
+    out = frame
+    for c in columns:
+        p = out[c].cast(pl.Float64).fill_null(np.nan).to_numpy()
+        out = out.with_columns(pl.Series(f"{c}_holm", stats.holm(p)).fill_nan(None),
+                               pl.Series(f"{c}_bh", stats.benjamini_hochberg(p)).fill_nan(None))
+    return out
 
 
 def accuracy_table(pred: pl.DataFrame, timing: pl.DataFrame, model_dims: dict,
                    config_timing: pl.DataFrame | None = None) -> pl.DataFrame:
-    """Per configuration: accuracy with its Wilson 95% interval, change vs the full model,
-    exact McNemar p vs avg_all_heads at the same keep and layer, FLOPs and timings."""
+    """Per configuration: accuracy with its Wilson 95% interval, change vs the ``full``
+    control, exact McNemar p vs ``full`` and vs avg_all_heads at the same keep and layer
+    (with Holm and BH columns over the table), FLOPs and timings."""
     rows = []
     keys = ["agg_layer", "config", "method", "alpha", "keep"]
     for key, g in pred.group_by(keys, maintain_order=True):
         row = dict(zip(keys, key))
         g = g.sort("sample_id")
         correct = g["correct"].to_numpy()
-        full = g["full_correct"].to_numpy()
         n = len(correct)
         lo, hi = stats.wilson_interval(int(correct.sum()), n)
-        ref = pred.filter(pl.col("agg_layer") == row["agg_layer"], pl.col("keep") == row["keep"],
-                          pl.col("method") == "avg_all_heads").sort("sample_id")
-        p = None
-        if ref.height and row["method"] != "avg_all_heads":
-            merged = g.join(ref.select("sample_id", pl.col("correct").alias("ref")), on="sample_id")
-            p = mcnemar_exact(merged["correct"].to_numpy(), merged["ref"].to_numpy())
+        layer = pred.filter(pl.col("agg_layer") == row["agg_layer"])
+        full_rows = layer.filter(pl.col("method") == FULL).join(g.select("sample_id"), on="sample_id")
+        full = full_rows["correct"].to_numpy()
+        ref = layer.filter(pl.col("keep") == row["keep"], pl.col("method") == REFERENCE)
+        p_full = _paired_p(g, full_rows) if row["method"] != FULL else None
+        p_avg = _paired_p(g, ref) if row["method"] not in (REFERENCE, FULL) else None
         n_tokens = int(g["prompt_tokens"].mean())
         n_image = int(g["n_image_tokens"][0])
         t = timing.filter(pl.col("agg_layer") == row["agg_layer"], pl.col("keep") == row["keep"])
         own = _config_times(config_timing, row)
         rows.append({
             **row, "n": n, "accuracy": float(correct.mean()), "ci_lo": lo, "ci_hi": hi,
-            "full_accuracy": float(full.mean()), "delta_vs_full": float(correct.mean() - full.mean()),
-            "mcnemar_p_vs_avg": p,
+            "full_accuracy": float(full.mean()) if len(full) else None,
+            "delta_vs_full": float(correct.mean() - full.mean()) if len(full) else None,
+            "mcnemar_p_vs_full": p_full, "mcnemar_p_vs_avg": p_avg,
             "flops_ratio": flops_mod.flops_ratio(n_tokens, n_image, int(row["keep"]), model_dims["num_layers"],
                                                  int(row["agg_layer"]), model_dims["hidden"],
                                                  model_dims["intermediate"]),
@@ -188,27 +241,37 @@ def accuracy_table(pred: pl.DataFrame, timing: pl.DataFrame, model_dims: dict,
             "batched_prefill_ms_per_set": 1e3 * float(t["prefill_seconds"].sum() / max(t["n_sets"].sum(), 1)),
             "batched_decode_ms_per_token": 1e3 * float(t["decode_seconds"].sum() / max(t["decode_tokens"].sum(), 1)),
         })
-    return pl.DataFrame(rows).sort(["agg_layer", "keep", "method", "alpha"], descending=[False, True, False, False],
-                                   nulls_last=True)
+    table = pl.DataFrame(rows, infer_schema_length=None, schema_overrides={p: pl.Float64 for p in P_COLUMNS})
+    return with_adjusted(table, P_COLUMNS).sort(["agg_layer", "keep", "method", "alpha"],
+                                                descending=[False, True, False, False], nulls_last=True)
+
+
+TIMING_COLUMNS = ("prefill_ms", "prefill_ms_p25", "prefill_ms_p75", "decode_ms_per_token",
+                  "prefill_speedup_vs_full", "prefill_speedup_p25", "prefill_speedup_p75")
 
 
 def _config_times(config_timing: pl.DataFrame | None, row: dict) -> dict:
-    """Mean batch-1 prefill ms, decode ms per token and prefill speed-up vs the full model."""
-    empty = {"prefill_ms": None, "decode_ms_per_token": None, "prefill_speedup_vs_full": None, "timing_n": 0}
+    """Median batch-1 prefill ms with its quartiles, median decode ms per token, and the
+    prefill speed-up vs ``full``: the median of paired ratios (same sample, same repeat),
+    so a slow moment of the machine cancels out of each ratio."""
+    empty = {**{c: None for c in TIMING_COLUMNS}, "timing_n": 0}
     if config_timing is None or config_timing.height == 0:
         return empty
-    mine = config_timing.filter(pl.col("agg_layer") == row["agg_layer"], pl.col("config") == row["config"],
-                                pl.col("keep") == row["keep"])
-    full = config_timing.filter(pl.col("config") == "full model")
+    keys = ["sample_id", "repeat"]
+    layer = config_timing.filter(pl.col("agg_layer") == row["agg_layer"])
+    mine = layer.filter(pl.col("config") == row["config"], pl.col("keep") == row["keep"])
     if mine.height == 0:
         return empty
-    prefill = float(mine["prefill_seconds"].mean())
-    tokens = mine["decode_tokens"].sum()
+    prefill = 1e3 * mine["prefill_seconds"].to_numpy()
+    per_token = 1e3 * mine["decode_seconds"].to_numpy() / np.maximum(mine["decode_tokens"].to_numpy(), 1)
+    full = layer.filter(pl.col("config") == FULL).select(*keys, pl.col("prefill_seconds").alias("full_s"))
+    ratio = mine.join(full, on=keys).select(pl.col("full_s") / pl.col("prefill_seconds"))["full_s"].to_numpy()
+    q = (lambda x, p: float(np.percentile(x, p)) if len(x) else None)
     return {
-        "prefill_ms": 1e3 * prefill,
-        "decode_ms_per_token": 1e3 * float(mine["decode_seconds"].sum()) / tokens if tokens else None,
-        "prefill_speedup_vs_full": float(full["prefill_seconds"].mean()) / prefill if full.height else None,
-        "timing_n": mine.height,
+        "prefill_ms": q(prefill, 50), "prefill_ms_p25": q(prefill, 25), "prefill_ms_p75": q(prefill, 75),
+        "decode_ms_per_token": q(per_token[mine["decode_tokens"].to_numpy() > 0], 50),
+        "prefill_speedup_vs_full": q(ratio, 50), "prefill_speedup_p25": q(ratio, 25),
+        "prefill_speedup_p75": q(ratio, 75), "timing_n": mine.height,
     }
 
 
@@ -232,43 +295,57 @@ def statistics_frame(pred: pl.DataFrame, run_dir: Path) -> pl.DataFrame:
     return out.join(heads, on=["sample_id", "agg_layer"], how="left")
 
 
-def relations_table(frame: pl.DataFrame) -> pl.DataFrame:
-    """How each statistic relates to being correct: Spearman rho with p-value, and accuracy
-    by quantile of the statistic; per configuration and pooled over configurations."""
+def relations_table(frame: pl.DataFrame, n_permutations: int = 2000, seed: int = 0) -> pl.DataFrame:
+    """How each selection statistic relates to being correct.
+
+    scope "configuration": within one configuration (one row per sample, so the samples
+    are independent), Spearman's rho with its p-value and accuracy by quartile of the
+    statistic. scope "within_sample": pooled over the pruned configurations (``full`` and
+    avg_all_heads left out) but compared only within each (sample, layer, keep): the
+    within-stratum correlation ``r_within`` and a permutation p that shuffles the
+    statistic within strata (:func:`fastv_analysis.stats.within_sample_permutation_test`),
+    so a sample counted in 24 configurations is one sample and keep cannot confound it.
+    Statistics that are properties of the sample (head statistics) do not vary within a
+    stratum and get no pooled test. Each scope is its own family for ``p_holm``/``p_bh``.
+    """
     from scipy.stats import spearmanr
 
-    rows = []
-    scopes = [(("pooled", None, None), frame.filter(pl.col("method") != "avg_all_heads"))]
-    for key, g in frame.group_by(["config", "agg_layer", "keep"], maintain_order=True):
-        scopes.append((key, g))
-    for (config, layer, keep), g in scopes:
+    per_config = []
+    scored = frame.filter(pl.col("method") != FULL)
+    for (config, layer, keep), g in scored.group_by(["config", "agg_layer", "keep"], maintain_order=True):
         correct = g["correct"].cast(pl.Float64).to_numpy()
         for stat in STATISTICS:
             x = g[stat].cast(pl.Float64).fill_null(np.nan).to_numpy()
             ok = ~np.isnan(x)
-            base = {"scope": "pooled" if config == "pooled" else "configuration", "config": config,
-                    "agg_layer": layer, "keep": keep, "statistic": stat, "n": int(ok.sum())}
+            rho = p = None
             if ok.sum() >= 3 and np.ptp(x[ok]) > 0 and np.ptp(correct[ok]) > 0:
                 res = spearmanr(x[ok], correct[ok])
                 rho, p = float(res.statistic), float(res.pvalue)
-            else:
-                rho, p = None, None
-            qs = _quantile_accuracy(x[ok], correct[ok])
-            rows.append({**base, "spearman_rho": rho, "p_value": p, **qs})
-    return pl.DataFrame(rows, infer_schema_length=None)
-
-
-def _quantile_accuracy(x: np.ndarray, correct: np.ndarray) -> dict:
-    """Accuracy within each quartile bin of the statistic (ties kept in one bin)."""
-    out = {}
-    if len(x) == 0:
-        return {f"accuracy_q{i + 1}": None for i in range(QUANTILES)}
-    edges = np.quantile(x, np.linspace(0, 1, QUANTILES + 1))
-    bins = np.clip(np.searchsorted(edges[1:-1], x, side="right"), 0, QUANTILES - 1)
-    for i in range(QUANTILES):
-        sel = bins == i
-        out[f"accuracy_q{i + 1}"] = float(correct[sel].mean()) if sel.any() else None
-    return out
+            qs = stats.quantile_accuracy(x[ok], correct[ok], QUANTILES)
+            per_config.append({"scope": "configuration", "config": config, "agg_layer": layer, "keep": keep,
+                               "statistic": stat, "n": int(ok.sum()), "n_strata": None, "spearman_rho": rho,
+                               "r_within": None, "p_value": p,
+                               **{f"accuracy_q{i + 1}": v for i, v in enumerate(qs)}})
+    pooled = []
+    pruned = scored.filter(pl.col("method") != REFERENCE)
+    if pruned.height:
+        strata = pruned.select(pl.struct("sample_id", "agg_layer", "keep").rank("dense")).to_series().to_numpy()
+        correct = pruned["correct"].cast(pl.Float64).to_numpy()
+        for stat in STATISTICS:
+            x = pruned[stat].cast(pl.Float64).fill_null(np.nan).to_numpy()
+            res = stats.within_sample_permutation_test(x, correct, strata, n_permutations=n_permutations, seed=seed)
+            r = None if res["r"] is None or not np.isfinite(res["r"]) else float(res["r"])
+            p = None if r is None or res["p_value"] is None or not np.isfinite(res["p_value"]) else float(res["p_value"])
+            pooled.append({"scope": "within_sample", "config": "pooled", "agg_layer": None, "keep": None,
+                           "statistic": stat, "n": int(res["n"]), "n_strata": int(res["n_strata"]),
+                           "spearman_rho": None, "r_within": r, "p_value": p,
+                           **{f"accuracy_q{i + 1}": None for i in range(QUANTILES)}})
+    schema = {"scope": pl.Utf8, "config": pl.Utf8, "agg_layer": pl.Int64, "keep": pl.Int64, "statistic": pl.Utf8,
+              "n": pl.Int64, "n_strata": pl.Int64, "spearman_rho": pl.Float64, "r_within": pl.Float64,
+              "p_value": pl.Float64, **{f"accuracy_q{i + 1}": pl.Float64 for i in range(QUANTILES)}}
+    frames = [with_adjusted(pl.DataFrame(rows, schema=schema), ["p_value"]) for rows in (per_config, pooled) if rows]
+    out = pl.concat(frames) if frames else with_adjusted(pl.DataFrame(schema=schema), ["p_value"])
+    return out.rename({"p_value_holm": "p_holm", "p_value_bh": "p_bh"})
 
 
 PART_SAMPLES = 16
@@ -333,6 +410,8 @@ def run_eval(cfg: EvalConfig, progress: bool = True, command: list[str] | None =
             raise ValueError(f"{run.root / 'select'} was made from another capture ({name} differs): "
                              f"run `fastv-analyze select {cfg.run}` again")
     selections = configurations(pl.read_parquet(sel_path), cfg)
+    n_image = dict(zip(run.samples["sample_id"].to_list(), run.samples["n_image_tokens"].to_list()))
+    selections = with_full_control(selections, n_image)
     data_file = run.config["data"]
     if not Path(data_file).exists():
         raise FileNotFoundError(f"{data_file} (the run's question file) is missing")
@@ -373,7 +452,8 @@ def run_eval(cfg: EvalConfig, progress: bool = True, command: list[str] | None =
         rows = by_sample[(sid,)]
         if needs_timing:
             timed.append(sid)
-            config_timing_rows.extend({"sample_id": sid, **t} for t in time_configurations(loaded, prepared, rows, max_new))
+            config_timing_rows.extend({"sample_id": sid, **t} for t in time_configurations(
+                loaded, prepared, rows, max_new, repeats=cfg.timing_repeats))
         if sid in done and not needs_mask:
             continue
         answers, timings = evaluate_sample(loaded, prepared, rows, max_new, batch_size=cfg.batch_size)
@@ -396,7 +476,8 @@ def run_eval(cfg: EvalConfig, progress: bool = True, command: list[str] | None =
     pred = (
         selections.drop("kept")
         .join(answers_df, on=["sample_id", "agg_layer", "selection_id"], how="inner")
-        .join(_full_baseline(run), on="sample_id", how="left")
+        .join(run.samples.select("sample_id", pl.col("prediction").alias("capture_prediction")), on="sample_id",
+              how="left")
         .join(run.samples.select("sample_id", "question_id", "category", "answer", "prompt_tokens", "n_image_tokens"),
               on="sample_id", how="left")
     )
@@ -411,6 +492,8 @@ def run_eval(cfg: EvalConfig, progress: bool = True, command: list[str] | None =
     if config_timing is not None:
         atomic_write_parquet(config_timing, tmp / "config_timing.parquet")
     n_forwards = timing.height
+    full = pred.filter(pl.col("method") == FULL)
+    differ = full.filter(pl.col("prediction") != pl.col("capture_prediction"))
     info = {
         "stage": "eval",
         "settings": asdict(cfg),
@@ -422,6 +505,13 @@ def run_eval(cfg: EvalConfig, progress: bool = True, command: list[str] | None =
         "shared_prefills": n_forwards,
         "max_new_tokens": max_new,
         "mask_check": mask_checks,
+        "full_vs_capture": {"compared": full.height, "differ": differ.height,
+                            "examples": differ.select("sample_id", "agg_layer", "prediction", "capture_prediction")
+                            .head(10).to_dicts()},
+        "timing": {"samples": len(timed), "repeats": cfg.timing_repeats, "warmup_passes": 1,
+                   "order": "every configuration once per repeat, a fresh seeded order each repeat",
+                   "threads": torch.get_num_threads(), "device": str(loaded.device),
+                   "dtype": str(loaded.dtype).removeprefix("torch.")},
         "seconds": round(time.perf_counter() - t_start, 3),
         "versions": versions(),
         "command": command or sys.argv,

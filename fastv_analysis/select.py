@@ -23,7 +23,17 @@ import torch
 from . import stats, strategies
 from .store import atomic_write_json, atomic_write_parquet, open_run
 
-DEFAULT_METHODS = ("avg_all_heads", "max_head", "weighted_combination", "random", "uniform")
+DEFAULT_METHODS = strategies.METHODS
+CONTROLS = ("random", "uniform")
+"""The methods that need no attention: the only ones at K = 0, where nothing is ranked."""
+
+TIE_RTOL = {"float32": 1e-6, "float16": 2.0**-10, "bfloat16": 2.0**-7}
+"""Relative score gap below which a kept set's boundary is a near-tie, by storage dtype.
+
+float16/bfloat16 round each stored value by up to half a unit in the last place, so two
+scores closer than one unit can swap order; float32 rows match the model's own to ~1e-6
+(recomputed vs SDPA). A near-tie means the kept set may differ from online FastV's.
+"""
 
 
 @dataclass(frozen=True)
@@ -73,8 +83,28 @@ def config_scores(attention: torch.Tensor, cfg: ScoreConfig, sample_ids: Sequenc
     return strategies.attention_scores(attention, cfg.method, cfg.alpha if cfg.alpha is not None else 0.5).numpy()
 
 
-def kept_sets(attention: torch.Tensor, cfg: ScoreConfig, keeps: Sequence[int], sample_ids: Sequence[int], seed: int):
-    """Yield ``(keep, kept [S, keep], scores or None)`` for one configuration, ranking once."""
+def boundary_gap(scores: np.ndarray, order: np.ndarray, keep: int, rtol: float) -> tuple[np.ndarray, np.ndarray]:
+    """``[S]`` tie margin and near-tie flag of the top-``keep`` sets of a ranking.
+
+    margin = score of the last kept token - score of the first dropped one (NaN at keep 0
+    or N): how far the kept set is from swapping a token at its boundary; a near-tie is a
+    margin within ``rtol`` of the boundary score.
+    """
+    n_samples, n_tokens = scores.shape
+    if not 0 < keep < n_tokens:
+        nan = np.full(n_samples, np.nan)
+        return nan, np.zeros(n_samples, dtype=bool)
+    rows = np.arange(n_samples)
+    last = scores[rows, order[:, keep - 1]]
+    margin = last - scores[rows, order[:, keep]]
+    return margin, margin <= rtol * np.abs(last)
+
+
+def kept_sets(attention: torch.Tensor, cfg: ScoreConfig, keeps: Sequence[int], sample_ids: Sequence[int], seed: int,
+              tie_rtol: float = TIE_RTOL["float32"]):
+    """Yield ``(keep, kept [S, keep], scores or None, tie margin [S], near-tie [S])`` for one
+    configuration, ranking once. Margin and flag are NaN / null for the controls: their
+    ranking does not come from the stored attention."""
     n_samples, _, n_tokens = attention.shape
     scores = config_scores(attention, cfg, sample_ids, seed)
     order = None if scores is None else strategies.rank(torch.from_numpy(scores)).numpy()
@@ -83,7 +113,11 @@ def kept_sets(attention: torch.Tensor, cfg: ScoreConfig, keeps: Sequence[int], s
             kept = np.broadcast_to(strategies.uniform_indices(n_tokens, keep).numpy(), (n_samples, keep))
         else:
             kept = np.sort(order[:, :keep], axis=1)
-        yield keep, kept, scores
+        if cfg.method in CONTROLS:
+            margin, near = np.full(n_samples, np.nan), pl.Series("near_tie", [None] * n_samples, dtype=pl.Boolean)
+        else:
+            margin, near = boundary_gap(scores, order, keep, tie_rtol)
+        yield keep, kept, scores, margin, near
 
 
 def _checked(attention: torch.Tensor, keeps: Sequence[int], sample_ids: Sequence[int] | None):
@@ -115,21 +149,27 @@ def replay(
     *,
     sample_ids: Sequence[int] | None = None,
     agg_layer: int | None = None,
+    tie_rtol: float = TIE_RTOL["float32"],
 ) -> pl.DataFrame:
     """Selections of every method x alpha x keep for stacked attention ``[S, H, N]``.
 
     One row per (sample, configuration, keep): ``kept`` (ascending image-token indices),
-    ``keep_ratio``, ``max_head``, ``selection_id`` (hash of the kept set) and the spatial
-    statistics of the kept set. ``sample`` is the position in ``attention`` unless
-    ``sample_ids`` names the samples (then random selections depend on the id, not the
-    position, so chunked replays agree with whole ones).
+    ``keep_ratio``, ``max_head``, ``selection_id`` (hash of the kept set), the spatial
+    statistics of the kept set, ``tie_margin`` (score gap at the keep boundary, see
+    :func:`boundary_gap`) and ``near_tie`` (margin <= ``tie_rtol`` x the boundary score:
+    the ranking there is not reliable at the stored precision). ``sample`` is the position
+    in ``attention`` unless ``sample_ids`` names the samples (then random selections
+    depend on the id, not the position, so chunked replays agree with whole ones).
+    At ``agg_layer`` 0 only the controls exist and ``max_head`` is null.
     """
     attention, keeps, ids = _checked(attention, keeps, sample_ids)
     n_samples, _, n_tokens = attention.shape
     max_head = strategies.max_head_index(strategies.head_importance(attention)).numpy()
+    if agg_layer == 0:
+        max_head = pl.Series("max_head", [None] * n_samples, dtype=pl.Int64)
     frames = []
     for cfg in score_configs(methods, alphas):
-        for keep, kept, _ in kept_sets(attention, cfg, keeps, ids, seed):
+        for keep, kept, _, margin, near in kept_sets(attention, cfg, keeps, ids, seed, tie_rtol):
             frame = {
                 "sample": ids,
                 "method": [cfg.method] * n_samples,
@@ -142,6 +182,8 @@ def replay(
                 "max_head": max_head,
                 "selection_id": selection_ids(kept),
                 **stats.spatial_stats(kept, n_tokens),
+                "tie_margin": np.asarray(margin, dtype=np.float64),
+                "near_tie": near,
             }
             frames.append(pl.DataFrame(frame, schema_overrides={"alpha": pl.Float64}))
     return _with_layer(pl.concat(frames) if frames else pl.DataFrame(), agg_layer)
@@ -169,7 +211,7 @@ def overlap(
     masks: dict[tuple[ScoreConfig, int], np.ndarray] = {}
     scores: dict[ScoreConfig, np.ndarray | None] = {}
     for cfg in configs:
-        for keep, kept, sc in kept_sets(attention, cfg, keeps, ids, seed):
+        for keep, kept, sc, _, _ in kept_sets(attention, cfg, keeps, ids, seed):
             masks[cfg, keep] = stats.kept_mask(kept, n_tokens)
             scores[cfg] = sc
     frames = []
@@ -231,6 +273,25 @@ def summarize_overlap(overlap_frame: pl.DataFrame | pl.LazyFrame) -> pl.DataFram
     return out.drop([f"_{c}_{x}" for c in cols for x in ("std", "n")])
 
 
+def _layer_chunks(run, layer: int, chunk_size: int, n_tokens: int):
+    """``(sample_ids, [S, H, N])`` chunks of a layer; K = 0 has no attention (a placeholder
+    ``[S, 1, N]`` of zeros: only the controls, which ignore it, are replayed there)."""
+    if layer > 0:
+        yield from run.iter_chunks(layer, chunk_size)
+        return
+    ids = run.sample_ids
+    for i in range(0, len(ids), chunk_size):
+        chunk = ids[i : i + chunk_size]
+        yield chunk, torch.zeros(len(chunk), 1, n_tokens)
+
+
+def _near_tie_summary(path: Path) -> dict:
+    """Per configuration label: share of (sample, keep) rows whose boundary is a near-tie."""
+    frame = (pl.scan_parquet(path).filter(pl.col("near_tie").is_not_null())
+             .group_by("agg_layer", "config").agg(pl.col("near_tie").mean()).sort("agg_layer", "config").collect())
+    return {f"K={r['agg_layer']} {r['config']}": round(float(r["near_tie"]), 6) for r in frame.iter_rows(named=True)}
+
+
 def resolve_keeps(keeps: Sequence[int], keep_ratios: Sequence[float], n_tokens: int) -> list[int]:
     """Keep counts from explicit counts and ratios of N (rounded), deduplicated, descending."""
     out = [int(k) for k in keeps] + [int(round(r * n_tokens)) for r in keep_ratios]
@@ -283,19 +344,32 @@ def run_select(
     t0 = time.perf_counter()
     bar = tqdm(total=run.samples.height * len(layers), desc="select", unit="sample", disable=not progress)
     i = 0
+    tie_rtol = TIE_RTOL.get(run.config.get("store_dtype", "float16"), TIE_RTOL["float16"])
+    k0_methods = [m for m in methods if m in CONTROLS]
     for layer in layers:
-        for ids, att in run.iter_chunks(layer, chunk_size):
+        layer_methods = k0_methods if layer == 0 else methods
+        if not layer_methods:
+            bar.update(run.samples.height)
+            continue
+        for ids, att in _layer_chunks(run, layer, chunk_size, n_tokens):
             kw = dict(sample_ids=ids, agg_layer=layer)
-            sel = replay(att, methods, alphas, keep_list, seed, **kw).rename({"sample": "sample_id"})
-            ov = overlap(att, methods, alphas, keep_list, seed, **kw).rename({"sample": "sample_id"})
-            hd = heads(att, **kw).rename({"sample": "sample_id"})
-            for name, frame in (("selections", sel), ("overlap", ov), ("heads", hd)):
-                frame.write_parquet(parts[name] / f"{i:06d}.parquet")
+            sel = replay(att, layer_methods, alphas, keep_list, seed, tie_rtol=tie_rtol, **kw)
+            ov = overlap(att, layer_methods, alphas, keep_list, seed, **kw)
+            frames = [("selections", sel), ("overlap", ov)]
+            if layer > 0:
+                frames.append(("heads", heads(att, **kw)))
+            for name, frame in frames:
+                frame.rename({"sample": "sample_id"}).write_parquet(parts[name] / f"{i:06d}.parquet")
             i += 1
             bar.update(len(ids))
     bar.close()
     for name, folder in parts.items():
-        pl.scan_parquet(folder / "*.parquet").sink_parquet(tmp / f"{name}.parquet")
+        if any(folder.glob("*.parquet")):
+            pl.scan_parquet(folder / "*.parquet").sink_parquet(tmp / f"{name}.parquet")
+        else:  # only K = 0 was selected: no attention, no head statistics
+            pl.DataFrame(schema={"sample_id": pl.Int64, "agg_layer": pl.Int64, "max_head": pl.Int64,
+                                 "max_head_share": pl.Float64, "head_entropy": pl.Float64,
+                                 "head_gini": pl.Float64}).write_parquet(tmp / f"{name}.parquet")
     summary = summarize_overlap(pl.scan_parquet(tmp / "overlap.parquet"))
     atomic_write_parquet(summary, tmp / "overlap_summary.parquet")
     shutil.rmtree(tmp / "parts")
@@ -309,6 +383,8 @@ def run_select(
         "chunk_size": chunk_size,
         "n_samples": run.samples.height,
         "n_configurations": len(score_configs(methods, alphas)) * len(keep_list),
+        "tie_rtol": tie_rtol,
+        "near_ties": _near_tie_summary(tmp / "selections.parquet"),
         "run_model_fingerprint": run.config.get("model_fingerprint"),
         "run_data_sha256": run.config.get("data_sha256"),
         "seconds": round(time.perf_counter() - t0, 3),

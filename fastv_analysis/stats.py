@@ -113,3 +113,180 @@ def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[f
         return (math.nan, math.nan)
     result = sps.binomtest(int(successes), int(n)).proportion_ci(confidence_level=confidence, method="wilson")
     return (float(result.low), float(result.high))
+
+
+# ----------------------------------------------------------------------------------------
+# Tests and corrections for the result tables (accuracy per configuration, relations)
+# ----------------------------------------------------------------------------------------
+
+
+def mcnemar_exact(a: np.ndarray, b: np.ndarray) -> float:
+    """Exact two-sided McNemar p of two paired correctness vectors.
+
+    Only discordant pairs carry information about a difference between the paired
+    methods: with n01 = #(a & ~b) and n10 = #(~a & b), under H0 each discordant pair is
+    a fair coin, so p is the two-sided binomial test of n01 in n01 + n10 at 0.5 (exact,
+    valid for the small discordant counts a few hundred samples give). 1.0 when no pair
+    is discordant.
+    """
+    a = np.asarray(a, dtype=bool)
+    b = np.asarray(b, dtype=bool)
+    only_a = int(np.sum(a & ~b))
+    only_b = int(np.sum(~a & b))
+    if only_a + only_b == 0:
+        return 1.0
+    return float(sps.binomtest(only_a, only_a + only_b, 0.5).pvalue)
+
+
+def _finite_family(p) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(all p as float array, positions of the non-NaN family, their p-values)."""
+    p = np.asarray(p, dtype=np.float64)
+    idx = np.flatnonzero(~np.isnan(p))
+    return p, idx, p[idx]
+
+
+def holm(p) -> np.ndarray:
+    """Holm-Bonferroni adjusted p-values (family-wise error control, any dependence).
+
+    Step-down: sort the m p-values, multiply the i-th smallest (0-based) by m - i, take
+    the running maximum so adjusted values keep the order of the raw ones, cap at 1.
+    Reject at level alpha where adjusted <= alpha. NaN entries (no test possible, e.g.
+    the reference row itself) are not part of the family and stay NaN.
+    """
+    p, idx, fam = _finite_family(p)
+    out = np.full(p.shape, np.nan)
+    m = fam.size
+    if m == 0:
+        return out
+    order = np.argsort(fam, kind="stable")
+    adj = np.maximum.accumulate(fam[order] * (m - np.arange(m)))
+    adjusted = np.empty(m)
+    adjusted[order] = np.minimum(adj, 1.0)
+    out[idx] = adjusted
+    return out
+
+
+def benjamini_hochberg(p) -> np.ndarray:
+    """Benjamini-Hochberg adjusted p-values (q-values; false discovery rate control).
+
+    Step-up: the i-th smallest of m p-values (1-based rank i) becomes p * m / i, then the
+    running minimum from the largest down keeps the order, capped at 1. Valid under
+    independence or positive dependence (the usual case for configurations scored on the
+    same samples). NaN entries are not part of the family and stay NaN.
+    """
+    p, idx, fam = _finite_family(p)
+    out = np.full(p.shape, np.nan)
+    m = fam.size
+    if m == 0:
+        return out
+    order = np.argsort(fam, kind="stable")
+    scaled = fam[order] * m / np.arange(1, m + 1)
+    q = np.minimum.accumulate(scaled[::-1])[::-1]
+    adjusted = np.empty(m)
+    adjusted[order] = np.minimum(q, 1.0)
+    out[idx] = adjusted
+    return out
+
+
+def quantile_accuracy(x: np.ndarray, correct: np.ndarray, bins: int = 4) -> list[float | None]:
+    """Mean of ``correct`` (0/1 or soft scores) within each quantile bin of the statistic x.
+
+    Edges are the sample quantiles of x; a value goes to the bin of the last inner edge it
+    reaches (``searchsorted(..., side="right")``), so equal x values always share one bin
+    (a tie is never split by position). With heavy ties some bins can be empty: None.
+    Shows whether accuracy moves with x, not only whether a rank correlation exists.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    correct = np.asarray(correct, dtype=np.float64)
+    if x.size == 0:
+        return [None] * bins
+    edges = np.quantile(x, np.linspace(0, 1, bins + 1))
+    which = np.clip(np.searchsorted(edges[1:-1], x, side="right"), 0, bins - 1)
+    out: list[float | None] = []
+    for i in range(bins):
+        sel = which == i
+        out.append(float(correct[sel].mean()) if sel.any() else None)
+    return out
+
+
+PERMUTATION_BLOCK = 128  # permutations per vectorised block (bounds memory: block x rows floats)
+
+
+def within_sample_permutation_test(x: np.ndarray, y: np.ndarray, strata: np.ndarray,
+                                   n_permutations: int = 2000, seed: int = 0) -> dict:
+    """Within-stratum association of x and y with a stratified permutation p-value.
+
+    Why: in the pooled table every sample appears in many configurations (pseudo-
+    replication), and sample difficulty and keep move both the selection statistic x and
+    correctness y, so a pooled correlation and its naive p mostly measure those
+    confounds. Here x and y are centred within each stratum (e.g. one (sample, layer,
+    keep) cell), so only differences between configurations of the same cell count:
+
+        r = sum(xc * yc) / sqrt(sum(xc^2) * sum(yc^2))      (NaN if either sum is 0)
+
+    The null (x exchangeable within each stratum) is sampled by permuting x within every
+    stratum independently; the statistic T = sum(x_perm * yc) orders permutations exactly
+    as r does, since a within-stratum permutation keeps each stratum's mean and sum of
+    squares. Two-sided p = (1 + #{|T_perm| >= |T_obs|}) / (1 + n_permutations), with a
+    1e-12 relative tolerance so permutations tying the observed value count.
+
+    Rows with NaN in x or y are dropped first. Strata where x or y is constant (including
+    one-row strata) leave T unchanged under every permutation; the random draws cover only
+    strata where both vary, so adding such rows changes neither r nor p for a given seed.
+
+    Returns r, p_value, n (rows after dropping NaN) and n_strata (strata with >= 2 rows
+    and any variation in x or y, i.e. those entering r's denominators).
+    """
+    x = np.asarray(x, dtype=np.float64).ravel()
+    y = np.asarray(y, dtype=np.float64).ravel()
+    strata = np.asarray(strata).ravel()
+    if not (x.size == y.size == strata.size):
+        raise ValueError("x, y and strata must have the same length")
+    ok = ~(np.isnan(x) | np.isnan(y))
+    x, y, strata = x[ok], y[ok], strata[ok]
+    n = int(x.size)
+    result = {"r": math.nan, "p_value": math.nan, "n": n, "n_strata": 0}
+    if n == 0:
+        return result
+    _, code = np.unique(strata, return_inverse=True)
+    code = code.ravel()
+    n_codes = int(code.max()) + 1
+    counts = np.bincount(code, minlength=n_codes)
+    xc = x - (np.bincount(code, weights=x, minlength=n_codes) / counts)[code]
+    yc = y - (np.bincount(code, weights=y, minlength=n_codes) / counts)[code]
+    # A stratum varies if any centred value is non-zero (exact for constant strata: mean = value).
+    x_var = np.bincount(code, weights=(xc != 0).astype(np.float64), minlength=n_codes) > 0
+    y_var = np.bincount(code, weights=(yc != 0).astype(np.float64), minlength=n_codes) > 0
+    result["n_strata"] = int(np.sum((counts >= 2) & (x_var | y_var)))
+    sxx = float(np.sum(xc * xc))
+    syy = float(np.sum(yc * yc))
+    if sxx == 0 or syy == 0:
+        return result
+    scale = math.sqrt(sxx * syy)
+    t_obs = float(np.sum(xc * yc))
+    result["r"] = t_obs / scale
+    if n_permutations <= 0:
+        return result
+
+    # Only strata where both x and y vary can change T; permute those rows only.
+    both = (x_var & y_var)[code]
+    xs, ys, cs = xc[both], yc[both], code[both]
+    base = np.argsort(cs, kind="stable")  # rows grouped by stratum
+    xs_base, ys_base = xs[base], ys[base]
+    offset = cs[base].astype(np.float64)  # stratum code per grouped position (ascending)
+    rng = np.random.default_rng(seed)
+    threshold = abs(t_obs) - 1e-12 * scale
+    hits = 0
+    done = 0
+    while done < n_permutations:
+        b = min(PERMUTATION_BLOCK, n_permutations - done)
+        # Sorting code + key (key in [0, 0.5), so no rounding reaches the next code) keeps
+        # strata in their blocks and orders rows randomly inside each: position i of the
+        # shuffled order holds a random row of the same stratum as position i of ``base``.
+        # Same result as lexsort((keys, code)), several times faster.
+        order = np.argsort(offset + 0.5 * rng.random((b, xs.size)), axis=-1)
+        t_perm = xs_base[order] @ ys_base
+        hits += int(np.sum(np.abs(t_perm) >= threshold))
+        done += b
+    result["p_value"] = (1 + hits) / (1 + n_permutations)
+    return result

@@ -15,8 +15,8 @@ def test_demo_runs_every_stage_on_the_embedded_default(tmp_path, capsys):
     config = json.loads((out / "run.json").read_text())
     assert config["model"].endswith("toy-llava") and config["agg_layers"] == [2]
     acc = pl.read_parquet(out / "eval" / "accuracy.parquet")
-    assert sorted(acc["keep"].unique().to_list()) == [16, 64, 192]
-    assert set(acc["method"].unique()) >= {"avg_all_heads", "max_head", "weighted_combination", "random"}
+    assert sorted(acc["keep"].unique().to_list()) == [16, 64, 192, 576]  # 576: the full control
+    assert set(acc["method"].unique()) >= {"avg_all_heads", "max_head", "weighted_combination", "random", "full"}
     assert acc["n"].unique().to_list() == [8]
     assert (out / "report.html").stat().st_size > 50_000
     assert len(list((out / "figures").glob("*.png"))) == 7

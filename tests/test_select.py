@@ -222,3 +222,24 @@ def test_select_bad_seed_names_the_flag(run_dir, capsys):
     assert main(["select", str(run_dir), "--seed", "-1", "--quiet"]) != 0
     assert "--seed" in capsys.readouterr().err
     assert not (run_dir / ".select.tmp").exists()
+
+
+def test_tie_margin_flags_boundaries_closer_than_the_stored_precision():
+    """tie_margin = score of the last kept token - score of the first dropped; near_tie within rtol."""
+    from fastv_analysis.select import TIE_RTOL, replay
+
+    row = torch.tensor([[0.4, 0.3, 0.3 + 1e-7, 0.0, 0.0]])  # one head: scores are the row itself
+    frame = replay(row[None], ["avg_all_heads", "random", "uniform"], keeps=[1, 2, 3, 5])
+    avg = {r["keep"]: r for r in frame.filter(pl.col("method") == "avg_all_heads").iter_rows(named=True)}
+    third = float(torch.tensor(0.3 + 1e-7))  # the float32 value actually stored
+    assert avg[1]["tie_margin"] == pytest.approx(0.4 - third, rel=1e-6) and avg[1]["near_tie"] is False
+    assert avg[2]["tie_margin"] == pytest.approx(third - float(torch.tensor(0.3)), rel=1e-3)
+    assert avg[2]["near_tie"] is True  # 1.2e-7 apart: within 1e-6 of 0.3
+    assert avg[3]["tie_margin"] == pytest.approx(float(torch.tensor(0.3))) and avg[3]["near_tie"] is False
+    assert math.isnan(avg[5]["tie_margin"]) and avg[5]["near_tie"] is False  # keep = N: nothing dropped
+    controls = frame.filter(pl.col("method") != "avg_all_heads")
+    assert controls["tie_margin"].is_nan().all() and controls["near_tie"].is_null().all()
+    # at float16 precision a 0.3 vs 0.3001 boundary is a near-tie too
+    loose = replay(torch.tensor([[[0.4, 0.3, 0.3001, 0.0]]]), ["avg_all_heads"], keeps=[2],
+                   tie_rtol=TIE_RTOL["float16"])
+    assert loose["near_tie"].to_list() == [True]
