@@ -31,22 +31,27 @@ from fastv_analysis.strategies import METHODS
 @click.option("--compare-mask", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
               help="Also run mask mode on the first N samples and fail unless the answers are identical.")
 @click.option("--timing-samples", type=click.IntRange(min=0), default=5, show_default=True, metavar="N",
-              help="Time every configuration on its own (batch 1) and the full model on the first N samples.")
+              help="Time every configuration on its own (batch 1), the full control included, on the first N "
+                   "samples.")
+@click.option("--timing-repeats", type=click.IntRange(min=1), default=3, show_default=True, metavar="R",
+              help="Timed passes per sample after one warm-up pass, each over every configuration in a fresh "
+                   "seeded order; accuracy.parquet reports medians and quartiles.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def eval_cmd(run, agg_layers, from_select, methods, alphas, keeps, max_new_tokens, batch_size, limit, device,
-             dtype, compare_mask, timing_samples, quiet):
+             dtype, compare_mask, timing_samples, timing_repeats, quiet):
     """Evaluate every selected configuration of RUN with the pruned model.
 
-    Writes RUN/eval/predictions.parquet, accuracy.parquet (accuracy, 95% interval, change
-    vs the full model, exact McNemar vs avg_all_heads, FLOPs, timings), relations.parquet
-    (overlap / head / spatial statistics vs correctness) and eval.json.
+    Every sample is also answered with nothing pruned (the `full` control) through the same
+    code path; it is the reference. Writes RUN/eval/predictions.parquet, accuracy.parquet
+    (accuracy, 95% Wilson interval, change vs full, exact McNemar vs full and vs
+    avg_all_heads with Holm and BH columns, FLOPs, timings), relations.parquet (overlap /
+    head / spatial statistics vs correctness) and eval.json.
     """
     from fastv_analysis.evaluate import EvalConfig, run_eval
 
     cfg = EvalConfig(run=run, agg_layers=agg_layers, methods=methods, alphas=alphas, keeps=keeps,
                      max_new_tokens=max_new_tokens, device=device, dtype=dtype, limit=limit, batch_size=batch_size,
-                     timing_samples=timing_samples,
-                     compare_mask=compare_mask)
+                     timing_samples=timing_samples, timing_repeats=timing_repeats, compare_mask=compare_mask)
     info = run_eval(cfg, progress=not quiet, command=sys.argv)
     click.echo(f"eval: {info['n_samples']} samples, {info['configurations_asked']} configurations asked, "
                f"{info['distinct_kept_sets']} distinct kept sets answered in {info['shared_prefills']} shared "
@@ -54,6 +59,8 @@ def eval_cmd(run, agg_layers, from_select, methods, alphas, keeps, max_new_token
     if compare_mask:
         click.echo(f"mask check: identical answers on {len(info['mask_check'])} samples")
     click.echo(headline(info["accuracy"]))
+    f = info["full_vs_capture"]
+    click.echo(f"full control vs capture's answers: {f['differ']} of {f['compared']} differ")
 
 
 def headline(accuracy) -> str:
@@ -62,6 +69,9 @@ def headline(accuracy) -> str:
 
     cols = ["agg_layer", "keep", "config", "n", "accuracy", "ci_lo", "ci_hi", "delta_vs_full", "flops_ratio"]
     table = accuracy.select(cols).with_columns(pl.col(pl.Float64).round(3))
+    if "mcnemar_p_vs_full_holm" in accuracy.columns:  # Holm over the whole table, scientific notation
+        table = table.with_columns(accuracy["mcnemar_p_vs_full_holm"].map_elements(
+            lambda p: f"{p:.1e}", return_dtype=pl.Utf8).fill_null("").alias("p_vs_full_holm"))
     with pl.Config(tbl_rows=200, tbl_cols=20, tbl_width_chars=160, tbl_hide_dataframe_shape=True,
                    tbl_hide_column_data_types=True):
         return str(table)

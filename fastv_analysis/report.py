@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-METHOD_ORDER = ("avg_all_heads", "max_head", "weighted_combination", "random", "uniform")
+from .strategies import METHODS as METHOD_ORDER
+
 PALETTE = {"avg_all_heads": "#1f77b4", "max_head": "#d62728", "weighted_combination": "#2ca02c",
-           "random": "#7f7f7f", "uniform": "#9467bd", "full model": "black"}
+           "random": "#7f7f7f", "uniform": "#9467bd", "full": "black"}
 
 
 @dataclass
@@ -33,6 +34,7 @@ class RunTables:
     predictions: pl.DataFrame | None
     relations: pl.DataFrame | None
     num_heads: int | None
+    eval_info: dict | None = None
 
 
 def load_tables(run_dir: str | Path) -> RunTables:
@@ -55,6 +57,8 @@ def load_tables(run_dir: str | Path) -> RunTables:
         predictions=read("eval", "predictions.parquet"),
         relations=read("eval", "relations.parquet"),
         num_heads=config.get("num_heads"),
+        eval_info=json.loads((root / "eval" / "eval.json").read_text()) if (root / "eval" / "eval.json").exists()
+        else None,
     )
 
 
@@ -93,10 +97,10 @@ def plot_accuracy_vs_keep(accuracy: pl.DataFrame, agg_layer: int | None = None):
         x, y = d["keep"].to_numpy(), 100 * d["accuracy"].to_numpy()
         err = np.vstack([y - 100 * d["ci_lo"].to_numpy(), 100 * d["ci_hi"].to_numpy() - y])
         ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=label, color=PALETTE[method])
-    full = 100 * float(acc["full_accuracy"][0])
-    ax.axhline(full, color="black", linestyle="--", label=f"full model ({full:.1f}%)")
+    full = 100 * float(acc.filter(pl.col("method") == "full")["accuracy"][0])
+    ax.axhline(full, color="black", linestyle="--", label=f"full control, nothing pruned ({full:.1f}%)")
     ax.set_xscale("log", base=2)
-    keeps = sorted(k for k in acc["keep"].unique().to_list() if k > 0)
+    keeps = sorted(k for k in acc.filter(pl.col("method") != "full")["keep"].unique().to_list() if k > 0)
     ax.set_xticks(keeps, [str(k) for k in keeps])
     ax.minorticks_off()
     ax.set_xlabel("image tokens kept after layer K (count, log scale)")
@@ -299,22 +303,45 @@ def plot_examples(selections: pl.DataFrame, samples: pl.DataFrame, n_examples: i
 
 
 def plot_relations(relations: pl.DataFrame):
-    """Accuracy by quartile of each statistic (pooled over pruned configurations), rho and p in the legend."""
-    pooled = relations.filter(pl.col("scope") == "pooled")
-    fig, axes = _figure(width=8, height=4.5)
+    """Left: within-sample correlation of each statistic with correctness, pooled over pruned
+    configurations (permutation p, Holm-adjusted). Right: accuracy by quartile of the
+    overlap with avg_all_heads, one line per configuration at the smallest keep."""
+    fig, axes = _figure(width=13, height=4.8, ncols=2)
     ax = axes[0, 0]
-    q_cols = [c for c in pooled.columns if c.startswith("accuracy_q")]
-    for row in pooled.iter_rows(named=True):
-        y = [None if row[c] is None else 100 * row[c] for c in q_cols]
-        rho = "n/a" if row["spearman_rho"] is None else f"{row['spearman_rho']:+.2f} (p={row['p_value']:.2g})"
-        ax.plot(range(1, len(q_cols) + 1), [np.nan if v is None else v for v in y], marker="o",
-                label=f"{row['statistic']}: rho {rho}")
+    pooled = relations.filter(pl.col("scope") == "within_sample", pl.col("r_within").is_not_null())
+    if pooled.height:
+        names = pooled["statistic"].to_list()
+        r = pooled["r_within"].to_numpy()
+        ax.barh(range(len(names)), r, color=["#1f77b4" if v >= 0 else "#d62728" for v in r])
+        for i, row in enumerate(pooled.iter_rows(named=True)):
+            ax.annotate(f"p_holm={row['p_holm']:.1e} (n={row['n']}, {row['n_strata']} strata)", (0, i),
+                        xytext=(4 if row["r_within"] < 0 else -4, 0), textcoords="offset points", va="center",
+                        ha="left" if row["r_within"] < 0 else "right", fontsize=8)
+        ax.set_yticks(range(len(names)), names)
+        ax.axvline(0, color="black", linewidth=0.8)
+        lim = max(0.05, float(np.abs(r).max()) * 1.1)
+        ax.set_xlim(-lim, lim)
+    ax.set_xlabel("within-sample correlation with correctness (r)")
+    ax.set_ylabel("selection statistic")
+    ax.set_title("Pooled, compared within (sample, layer, keep)")
+    ax = axes[0, 1]
+    per = relations.filter(pl.col("scope") == "configuration", pl.col("statistic") == "jaccard_vs_avg",
+                           pl.col("keep") > 0)
+    q_cols = [c for c in relations.columns if c.startswith("accuracy_q")]
+    if per.height:
+        keep = per["keep"].min()
+        layer = per["agg_layer"].min()
+        for row in per.filter(pl.col("keep") == keep, pl.col("agg_layer") == layer,
+                              pl.col("config") != "avg_all_heads").iter_rows(named=True):
+            y = [np.nan if row[c] is None else 100 * row[c] for c in q_cols]
+            rho = "" if row["spearman_rho"] is None else f" rho {row['spearman_rho']:+.2f}, p_holm {row['p_holm']:.1e}"
+            ax.plot(range(1, len(q_cols) + 1), y, marker="o", label=f"{row['config']}{rho}")
+        ax.set_title(f"Accuracy by quartile of Jaccard with avg_all_heads (keep {keep}, K={layer})")
+        ax.legend(fontsize=7, loc="best")
     ax.set_xticks(range(1, len(q_cols) + 1))
-    ax.set_xlabel("quartile of the statistic (1 = lowest)")
-    ax.set_ylabel("accuracy of pruned model (%)")
+    ax.set_xlabel("quartile of the statistic over samples (1 = lowest)")
+    ax.set_ylabel("accuracy of the pruned model (%)")
     ax.set_ylim(0, 105)
-    ax.set_title("Selection statistics vs correctness (pooled over pruned configurations)")
-    ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     return fig
 
@@ -351,14 +378,35 @@ def plot_sample_attention(run_dir: str | Path, sample_id: int, agg_layer: int | 
     return fig
 
 
+def _sci(col: str) -> pl.Expr:
+    """A p-value column as text in scientific notation ("" where there is no test)."""
+    return pl.col(col).map_elements(lambda p: f"{p:.2e}", return_dtype=pl.Utf8).fill_null("").alias(col)
+
+
 def main_numbers(accuracy: pl.DataFrame) -> pl.DataFrame:
-    """The headline table: accuracy per method and keep (weighted at its alpha nearest 0.5)."""
+    """The headline table: accuracy per method and keep (weighted at its alpha nearest 0.5),
+    its interval, the change vs the full control, exact McNemar p-values vs full and vs
+    avg_all_heads with their Holm adjustment over the whole table, and FLOPs."""
     alpha = _primary_alpha(accuracy)
     acc = accuracy.filter((pl.col("method") != "weighted_combination") | (pl.col("alpha") == alpha))
     return acc.select("agg_layer", "keep", "config", "n", (pl.col("accuracy") * 100).round(1).alias("accuracy_%"),
+                      (pl.col("ci_lo") * 100).round(1).alias("ci_lo_%"), (pl.col("ci_hi") * 100).round(1).alias("ci_hi_%"),
                       (pl.col("delta_vs_full") * 100).round(1).alias("delta_vs_full_pts"),
-                      pl.col("mcnemar_p_vs_avg").round(4), pl.col("flops_ratio").round(3)).sort(
+                      _sci("mcnemar_p_vs_full"), _sci("mcnemar_p_vs_full_holm"), _sci("mcnemar_p_vs_avg"),
+                      _sci("mcnemar_p_vs_avg_holm"), pl.col("flops_ratio").round(3),
+                      pl.col("prefill_speedup_vs_full").round(2)).sort(
         ["agg_layer", "keep", "config"], descending=[False, True, False])
+
+
+def full_control_note(info: dict | None) -> str:
+    """One line on how the full control compares with capture's own answers."""
+    if not info or "full_vs_capture" not in info:
+        return "eval has not run (or predates the full control)"
+    f = info["full_vs_capture"]
+    timing = info.get("timing", {})
+    return (f"Full control vs capture's `generate` answers: {f['differ']} of {f['compared']} differ "
+            f"(0 expected on CPU float32). Timings: {timing.get('samples')} samples x {timing.get('repeats')} "
+            f"repeats after a warm-up pass, {timing.get('threads')} threads on {timing.get('device')}.")
 
 
 FIGURES = {

@@ -212,6 +212,15 @@ def quantile_accuracy(x: np.ndarray, correct: np.ndarray, bins: int = 4) -> list
 PERMUTATION_BLOCK = 128  # permutations per vectorised block (bounds memory: block x rows floats)
 
 
+def _varies(values: np.ndarray, code: np.ndarray, n_codes: int) -> np.ndarray:
+    """``[n_codes]`` whether ``values`` take more than one value within each stratum code."""
+    high = np.full(n_codes, -np.inf)
+    low = np.full(n_codes, np.inf)
+    np.maximum.at(high, code, values)
+    np.minimum.at(low, code, values)
+    return high > low
+
+
 def within_sample_permutation_test(x: np.ndarray, y: np.ndarray, strata: np.ndarray,
                                    n_permutations: int = 2000, seed: int = 0) -> dict:
     """Within-stratum association of x and y with a stratified permutation p-value.
@@ -254,9 +263,11 @@ def within_sample_permutation_test(x: np.ndarray, y: np.ndarray, strata: np.ndar
     counts = np.bincount(code, minlength=n_codes)
     xc = x - (np.bincount(code, weights=x, minlength=n_codes) / counts)[code]
     yc = y - (np.bincount(code, weights=y, minlength=n_codes) / counts)[code]
-    # A stratum varies if any centred value is non-zero (exact for constant strata: mean = value).
-    x_var = np.bincount(code, weights=(xc != 0).astype(np.float64), minlength=n_codes) > 0
-    y_var = np.bincount(code, weights=(yc != 0).astype(np.float64), minlength=n_codes) > 0
+    # A stratum varies if its max and min differ; constant strata are centred to exact zeros
+    # (their float mean need not equal the value: three 0.1s average to 0.10000000000000002).
+    x_var, y_var = _varies(x, code, n_codes), _varies(y, code, n_codes)
+    xc[~x_var[code]] = 0.0
+    yc[~y_var[code]] = 0.0
     result["n_strata"] = int(np.sum((counts >= 2) & (x_var | y_var)))
     sxx = float(np.sum(xc * xc))
     syy = float(np.sum(yc * yc))

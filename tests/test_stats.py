@@ -379,3 +379,12 @@ def test_permutation_handles_a_full_table_quickly():
     res = stats.within_sample_permutation_test(x, y, s, n_permutations=2000, seed=0)
     assert time.perf_counter() - t0 < 10.0  # about 1 s on one busy core
     assert res["n"] == n and 0 < res["p_value"] <= 1
+
+
+def test_permutation_test_sees_no_within_stratum_variation_in_a_repeated_float():
+    """A sample property (same float in every row of a stratum) has no within-stratum r:
+    three 0.1s average to 0.10000000000000002, which must not read as variation."""
+    x = np.array([0.1, 0.1, 0.1, 0.7, 0.7, 0.7])
+    y = np.array([1.0, 0.0, 1.0, 0.0, 1.0, 1.0])
+    res = stats.within_sample_permutation_test(x, y, np.array([0, 0, 0, 1, 1, 1]), n_permutations=50)
+    assert math.isnan(res["r"]) and math.isnan(res["p_value"])
