@@ -11,7 +11,7 @@ repeated ``--rounds`` times, median of the per-round totals:
 
 Then one real ``run_capture`` (``--queries last``) into a temporary run directory, for the
 bytes stored per sample: size of ``attention/*.safetensors`` / samples, next to the bound
-H x N x 2 bytes per sample and layer (float16).
+H x N x (bytes of the store dtype) per sample and layer (float32 by default: 4).
 
 Model: ``data/toy-llava`` when it exists, else a random-weight checkpoint of the toy's
 size (``fastv_analysis.toy.checkpoint.build_config()``: 8 layers, width 128, 576 image
@@ -85,7 +85,7 @@ def main() -> None:
                             batch_size=args.batch_size, limit=args.samples, max_new_tokens=args.max_new_tokens)
         loaded = load_model(cfg.model, cfg.device, cfg.dtype)
         device = loaded.device
-        store_dtype = torch.float16
+        store_dtype = getattr(torch, cfg.store_dtype)  # capture's default
         max_tokens = int(getattr(loaded.model.config.text_config, "max_position_embeddings", 1 << 30))
         image_token_id = loaded.model.config.image_token_id
         questions = load_questions(cfg.data)[: args.samples]
@@ -149,7 +149,7 @@ def main() -> None:
         heads = loaded.model.config.text_config.num_attention_heads
         n_image = int((proc(text=[prepared[0].prompt], images=[prepared[0].image], return_tensors="pt")["input_ids"]
                        == image_token_id).sum())
-        bound = heads * n_image * 2  # float16, per sample and layer, --queries last
+        bound = heads * n_image * store_dtype.itemsize  # per sample and layer, --queries last
         per_sample = tensor_bytes / n_stored / len(cfg.agg_layers)
         payload = payload_bytes / n_stored / len(cfg.agg_layers)
         prompt_len = inputs["input_ids"].shape[1]
@@ -169,7 +169,7 @@ def main() -> None:
     print(f"{'run_capture end to end':28s} {1000 * e2e / n:10.2f}   (one pass, incl. load/fingerprint/writes)")
     print(f"prefill with / without recorder: {pre['recorder'] / pre['plain']:.3f}x")
     print(f"stored: {per_sample:.0f} bytes/sample/layer in attention/*.safetensors "
-          f"(tensor payload {payload:.0f}; bound H {heads} x N {n_image} x 2 = {bound}: "
+          f"(tensor payload {payload:.0f}; bound H {heads} x N {n_image} x {store_dtype.itemsize} = {bound}: "
           f"{'within' if per_sample <= bound else f'+{per_sample - bound:.0f} B safetensors header'}); "
           f"index parts {index_bytes / n_stored:.0f} bytes/sample")
     print(f"capture / plain generate: {ratio:.3f}x (target <= 1.3)")
