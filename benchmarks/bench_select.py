@@ -38,7 +38,7 @@ def loop_replay(attention: torch.Tensor) -> pl.DataFrame:
                 kept = sel.indices.numpy()[None, :]
                 sp = stats.spatial_stats(kept, n_tokens)
                 rows.append({
-                    "sample": s, "config": cfg.label, "keep": keep, "kept": kept[0].astype(np.int32).tolist(),
+                    "sample_id": s, "config": cfg.label, "keep": keep, "kept": kept[0].astype(np.int32).tolist(),
                     "max_head": int(sel.max_head), "selection_id": selection_ids(kept)[0],
                     "mean_row": float(sp["mean_row"][0]), "bottom_share": float(sp["bottom_share"][0]),
                 })
@@ -63,7 +63,7 @@ def main() -> None:
     slow = loop_replay(attention)
     t_slow = time.perf_counter() - t0
 
-    key = ["config", "keep", "sample"]
+    key = ["config", "keep", "sample_id"]
     a, b = fast.sort(key), slow.sort(key)
     assert a["kept"].to_list() == b["kept"].to_list(), "replay and loop disagree"
     assert a["selection_id"].to_list() == b["selection_id"].to_list()

@@ -6,10 +6,11 @@ import sys
 
 import click
 
-from .params import IntList
+from .params import IntList, threads_option
 
 
 @click.command("capture")
+@threads_option
 @click.option("--model", default=None, help="Local path or hub id of a LlavaForConditionalGeneration checkpoint "
               "[default: the embedded toy model in data/toy-llava].")
 @click.option("--data", default=None, help="Question file (.jsonl, LLaVA/lmms convention) "

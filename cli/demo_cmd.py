@@ -6,8 +6,11 @@ import time
 
 import click
 
+from .params import threads_option
+
 
 @click.command("demo")
+@threads_option
 @click.option("--out", type=click.Path(file_okay=False), default="runs/demo", show_default=True,
               help="Run directory to write.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N questions (quick look).")
@@ -15,8 +18,9 @@ import click
 @click.option("--keep", default="192,64,16", show_default=True)
 @click.option("--alphas", default="0:1:0.25", show_default=True)
 @click.option("--no-report", is_flag=True, help="Stop after eval.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT when it holds a run made with other settings.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def demo_cmd(out, limit, agg_layer, keep, alphas, no_report, quiet):
+def demo_cmd(out, limit, agg_layer, keep, alphas, no_report, overwrite, quiet):
     """The whole pipeline on the toy LLaVA and toy VQA set shipped in data/ (CPU, minutes)."""
     from fastv_analysis.capture import CaptureConfig, run_capture
     from fastv_analysis.evaluate import EvalConfig, run_eval
@@ -32,13 +36,11 @@ def demo_cmd(out, limit, agg_layer, keep, alphas, no_report, quiet):
     from fastv_analysis.store import RunMismatchError
 
     click.echo(f"[1/4] capture: full model on the toy VQA set -> {out}")
-    capture = CaptureConfig(out=out, agg_layers=[agg_layer], limit=limit, batch_size=8)
+    capture = CaptureConfig(out=out, agg_layers=[agg_layer], limit=limit, batch_size=8, overwrite=overwrite)
     try:
         run_capture(capture, progress=not quiet)
-    except RunMismatchError:  # a demo made with other settings (e.g. --limit): the demo folder is disposable
-        click.echo(f"      {out} holds a demo made with other settings: replacing it")
-        capture.overwrite = True
-        run_capture(capture, progress=not quiet)
+    except RunMismatchError as err:  # never delete a run this command did not make
+        raise click.ClickException(f"{err} (demo --overwrite replaces it)") from None
     click.echo("[2/4] select: replaying strategies on the cached attention")
     run_select(out, METHODS, alpha_list, keeps, agg_layers=[agg_layer], progress=not quiet)
     click.echo("[3/4] eval: pruned model on every distinct kept set")

@@ -6,17 +6,15 @@ import sys
 
 import click
 
-from .params import Choices, FloatGrid, IntList
+from .params import Choices, FloatGrid, IntList, threads_option
 from fastv_analysis.strategies import METHODS
 
 
 @click.command("eval")
+@threads_option
 @click.argument("run", type=click.Path(file_okay=False, path_type=str))
 @click.option("--agg-layer", "agg_layers", type=IntList(), default=None,
               help="Aggregation layer(s) K to evaluate; default: every selected layer.")
-@click.option("--from-select", is_flag=True, default=True,
-              help="Replay the kept sets of RUN/select/selections.parquet (the default and only mode, so that "
-                   "capture, select and eval agree token for token).")
 @click.option("--methods", type=Choices(METHODS), default=None, help="Only these methods (comma list).")
 @click.option("--alphas", type=FloatGrid(), default=None, help="Only these weighted_combination alphas.")
 @click.option("--keep", "keeps", type=IntList(), default=None, help="Only these keep counts.")
@@ -37,9 +35,11 @@ from fastv_analysis.strategies import METHODS
               help="Timed passes per sample after one warm-up pass, each over every configuration in a fresh "
                    "seeded order; accuracy.parquet reports medians and quartiles.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def eval_cmd(run, agg_layers, from_select, methods, alphas, keeps, max_new_tokens, batch_size, limit, device,
+def eval_cmd(run, agg_layers, methods, alphas, keeps, max_new_tokens, batch_size, limit, device,
              dtype, compare_mask, timing_samples, timing_repeats, quiet):
-    """Evaluate every selected configuration of RUN with the pruned model.
+    """Evaluate every selected configuration of RUN with the pruned model, replaying the
+    kept sets of RUN/select/selections.parquet (so capture, select and eval agree token for
+    token).
 
     Every sample is also answered with nothing pruned (the `full` control) through the same
     code path; it is the reference. Writes RUN/eval/predictions.parquet, accuracy.parquet

@@ -73,3 +73,30 @@ class Choices(click.ParamType):
             if item not in self.choices:
                 self.fail(f"unknown {item!r}; choose from {', '.join(self.choices)}", param, ctx)
         return items
+
+
+DEFAULT_THREADS = 1
+"""torch's intra-op threads. One thread is as fast as two on the toy demo when the machine
+is idle and 10x faster when another process is busy (README, "Threads"): PyTorch's thread
+pool spins and collapses when it shares cores."""
+
+
+def set_threads(ctx, param, value):
+    """Click callback: apply --threads before the command runs (torch and the papermill
+    kernel, which reads OMP_NUM_THREADS from the environment)."""
+    import os
+
+    os.environ["OMP_NUM_THREADS"] = str(value)
+    os.environ["MKL_NUM_THREADS"] = str(value)
+    import torch
+
+    torch.set_num_threads(value)
+    return value
+
+
+def threads_option(command):
+    """``--threads N`` on a stage command (default :data:`DEFAULT_THREADS`)."""
+    return click.option("--threads", type=click.IntRange(min=1), default=DEFAULT_THREADS, show_default=True,
+                        callback=set_threads, expose_value=False, is_eager=True,
+                        help="CPU threads for torch (1 does not collapse when another process shares the "
+                             "cores; more can help on an idle many-core machine).")(command)

@@ -8,10 +8,11 @@ import click
 
 from fastv_analysis.strategies import METHODS
 
-from .params import Choices, FloatGrid, IntList
+from .params import Choices, FloatGrid, IntList, threads_option
 
 
 @click.command("select")
+@threads_option
 @click.argument("run", type=click.Path(file_okay=False, path_type=str))
 @click.option("--methods", type=Choices(METHODS), default=",".join(METHODS), show_default=True,
               help="Comma list of selection methods to replay.")

@@ -100,10 +100,17 @@ def prepare(sample_id: int, question, processor, cfg: CaptureConfig, max_tokens:
         raise BadSample(question, cfg.data, f"image {question.image} is missing") from None
     except (UnidentifiedImageError, OSError) as err:
         raise BadSample(question, cfg.data, f"image {question.image} is unreadable ({err.__class__.__name__})") from None
-    prompt = build_prompt(processor, question.text, question.choices, cfg.prompt_template)
+    try:
+        prompt = build_prompt(processor, question.text, question.choices, cfg.prompt_template)
+    except ValueError as err:
+        raise BadSample(question, cfg.data, str(err)) from None
     if "<image>" not in prompt:
         raise BadSample(question, cfg.data, "the prompt has no <image> placeholder")
-    inputs = processor(text=[prompt], images=[image], return_tensors="pt")
+    try:
+        inputs = processor(text=[prompt], images=[image], return_tensors="pt")
+    except Exception as err:  # any processor complaint is this sample's, in one line
+        first = (str(err).strip().splitlines() or [err.__class__.__name__])[0]
+        raise BadSample(question, cfg.data, f"the processor refused it ({err.__class__.__name__}: {first})") from None
     ids = inputs["input_ids"]
     if not (ids == image_token_id).any():
         raise BadSample(question, cfg.data, "the prompt has no image token after processing")
@@ -202,9 +209,8 @@ def merge_errors(root: Path) -> None:
 
 
 def run_capture(cfg: CaptureConfig, progress: bool = True, command: list[str] | None = None) -> dict:
-    """Capture every sample of ``cfg.data`` into the run directory ``cfg.out`` (resumable)."""
-    from tqdm.auto import tqdm
-
+    """Capture every sample of ``cfg.data`` into the run directory ``cfg.out`` (resumable;
+    a larger ``limit`` later extends it)."""
     from .data import load_questions
 
     if cfg.queries not in QUERIES:
@@ -216,6 +222,9 @@ def run_capture(cfg: CaptureConfig, progress: bool = True, command: list[str] | 
         raise ValueError(f"--store-dtype must be float16, bfloat16 or float32, got {cfg.store_dtype!r}")
     if cfg.batch_size < 1:
         raise ValueError("--batch-size must be at least 1")
+    cfg.data = str(Path(cfg.data).resolve())  # later stages run from anywhere: store paths resolvable
+    if Path(cfg.model).exists():
+        cfg.model = str(Path(cfg.model).resolve())
     bad_lines: list[dict] = []
     questions = load_questions(cfg.data, bad_lines if cfg.skip_bad else None)
     if cfg.limit is not None:
@@ -236,6 +245,7 @@ def run_capture(cfg: CaptureConfig, progress: bool = True, command: list[str] | 
         "model_fingerprint": fingerprint(cfg.model, loaded.model),
         "architecture": adapter.architecture,
         "data": str(cfg.data),
+        "data_relative": os.path.relpath(cfg.data, Path(cfg.out).resolve()),
         "data_sha256": file_sha256(cfg.data),
         "agg_layers": sorted(cfg.agg_layers),
         "queries": cfg.queries,
@@ -252,15 +262,54 @@ def run_capture(cfg: CaptureConfig, progress: bool = True, command: list[str] | 
     }
     # rank 0 checks (or, with --overwrite, replaces) the run directory before the other
     # ranks compare their settings with its run.json; otherwise they race it
+    out_dir = Path(cfg.out)
+    fresh = not (out_dir / "run.json").exists() or cfg.overwrite
+    created = not out_dir.exists()
     with state.main_process_first() if state is not None else contextlib.nullcontext():
         writer = RunWriter(cfg.out, run_config, overwrite=cfg.overwrite and rank == 0, rank=rank)
     if state is not None:
         state.wait_for_everyone()
+    try:
+        info = _capture_samples(cfg, writer, questions, bad_lines, loaded, adapter, max_tokens, store_dtype,
+                                rank, world, state, progress)
+    except BaseException:
+        if fresh and rank == 0 and not writer.done_sample_ids():
+            _remove_empty_run(out_dir, created)  # a run that captured nothing leaves nothing behind
+        raise
+    if info["n_samples"] == 0 and rank == 0:
+        first = info.pop("first_error", None)
+        if fresh:
+            _remove_empty_run(out_dir, created)
+        raise ValueError(f"{cfg.data}: no sample could be captured ({info['bad']} bad"
+                         f"{'; first: ' + first if first else ''})")
+    info.pop("first_error", None)
+    return info
+
+
+def _remove_empty_run(out_dir: Path, created: bool) -> None:
+    """Remove what a capture that stored no sample wrote (run.json, empty folders, logs)."""
+    import shutil
+
+    for name in ("run.json", "samples.parquet", "errors.jsonl"):
+        (out_dir / name).unlink(missing_ok=True)
+    for p in out_dir.glob("errors-*.jsonl"):
+        p.unlink()
+    shutil.rmtree(out_dir / "attention", ignore_errors=True)
+    if created and out_dir.exists() and not any(out_dir.iterdir()):
+        out_dir.rmdir()
+
+
+def _capture_samples(cfg, writer, questions, bad_lines, loaded, adapter, max_tokens, store_dtype, rank, world,
+                     state, progress) -> dict:
+    """The capture loop of :func:`run_capture`: prepare, batch, record, write parts."""
+    from tqdm.auto import tqdm
+
     done = writer.done_sample_ids()
     todo = [(i, q) for i, q in enumerate(questions) if i not in done and i % world == rank]
     errors_path = Path(cfg.out) / f"errors-{rank}.jsonl"
     errors_path.unlink(missing_ok=True)  # bad samples are retried on resume, and logged again
     n_bad = 0
+    first_error = bad_lines[0]["error"] if bad_lines else None
     if rank == 0 and bad_lines:
         with open(errors_path, "a") as f:
             f.writelines(json.dumps({"sample_id": -1, **e}) + "\n" for e in bad_lines)
@@ -291,6 +340,7 @@ def run_capture(cfg: CaptureConfig, progress: bool = True, command: list[str] | 
             if not cfg.skip_bad:
                 raise
             n_bad += 1
+            first_error = first_error or str(err)
             with open(errors_path, "a") as f:
                 f.write(json.dumps({"sample_id": sample_id, "question_id": str(q.question_id),
                                     "file": str(cfg.data), "error": err.reason}) + "\n")
@@ -311,7 +361,8 @@ def run_capture(cfg: CaptureConfig, progress: bool = True, command: list[str] | 
         "out": str(cfg.out),
         "captured": len(todo) - n_bad,
         "skipped_done": len(done),
-        "bad": n_bad,
+        "bad": n_bad + (len(bad_lines) if rank == 0 else 0),  # the lines of errors.jsonl: samples and lines
+        "first_error": first_error,
         "seconds": time.perf_counter() - t_start,
         "n_samples": None if samples is None else samples.height,
         "accuracy": None if samples is None or samples.height == 0 else float(samples["correct"].mean()),

@@ -84,7 +84,7 @@ def load_questions(path: str | Path, errors: list[dict] | None = None) -> list[Q
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as err:
-                    raise ValueError(f"{where}: malformed JSON ({err.msg} at column {err.colno})") from None
+                    raise ValueError(f"{where}: malformed JSON, column {err.colno}: {err.msg}") from None
                 out.append(parse_line(obj, path.parent, where))
             except ValueError as err:
                 if errors is None:

@@ -66,6 +66,14 @@ def configurations(selections: pl.DataFrame, cfg: EvalConfig) -> pl.DataFrame:
             raise ValueError(f"--agg-layer {missing}: not in {cfg.run}/select/selections.parquet "
                              f"(selected layers: {sorted(out['agg_layer'].unique().to_list())})")
         out = out.filter(pl.col("agg_layer").is_in(cfg.agg_layers))
+    where = f"{cfg.run}/select/selections.parquet"
+    for flag, column, asked in (("--methods", "method", cfg.methods), ("--keep", "keep", cfg.keeps),
+                                ("--alphas", "alpha", [float(a) for a in cfg.alphas or []])):
+        present = set(out[column].drop_nulls().unique().to_list())
+        missing = [a for a in asked or [] if a not in present]
+        if missing:
+            raise ValueError(f"{flag} {', '.join(map(str, missing))}: not in {where} "
+                             f"(there: {', '.join(map(str, sorted(present)))})")
     if cfg.methods:
         out = out.filter(pl.col("method").is_in(cfg.methods))
     if cfg.alphas:
@@ -397,7 +405,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True, command: list[str] | None =
     from .capture import BadSample, CaptureConfig, prepare
     from .data import load_questions
     from .loading import load_model
-    from .provenance import file_sha256, fingerprint, versions
+    from .provenance import file_sha256, fingerprint, select_fingerprint, stale_stages, versions
     from .scoring import is_correct
 
     run = open_run(cfg.run)
@@ -409,10 +417,14 @@ def run_eval(cfg: EvalConfig, progress: bool = True, command: list[str] | None =
         if select_info.get(key) != run.config.get(name):
             raise ValueError(f"{run.root / 'select'} was made from another capture ({name} differs): "
                              f"run `fastv-analyze select {cfg.run}` again")
+    stale = stale_stages(run).get("select")
+    if stale:
+        raise ValueError(stale)
+    select_id = select_fingerprint(run.root)
     selections = configurations(pl.read_parquet(sel_path), cfg)
     n_image = dict(zip(run.samples["sample_id"].to_list(), run.samples["n_image_tokens"].to_list()))
     selections = with_full_control(selections, n_image)
-    data_file = run.config["data"]
+    data_file = str(run.data_path)
     if not Path(data_file).exists():
         raise FileNotFoundError(f"{data_file} (the run's question file) is missing")
     if file_sha256(data_file) != run.config.get("data_sha256"):
@@ -496,6 +508,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True, command: list[str] | None =
     differ = full.filter(pl.col("prediction") != pl.col("capture_prediction"))
     info = {
         "stage": "eval",
+        "select_fingerprint": select_id,
         "settings": asdict(cfg),
         "model": model_name,
         "model_fingerprint": model_id,

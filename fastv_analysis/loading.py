@@ -64,7 +64,11 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto") -> Loaded:
     try:
         config = AutoConfig.from_pretrained(name)
     except OSError as err:
-        raise ValueError(f"cannot load model {name!r}: {str(err).splitlines()[0]}") from None
+        if not Path(name).exists() and (Path(name).is_absolute() or name.startswith((".", "~"))
+                                        or name.count("/") != 1):
+            raise ValueError(f"--model {name}: no such directory") from None
+        raise ValueError(f"cannot load model {name!r}: not a local directory, and the hub says: "
+                         f"{str(err).splitlines()[0]}") from None
     archs = config.architectures or []
     arch = next((a for a in archs if a in SUPPORTED), None)
     if arch is None:
@@ -95,18 +99,31 @@ def question_text(question: str, choices: list[str] | None) -> str:
     return f"{question}\n{options}\n{MC_SUFFIX}"
 
 
+IMAGE_PLACEHOLDER = "<image>"
+
+
 def build_prompt(processor, question: str, choices: list[str] | None = None, template: str | None = None) -> str:
-    """The prompt text with one ``<image>`` placeholder.
+    """The prompt text with exactly one ``<image>`` placeholder.
 
     Uses the processor's chat template where there is one (and no ``template`` was
-    forced), otherwise ``template`` (default LLaVA-1.5's) with ``{question}``.
+    forced), otherwise ``template`` (default LLaVA-1.5's) with ``{question}``. A question
+    that already holds the placeholder (LLaVA conversation files start with
+    ``"<image>\n"``) keeps it where it is instead of getting a second one; more than one
+    is a ValueError (one image per sample).
     """
     text = question_text(question, choices)
+    placeholders = text.count(IMAGE_PLACEHOLDER)
+    if placeholders > 1:
+        raise ValueError(f"the question has {placeholders} {IMAGE_PLACEHOLDER} placeholders (one image per sample)")
     if template is None and getattr(processor, "chat_template", None):
-        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+        image = [] if placeholders else [{"type": "image"}]
+        conversation = [{"role": "user", "content": [*image, {"type": "text", "text": text}]}]
         return processor.apply_chat_template(conversation, add_generation_prompt=True)
     template = template or DEFAULT_TEMPLATE
     check_template(template)
+    if placeholders:  # the question's own placeholder replaces the template's
+        own = IMAGE_PLACEHOLDER + "\n" if IMAGE_PLACEHOLDER + "\n" in template else IMAGE_PLACEHOLDER
+        template = template.replace(own, "", 1)
     return template.replace("{question}", text)
 
 

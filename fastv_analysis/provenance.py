@@ -7,6 +7,7 @@ directory can refuse to be mixed with another model or data file.
 from __future__ import annotations
 
 import hashlib
+import json
 import platform
 import sys
 from importlib import metadata
@@ -93,3 +94,45 @@ def model_fingerprint(model) -> str:
                 sample = flat[:: max(1, flat.numel() // 64)].float().cpu().numpy().tobytes()
                 h.update(sample)
     return h.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------
+# Stage inputs: each stage records the fingerprint of what it read, so stale results are
+# refused instead of mixed (a select re-run after eval, a capture extended after select)
+# ----------------------------------------------------------------------------------------
+
+
+def capture_fingerprint(run) -> str:
+    """What the select stage reads from a capture: model, data, layers, storage and the
+    captured samples (extending a capture changes it; resuming without new samples does not)."""
+    import hashlib
+
+    keys = ("model_fingerprint", "data_sha256", "agg_layers", "queries", "store_dtype")
+    head = json.dumps({k: run.config.get(k) for k in keys}, sort_keys=True)
+    ids = ",".join(str(i) for i in sorted(run.samples["sample_id"].to_list())) if run.samples.height else ""
+    return hashlib.sha256(f"{head}|{ids}".encode()).hexdigest()[:16]
+
+
+def select_fingerprint(root: str | Path) -> str | None:
+    """What eval reads from the select stage: its kept sets (None if select has not run)."""
+    path = Path(root) / "select" / "selections.parquet"
+    return file_sha256(path)[:16] if path.exists() else None
+
+
+def stale_stages(run) -> dict[str, str]:
+    """Stage name -> one line, for each stage whose recorded input no longer matches what
+    is on disk now (``{}`` when everything is consistent)."""
+    root = Path(run.root)
+    problems = {}
+    select_json, eval_json = root / "select" / "select.json", root / "eval" / "eval.json"
+    if select_json.exists():
+        made_from = json.loads(select_json.read_text()).get("capture_fingerprint")
+        if made_from != capture_fingerprint(run):
+            problems["select"] = (f"{root / 'select'} was made from another state of the capture (samples or "
+                                  f"settings changed since): run `fastv-analyze select {root}` again")
+    if eval_json.exists():
+        made_from = json.loads(eval_json.read_text()).get("select_fingerprint")
+        if made_from != select_fingerprint(root):
+            problems["eval"] = (f"{root / 'eval'} was made from other selections (select ran again since): run "
+                                f"`fastv-analyze eval {root}` again")
+    return problems

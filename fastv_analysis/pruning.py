@@ -34,7 +34,7 @@ from __future__ import annotations
 import hashlib
 import weakref
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 from torch import nn
@@ -608,8 +608,11 @@ def apply_fastv(model: nn.Module, config: FastVConfig | Mapping | None = None, *
         config = FastVConfig(**overrides)
     elif isinstance(config, Mapping):
         config = FastVConfig.from_dict({**config, **overrides})
-    elif overrides:
-        raise ValueError("pass either a FastVConfig or keyword overrides, not both")
+    elif overrides:  # apply_fastv(model, cfg, mode="mask"): a copy of cfg with those fields changed
+        unknown = sorted(set(overrides) - {f.name for f in fields(FastVConfig)})
+        if unknown:
+            raise ValueError(f"unknown FastV config key(s) {', '.join(unknown)}")
+        config = replace(config, **overrides)
     return FastVModel(model, config)
 
 

@@ -157,7 +157,7 @@ def replay(
     ``keep_ratio``, ``max_head``, ``selection_id`` (hash of the kept set), the spatial
     statistics of the kept set, ``tie_margin`` (score gap at the keep boundary, see
     :func:`boundary_gap`) and ``near_tie`` (margin <= ``tie_rtol`` x the boundary score:
-    the ranking there is not reliable at the stored precision). ``sample`` is the position
+    the ranking there is not reliable at the stored precision). ``sample_id`` is the position
     in ``attention`` unless ``sample_ids`` names the samples (then random selections
     depend on the id, not the position, so chunked replays agree with whole ones).
     At ``agg_layer`` 0 only the controls exist and ``max_head`` is null.
@@ -171,7 +171,7 @@ def replay(
     for cfg in score_configs(methods, alphas):
         for keep, kept, _, margin, near in kept_sets(attention, cfg, keeps, ids, seed, tie_rtol):
             frame = {
-                "sample": ids,
+                "sample_id": ids,
                 "method": [cfg.method] * n_samples,
                 "alpha": [cfg.alpha] * n_samples,
                 "config": [cfg.label] * n_samples,
@@ -226,7 +226,7 @@ def overlap(
             frames.append(
                 pl.DataFrame(
                     {
-                        "sample": ids,
+                        "sample_id": ids,
                         "keep": np.full(n_samples, keep),
                         "config_a": [a.label] * n_samples,
                         "config_b": [b.label] * n_samples,
@@ -243,7 +243,7 @@ def overlap(
 def heads(attention: torch.Tensor, *, sample_ids: Sequence[int] | None = None, agg_layer: int | None = None) -> pl.DataFrame:
     """Per-sample head statistics (see :func:`fastv_analysis.stats.head_stats`)."""
     attention, _, ids = _checked(attention, [], sample_ids)
-    out = pl.DataFrame({"sample": ids, **stats.head_stats(strategies.head_importance(attention).numpy())})
+    out = pl.DataFrame({"sample_id": ids, **stats.head_stats(strategies.head_importance(attention).numpy())})
     return _with_layer(out, agg_layer)
 
 
@@ -321,7 +321,7 @@ def run_select(
     """
     from tqdm.auto import tqdm
 
-    from .provenance import versions
+    from .provenance import capture_fingerprint, versions
 
     run = open_run(run_dir)
     layers = list(agg_layers) if agg_layers else run.agg_layers
@@ -359,7 +359,7 @@ def run_select(
             if layer > 0:
                 frames.append(("heads", heads(att, **kw)))
             for name, frame in frames:
-                frame.rename({"sample": "sample_id"}).write_parquet(parts[name] / f"{i:06d}.parquet")
+                frame.write_parquet(parts[name] / f"{i:06d}.parquet")
             i += 1
             bar.update(len(ids))
     bar.close()
@@ -385,6 +385,7 @@ def run_select(
         "n_configurations": len(score_configs(methods, alphas)) * len(keep_list),
         "tie_rtol": tie_rtol,
         "near_ties": _near_tie_summary(tmp / "selections.parquet"),
+        "capture_fingerprint": capture_fingerprint(run),
         "run_model_fingerprint": run.config.get("model_fingerprint"),
         "run_data_sha256": run.config.get("data_sha256"),
         "seconds": round(time.perf_counter() - t0, 3),

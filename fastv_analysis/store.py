@@ -42,10 +42,11 @@ IDENTITY_KEYS = (
     "dtype",
     "max_new_tokens",
     "prompt_template",
-    "limit",
     "store_dtype",
 )
-"""run.json keys that must match for a capture to resume into an existing run."""
+"""run.json keys that must match for a capture to resume into an existing run. The limit
+is not one: a capture with a larger limit (or none) extends the run, a smaller one adds
+nothing; data, model and settings decide what a run is."""
 
 SAMPLE_COLUMNS = {
     "sample_id": pl.Int64,
@@ -257,6 +258,16 @@ class Run:
         if stacked and stacked in handle.keys():
             return handle.get_slice(stacked)[row]
         raise KeyError(f"{key} not stored in {self.attention_dir / shard}.safetensors")
+
+    @property
+    def data_path(self) -> Path:
+        """The run's question file: as captured (absolute), else relative to the run
+        directory (a run moved together with its data), else the stored path as is."""
+        stored = Path(self.config.get("data", ""))
+        relative = self.config.get("data_relative")
+        if not stored.exists() and relative and (self.root / relative).exists():
+            return (self.root / relative).resolve()
+        return stored
 
     @property
     def attention_dir(self) -> Path:

@@ -22,9 +22,16 @@ def test_demo_runs_every_stage_on_the_embedded_default(tmp_path, capsys):
     assert len(list((out / "figures").glob("*.png"))) == 7
 
 
-def test_demo_replaces_a_demo_made_with_other_settings(tmp_path, capsys):
+def test_demo_never_deletes_a_run_it_did_not_make_and_grows_with_the_limit(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--limit", "3", "--no-report", "--keep", "64", "--quiet"]) == 0
     assert main(["demo", "--out", str(out), "--limit", "4", "--no-report", "--keep", "64", "--quiet"]) == 0
-    assert "replacing it" in capsys.readouterr().out
-    assert pl.read_parquet(out / "eval" / "accuracy.parquet")["n"].unique().to_list() == [4]
+    assert pl.read_parquet(out / "eval" / "accuracy.parquet")["n"].unique().to_list() == [4]  # grew, 3 reused
+    capsys.readouterr()
+    assert main(["demo", "--out", str(out), "--agg-layer", "3", "--limit", "4", "--no-report", "--quiet"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "other settings" in err and "--overwrite" in err and len(err.splitlines()) == 1
+    assert json.loads((out / "run.json").read_text())["agg_layers"] == [2]  # untouched
+    assert main(["demo", "--out", str(out), "--agg-layer", "3", "--limit", "2", "--no-report", "--keep", "64",
+                 "--overwrite", "--quiet"]) == 0
+    assert json.loads((out / "run.json").read_text())["agg_layers"] == [3]

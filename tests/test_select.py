@@ -30,7 +30,7 @@ def test_replay_rows_equal_per_sample_selection(attention):
     assert frame.height == 7 * 3 * 12
     for row in frame.filter(pl.col("method").is_in(["avg_all_heads", "max_head", "weighted_combination"])).iter_rows(named=True):
         alpha = row["alpha"] if row["alpha"] is not None else 0.5
-        expected = select(attention[row["sample"]], row["method"], row["keep"], alpha=alpha)
+        expected = select(attention[row["sample_id"]], row["method"], row["keep"], alpha=alpha)
         assert row["kept"] == expected.indices.tolist()
         assert row["max_head"] == int(expected.max_head)
     uni = frame.filter(pl.col("method") == "uniform", pl.col("keep") == 8)
@@ -77,7 +77,7 @@ def test_spatial_statistics_by_hand():
 
 def test_overlap_matches_independent_computation(attention):
     frame = overlap(attention, ["avg_all_heads", "max_head", "uniform"], [], [16, 4])
-    row = frame.filter(pl.col("sample") == 3, pl.col("keep") == 16, pl.col("config_a") == "avg_all_heads",
+    row = frame.filter(pl.col("sample_id") == 3, pl.col("keep") == 16, pl.col("config_a") == "avg_all_heads",
                        pl.col("config_b") == "max_head").row(0, named=True)
     a = select(attention[3], "avg_all_heads", 16)
     m = select(attention[3], "max_head", 16)
@@ -136,7 +136,7 @@ def test_select_cli_end_to_end(run_dir, attention):
     # chunked streaming gives the same rows as one replay over the whole cache
     whole = replay(attention, METHODS, [0.0, 0.5, 1.0], [32, 16, 8], sample_ids=range(12), agg_layer=2)
     got = sel.filter(pl.col("agg_layer") == 2).sort(["config", "keep", "sample_id"])
-    want = whole.rename({"sample": "sample_id"}).sort(["config", "keep", "sample_id"])
+    want = whole.sort(["config", "keep", "sample_id"])
     assert got["kept"].to_list() == want["kept"].to_list()
     assert got["selection_id"].to_list() == want["selection_id"].to_list()
     assert pl.read_parquet(out / "heads.parquet").height == 24
