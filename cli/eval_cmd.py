@@ -53,6 +53,9 @@ def eval_cmd(run, agg_layers, methods, alphas, keeps, max_new_tokens, batch_size
                      max_new_tokens=max_new_tokens, device=device, dtype=dtype, limit=limit, batch_size=batch_size,
                      timing_samples=timing_samples, timing_repeats=timing_repeats, compare_mask=compare_mask)
     info = run_eval(cfg, progress=not quiet, command=sys.argv)
+    if "rank" in info:  # a non-zero process of a sharded eval: rank 0 writes the tables
+        click.echo(f"eval[{info['rank']}]: {info['n_samples']} samples answered")
+        return
     click.echo(f"eval: {info['n_samples']} samples, {info['configurations_asked']} configurations asked, "
                f"{info['distinct_kept_sets']} distinct kept sets answered in {info['shared_prefills']} shared "
                f"prefills ({info['seconds']:.1f}s) -> {run}/eval/")

@@ -32,7 +32,8 @@ from .loading import sync_device
 from .store import atomic_write_json, atomic_write_parquet, open_run
 
 QUANTILES = 4
-STATISTICS = ("jaccard_vs_avg", "max_head_share", "head_entropy", "mean_row", "mean_col", "bottom_share")
+STATISTICS = ("jaccard_vs_avg", "max_head_share", "head_entropy", "mean_row", "mean_col", "bottom_share",
+              "object_token_share", "objects_touched")
 FULL = "full"
 """The unpruned control: keep = N, through the same code path as every pruned set."""
 REFERENCE = "avg_all_heads"
@@ -374,10 +375,12 @@ def _settings_key(model_id: str, data_sha256: str, max_new_tokens: int, selectio
 
 class EvalParts:
     """Answers of finished samples, in parts under RUN/.eval-parts/<key>/, so an
-    interrupted eval resumes where it stopped (key: selections, model, answer length)."""
+    interrupted eval resumes where it stopped (key: selections, model, answer length).
+    Each process of a sharded eval writes its own ``answers-R-N`` / ``timing-R-N`` parts."""
 
-    def __init__(self, root: Path, key: str):
+    def __init__(self, root: Path, key: str, rank: int = 0):
         self.dir = root / ".eval-parts" / key
+        self.rank = rank
         self.dir.mkdir(parents=True, exist_ok=True)
 
     def load(self) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -391,18 +394,24 @@ class EvalParts:
         """Answers first, timing last: a part counts only once both are there."""
         if not timing:
             return
-        numbers = [int(f.stem.split("-")[1]) for f in self.dir.glob("*-*.parquet")]
-        n = max(numbers, default=-1) + 1
-        atomic_write_parquet(pl.DataFrame(answers, schema=ANSWER_SCHEMA), self.dir / f"answers-{n:05d}.parquet")
-        atomic_write_parquet(pl.DataFrame(timing, schema=TIMING_SCHEMA), self.dir / f"timing-{n:05d}.parquet")
+        numbers = [int(f.stem.split("-")[-1]) for f in self.dir.glob(f"*-{self.rank:03d}-*.parquet")]
+        n = f"{self.rank:03d}-{max(numbers, default=-1) + 1:05d}"
+        atomic_write_parquet(pl.DataFrame(answers, schema=ANSWER_SCHEMA), self.dir / f"answers-{n}.parquet")
+        atomic_write_parquet(pl.DataFrame(timing, schema=TIMING_SCHEMA), self.dir / f"timing-{n}.parquet")
 
 
 def run_eval(cfg: EvalConfig, progress: bool = True, command: list[str] | None = None) -> dict:
-    """Evaluate the select stage's configurations of ``cfg.run``; writes ``RUN/eval/``."""
+    """Evaluate the select stage's configurations of ``cfg.run``; writes ``RUN/eval/``.
+
+    Under ``accelerate launch`` / ``torchrun`` the processes split the samples (every
+    world-th), each writes its own resumable parts, and rank 0 merges them into the same
+    tables one process would write; batch-1 timings and the mask check run on rank 0's
+    samples only.
+    """
     from tqdm.auto import tqdm
 
     from .adapters import get_adapter
-    from .capture import BadSample, CaptureConfig, prepare
+    from .capture import BadSample, CaptureConfig, _distributed, prepare
     from .data import load_questions
     from .loading import load_model
     from .provenance import file_sha256, fingerprint, select_fingerprint, stale_stages, versions
@@ -430,7 +439,9 @@ def run_eval(cfg: EvalConfig, progress: bool = True, command: list[str] | None =
     if file_sha256(data_file) != run.config.get("data_sha256"):
         raise ValueError(f"{data_file} changed since the capture of {cfg.run} (sha256 differs)")
     model_name = cfg.model or run.config["model"]
-    loaded = load_model(model_name, cfg.device, cfg.dtype or run.config.get("dtype", "auto"))
+    rank, world, state = _distributed(cfg.device)
+    loaded = load_model(model_name, cfg.device if state is None else str(state.device),
+                        cfg.dtype or run.config.get("dtype", "auto"))
     model_id = fingerprint(model_name, loaded.model)
     if model_id != run.config.get("model_fingerprint"):
         raise ValueError(f"model {model_name} (fingerprint {model_id}) is not the model of {cfg.run} "
@@ -444,17 +455,17 @@ def run_eval(cfg: EvalConfig, progress: bool = True, command: list[str] | None =
 
     out_dir = run.root / "eval"
     tmp = run.root / ".eval.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
     sample_ids = selections["sample_id"].unique().sort().to_list()
-    parts = EvalParts(run.root, _settings_key(model_id, run.config.get("data_sha256", ""), max_new, selections))
+    parts = EvalParts(run.root, _settings_key(model_id, run.config.get("data_sha256", ""), max_new, selections), rank)
     _, timing_parts = parts.load()
     done = set(timing_parts["sample_id"].to_list())
     answers_rows, timing_rows, mask_checks, timed, config_timing_rows = [], [], [], [], []
     by_sample = selections.partition_by("sample_id", as_dict=True)
     t_start = time.perf_counter()
-    for sid in tqdm(sample_ids, desc="eval", unit="sample", disable=not progress):
-        needs_mask = len(mask_checks) < cfg.compare_mask
-        needs_timing = len(timed) < cfg.timing_samples
+    mine = sample_ids[rank::world]
+    for sid in tqdm(mine, desc=f"eval[{rank}]" if world > 1 else "eval", unit="sample", disable=not progress):
+        needs_mask = rank == 0 and len(mask_checks) < cfg.compare_mask
+        needs_timing = rank == 0 and len(timed) < cfg.timing_samples
         if sid in done and not needs_mask and not needs_timing:
             continue
         try:
@@ -483,7 +494,12 @@ def run_eval(cfg: EvalConfig, progress: bool = True, command: list[str] | None =
             parts.write(answers_rows, timing_rows)
             answers_rows, timing_rows = [], []
     parts.write(answers_rows, timing_rows)
+    if state is not None:
+        state.wait_for_everyone()
+        if rank != 0:
+            return {"rank": rank, "n_samples": len(mine)}
     answers_df, timing = parts.load()
+    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     pred = (
         selections.drop("kept")
@@ -492,6 +508,8 @@ def run_eval(cfg: EvalConfig, progress: bool = True, command: list[str] | None =
               how="left")
         .join(run.samples.select("sample_id", "question_id", "category", "answer", "prompt_tokens", "n_image_tokens"),
               on="sample_id", how="left")
+        .sort(["sample_id", "agg_layer", "keep", "method", "alpha"], descending=[False, False, True, False, False],
+              nulls_last=True)
     )
     dims = {"num_layers": adapter.num_layers, "hidden": adapter.hidden_size, "intermediate": adapter.intermediate_size}
     config_timing = pl.DataFrame(config_timing_rows, infer_schema_length=None) if config_timing_rows else None
@@ -513,6 +531,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True, command: list[str] | None =
         "model": model_name,
         "model_fingerprint": model_id,
         "n_samples": len(sample_ids),
+        "processes": world,
         "configurations_asked": selections.height,
         "distinct_kept_sets": answers_df.height,
         "shared_prefills": n_forwards,
