@@ -4,8 +4,10 @@ Keys (first one found wins): ``question_id`` | ``id`` | ``qid``; ``image``; ``te
 ``question`` | ``prompt``; ``answer`` | ``label`` | ``gt_answer``; optional ``category``
 and ``choices`` (list of option texts, for multiple choice). With ``choices``, a JSON
 integer answer is the option's index (0 = A) and stays an ``int``; every other answer is a
-string (see ``scoring``). Image paths are relative to the question file. The shipped toy
-set and ScienceQA-IMG / POPE / GQA exports read alike.
+string (see ``scoring``). Optional ``objects``: ground-truth object boxes
+``[[x0, y0, x1, y1], ...]`` in original-image pixels (x1, y1 exclusive), from which select
+measures how much of each kept set lies on objects. Image paths are relative to the
+question file. The shipped toy set and ScienceQA-IMG / POPE / GQA exports read alike.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ class Question:
     answer: str | int  # int: an option index, only with choices
     category: str = ""
     choices: list[str] | None = field(default=None)
+    objects: list[list[float]] | None = field(default=None)  # ground-truth boxes (x0, y0, x1, y1), pixels
+    meta: dict = field(default_factory=dict)  # per-benchmark data scoring needs (fastv_analysis.tasks)
 
 
 def _first(obj: dict, keys: tuple[str, ...]):
@@ -53,6 +57,14 @@ def parse_line(obj: dict, base: Path, where: str) -> Question:
             raise ValueError(f"{where}: answer {answer} is not an option index ({len(choices)} choices)")
     else:
         answer = str(answer)
+    objects = obj.get("objects")
+    if objects is not None:
+        ok = isinstance(objects, list) and all(
+            isinstance(b, list) and len(b) == 4 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                       for v in b) and b[2] > b[0] and b[3] > b[1] for b in objects)
+        if not ok:
+            raise ValueError(f"{where}: objects must be a list of [x0, y0, x1, y1] pixel boxes with x1 > x0, y1 > y0")
+        objects = [[float(v) for v in b] for b in objects]
     qid = _first(obj, ID_KEYS)
     image = Path(obj["image"])
     return Question(
@@ -62,6 +74,7 @@ def parse_line(obj: dict, base: Path, where: str) -> Question:
         answer=answer,
         category=str(obj.get("category") or ""),
         choices=choices,
+        objects=objects,
     )
 
 

@@ -1,9 +1,12 @@
 """Figures of a run directory, as functions a researcher can call from any notebook.
 
 Each ``plot_*`` function takes the tables it needs (or a :class:`RunTables`) and returns a
-matplotlib Figure with a title, labelled axes and a legend. :func:`save_all` writes them
-to ``RUN/figures/``; ``notebooks/report.ipynb`` shows them with a text cell each, and
-``fastv-analyze report`` executes that notebook headless into ``RUN/report.html``.
+matplotlib Figure with a title, labelled axes and a legend (or None where the run has
+nothing to draw, e.g. no question categories). :func:`save_all` writes them to
+``RUN/figures/``; ``notebooks/report.ipynb`` shows them with a text cell each, and
+``fastv-analyze report`` executes that notebook headless into ``RUN/report.html``
+(:func:`render`: one-line :class:`ReportError` on failure, full traceback in
+``RUN/report-error.log``, no temporary files left behind).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from . import grid as image_grid
 from .strategies import METHODS as METHOD_ORDER
 
 PALETTE = {"avg_all_heads": "#1f77b4", "max_head": "#d62728", "weighted_combination": "#2ca02c",
@@ -35,6 +39,7 @@ class RunTables:
     relations: pl.DataFrame | None
     num_heads: int | None
     eval_info: dict | None = None
+    geometry: image_grid.ImageGeometry = image_grid.DEFAULT_GEOMETRY  # the processor's resize/crop/patch grid
 
 
 def load_tables(run_dir: str | Path) -> RunTables:
@@ -59,7 +64,19 @@ def load_tables(run_dir: str | Path) -> RunTables:
         num_heads=config.get("num_heads"),
         eval_info=json.loads((root / "eval" / "eval.json").read_text()) if (root / "eval" / "eval.json").exists()
         else None,
+        geometry=image_grid.load_geometry(config.get("model")),
     )
+
+
+def resolve_run_dir(run_dir: str | Path, base: str | Path | None = None) -> Path:
+    """``run_dir`` as given if it exists, else relative to the parent folder (a notebook opened
+    from ``notebooks/`` with the default ``runs/demo``), else relative to ``base``; as given
+    (so the error names it) when none exists."""
+    given = Path(run_dir)
+    candidates = [given]
+    if not given.is_absolute():
+        candidates += [Path("..") / given] + ([Path(base) / given] if base is not None else [])
+    return next((c for c in candidates if (c / "run.json").exists()), given)
 
 
 def _style():
@@ -83,12 +100,18 @@ def _primary_alpha(accuracy: pl.DataFrame) -> float | None:
     return min(alphas, key=lambda a: abs(a - 0.5))
 
 
+def _primary_only(alpha: float | None) -> pl.Expr:
+    """Rows of every method but weighted_combination, and weighted_combination at ``alpha`` (none when None)."""
+    wc = pl.col("alpha") == alpha if alpha is not None else pl.lit(False)
+    return (pl.col("method") != "weighted_combination") | wc
+
+
 def plot_accuracy_vs_keep(accuracy: pl.DataFrame, agg_layer: int | None = None):
     """Accuracy vs kept image tokens, one line per method, 95% intervals, full model as reference."""
     layer = agg_layer if agg_layer is not None else accuracy["agg_layer"].min()
     acc = accuracy.filter(pl.col("agg_layer") == layer)
     alpha = _primary_alpha(acc)
-    acc = acc.filter((pl.col("method") != "weighted_combination") | (pl.col("alpha") == alpha))
+    acc = acc.filter(_primary_only(alpha))
     fig, axes = _figure()
     ax = axes[0, 0]
     for method in [m for m in METHOD_ORDER if m in acc["method"].unique().to_list()]:
@@ -148,12 +171,197 @@ def plot_accuracy_vs_alpha(accuracy: pl.DataFrame, num_heads: int | None = None,
     return fig
 
 
+def _shown_configs(frame: pl.DataFrame) -> list[str]:
+    """One configuration per method in METHOD_ORDER (weighted_combination at its alpha nearest 0.5)."""
+    alpha = _primary_alpha(frame)
+    present = frame.filter(_primary_only(alpha))
+    configs = present["config"].unique().sort().to_list()
+    return [c for m in METHOD_ORDER for c in configs if c.split("(")[0] == m]
+
+
+def category_accuracy(predictions: pl.DataFrame, agg_layer: int | None = None,
+                      all_configs: bool = False) -> pl.DataFrame | None:
+    """Accuracy per question category: one row per (keep, config, category) with ``n``,
+    ``correct`` and ``accuracy_%`` (the ``full`` control under its keep N; one configuration
+    per method unless ``all_configs``). None when the data has no categories."""
+    if predictions is None or "category" not in predictions.columns:
+        return None
+    layer = agg_layer if agg_layer is not None else predictions["agg_layer"].min()
+    p = predictions.filter(pl.col("agg_layer") == layer).with_columns(
+        pl.col("category").cast(pl.Utf8).fill_null("").str.strip_chars())
+    if p.filter(pl.col("category") != "").height == 0:
+        return None
+    p = p.with_columns(pl.when(pl.col("category") == "").then(pl.lit("(none)")).otherwise(pl.col("category"))
+                       .alias("category"))
+    configs = p["config"].unique().to_list() if all_configs else ["full"] + _shown_configs(p)
+    order = {c: i for i, c in enumerate(configs)}
+    out = (p.filter(pl.col("config").is_in(configs))
+           .group_by("keep", "config", "category")
+           .agg(pl.len().alias("n"), pl.col("correct").cast(pl.Int64).sum().alias("correct"))
+           .with_columns((100 * pl.col("correct") / pl.col("n")).round(1).alias("accuracy_%"),
+                         pl.col("config").replace_strict(order, return_dtype=pl.Int64).alias("_order"))
+           .sort(["keep", "_order", "category"], descending=[True, False, False]).drop("_order"))
+    return out.with_columns(pl.lit(layer).alias("agg_layer")).select("agg_layer", *[c for c in out.columns])
+
+
+def category_table(predictions: pl.DataFrame, agg_layer: int | None = None) -> pl.DataFrame | None:
+    """:func:`category_accuracy` as a wide table: one row per (keep, config), one column per
+    category ("<category> % (n=...)"), plus the overall accuracy."""
+    long = category_accuracy(predictions, agg_layer)
+    if long is None:
+        return None
+    n = long.filter(pl.col("config") == "full").group_by("category").agg(pl.col("n").first())
+    names = {c: f"{c} % (n={k})" for c, k in n.iter_rows()}
+    long = long.with_columns(pl.col("category").replace_strict(names, default=pl.col("category")))
+    wide = long.pivot(on="category", index=["keep", "config"], values="accuracy_%", sort_columns=True)
+    overall = long.group_by("keep", "config").agg(
+        (100 * pl.col("correct").sum() / pl.col("n").sum()).round(1).alias("all %"))
+    return wide.join(overall, on=["keep", "config"], maintain_order="left")
+
+
+def plot_category_accuracy(predictions: pl.DataFrame, agg_layer: int | None = None):
+    """Accuracy (%) per question category for every configuration, one panel per keep: rows are
+    the configurations (the ``full`` control first), columns the categories with their n;
+    None when the questions have no categories."""
+    import seaborn as sns
+
+    long = category_accuracy(predictions, agg_layer)
+    if long is None:
+        return None
+    layer = long["agg_layer"][0]
+    full_keep = long.filter(pl.col("config") == "full")["keep"].max()
+    keeps = sorted((k for k in long.filter(pl.col("config") != "full")["keep"].unique().to_list()), reverse=True)
+    if not keeps:
+        keeps = [full_keep]
+    cats = sorted(long["category"].unique().to_list())
+    n_cat = dict(long.filter(pl.col("config") == "full").group_by("category").agg(pl.col("n").first()).iter_rows())
+    configs = list(dict.fromkeys(long["config"].to_list()))
+    fig, axes = _figure(width=max(4.2, 1.05 * len(cats) + 3.0) * len(keeps), height=0.42 * len(configs) + 2.2,
+                        ncols=len(keeps))
+    for ax, keep in zip(axes[0], keeps):
+        d = long.filter((pl.col("keep") == keep) | (pl.col("config") == "full"))
+        rows = [c for c in configs if d.filter(pl.col("config") == c).height]
+        m = np.full((len(rows), len(cats)), np.nan)
+        for cfg, cat, acc in d.select("config", "category", "accuracy_%").iter_rows():
+            m[rows.index(cfg), cats.index(cat)] = acc
+        ylabels = [f"full (all {full_keep}, reference)" if c == "full" else _method_label(c) for c in rows]
+        xlabels = [f"{c}\n(n={n_cat.get(c, int(d.filter(pl.col('category') == c)['n'].max()))})" for c in cats]
+        sns.heatmap(m, ax=ax, vmin=0, vmax=100, cmap="RdYlGn", annot=True, fmt=".0f", xticklabels=xlabels,
+                    yticklabels=ylabels, cbar_kws={"label": "accuracy (%)"}, annot_kws={"size": 9},
+                    linewidths=0.5, linecolor="white")
+        ax.axhline(1, color="black", linewidth=1.5)  # the full control above the line
+        ax.set_title(f"keep {keep}" if keep != full_keep else "full control", fontsize=10)
+        ax.set_xlabel("question category (n questions)")
+        ax.set_ylabel("configuration")
+        ax.tick_params(axis="x", labelrotation=0, labelsize=8)
+        ax.tick_params(axis="y", labelsize=8)
+    fig.suptitle(f"Accuracy per question category and configuration (agg layer K={layer})")
+    fig.tight_layout()
+    return fig
+
+
+def plot_cost(accuracy: pl.DataFrame, agg_layer: int | None = None):
+    """What pruning buys and costs: accuracy (95% Wilson intervals) against FastV's theoretical
+    prefill FLOP ratio (left) and against the measured prefill speed-up over the full control
+    (right: median of paired ratios, bars the interquartile range), one marker per method, one
+    point per keep; the ``full`` control sits at (1, its accuracy)."""
+    layer = agg_layer if agg_layer is not None else accuracy["agg_layer"].min()
+    acc = accuracy.filter(pl.col("agg_layer") == layer)
+    alpha = _primary_alpha(acc)
+    acc = acc.filter(_primary_only(alpha))
+    markers = {"avg_all_heads": "o", "max_head": "^", "weighted_combination": "D", "random": "s", "uniform": "P"}
+    fig, axes = _figure(width=13, height=5.0, ncols=2, sharey=True)
+    full = acc.filter(pl.col("method") == "full")
+    panels = (("flops_ratio", None, None,
+               "prefill FLOPs relative to the full model\n(FastV's formula; lower = cheaper)"),
+              ("prefill_speedup_vs_full", "prefill_speedup_p25", "prefill_speedup_p75",
+               "measured prefill speed-up over the full control (x; higher = faster)\n"
+               "(median of paired ratios; horizontal bars: IQR)"))
+    for ax, (xcol, lo, hi, xlabel) in zip(axes[0], panels):
+        if xcol not in acc.columns or acc.filter(pl.col(xcol).is_not_null(), pl.col("method") != "full").height == 0:
+            ax.text(0.5, 0.5, "no timings in this run (eval --timing-samples 0?)", ha="center", va="center",
+                    transform=ax.transAxes)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("accuracy (%)")
+            ax.set_title("Accuracy vs measured prefill speed-up")
+            continue
+        for method in [m for m in METHOD_ORDER if m in acc["method"].unique().to_list()]:
+            d = acc.filter(pl.col("method") == method, pl.col(xcol).is_not_null()).sort(xcol)
+            x, y = d[xcol].to_numpy(), 100 * d["accuracy"].to_numpy()
+            yerr = np.vstack([y - 100 * d["ci_lo"].to_numpy(), 100 * d["ci_hi"].to_numpy() - y])
+            xerr = None
+            if lo and lo in d.columns and d[lo].null_count() == 0:
+                xerr = np.clip(np.vstack([x - d[lo].to_numpy(), d[hi].to_numpy() - x]), 0, None)
+            label = method if method != "weighted_combination" else f"weighted_combination (alpha={alpha:g})"
+            ax.errorbar(x, y, yerr=yerr, xerr=xerr, marker=markers.get(method, "o"), markersize=7, capsize=3,
+                        linestyle="-", linewidth=1, alpha=0.9, color=PALETTE[method], label=label)
+        if full.height:
+            fy = 100 * float(full["accuracy"][0])
+            ferr = [[fy - 100 * float(full["ci_lo"][0])], [100 * float(full["ci_hi"][0]) - fy]]
+            ax.errorbar([1.0], [fy], yerr=ferr, marker="*", markersize=15, color="black", capsize=3, linestyle="",
+                        label=f"full control, nothing pruned ({fy:.1f}%)")
+        pruned = acc.filter(pl.col("method") != "full", pl.col(xcol).is_not_null())
+        for keep, d in sorted(pruned.group_by("keep"), key=lambda kv: kv[0][0]):
+            x = float(d[xcol].median())
+            ax.axvline(x, color="0.75", linewidth=0.8, linestyle=":", zorder=0)
+            ax.annotate(f"keep {keep[0]}", (x, 2), rotation=90, ha="right", va="bottom", fontsize=8, color="0.3",
+                        xytext=(-2, 0), textcoords="offset points")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("accuracy (%)")
+        ax.set_ylim(0, 108)
+        ax.set_title("Accuracy vs theoretical prefill FLOPs" if xcol == "flops_ratio" else
+                     "Accuracy vs measured prefill speed-up")
+        ax.legend(fontsize=8, loc="lower right" if xcol == "flops_ratio" else "lower left")
+    timing = ""
+    if "prefill_ms" in full.columns and full.height and full["prefill_ms"][0] is not None:
+        timing = f"; full prefill {float(full['prefill_ms'][0]):.1f} ms (median)"
+    fig.suptitle(f"Cost vs accuracy at agg layer K={layer} (n={int(acc['n'][0])}, 95% Wilson intervals{timing})")
+    fig.tight_layout()
+    return fig
+
+
 def _method_label(config: str) -> str:
     return config.replace("weighted_combination", "weighted")
 
 
-def plot_overlap_heatmap(overlap_summary: pl.DataFrame, agg_layer: int | None = None, max_configs: int = 8):
-    """Mean Jaccard overlap between configurations' kept sets, one panel per keep."""
+def chance_jaccard(n_tokens: int, keep: int) -> float:
+    """Expected Jaccard index of two independent, uniformly random ``keep``-subsets of ``n_tokens``.
+
+    The intersection ``I = |A & B|`` of two random k-subsets of N items is hypergeometric
+    (population N, k marked, k drawn) and the union is ``2k - I``, so
+
+        E[J] = sum_i P(I = i) * i / (2k - i),    I ~ Hypergeometric(N, k, k),
+
+    summed over ``max(0, 2k - N) <= i <= k``. It is the overlap two strategies reach by
+    chance alone (about ``k / (2N - k)``: 0.200 at k = 192 of 576, 0.059 at 64, 0.015 at 16);
+    ``random`` against anything sits there. ``keep >= N`` gives 1, ``keep <= 0`` NaN (0 / 0).
+    """
+    from scipy.stats import hypergeom
+
+    n, k = int(n_tokens), int(keep)
+    if k <= 0:
+        return float("nan")
+    if k >= n:
+        return 1.0
+    i = np.arange(max(0, 2 * k - n), k + 1)
+    return float(np.sum(hypergeom(n, k, k).pmf(i) * i / (2 * k - i)))
+
+
+def n_image_tokens(tables: "RunTables") -> int | None:
+    """N, the number of image tokens per sample (576 for LLaVA-1.5), from the samples table."""
+    if tables.samples is not None and "n_image_tokens" in tables.samples.columns and tables.samples.height:
+        return int(tables.samples["n_image_tokens"].max())
+    if tables.selections is not None:
+        return grid_side(tables.selections) ** 2
+    return None
+
+
+def plot_overlap_heatmap(overlap_summary: pl.DataFrame, agg_layer: int | None = None, max_configs: int = 8,
+                         n_tokens: int | None = None):
+    """Mean Jaccard overlap between configurations' kept sets, one panel per keep. The level two
+    random subsets reach by chance (:func:`chance_jaccard`, needs ``n_tokens``) is in each
+    panel's title, marked on its colour bar, and is the white centre of its diverging colour
+    scale (red: more overlap than chance, blue: less)."""
     import seaborn as sns
 
     layer = agg_layer if agg_layer is not None else overlap_summary["agg_layer"].min()
@@ -164,7 +372,7 @@ def plot_overlap_heatmap(overlap_summary: pl.DataFrame, agg_layer: int | None = 
         keep_wc = wc[:: max(1, math.ceil(len(wc) / (max_configs - (len(configs) - len(wc)))))]
         configs = [c for c in configs if not c.startswith("weighted") or c in keep_wc]
     keeps = sorted(ov["keep"].unique().to_list(), reverse=True)
-    fig, axes = _figure(width=4.6 * len(keeps), height=4.6, ncols=len(keeps))
+    fig, axes = _figure(width=5.8 * len(keeps), height=5.0, ncols=len(keeps))
     for ax, keep in zip(axes[0], keeps):
         m = np.eye(len(configs))
         d = ov.filter(pl.col("keep") == keep)
@@ -173,15 +381,29 @@ def plot_overlap_heatmap(overlap_summary: pl.DataFrame, agg_layer: int | None = 
             if a in idx and b in idx:
                 m[idx[a], idx[b]] = m[idx[b], idx[a]] = j
         labels = [_method_label(c) for c in configs]
-        sns.heatmap(m, ax=ax, vmin=0, vmax=1, cmap="mako", annot=len(configs) <= 8, fmt=".2f",
-                    xticklabels=labels, yticklabels=labels, cbar_kws={"label": "mean Jaccard"},
-                    annot_kws={"size": 7})
-        ax.set_title(f"keep {keep}")
+        chance = chance_jaccard(n_tokens, keep) if n_tokens else float("nan")
+        at_chance = 0 < chance < 1
+        if at_chance:  # diverging around chance: white = what two random subsets share, red above, blue below
+            from matplotlib.colors import TwoSlopeNorm
+
+            style = {"cmap": "RdBu_r", "norm": TwoSlopeNorm(vmin=0, vcenter=chance, vmax=1)}
+        else:
+            style = {"cmap": "mako", "vmin": 0, "vmax": 1}
+        sns.heatmap(m, ax=ax, annot=len(configs) <= 8, fmt=".2f", xticklabels=labels, yticklabels=labels,
+                    cbar_kws={"label": "mean Jaccard"}, annot_kws={"size": 7}, **style)
+        if at_chance:
+            cbar = ax.collections[0].colorbar
+            cbar.set_ticks([0, chance, 0.5, 1], labels=["0", f"chance {chance:.3f}", "0.5", "1"], fontsize=8)
+            cbar.ax.axhline(chance, color="black", linewidth=1.5)
+            ax.set_title(f"keep {keep} of {n_tokens}: chance Jaccard {chance:.3f} (white)", fontsize=10)
+        else:
+            ax.set_title(f"keep {keep}", fontsize=10)
         ax.set_xlabel("configuration")
         ax.set_ylabel("configuration")
         ax.tick_params(axis="x", labelrotation=60, labelsize=7)
         ax.tick_params(axis="y", labelsize=7)
-    fig.suptitle(f"Overlap of kept sets between strategies (agg layer K={layer})")
+    fig.suptitle(f"Overlap of kept sets between strategies (K={layer}); white = chance (two random subsets), "
+                 "red above, blue below")
     fig.tight_layout()
     return fig
 
@@ -239,7 +461,7 @@ def one_config_per_method(selections: pl.DataFrame, keep: int | None = None, agg
     keep = keep if keep is not None else next((k for k in keeps if k > 0), keeps[0])
     sel = sel.filter(pl.col("keep") == keep)
     alpha = _primary_alpha(sel)
-    sel = sel.filter((pl.col("method") != "weighted_combination") | (pl.col("alpha") == alpha))
+    sel = sel.filter(_primary_only(alpha))
     configs = [c for m in METHOD_ORDER for c in sel["config"].unique().sort().to_list() if c.split("(")[0] == m]
     return sel, layer, keep, configs
 
@@ -251,53 +473,185 @@ def grid_side(selections: pl.DataFrame) -> int:
 
 
 def plot_keep_frequency(selections: pl.DataFrame, keep: int | None = None, agg_layer: int | None = None):
-    """Where kept tokens sit: keep frequency of every grid cell (e.g. 24 x 24), one panel per method."""
+    """Where kept tokens sit: keep frequency of every grid cell (e.g. 24 x 24), one panel per method.
+    The methods share one colour scale (0 to their largest cell) except ``uniform``, which keeps
+    the same lattice in every sample (100 % cells) and has its own 0-100 % scale: on a single
+    scale it would wash the others out. Each title names its scale and the flat level keep / N."""
     import seaborn as sns
 
     sel, layer, keep, configs = one_config_per_method(selections, keep, agg_layer)
     side = grid_side(sel)
-    freq = keep_frequency(sel, side * side)
-    fig, axes = _figure(width=3.9 * len(configs), height=3.8, ncols=len(configs))
+    freq = {c: 100 * f for c, f in keep_frequency(sel, side * side).items()}
+    shared = [c for c in configs if c != "uniform"]
+    shared_top = max([float(freq[c].max()) for c in shared] or [100.0]) or 1.0
+    fig, axes = _figure(width=3.9 * len(configs), height=4.0, ncols=len(configs))
     for ax, config in zip(axes[0], configs):
-        sns.heatmap((100 * freq[config]).reshape(side, side), ax=ax, vmin=0, vmax=100, cmap="rocket_r", square=True,
+        top = shared_top if config in shared else max(float(freq[config].max()), 1e-9)
+        sns.heatmap(freq[config].reshape(side, side), ax=ax, vmin=0, vmax=top, cmap="rocket_r", square=True,
                     cbar_kws={"label": "kept in % of samples", "shrink": 0.7}, xticklabels=6, yticklabels=6)
-        ax.set_title(_method_label(config), fontsize=9)
+        scale = "shared" if config in shared else "own"
+        ax.set_title(f"{_method_label(config)}\n{scale} scale 0-{top:.0f}% (flat: {100 * keep / (side * side):.1f}%)",
+                     fontsize=9)
         ax.set_xlabel("image column (patch)")
         ax.set_ylabel("image row (patch)")
-    fig.suptitle(f"Keep frequency per image patch (keep {keep}, K={layer})")
+    fig.suptitle(f"Keep frequency per image patch (keep {keep}, K={layer}; one colour scale shared by all "
+                 f"methods but uniform, which has its own)")
     fig.tight_layout()
     return fig
 
 
-def plot_examples(selections: pl.DataFrame, samples: pl.DataFrame, n_examples: int = 3, keep: int | None = None,
-                  agg_layer: int | None = None):
-    """A few images with each method's kept tokens drawn over them (kept patches bright)."""
+MARK = {True: "\u2713", False: "\u2717"}  # check mark / ballot x
+KEPT_FILL = (0.0, 0.9, 1.0, 0.35)          # translucent cyan inside each kept token
+KEPT_EDGE = (0.0, 0.9, 1.0, 1.0)           # bright cyan outline over a black one: visible on any background
+
+
+def _load_image(path) -> np.ndarray | None:
+    """float RGB ``[H, W, 3]`` in [0, 1], or None where the file is gone or unreadable."""
     from PIL import Image
 
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"), dtype=float) / 255
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _correctness(predictions: pl.DataFrame | None, layer: int, keeps) -> dict:
+    """``{(sample_id, config, keep): (correct, prediction)}`` of eval's answers at ``layer``
+    (the ``full`` control under its own keep N)."""
+    if predictions is None:
+        return {}
+    p = predictions.filter(pl.col("agg_layer") == layer,
+                           pl.col("keep").is_in(list(keeps)) | (pl.col("config") == "full"))
+    return {(s, c, k): (bool(ok), pred) for s, c, k, ok, pred in
+            p.select("sample_id", "config", "keep", "correct", "prediction").iter_rows()}
+
+
+def example_sample_ids(samples: pl.DataFrame, n: int = 3, predictions: pl.DataFrame | None = None,
+                       configs: list[str] | None = None, keep: int | None = None,
+                       agg_layer: int | None = None) -> list[int]:
+    """``n`` samples with different images: first those where the shown configurations at
+    ``keep`` disagree (some answer right, some wrong), one per category while categories
+    last, then the rest in sample order."""
+    ids = samples["sample_id"].to_list()
+    image = dict(zip(ids, samples["image"].to_list()))
+    category = dict(zip(ids, samples["category"].to_list())) if "category" in samples.columns else {}
+    mixed: set[int] = set()
+    if predictions is not None and configs and keep is not None:
+        p = predictions.filter(pl.col("config").is_in(configs), pl.col("keep") == keep)
+        if agg_layer is not None:
+            p = p.filter(pl.col("agg_layer") == agg_layer)
+        agg = p.group_by("sample_id").agg(pl.col("correct").cast(pl.Int64).sum().alias("ok"), pl.len().alias("n"))
+        mixed = set(agg.filter((pl.col("ok") > 0) & (pl.col("ok") < pl.col("n")))["sample_id"].to_list())
+    order = [s for s in ids if s in mixed] + [s for s in ids if s not in mixed]
+    chosen: list[int] = []
+    for need_new_category in (True, False):
+        for s in order:
+            if len(chosen) == n:
+                return chosen
+            if s in chosen or image[s] in {image[c] for c in chosen}:
+                continue
+            if need_new_category and category.get(s) in {category.get(c) for c in chosen}:
+                continue
+            chosen.append(s)
+    return chosen
+
+
+def _draw_image_with_tokens(ax, image: np.ndarray | None, size: tuple[int, int], kept, geometry, n_tokens: int,
+                            boxes: bool = True):
+    """The original image; what the processor crops away greyed out (dashed line: the crop);
+    each kept token a cyan box with a black outline, in original-image coordinates."""
+    from matplotlib.collections import PatchCollection
+    from matplotlib.patches import Rectangle
+
+    w, h = size
+    x0, y0, x1, y1 = image_grid.crop_box(w, h, geometry)
+    if image is not None:
+        cols = (np.arange(w) + 0.5 < x0) | (np.arange(w) + 0.5 > x1)
+        rows = (np.arange(h) + 0.5 < y0) | (np.arange(h) + 0.5 > y1)
+        outside = rows[:, None] | cols[None, :]
+        shown = image.copy()
+        if outside.any():  # grey wash: still recognisable, clearly not what the model saw
+            lum = shown[outside].mean(-1, keepdims=True)
+            shown[outside] = 0.62 + 0.25 * (lum - 0.5)
+        ax.imshow(shown, extent=(0, w, h, 0), interpolation="nearest")
+    else:
+        ax.add_patch(Rectangle((0, 0), w, h, facecolor="0.85", edgecolor="none"))
+        ax.text(w / 2, h / 2, "image not found", ha="center", va="center", fontsize=8, color="0.3")
+    if (x0, y0, x1, y1) != (0, 0, w, h):
+        ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="black", linewidth=1.6,
+                               linestyle="--", label="model crop"))
+        ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="white", linewidth=0.8,
+                               linestyle="--"))
+    ax.set_xlim(min(0.0, x0), max(float(w), x1))
+    ax.set_ylim(max(float(h), y1), min(0.0, y0))
+    ax.set_facecolor("black")  # where the crop reaches past the image the processor padded (black)
+    if boxes and kept is not None and len(kept):
+        override = image_grid.token_grid_for(n_tokens, geometry, w, h)
+        rects = [Rectangle((bx0, by0), bx1 - bx0, by1 - by0)
+                 for bx0, by0, bx1, by1 in image_grid.token_boxes(kept, w, h, geometry, override)]
+        ax.add_collection(PatchCollection(rects, facecolor=KEPT_FILL, edgecolor="black", linewidth=2.2,
+                                          label="kept tokens"))
+        ax.add_collection(PatchCollection([Rectangle(r.get_xy(), r.get_width(), r.get_height()) for r in rects],
+                                          facecolor="none", edgecolor=KEPT_EDGE, linewidth=0.9))
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def plot_examples(selections: pl.DataFrame, samples: pl.DataFrame, n_examples: int = 3, keep: int | None = None,
+                  agg_layer: int | None = None, predictions: pl.DataFrame | None = None,
+                  geometry: image_grid.ImageGeometry | None = None, sample_ids: list[int] | None = None):
+    """A few images (a different image per row), each method's kept tokens drawn on the original
+    image where the processor really took them from (:mod:`fastv_analysis.grid`): kept tokens as
+    cyan boxes with a black outline, the region the center crop drops greyed out (dashed line:
+    the crop). The first column is the ``full`` control (every token kept: no boxes). Each panel
+    title says whether that configuration answered right (check) or wrong (x) and what it said."""
     sel, layer, keep, configs = one_config_per_method(selections, keep, agg_layer)
-    ids = samples["sample_id"].head(n_examples).to_list()
-    fig, axes = _figure(width=2.6 * len(configs), height=2.9 * len(ids), ncols=len(configs), nrows=len(ids))
+    geometry = geometry or image_grid.DEFAULT_GEOMETRY
+    side = grid_side(sel)
+    n_tokens = side * side
+    ids = sample_ids if sample_ids is not None else example_sample_ids(samples, n_examples, predictions, configs,
+                                                                         keep, layer)
+    answers = _correctness(predictions, layer, [keep])
+    columns = ["full"] + configs
+    sizes, images = {}, {}
+    for sid in ids:
+        row = samples.filter(pl.col("sample_id") == sid).row(0, named=True)
+        images[sid] = _load_image(row["image"])
+        sizes[sid] = ((images[sid].shape[1], images[sid].shape[0]) if images[sid] is not None
+                      else (geometry.crop_width, geometry.crop_height))
+    ratios = [min(1.5, max(0.65, sizes[s][1] / sizes[s][0])) for s in ids] or [1.0]
+    fig, axes = _figure(width=3.0 * len(columns), height=sum(2.9 * r + 0.7 for r in ratios),
+                        ncols=len(columns), nrows=max(1, len(ids)), gridspec_kw={"height_ratios": ratios})
     for r, sid in enumerate(ids):
         row = samples.filter(pl.col("sample_id") == sid).row(0, named=True)
-        side = grid_side(sel)
-        cell = max(1, 336 // side)
-        img = np.asarray(Image.open(row["image"]).convert("RGB").resize((side * cell, side * cell)))
-        img = img.astype(float) / 255
-        for c, config in enumerate(configs):
+        w, h = sizes[sid]
+        for c, config in enumerate(columns):
             ax = axes[r, c]
-            kept = sel.filter(pl.col("sample_id") == sid, pl.col("config") == config)["kept"]
-            mask = np.zeros(side * side)
-            if kept.len():
-                mask[np.asarray(kept[0], dtype=int)] = 1
-            overlay = np.kron(mask.reshape(side, side), np.ones((cell, cell)))[..., None]
-            ax.imshow(img * (0.25 + 0.75 * overlay))
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if r == 0:
-                ax.set_title(_method_label(config), fontsize=9)
+            kept = None
+            if config != "full":
+                k = sel.filter(pl.col("sample_id") == sid, pl.col("config") == config)["kept"]
+                kept = np.asarray(k[0], dtype=int) if k.len() else np.zeros(0, dtype=int)
+            _draw_image_with_tokens(ax, images[sid], (w, h), kept, geometry, n_tokens, boxes=config != "full")
+            label = f"full (all {n_tokens})" if config == "full" else _method_label(config)
+            answer = answers.get((sid, config, n_tokens if config == "full" else keep))
+            if answer is None and config == "full":
+                answer = next((v for (s, cf, _), v in answers.items() if s == sid and cf == "full"), None)
+            if answer is None:
+                ax.set_title(label, fontsize=9)
+            else:
+                ok, pred = answer
+                ax.set_title(f"{label} {MARK[ok]} {str(pred)[:14]!r}", fontsize=9,
+                             color="#1a7f37" if ok else "#c62828")
             if c == 0:
-                ax.set_ylabel(f"{row['question'][:28]}\nanswer: {row['answer']}", fontsize=8)
-    fig.suptitle(f"Kept tokens (bright) at keep {keep}, K={layer}")
+                shape = f"{w}x{h} image" + ("" if (w, h) == (geometry.crop_width, geometry.crop_height) else
+                                            ", grey = cropped")
+                ax.set_ylabel(f"#{sid} {row.get('category') or ''}: {row['question'][:26]}\n"
+                              f"answer: {str(row['answer'])[:20]}\n{shape}", fontsize=7.5)
+    source = "" if not geometry.is_fallback else " [processor config not found: LLaVA-1.5 defaults assumed]"
+    fig.suptitle(f"Kept tokens (cyan boxes) at keep {keep} of {n_tokens}, K={layer}; first column: full control\n"
+                 f"\u2713/\u2717: that configuration's answer right/wrong; grey: cropped away by the processor{source}",
+                 fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -346,34 +700,135 @@ def plot_relations(relations: pl.DataFrame):
     return fig
 
 
-def plot_sample_attention(run_dir: str | Path, sample_id: int, agg_layer: int | None = None, max_heads: int = 8):
-    """One sample's last-token attention at layer K-1 on the image grid: the head mean
-    (what avg_all_heads ranks) and each head (the max head marked), from the cached run."""
-    import seaborn as sns
+def _grid_map(ax, values: np.ndarray, cmap: str, label: str, vmin: float | None = None, vmax: float | None = None):
+    """A token-grid map (rows x cols) with its own colour bar; ticks every 6 patches (imshow:
+    seaborn's heatmap redraws the whole figure per call, slow on a many-panel figure)."""
+    rows, cols = values.shape
+    im = ax.imshow(values, cmap=cmap, vmin=vmin, vmax=vmax, extent=(0, cols, rows, 0), interpolation="nearest")
+    ax.figure.colorbar(im, ax=ax, shrink=0.7, label=label)
+    ax.set_xticks(np.arange(0, cols, 6) + 0.5, [str(t) for t in range(0, cols, 6)])
+    ax.set_yticks(np.arange(0, rows, 6) + 0.5, [str(t) for t in range(0, rows, 6)])
+    ax.grid(False)
 
+
+def attention_sample_ids(predictions: pl.DataFrame | None, samples: pl.DataFrame, n: int = 3,
+                         agg_layer: int | None = None) -> list[tuple[int, str]]:
+    """Samples worth a look at their attention, with why: first one the pruned ``avg_all_heads``
+    at the smallest keep > 0 answers wrong and the ``full`` control right, then one both answer
+    right, then another pruned-wrong one (of another category where there is one); different
+    images. Without eval: the first samples with different images."""
+    if predictions is None or predictions.filter(pl.col("method") == "avg_all_heads").height == 0:
+        return [(s, "") for s in example_sample_ids(samples, n)]
+    avg = predictions.filter(pl.col("method") == "avg_all_heads")
+    layer = agg_layer if agg_layer is not None else avg["agg_layer"].min()
+    p = predictions.filter(pl.col("agg_layer") == layer)
+    keep = p.filter(pl.col("method") == "avg_all_heads", pl.col("keep") > 0)["keep"].min()
+    pruned = dict(p.filter(pl.col("config") == "avg_all_heads", pl.col("keep") == keep)
+                  .select("sample_id", "correct").iter_rows())
+    full = dict(p.filter(pl.col("config") == "full").select("sample_id", "correct").iter_rows())
+    ids = samples["sample_id"].to_list()
+    image = dict(zip(ids, samples["image"].to_list()))
+    category = dict(zip(ids, samples["category"].to_list())) if "category" in samples.columns else {}
+    lost = [s for s in ids if pruned.get(s) is False and full.get(s) is True]
+    kept_right = [s for s in ids if pruned.get(s) is True and full.get(s) is True]
+    why_lost = f"avg_all_heads keep {keep} \u2717, full \u2713"
+    why_right = f"avg_all_heads keep {keep} \u2713, full \u2713"
+    chosen: list[tuple[int, str]] = []
+
+    def take(pool, why, new_category=False):
+        for s in pool:
+            if any(image[s] == image[c] for c, _ in chosen):
+                continue
+            if new_category and any(category.get(s) == category.get(c) for c, _ in chosen):
+                continue
+            chosen.append((s, why))
+            return True
+        return False
+
+    take(lost, why_lost)
+    take(kept_right, why_right)
+    take(lost, why_lost, new_category=True) or take(lost, why_lost)
+    for s in ids:  # too few of either kind: fill with the first other images
+        if len(chosen) >= n:
+            break
+        take([s], "")
+    return chosen[:n]
+
+
+def plot_sample_attention(run_dir: str | Path, sample_id: int | list, agg_layer: int | None = None,
+                          max_heads: int = 8, geometry: image_grid.ImageGeometry | None = None,
+                          reasons: list[str] | None = None):
+    """Samples' last-token attention at layer K-1 on the image grid, one row per sample: the
+    image as the model saw it (resized and center-cropped by the processor, so its patch grid
+    lines up with the maps), the head mean (what avg_all_heads ranks) and each head (the max
+    head marked), from the cached run. ``sample_id`` is one id or a list; each map has its own
+    colour scale (attention in % of the last token's row)."""
     from .store import open_run
     from .strategies import head_importance, max_head_index
 
     run = open_run(run_dir)
-    layer = agg_layer if agg_layer is not None else run.agg_layers[0]
-    att = run.last_token_attention(sample_id, layer)  # [H, N]
-    side = math.isqrt(att.shape[-1])
-    top = int(max_head_index(head_importance(att)))
-    heads = list(range(min(att.shape[0], max_heads)))
-    if top not in heads:
-        heads[-1] = top
-    panels = [("mean over heads", att.mean(0))] + [
-        (f"head {h}{' (max head)' if h == top else ''}", att[h]) for h in heads]
-    fig, axes = _figure(width=3.4 * len(panels), height=3.6, ncols=len(panels))
-    for ax, (title, a) in zip(axes[0], panels):
-        sns.heatmap((100 * a).reshape(side, side).numpy(), ax=ax, cmap="viridis", square=True, xticklabels=6,
-                    yticklabels=6, cbar_kws={"label": "attention (% of the row)", "shrink": 0.7})
-        ax.set_title(title, fontsize=9)
+    layers = [k for k in run.agg_layers if k > 0]
+    if agg_layer is None and not layers:
+        return None  # K = 0 only: capture records no attention
+    layer = agg_layer if agg_layer is not None else layers[0]
+    geometry = geometry or image_grid.load_geometry(run.config.get("model"))
+    ids = [int(sample_id)] if isinstance(sample_id, (int, np.integer)) else [int(s) for s in sample_id]
+    reasons = list(reasons or [""] * len(ids))
+    rows = []
+    for sid in ids:
+        att = run.last_token_attention(sid, layer)  # [H, N]
+        top = int(max_head_index(head_importance(att)))
+        heads = list(range(min(att.shape[0], max_heads)))
+        if top not in heads:
+            heads[-1] = top
+        panels = [("mean over heads", att.mean(0))] + [
+            (f"head {h}{' (max head)' if h == top else ''}", att[h]) for h in heads]
+        rows.append((sid, panels))
+    ncols = 1 + max(len(p) for _, p in rows)
+    fig, axes = _figure(width=3.3 * ncols, height=3.7 * len(rows), ncols=ncols, nrows=len(rows))
+    for r, (sid, panels) in enumerate(rows):
+        row = run.samples.filter(pl.col("sample_id") == sid).row(0, named=True)
+        n = panels[0][1].shape[-1]
+        ax = axes[r, 0]
+        rows_, cols_ = image_grid.grid_shape(geometry, geometry.crop_width, geometry.crop_height)
+        if rows_ * cols_ != n:
+            rows_ = cols_ = math.isqrt(n)
+        try:
+            from PIL import Image
+
+            with Image.open(row["image"]) as im:
+                size = im.size
+                view = np.asarray(image_grid.model_view(im, geometry))
+            ax.imshow(view, extent=(0, cols_, rows_, 0), interpolation="bilinear")
+            ax.set_title(f"image as the model saw it\n({size[0]}x{size[1]} -> {view.shape[1]}x{view.shape[0]} crop)",
+                         fontsize=9)
+        except (OSError, ValueError, TypeError):
+            ax.text(0.5, 0.5, "image not found", ha="center", va="center", transform=ax.transAxes)
+            ax.set_title("image (not found)", fontsize=9)
+        ax.set_xlim(0, cols_)
+        ax.set_ylim(rows_, 0)
+        ax.set_xticks(np.arange(0, cols_, 6) + 0.5, [str(t) for t in range(0, cols_, 6)])
+        ax.set_yticks(np.arange(0, rows_, 6) + 0.5, [str(t) for t in range(0, rows_, 6)])
+        ax.grid(False)
         ax.set_xlabel("image column (patch)")
-        ax.set_ylabel("image row (patch)")
-    row = run.samples.filter(pl.col("sample_id") == sample_id).row(0, named=True)
-    fig.suptitle(f"Sample {sample_id}: last-token attention to the image at layer {layer - 1} "
-                 f"(\"{row['question'][:40]}\" -> {row['prediction']!r}, reference {row['answer']!r})")
+        why = f"\n[{reasons[r]}]" if r < len(reasons) and reasons[r] else ""
+        ax.set_ylabel(f"#{sid}: {row['question'][:32]}\nfull model {row['prediction']!r}, reference {row['answer']!r}"
+                      f"{why}", fontsize=8)
+        for c, (title, a) in enumerate(panels, start=1):
+            ax = axes[r, c]
+            _grid_map(ax, (100 * a).reshape(rows_, cols_).numpy(), "viridis", "attention (% of the row)")
+            ax.set_title(title, fontsize=9)
+            ax.set_xlabel("image column (patch)")
+            ax.set_ylabel("image row (patch)")
+        for c in range(1 + len(panels), ncols):
+            axes[r, c].axis("off")
+    if len(rows) == 1:
+        row = run.samples.filter(pl.col("sample_id") == ids[0]).row(0, named=True)
+        fig.suptitle(f"Sample {ids[0]}: last-token attention to the image at layer {layer - 1} "
+                     f"(\"{row['question'][:40]}\" -> {row['prediction']!r}, reference {row['answer']!r})")
+    else:
+        fig.suptitle(f"Last-token attention to the image at layer K-1={layer - 1}, per head, next to the image "
+                     f"(each map its own colour scale)")
     fig.tight_layout()
     return fig
 
@@ -388,7 +843,7 @@ def main_numbers(accuracy: pl.DataFrame) -> pl.DataFrame:
     its interval, the change vs the full control, exact McNemar p-values vs full and vs
     avg_all_heads with their Holm adjustment over the whole table, and FLOPs."""
     alpha = _primary_alpha(accuracy)
-    acc = accuracy.filter((pl.col("method") != "weighted_combination") | (pl.col("alpha") == alpha))
+    acc = accuracy.filter(_primary_only(alpha))
     return acc.select("agg_layer", "keep", "config", "n", (pl.col("accuracy") * 100).round(1).alias("accuracy_%"),
                       (pl.col("ci_lo") * 100).round(1).alias("ci_lo_%"), (pl.col("ci_hi") * 100).round(1).alias("ci_hi_%"),
                       (pl.col("delta_vs_full") * 100).round(1).alias("delta_vs_full_pts"),
@@ -409,22 +864,85 @@ def full_control_note(info: dict | None) -> str:
             f"repeats after a warm-up pass, {timing.get('threads')} threads on {timing.get('device')}.")
 
 
+def configure_tables(max_rows: int = 100) -> None:
+    """polars display for the report: whole strings (no truncated config names), no dtype row,
+    no shape line, every column."""
+    pl.Config.set_fmt_str_lengths(200)
+    pl.Config.set_tbl_hide_column_data_types(True)
+    pl.Config.set_tbl_hide_dataframe_shape(True)
+    pl.Config.set_tbl_rows(max_rows)
+    pl.Config.set_tbl_cols(-1)
+
+
+def _attention_examples(t: RunTables):
+    picks = attention_sample_ids(t.predictions, t.samples, n=3)
+    if not picks:
+        return None
+    return plot_sample_attention(t.root, [s for s, _ in picks], geometry=t.geometry, reasons=[w for _, w in picks])
+
+
 FIGURES = {
     "accuracy_vs_keep": lambda t: plot_accuracy_vs_keep(t.accuracy),
     "accuracy_vs_alpha": lambda t: plot_accuracy_vs_alpha(t.accuracy, t.num_heads),
-    "overlap_heatmap": lambda t: plot_overlap_heatmap(t.overlap_summary),
+    "category_accuracy": lambda t: plot_category_accuracy(t.predictions),
+    "cost": lambda t: plot_cost(t.accuracy),
+    "overlap_heatmap": lambda t: plot_overlap_heatmap(t.overlap_summary, n_tokens=n_image_tokens(t)),
     "head_statistics": lambda t: plot_head_statistics(t.heads, t.num_heads),
     "keep_frequency": lambda t: plot_keep_frequency(t.selections),
-    "examples": lambda t: plot_examples(t.selections, t.samples),
+    "examples": lambda t: plot_examples(t.selections, t.samples, predictions=t.predictions, geometry=t.geometry),
+    "sample_attention": _attention_examples,
     "relations": lambda t: plot_relations(t.relations),
+    "object_coverage": lambda t: plot_object_coverage(t.predictions),
 }
-NEEDS = {"accuracy_vs_keep": "accuracy", "accuracy_vs_alpha": "accuracy", "overlap_heatmap": "overlap_summary",
-         "head_statistics": "heads", "keep_frequency": "selections", "examples": "selections",
-         "relations": "relations"}
+NEEDS = {"accuracy_vs_keep": "accuracy", "accuracy_vs_alpha": "accuracy", "category_accuracy": "predictions",
+         "cost": "accuracy", "overlap_heatmap": "overlap_summary", "head_statistics": "heads",
+         "keep_frequency": "selections", "examples": "selections", "sample_attention": "selections",
+         "relations": "relations", "object_coverage": "predictions"}
+
+
+def plot_object_coverage(predictions: pl.DataFrame):
+    """Where ground-truth object boxes exist (question files' ``objects``): for each keep,
+    the mean share of kept tokens on objects and the share of objects touched by at least
+    one kept token, per configuration, next to its accuracy. None without objects."""
+    if predictions is None or "objects_touched" not in predictions.columns:
+        return None
+    pred = predictions.filter(pl.col("method") != "full", pl.col("objects_touched").is_not_nan(),
+                              pl.col("keep") > 0)
+    if pred.height == 0:
+        return None
+    layer = pred["agg_layer"].min()
+    pred = pred.filter(pl.col("agg_layer") == layer)
+    summary = (pred.group_by("keep", "method", "config").agg(
+        (100 * pl.col("object_token_share").mean()).alias("on_objects"),
+        (100 * pl.col("objects_touched").mean()).alias("touched"),
+        (100 * pl.col("correct").cast(pl.Float64).mean()).alias("accuracy")).sort("keep", "config"))
+    keeps = sorted(summary["keep"].unique().to_list(), reverse=True)
+    fig, axes = _figure(width=6.2 * 2, height=4.6, ncols=2)
+    markers = dict(zip(keeps, "osD^v<>"))
+    for ax, column, label in ((axes[0, 0], "touched", "objects touched by a kept token (%)"),
+                              (axes[0, 1], "on_objects", "kept tokens that lie on an object (%)")):
+        for row in summary.iter_rows(named=True):
+            ax.scatter(row[column], row["accuracy"], color=PALETTE.get(row["method"], "grey"),
+                       marker=markers[row["keep"]], s=45, alpha=0.85, edgecolors="black", linewidths=0.4)
+        ax.set_xlabel(label)
+        ax.set_ylabel("accuracy of the pruned model (%)")
+        ax.set_ylim(0, 105)
+    from matplotlib.lines import Line2D
+
+    methods = [m for m in METHOD_ORDER if m in summary["method"].unique().to_list()]
+    handles = [Line2D([], [], marker="o", linestyle="", color=PALETTE[m], label=m) for m in methods]
+    handles += [Line2D([], [], marker=markers[k], linestyle="", color="black", markerfacecolor="none",
+                       label=f"keep {k}") for k in keeps]
+    axes[0, 0].legend(handles=handles, fontsize=7, loc="lower right")
+    axes[0, 0].set_title(f"Objects touched vs accuracy (K={layer}, one marker per configuration)")
+    axes[0, 1].set_title("Kept tokens on objects vs accuracy")
+    fig.tight_layout()
+    return fig
 
 
 def figure(name: str, tables: RunTables, save: bool = True):
-    """Draw figure ``name`` from ``tables`` and save it as RUN/figures/<name>.png."""
+    """Draw figure ``name`` from ``tables`` and save it as RUN/figures/<name>.png (None, and no
+    PNG, where the run lacks its stage or has nothing to draw, e.g. no question categories)."""
     if getattr(tables, NEEDS[name]) is None:
         return None
     fig = FIGURES[name](tables)
@@ -432,10 +950,16 @@ def figure(name: str, tables: RunTables, save: bool = True):
         import os
 
         out = tables.root / "figures"
+        if fig is None:
+            (out / f"{name}.png").unlink(missing_ok=True)  # a stale PNG would claim what this run lacks
+            return None
         out.mkdir(exist_ok=True)
         tmp = out / f".{name}.tmp-{os.getpid()}.png"
-        fig.savefig(tmp, dpi=100, bbox_inches="tight")
-        os.replace(tmp, out / f"{name}.png")
+        try:
+            fig.savefig(tmp, dpi=100, bbox_inches="tight")
+            os.replace(tmp, out / f"{name}.png")
+        finally:
+            tmp.unlink(missing_ok=True)
     return fig
 
 
@@ -454,41 +978,163 @@ def save_all(run_dir: str | Path) -> list[Path]:
 
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "report.ipynb"
+ERROR_LOG = "report-error.log"
+# Lines the kernel process prints on every headless run that say nothing about the report:
+# ipykernel's notice that the (local, loopback) ZMQ sockets are unencrypted, and the
+# KeyboardInterrupt that jupyter_client's shutdown (interrupt, then shutdown request) can
+# leave in the kernel's log. Every other line of the kernel's stderr is passed on.
+KERNEL_NOISE = ("Kernel is running over TCP without encryption", "KeyboardInterrupt caught in kernel")
+REQUIRED = (("run.json", "capture"), ("samples.parquet", "capture"), ("select/selections.parquet", "select"),
+            ("select/overlap_summary.parquet", "select"), ("select/heads.parquet", "select"))
 
 
-def render(run_dir: str | Path, out: str | Path | None = None, notebook: str | Path = NOTEBOOK,
-           progress: bool = False) -> Path:
+class ReportError(ValueError):
+    """The report could not be made; the message is one line (the CLI prints it as is)."""
+
+
+def check_ready(run_dir: str | Path) -> Path:
+    """Raise :class:`ReportError` naming what is missing unless ``run_dir`` has finished capture
+    and select (eval is optional: its sections then say it has not run)."""
+    root = Path(run_dir)
+    if not (root / "run.json").exists():
+        raise ReportError(f"{root} is not a run directory: {root / 'run.json'} is missing")
+    for stage in ("capture", "select"):
+        missing = [p for p, s in REQUIRED if s == stage and not (root / p).exists()]
+        if missing:
+            how = f"fastv-analyze select {root}" if stage == "select" else f"fastv-analyze capture ... --out {root}"
+            raise ReportError(f"{root} has no finished {stage} stage: {', '.join(missing)} missing "
+                              f"(run `{how}` first)")
+    from .provenance import stale_stages
+    from .store import open_run
+
+    stale = stale_stages(open_run(root))
+    if stale:  # accuracy of one grid beside overlap of another must never be shown together
+        raise ReportError(next(iter(stale.values())))
+    return root
+
+
+def _kernel_manager_class(stderr):
+    """A jupyter kernel manager whose kernel process writes its stderr to ``stderr`` (a file)."""
+    from jupyter_client.manager import AsyncKernelManager
+
+    class _CapturedKernelManager(AsyncKernelManager):
+        async def start_kernel(self, **kw):
+            kw.setdefault("stderr", stderr)
+            return await super().start_kernel(**kw)
+
+    return _CapturedKernelManager
+
+
+def _read_kernel_stderr(stream) -> list[str]:
+    stream.flush()
+    stream.seek(0)
+    return stream.read().decode("utf-8", "replace").splitlines()
+
+
+def _strip_ansi(text: str) -> str:
+    import re
+
+    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text)
+
+
+def _one_line(text: str, limit: int = 160) -> str:
+    line = next((ln.strip() for ln in str(text).splitlines() if ln.strip()), "")
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _source_cell_number(notebook: Path, source: str, executed_index: int) -> int:
+    """1-based position of the failing cell in the notebook as written (papermill's index counts
+    the parameters cell it injects)."""
+    try:
+        import nbformat
+
+        cells = nbformat.read(notebook, as_version=4).cells
+        return next(i for i, c in enumerate(cells, start=1) if c.source == source)
+    except Exception:  # unreadable or not found: the executed notebook's position
+        return int(executed_index) + 1
+
+
+def _report_failure(root: Path, notebook: Path, err: BaseException, kernel_lines: list[str],
+                    verbose: bool) -> ReportError:
+    """Write RUN/report-error.log (the full traceback, the kernel's stderr) and return the one-line error."""
+    import sys
+    import time
+    import traceback
+
+    from .store import atomic_write_bytes
+
+    log = root / ERROR_LOG
+    if hasattr(err, "ename") and hasattr(err, "traceback"):  # papermill: a cell raised
+        cell = f"cell {_source_cell_number(notebook, getattr(err, 'source', ''), err.cell_index)} of {notebook.name}"
+        source = _one_line(getattr(err, "source", ""), 60)
+        line = (f"report notebook failed in {cell} (`{source}`): {err.ename}: {_one_line(err.evalue)}"
+                f" [full traceback: {log}, or rerun with --verbose]")
+        detail = _strip_ansi("\n".join(err.traceback))
+        detail = f"{cell} ({notebook}):\n{getattr(err, 'source', '')}\n\n{detail}"
+    else:
+        line = (f"report notebook could not run: {type(err).__name__}: {_one_line(err)}"
+                f" [details: {log}, or rerun with --verbose]")
+        detail = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+    kernel_lines = [ln for ln in kernel_lines if not any(n in ln for n in KERNEL_NOISE)]
+    text = (f"fastv-analyze report {root} failed at {time.strftime('%Y-%m-%d %H:%M:%S')}\n\n{detail}\n"
+            + ("\nkernel stderr:\n" + "\n".join(kernel_lines) + "\n" if kernel_lines else ""))
+    atomic_write_bytes(log, text.encode("utf-8"))
+    if verbose:
+        print(text, file=sys.stderr)
+    return ReportError(line)
+
+
+def render(run_dir: str | Path, out: str | Path | None = None, notebook: str | Path | None = None,
+           progress: bool = False, verbose: bool = False) -> Path:
     """Execute the report notebook headless on ``run_dir`` (papermill) and export HTML.
 
     Writes RUN/report.ipynb (executed), RUN/figures/*.png and the HTML report (images
-    embedded, code hidden) to ``out`` (default RUN/report.html), via a temporary name.
+    embedded, code hidden) to ``out`` (default RUN/report.html), via temporary names.
+    Refuses (:class:`ReportError`, nothing written) a run without finished capture and select.
+    A failing notebook raises :class:`ReportError` with one line naming the cell and its
+    error, writes the full traceback to RUN/report-error.log (also printed with ``verbose``)
+    and leaves no temporary file. The kernel's stderr is captured: its constant
+    "running over TCP without encryption" notice is dropped, any other line passed on.
     """
     import os
+    import sys
+    import tempfile
 
+    root = check_ready(run_dir)
+    notebook = Path(notebook) if notebook is not None else NOTEBOOK
+    if not notebook.exists():
+        raise ReportError(f"report notebook {notebook} is missing (install fastv-analysis with `pip install -e .`)")
     import nbformat
     import papermill as pm
     from nbconvert import HTMLExporter
 
-    root = Path(run_dir)
-    if not (root / "run.json").exists():
-        raise FileNotFoundError(f"{root} is not a run directory: {root / 'run.json'} is missing")
-    if not Path(notebook).exists():
-        raise FileNotFoundError(f"report notebook {notebook} is missing (install fastv-analysis with `pip install -e .`)")
     out = Path(out) if out else root / "report.html"
     executed = root / f".report.tmp-{os.getpid()}.ipynb"
-    pm.execute_notebook(str(notebook), str(executed), parameters={"run_dir": str(root.resolve())},
-                        kernel_name="python3", progress_bar=progress, cwd=str(root))
-    os.replace(executed, root / "report.ipynb")
-    executed = root / "report.ipynb"
-    exporter = HTMLExporter(template_name="lab")
-    exporter.exclude_input = True
-    exporter.exclude_input_prompt = True
-    exporter.exclude_output_prompt = True
-    body, _ = exporter.from_notebook_node(nbformat.read(executed, as_version=4))
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.write_text(body, encoding="utf-8")
-    os.replace(tmp, out)
-    _write_provenance(root, out, Path(notebook))
+    html_tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        with tempfile.TemporaryFile() as kernel_stderr:
+            try:
+                pm.execute_notebook(str(notebook), str(executed), parameters={"run_dir": str(root.resolve())},
+                                    kernel_name="python3", progress_bar=progress, cwd=str(root),
+                                    kernel_manager_class=_kernel_manager_class(kernel_stderr))
+            except Exception as err:  # a cell raised, the kernel died or did not start
+                raise _report_failure(root, notebook, err, _read_kernel_stderr(kernel_stderr), verbose) from None
+            noise = [ln for ln in _read_kernel_stderr(kernel_stderr) if not any(n in ln for n in KERNEL_NOISE)]
+            if noise:
+                print("\n".join(noise), file=sys.stderr)
+        os.replace(executed, root / "report.ipynb")
+        exporter = HTMLExporter(template_name="lab")
+        exporter.exclude_input = True
+        exporter.exclude_input_prompt = True
+        exporter.exclude_output_prompt = True
+        body, _ = exporter.from_notebook_node(nbformat.read(root / "report.ipynb", as_version=4))
+        html_tmp.write_text(body, encoding="utf-8")
+        os.replace(html_tmp, out)
+    finally:
+        executed.unlink(missing_ok=True)
+        html_tmp.unlink(missing_ok=True)
+    (root / ERROR_LOG).unlink(missing_ok=True)  # the last report worked: an older failure log is stale
+    _write_provenance(root, out, notebook)
     return out
 
 

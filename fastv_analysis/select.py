@@ -150,6 +150,7 @@ def replay(
     sample_ids: Sequence[int] | None = None,
     agg_layer: int | None = None,
     tie_rtol: float = TIE_RTOL["float32"],
+    objects: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> pl.DataFrame:
     """Selections of every method x alpha x keep for stacked attention ``[S, H, N]``.
 
@@ -160,7 +161,9 @@ def replay(
     the ranking there is not reliable at the stored precision). ``sample_id`` is the position
     in ``attention`` unless ``sample_ids`` names the samples (then random selections
     depend on the id, not the position, so chunked replays agree with whole ones).
-    At ``agg_layer`` 0 only the controls exist and ``max_head`` is null.
+    At ``agg_layer`` 0 only the controls exist and ``max_head`` is null. ``objects``
+    (``membership [S, N, M]``, ``valid [S, M]``, see :func:`stats.object_coverage`) adds
+    ``object_token_share`` and ``objects_touched``; without it they are NaN.
     """
     attention, keeps, ids = _checked(attention, keeps, sample_ids)
     n_samples, _, n_tokens = attention.shape
@@ -182,6 +185,8 @@ def replay(
                 "max_head": max_head,
                 "selection_id": selection_ids(kept),
                 **stats.spatial_stats(kept, n_tokens),
+                **(stats.object_coverage(kept, *objects) if objects is not None else
+                   {"object_token_share": np.full(n_samples, np.nan), "objects_touched": np.full(n_samples, np.nan)}),
                 "tie_margin": np.asarray(margin, dtype=np.float64),
                 "near_tie": near,
             }
@@ -273,6 +278,32 @@ def summarize_overlap(overlap_frame: pl.DataFrame | pl.LazyFrame) -> pl.DataFram
     return out.drop([f"_{c}_{x}" for c in cols for x in ("std", "n")])
 
 
+def object_memberships(run, sample_ids: Sequence[int], n_tokens: int, geometry) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(membership [S, N, M], valid [S, M])`` of the samples' ground-truth objects (see
+    :func:`stats.object_membership`), token boxes mapped through the processor's resize and
+    crop (:mod:`fastv_analysis.grid`); None when the run has no objects."""
+    if geometry is None:
+        return None
+    from .grid import token_boxes, token_grid_for
+
+    rows = run.samples.filter(pl.col("sample_id").is_in(list(sample_ids)))
+    by_id = {r["sample_id"]: r for r in rows.select("sample_id", "objects", "image_width", "image_height")
+             .iter_rows(named=True)}
+    boxes = [by_id[int(i)]["objects"] or [] for i in sample_ids]
+    m = max((len(b) for b in boxes), default=0)
+    membership = np.zeros((len(sample_ids), n_tokens, m), dtype=bool)
+    valid = np.zeros((len(sample_ids), m), dtype=bool)
+    for s, sid in enumerate(sample_ids):
+        row = by_id[int(sid)]
+        if not boxes[s]:
+            continue
+        w, h = row["image_width"], row["image_height"]
+        tokens = token_boxes(np.arange(n_tokens), w, h, geometry, token_grid_for(n_tokens, geometry, w, h))
+        membership[s, :, : len(boxes[s])] = stats.object_membership(tokens, np.asarray(boxes[s]))
+        valid[s, : len(boxes[s])] = True
+    return membership, valid
+
+
 def _layer_chunks(run, layer: int, chunk_size: int, n_tokens: int):
     """``(sample_ids, [S, H, N])`` chunks of a layer; K = 0 has no attention (a placeholder
     ``[S, 1, N]`` of zeros: only the controls, which ignore it, are replayed there)."""
@@ -345,6 +376,11 @@ def run_select(
     bar = tqdm(total=run.samples.height * len(layers), desc="select", unit="sample", disable=not progress)
     i = 0
     tie_rtol = TIE_RTOL.get(run.config.get("store_dtype", "float16"), TIE_RTOL["float16"])
+    geometry = None
+    if "objects" in run.samples.columns and run.samples["objects"].drop_nulls().len():
+        from .grid import load_geometry
+
+        geometry = load_geometry(run.config.get("model"))
     k0_methods = [m for m in methods if m in CONTROLS]
     for layer in layers:
         layer_methods = k0_methods if layer == 0 else methods
@@ -353,7 +389,8 @@ def run_select(
             continue
         for ids, att in _layer_chunks(run, layer, chunk_size, n_tokens):
             kw = dict(sample_ids=ids, agg_layer=layer)
-            sel = replay(att, layer_methods, alphas, keep_list, seed, tie_rtol=tie_rtol, **kw)
+            sel = replay(att, layer_methods, alphas, keep_list, seed, tie_rtol=tie_rtol,
+                         objects=object_memberships(run, ids, n_tokens, geometry), **kw)
             ov = overlap(att, layer_methods, alphas, keep_list, seed, **kw)
             frames = [("selections", sel), ("overlap", ov)]
             if layer > 0:

@@ -74,6 +74,43 @@ def spatial_stats(kept: np.ndarray, n_tokens: int) -> dict[str, np.ndarray]:
     }
 
 
+def object_membership(token_boxes: np.ndarray, objects: np.ndarray, min_fraction: float = 0.5) -> np.ndarray:
+    """``[N, M]`` bool: whether at least ``min_fraction`` of token i's box lies in object j.
+
+    Boxes are ``(x0, y0, x1, y1)`` in the same pixel coordinates (x1, y1 exclusive); the
+    token boxes come from :func:`fastv_analysis.grid.token_boxes`, so a token counts as on
+    an object by the pixels the model really saw in that patch.
+    """
+    t = np.asarray(token_boxes, dtype=np.float64)[:, None, :]
+    o = np.asarray(objects, dtype=np.float64).reshape(-1, 4)[None, :, :]
+    w = np.clip(np.minimum(t[..., 2], o[..., 2]) - np.maximum(t[..., 0], o[..., 0]), 0, None)
+    h = np.clip(np.minimum(t[..., 3], o[..., 3]) - np.maximum(t[..., 1], o[..., 1]), 0, None)
+    area = (t[..., 2] - t[..., 0]) * (t[..., 3] - t[..., 1])
+    return (w * h) >= min_fraction * area
+
+
+def object_coverage(kept: np.ndarray, membership: np.ndarray, valid: np.ndarray) -> dict[str, np.ndarray]:
+    """How a kept set covers the ground-truth objects, per sample.
+
+    kept:       ``[S, k]`` kept image-token indices.
+    membership: ``[S, N, M]`` bool, token on object (objects padded to M with False).
+    valid:      ``[S, M]`` bool, which of the M object slots are real objects.
+    object_token_share: share of the kept tokens that lie on any object (NaN at keep 0);
+    objects_touched:    share of the objects with at least one kept token on them.
+    NaN for samples without objects. Why: a count or a colour needs every object, so a
+    ranking that keeps many tokens but misses objects explains lost accuracy.
+    """
+    s, k = kept.shape
+    has = valid.any(axis=1)
+    nan = np.full(s, np.nan)
+    if membership.shape[2] == 0 or not has.any():
+        return {"object_token_share": nan, "objects_touched": nan.copy()}
+    on_kept = np.take_along_axis(membership, kept.astype(np.int64)[:, :, None], axis=1)  # [S, k, M]
+    share = on_kept.any(axis=2).mean(axis=1) if k else nan.copy()
+    touched = (on_kept.any(axis=1) & valid).sum(axis=1) / np.maximum(valid.sum(axis=1), 1)
+    return {"object_token_share": np.where(has, share, np.nan), "objects_touched": np.where(has, touched, np.nan)}
+
+
 def head_stats(importance: np.ndarray) -> dict[str, np.ndarray]:
     """Per-sample statistics of head importance ``[S, H]`` (summed image attention per head).
 

@@ -63,6 +63,9 @@ SAMPLE_COLUMNS = {
     "shard": pl.Utf8,
     "part_row": pl.Int64,
     "capture_seconds": pl.Float64,
+    "image_width": pl.Int64,
+    "image_height": pl.Int64,
+    "objects": pl.List(pl.List(pl.Float64)),
 }
 
 _PART = re.compile(r"^part-(\d+)-(\d+)\.parquet$")

@@ -19,7 +19,7 @@ def test_demo_runs_every_stage_on_the_embedded_default(tmp_path, capsys):
     assert set(acc["method"].unique()) >= {"avg_all_heads", "max_head", "weighted_combination", "random", "full"}
     assert acc["n"].unique().to_list() == [8]
     assert (out / "report.html").stat().st_size > 50_000
-    assert len(list((out / "figures").glob("*.png"))) == 7
+    assert len(list((out / "figures").glob("*.png"))) == 11  # object_coverage: the toy knows its objects
 
 
 def test_demo_never_deletes_a_run_it_did_not_make_and_grows_with_the_limit(tmp_path, capsys):

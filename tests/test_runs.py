@@ -76,6 +76,9 @@ def test_stale_stages_are_refused(checkpoints, tmp_path, capsys):
     assert main(["select", str(run), "--keep", "4", "--methods", "avg_all_heads,random", "--quiet"]) == 0
     assert list(stale_stages(open_run(run))) == ["eval"]
     capsys.readouterr()
+    assert main(["report", str(run)]) != 0  # accuracy of one grid beside overlap of another: refused
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "fastv-analyze eval" in err and not (run / "report.html").exists()
     assert capture(checkpoints["mha"], data, run, "--max-new-tokens", "2") == 0  # extends to 3 samples
     assert "select" in stale_stages(open_run(run))
     capsys.readouterr()
@@ -178,3 +181,44 @@ def test_apply_fastv_takes_a_config_and_overrides():
         m(**inputs)
     with pytest.raises(ValueError, match="unknown FastV config key"):
         apply_fastv(model, cfg, colour="red")
+
+
+def test_object_membership_and_coverage_by_hand():
+    import numpy as np
+
+    from fastv_analysis import stats
+
+    tokens = np.array([[0, 0, 14, 14], [14, 0, 28, 14]])
+    assert stats.object_membership(tokens, np.array([[7, 0, 28, 14]])).tolist() == [[True], [True]]  # 98 of 196 px
+    assert stats.object_membership(tokens, np.array([[8, 0, 28, 14]])).tolist() == [[False], [True]]  # 84 of 196
+    membership = np.zeros((2, 4, 2), dtype=bool)
+    membership[0, 0, 0] = membership[0, 3, 1] = True
+    valid = np.array([[True, True], [False, False]])
+    cov = stats.object_coverage(np.array([[0, 1], [0, 1]]), membership, valid)
+    assert cov["object_token_share"][0] == 0.5 and cov["objects_touched"][0] == 0.5
+    assert np.isnan(cov["object_token_share"][1]) and np.isnan(cov["objects_touched"][1])
+    cov = stats.object_coverage(np.array([[0, 3], [1, 2]]), membership, valid)
+    assert cov["object_token_share"][0] == 1.0 and cov["objects_touched"][0] == 1.0
+
+
+def _with_objects(lines, folder):
+    rows = [json.loads(x) for x in lines]
+    for r in rows:
+        r["objects"] = [[0, 0, 28, 28], [322, 322, 336, 336]]  # tokens {0, 1, 24, 25} and {575}
+    return [json.dumps(r) for r in rows]
+
+
+def test_select_measures_object_coverage_of_each_kept_set(checkpoints, tmp_path):
+    data = write_questions(tmp_path / "d", n=2, broken=_with_objects)
+    run = tmp_path / "run"
+    assert capture(checkpoints["mha"], data, run, "--max-new-tokens", "2") == 0
+    assert main(["select", str(run), "--keep", "64,8", "--methods", "avg_all_heads,random,uniform", "--quiet"]) == 0
+    sel = pl.read_parquet(run / "select" / "selections.parquet")
+    first, second = {0, 1, 24, 25}, {575}
+    for row in sel.iter_rows(named=True):
+        kept = set(row["kept"])
+        assert row["object_token_share"] == pytest.approx(len(kept & (first | second)) / len(kept))
+        assert row["objects_touched"] == pytest.approx((bool(kept & first) + bool(kept & second)) / 2)
+    bad = write_questions(tmp_path / "b", n=1, broken=lambda lines, f: [json.dumps({**json.loads(lines[0]),
+                                                                                      "objects": [[5, 5, 1, 9]]})])
+    assert capture(checkpoints["mha"], bad, tmp_path / "run2") != 0

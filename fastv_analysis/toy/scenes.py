@@ -195,6 +195,12 @@ def train_sample(i: int, exclude: set | frozenset = frozenset()):
         k += 1
 
 
+def object_boxes(objects: list[Obj] | tuple[Obj, ...]) -> list[list[int]]:
+    """Each object's box ``[x0, y0, x1, y1]`` in image pixels (x1, y1 exclusive): the
+    ground truth of which image tokens lie on an object."""
+    return [[o.col * CELL, o.row * CELL, (o.col + o.size) * CELL, (o.row + o.size) * CELL] for o in objects]
+
+
 def write_eval_split(out_dir: str | Path, n_images: int = 240, questions_per_image: int = 2) -> Path:
     """Write ``questions.jsonl`` and ``images/*.png`` (the shipped toy-vqa split); returns the jsonl path."""
     out_dir = Path(out_dir)
@@ -211,6 +217,7 @@ def write_eval_split(out_dir: str | Path, n_images: int = 240, questions_per_ima
                     "text": qa.text,
                     "answer": qa.answer,
                     "category": qa.category,
+                    "objects": object_boxes(objs),
                 }
             )
     path = out_dir / "questions.jsonl"
