@@ -14,6 +14,7 @@ from .capture_cmd import capture_cmd
 from .demo_cmd import demo_cmd
 from .eval_cmd import eval_cmd
 from .report_cmd import report_cmd
+from .score_cmd import score_cmd
 from .select_cmd import select_cmd
 
 
@@ -23,7 +24,7 @@ def cli():
     """Analyse FastV visual-token pruning: capture -> select -> eval -> report (demo: all four on the toy)."""
 
 
-for command in (capture_cmd, select_cmd, eval_cmd, report_cmd, demo_cmd):
+for command in (capture_cmd, select_cmd, eval_cmd, report_cmd, demo_cmd, score_cmd):
     command.context_settings.setdefault("max_content_width", 100)
     cli.add_command(command)
 
