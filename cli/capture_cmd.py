@@ -13,8 +13,14 @@ from .params import IntList, threads_option
 @threads_option
 @click.option("--model", default=None, help="Local path or hub id of a LlavaForConditionalGeneration checkpoint "
               "[default: the embedded toy model in data/toy-llava].")
-@click.option("--data", default=None, help="Question file (.jsonl, LLaVA/lmms convention) "
-              "[default: data/toy-vqa/questions.jsonl].")
+@click.option("--data", default=None, help="Question file (.jsonl, LLaVA/lmms convention) or a standard "
+              "benchmark's folder/file (see --benchmark) [default: data/toy-vqa/questions.jsonl].")
+@click.option("--benchmark", default=None, help="Read --data as this benchmark: scienceqa_img, pope, mme, gqa, "
+              "textvqa, vqav2, mmbench (scored by its official rule) [default: detected from the layout, else a "
+              "plain question file].")
+@click.option("--subsample", type=click.IntRange(min=1), default=None, metavar="N",
+              help="A seeded random subset of N questions (a larger N later extends the run).")
+@click.option("--subsample-seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory to write (or resume).")
 @click.option("--agg-layers", type=IntList(), default="2", show_default=True,
               help="Aggregation layer(s) K; the attention of layer K-1 is stored. K = 0 (prune the "
@@ -39,7 +45,7 @@ from .params import IntList, threads_option
 @click.option("--skip-bad", is_flag=True, help="Log bad samples to RUN/errors.jsonl and go on instead of stopping.")
 @click.option("--overwrite", is_flag=True, help="Replace a run directory made with other settings.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def capture_cmd(model, data, out, agg_layers, queries, device, dtype, store_dtype, batch_size, limit,
+def capture_cmd(model, data, benchmark, subsample, subsample_seed, out, agg_layers, queries, device, dtype, store_dtype, batch_size, limit,
                 max_new_tokens, prompt_template, part_size, skip_bad, overwrite, quiet):
     """Run the full model once per sample; store its answer and the layer K-1 attention
     that the prompt paid to each image token, per head, under OUT.
@@ -54,7 +60,8 @@ def capture_cmd(model, data, out, agg_layers, queries, device, dtype, store_dtyp
                         agg_layers=list(agg_layers), queries=queries, device=device, dtype=dtype,
                         batch_size=batch_size, limit=limit, skip_bad=skip_bad, max_new_tokens=max_new_tokens,
                         prompt_template=prompt_template, store_dtype=store_dtype, overwrite=overwrite,
-                        part_size=part_size)
+                        part_size=part_size, benchmark=benchmark, subsample=subsample,
+                        subsample_seed=subsample_seed)
     info = run_capture(cfg, progress=not quiet, command=sys.argv)
     if info["n_samples"] is not None:
         acc = "" if info["accuracy"] is None else f", full-model accuracy {info['accuracy']:.1%}"

@@ -43,6 +43,9 @@ class CaptureConfig:
     store_dtype: str = "float32"
     overwrite: bool = False
     part_size: int = 32
+    benchmark: str | None = None  # a fastv_analysis.tasks name; None = detect, else a plain question file
+    subsample: int | None = None  # a seeded random subset of N questions (a larger N extends it)
+    subsample_seed: int = 0
 
 
 class BadSample(ValueError):
@@ -100,8 +103,9 @@ def prepare(sample_id: int, question, processor, cfg: CaptureConfig, max_tokens:
         raise BadSample(question, cfg.data, f"image {question.image} is missing") from None
     except (UnidentifiedImageError, OSError) as err:
         raise BadSample(question, cfg.data, f"image {question.image} is unreadable ({err.__class__.__name__})") from None
-    try:
-        prompt = build_prompt(processor, question.text, question.choices, cfg.prompt_template)
+    try:  # a benchmark's text is already LLaVA-1.5's prompt text, options included
+        choices = question.choices if cfg.benchmark is None else None
+        prompt = build_prompt(processor, question.text, choices, cfg.prompt_template)
     except ValueError as err:
         raise BadSample(question, cfg.data, str(err)) from None
     if "<image>" not in prompt:
@@ -212,7 +216,7 @@ def merge_errors(root: Path) -> None:
 def run_capture(cfg: CaptureConfig, progress: bool = True, command: list[str] | None = None) -> dict:
     """Capture every sample of ``cfg.data`` into the run directory ``cfg.out`` (resumable;
     a larger ``limit`` later extends it)."""
-    from .data import load_questions
+    from .benchmark import questions_fingerprint, resolve_benchmark, run_questions, sample_order
 
     if cfg.queries not in QUERIES:
         raise ValueError(f"--queries must be one of {', '.join(QUERIES)}, got {cfg.queries!r}")
@@ -227,9 +231,12 @@ def run_capture(cfg: CaptureConfig, progress: bool = True, command: list[str] | 
     if Path(cfg.model).exists():
         cfg.model = str(Path(cfg.model).resolve())
     bad_lines: list[dict] = []
-    questions = load_questions(cfg.data, bad_lines if cfg.skip_bad else None)
+    cfg.benchmark = resolve_benchmark(cfg.data, cfg.benchmark)
+    image_root = str(Path(cfg.out).resolve() / "benchmark-images") if cfg.benchmark == "mmbench" else None
+    questions = run_questions(cfg.data, cfg.benchmark, image_root, bad_lines if cfg.skip_bad else None)
+    order = sample_order(len(questions), cfg.subsample, cfg.subsample_seed)
     if cfg.limit is not None:
-        questions = questions[: cfg.limit]
+        order = order[: cfg.limit]
     rank, world, state = _distributed(cfg.device)
     loaded = load_model(cfg.model, cfg.device if state is None else str(state.device), cfg.dtype)
     from .adapters import get_adapter
@@ -247,7 +254,11 @@ def run_capture(cfg: CaptureConfig, progress: bool = True, command: list[str] | 
         "architecture": adapter.architecture,
         "data": str(cfg.data),
         "data_relative": os.path.relpath(cfg.data, Path(cfg.out).resolve()),
-        "data_sha256": file_sha256(cfg.data),
+        "data_sha256": file_sha256(cfg.data) if cfg.benchmark is None else questions_fingerprint(questions),
+        "benchmark": cfg.benchmark,
+        "image_root": image_root,
+        "subsample": cfg.subsample,
+        "subsample_seed": cfg.subsample_seed,
         "agg_layers": sorted(cfg.agg_layers),
         "queries": cfg.queries,
         "dtype": str(loaded.dtype).removeprefix("torch."),
@@ -271,7 +282,7 @@ def run_capture(cfg: CaptureConfig, progress: bool = True, command: list[str] | 
     if state is not None:
         state.wait_for_everyone()
     try:
-        info = _capture_samples(cfg, writer, questions, bad_lines, loaded, adapter, max_tokens, store_dtype,
+        info = _capture_samples(cfg, writer, questions, order, bad_lines, loaded, adapter, max_tokens, store_dtype,
                                 rank, world, state, progress)
     except BaseException:
         if fresh and rank == 0 and not writer.done_sample_ids():
@@ -287,6 +298,22 @@ def run_capture(cfg: CaptureConfig, progress: bool = True, command: list[str] | 
     return info
 
 
+def _benchmark_scores(benchmark: str, questions, samples, out_dir: Path):
+    """The full model's answers scored by the benchmark's own rule (``correct``, ``score``)."""
+    import polars as pl
+
+    from .benchmark import score_answers
+    from .store import atomic_write_parquet
+
+    answers = dict(zip(samples["question_id"].to_list(), samples["prediction"].to_list()))
+    per_question, _ = score_answers(benchmark, questions, answers)
+    scored = samples.drop("correct", "score", strict=False).join(
+        per_question.select("question_id", "score", "correct"), on="question_id", how="left")
+    scored = scored.select(samples.columns + [c for c in ("score",) if c not in samples.columns])
+    atomic_write_parquet(scored, out_dir / "samples.parquet")
+    return scored.with_columns(pl.col("correct").fill_null(False))
+
+
 def _remove_empty_run(out_dir: Path, created: bool) -> None:
     """Remove what a capture that stored no sample wrote (run.json, empty folders, logs)."""
     import shutil
@@ -300,13 +327,13 @@ def _remove_empty_run(out_dir: Path, created: bool) -> None:
         out_dir.rmdir()
 
 
-def _capture_samples(cfg, writer, questions, bad_lines, loaded, adapter, max_tokens, store_dtype, rank, world,
-                     state, progress) -> dict:
+def _capture_samples(cfg, writer, questions, order, bad_lines, loaded, adapter, max_tokens, store_dtype, rank,
+                     world, state, progress) -> dict:
     """The capture loop of :func:`run_capture`: prepare, batch, record, write parts."""
     from tqdm.auto import tqdm
 
     done = writer.done_sample_ids()
-    todo = [(i, q) for i, q in enumerate(questions) if i not in done and i % world == rank]
+    todo = [(i, questions[i]) for i in order if i not in done and i % world == rank]
     errors_path = Path(cfg.out) / f"errors-{rank}.jsonl"
     errors_path.unlink(missing_ok=True)  # bad samples are retried on resume, and logged again
     n_bad = 0
@@ -355,6 +382,8 @@ def _capture_samples(cfg, writer, questions, bad_lines, loaded, adapter, max_tok
     samples = None
     if rank == 0:
         samples = writer.finalize()
+        if cfg.benchmark is not None and samples.height:
+            samples = _benchmark_scores(cfg.benchmark, questions, samples, Path(cfg.out))
         merge_errors(Path(cfg.out))
     if state is not None:
         state.wait_for_everyone()

@@ -29,7 +29,7 @@ from . import flops as flops_mod
 from . import stats
 from .capture import model_inputs
 from .loading import sync_device
-from .store import atomic_write_json, atomic_write_parquet, open_run
+from .store import atomic_write_bytes, atomic_write_json, atomic_write_parquet, open_run
 
 QUANTILES = 4
 STATISTICS = ("jaccard_vs_avg", "max_head_share", "head_entropy", "mean_row", "mean_col", "bottom_share",
@@ -259,6 +259,57 @@ TIMING_COLUMNS = ("prefill_ms", "prefill_ms_p25", "prefill_ms_p75", "decode_ms_p
                   "prefill_speedup_vs_full", "prefill_speedup_p25", "prefill_speedup_p75")
 
 
+CONFIG_KEYS = ["agg_layer", "config", "keep"]
+
+
+def benchmark_scores(pred: pl.DataFrame, benchmark: str | None, questions) -> tuple[pl.DataFrame, dict | None]:
+    """Score every configuration's answers by the run's rule: ``correct`` (0/1, what McNemar
+    compares) and ``score`` (soft where the benchmark's metric is soft, what the relations
+    use). For a benchmark also its headline per configuration, with its 95% interval, and
+    the long table of every metric (``metrics.parquet``)."""
+    from .benchmark import headline_interval, score_answers
+
+    if benchmark is None:  # a plain question file: exact match / option / yes-no, per sample
+        return pred.with_columns(pl.col("correct").cast(pl.Float64).alias("score")), None
+    scored, headlines, long = [], [], []
+    for key, g in pred.group_by(CONFIG_KEYS, maintain_order=True):
+        answers = dict(zip(g["question_id"].to_list(), g["prediction"].to_list()))
+        per_question, result = score_answers(benchmark, questions, answers)
+        scored.append(g.drop("correct", "score", strict=False).join(
+            per_question.select("question_id", "score", "correct"), on="question_id", how="left"))
+        if result is not None:
+            lo, hi = headline_interval(result, per_question)
+            headlines.append({**dict(zip(CONFIG_KEYS, key)), "benchmark": benchmark, "metric": result.headline[0],
+                              "metric_value": result.headline[1], "metric_ci_lo": lo, "metric_ci_hi": hi})
+            long.append(result.long.with_columns(*(pl.lit(v).alias(k) for k, v in zip(CONFIG_KEYS, key))))
+    out = pl.concat(scored).with_columns(pl.col("correct").fill_null(False), pl.col("score").fill_null(0.0))
+    out = out.sort(["sample_id", "agg_layer", "keep", "method", "alpha"], descending=[False, False, True, False, False],
+                   nulls_last=True)
+    headline = pl.DataFrame(headlines, schema_overrides={"metric_ci_lo": pl.Float64, "metric_ci_hi": pl.Float64})
+    return out, {"headline": headline, "long": pl.concat(long).select(*CONFIG_KEYS, "metric", "category", "value")}
+
+
+def write_answer_files(pred: pl.DataFrame, questions, folder: Path, model_id: str) -> None:
+    """One answers file per configuration in LLaVA's format (question_id, prompt, text,
+    answer_id, model_id, metadata), so the benchmark's official scripts can score it too."""
+    import hashlib
+    import re
+
+    folder.mkdir(parents=True, exist_ok=True)
+    by_id = {q.question_id: q for q in questions}
+    for (layer, config, keep), g in pred.group_by(CONFIG_KEYS, maintain_order=True):
+        name = re.sub(r"[^A-Za-z0-9_.=-]+", "_", f"K{layer}_keep{keep}_{config}").strip("_")
+        lines = []
+        for qid, text in g.sort("sample_id").select("question_id", "prediction").iter_rows():
+            q = by_id.get(qid)
+            llava_id = q.meta.get("llava_question_id", qid) if q is not None else qid
+            lines.append(json.dumps({"question_id": llava_id, "prompt": q.text if q is not None else "", "text": text,
+                                     "answer_id": hashlib.blake2b(f"{name}/{qid}".encode(), digest_size=8).hexdigest(),
+                                     "model_id": model_id, "metadata": {"agg_layer": layer, "config": config,
+                                                                        "keep": keep}}))
+        atomic_write_bytes(folder / f"{name}.jsonl", ("\n".join(lines) + "\n").encode())
+
+
 def _config_times(config_timing: pl.DataFrame | None, row: dict) -> dict:
     """Median batch-1 prefill ms with its quartiles, median decode ms per token, and the
     prefill speed-up vs ``full``: the median of paired ratios (same sample, same repeat),
@@ -321,8 +372,9 @@ def relations_table(frame: pl.DataFrame, n_permutations: int = 2000, seed: int =
 
     per_config = []
     scored = frame.filter(pl.col("method") != FULL)
+    outcome = "score" if "score" in frame.columns else "correct"  # soft where the metric is soft
     for (config, layer, keep), g in scored.group_by(["config", "agg_layer", "keep"], maintain_order=True):
-        correct = g["correct"].cast(pl.Float64).to_numpy()
+        correct = g[outcome].cast(pl.Float64).to_numpy()
         for stat in STATISTICS:
             x = g[stat].cast(pl.Float64).fill_null(np.nan).to_numpy()
             ok = ~np.isnan(x)
@@ -339,7 +391,7 @@ def relations_table(frame: pl.DataFrame, n_permutations: int = 2000, seed: int =
     pruned = scored.filter(pl.col("method") != REFERENCE)
     if pruned.height:
         strata = pruned.select(pl.struct("sample_id", "agg_layer", "keep").rank("dense")).to_series().to_numpy()
-        correct = pruned["correct"].cast(pl.Float64).to_numpy()
+        correct = pruned[outcome].cast(pl.Float64).to_numpy()
         for stat in STATISTICS:
             x = pruned[stat].cast(pl.Float64).fill_null(np.nan).to_numpy()
             res = stats.within_sample_permutation_test(x, correct, strata, n_permutations=n_permutations, seed=seed)
@@ -412,7 +464,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True, command: list[str] | None =
 
     from .adapters import get_adapter
     from .capture import BadSample, CaptureConfig, _distributed, prepare
-    from .data import load_questions
+    from .benchmark import questions_fingerprint, run_questions
     from .loading import load_model
     from .provenance import file_sha256, fingerprint, select_fingerprint, stale_stages, versions
     from .scoring import is_correct
@@ -436,7 +488,10 @@ def run_eval(cfg: EvalConfig, progress: bool = True, command: list[str] | None =
     data_file = str(run.data_path)
     if not Path(data_file).exists():
         raise FileNotFoundError(f"{data_file} (the run's question file) is missing")
-    if file_sha256(data_file) != run.config.get("data_sha256"):
+    benchmark = run.config.get("benchmark")
+    questions = run_questions(data_file, benchmark, run.config.get("image_root"), errors=[])  # capture's list
+    now = file_sha256(data_file) if benchmark is None else questions_fingerprint(questions)
+    if now != run.config.get("data_sha256"):
         raise ValueError(f"{data_file} changed since the capture of {cfg.run} (sha256 differs)")
     model_name = cfg.model or run.config["model"]
     rank, world, state = _distributed(cfg.device)
@@ -448,9 +503,8 @@ def run_eval(cfg: EvalConfig, progress: bool = True, command: list[str] | None =
                          f"(fingerprint {run.config.get('model_fingerprint')})")
     adapter = get_adapter(loaded.model)
     max_new = cfg.max_new_tokens or int(run.config.get("max_new_tokens", 10))
-    questions = load_questions(data_file, errors=[])  # the same questions capture kept with --skip-bad
     capture_cfg = CaptureConfig(model=model_name, data=data_file, prompt_template=run.config.get("prompt_template"),
-                                max_new_tokens=max_new)
+                                max_new_tokens=max_new, benchmark=benchmark)
     max_tokens = int(getattr(loaded.model.config.text_config, "max_position_embeddings", 1 << 30))
 
     out_dir = run.root / "eval"
@@ -511,9 +565,14 @@ def run_eval(cfg: EvalConfig, progress: bool = True, command: list[str] | None =
         .sort(["sample_id", "agg_layer", "keep", "method", "alpha"], descending=[False, False, True, False, False],
               nulls_last=True)
     )
+    pred, metrics = benchmark_scores(pred, benchmark, questions)
     dims = {"num_layers": adapter.num_layers, "hidden": adapter.hidden_size, "intermediate": adapter.intermediate_size}
     config_timing = pl.DataFrame(config_timing_rows, infer_schema_length=None) if config_timing_rows else None
     accuracy = accuracy_table(pred, timing, dims, config_timing)
+    if metrics is not None:
+        accuracy = accuracy.join(metrics["headline"], on=["agg_layer", "config", "keep"], how="left")
+        atomic_write_parquet(metrics["long"], tmp / "metrics.parquet")
+    write_answer_files(pred, questions, tmp / "answers", model_name)
     relations = relations_table(statistics_frame(pred, run.root))
     atomic_write_parquet(pred, tmp / "predictions.parquet")
     atomic_write_parquet(accuracy, tmp / "accuracy.parquet")

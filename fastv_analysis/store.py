@@ -43,6 +43,7 @@ IDENTITY_KEYS = (
     "max_new_tokens",
     "prompt_template",
     "store_dtype",
+    "benchmark",
 )
 """run.json keys that must match for a capture to resume into an existing run. The limit
 is not one: a capture with a larger limit (or none) extends the run, a smaller one adds

@@ -1,0 +1,126 @@
+"""A run's questions and their scoring, for a plain question file or a standard benchmark.
+
+Capture and eval read a run's questions through :func:`run_questions`, so both see the
+same list (sample_id = position in it), and score answers through :func:`score_answers`:
+for a benchmark (:mod:`fastv_analysis.tasks`) that is the benchmark's official rule, with
+its grouped metrics (POPE's per-split F1, MME's acc+, MMBench's circular pass), not the
+generic exact match of :mod:`fastv_analysis.scoring`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from .data import Question, load_questions
+
+
+def resolve_benchmark(data: str | Path, benchmark: str | None) -> str | None:
+    """The benchmark of ``data``: as named, else detected where the layout is unambiguous;
+    None for a plain question file (.jsonl in the LLaVA convention)."""
+    from .tasks import detect, get_task
+
+    if benchmark:
+        return get_task(benchmark).name
+    return detect(data)
+
+
+def run_questions(data: str | Path, benchmark: str | None, image_root: str | Path | None = None,
+                  errors: list[dict] | None = None) -> list[Question]:
+    """Every question of the run's data, in a fixed order (sample_id = position)."""
+    if benchmark is None:
+        return load_questions(data, errors)
+    from .tasks import get_task
+
+    return get_task(benchmark).read(data, image_root=image_root)
+
+
+def sample_order(n: int, subsample: int | None, seed: int) -> list[int]:
+    """Sample ids to capture: all, or a seeded random subset of ``subsample``. The subset of
+    N is a prefix of one seeded permutation, so a larger N extends a smaller one's run."""
+    if subsample is None or subsample >= n:
+        return list(range(n))
+    return sorted(np.random.default_rng(seed).permutation(n)[:subsample].tolist())
+
+
+def questions_fingerprint(questions: Sequence[Question]) -> str:
+    """sha256 of what the questions say (id, text, answer, category, choices, image name):
+    a benchmark spread over several files changes exactly when this changes."""
+    h = hashlib.sha256()
+    for q in questions:
+        answer = q.answer if isinstance(q.answer, int) else str(q.answer)
+        h.update(json.dumps([q.question_id, q.text, answer, q.category, q.choices, Path(q.image).name],
+                            ensure_ascii=False).encode())
+    return h.hexdigest()
+
+
+def score_answers(benchmark: str | None, questions: Sequence[Question], answers: dict[str, str]):
+    """Per-question ``score`` (soft where the metric is) and ``correct`` of answers given
+    as ``{question_id: text}``, and the benchmark's metrics (None for a plain file).
+
+    Returns (``polars.DataFrame`` question_id, score, correct (+ the task's own columns);
+    TaskScore or None).
+    """
+    if benchmark is None:
+        from .scoring import is_correct
+
+        by_id = {q.question_id: q for q in questions}
+        ok = [is_correct(t, by_id[i].answer, by_id[i].choices) for i, t in answers.items()]
+        return pl.DataFrame({"question_id": list(answers), "score": [float(x) for x in ok], "correct": ok},
+                            schema={"question_id": pl.Utf8, "score": pl.Float64, "correct": pl.Boolean}), None
+    from .tasks import get_task
+
+    asked = [q for q in questions if q.question_id in answers]
+    result = get_task(benchmark).score(asked, answers, missing="skip")
+    return result.per_question, result
+
+
+def headline_interval(result, per_question: pl.DataFrame, n_boot: int = 200, seed: int = 0) -> tuple:
+    """95% interval of a benchmark's headline.
+
+    A headline that is the mean of per-question scores (accuracy, soft VQA accuracy):
+    Wilson for 0/1 scores, Student t for soft ones. POPE's mean F1: a bootstrap over
+    questions, resampled within each split. Others (MME's acc+ pairs, MMBench's circular
+    groups): None, as a question-level resample would break the pairs they score.
+    """
+    from scipy import stats as sps
+
+    from .stats import wilson_interval
+
+    name, value = result.headline
+    scores = per_question["score"].to_numpy()
+    if len(scores) and math.isclose(value, 100 * scores.mean(), abs_tol=1e-6):
+        if np.all((scores == 0) | (scores == 1)):
+            lo, hi = wilson_interval(int(scores.sum()), len(scores))
+            return 100 * lo, 100 * hi
+        half = sps.t.ppf(0.975, len(scores) - 1) * scores.std(ddof=1) / math.sqrt(len(scores))
+        return 100 * (scores.mean() - half), 100 * (scores.mean() + half)
+    if result.task == "pope" and name == "mean/f1":
+        return _pope_f1_interval(per_question, n_boot, seed)
+    return None, None
+
+
+def _pope_f1_interval(per_question: pl.DataFrame, n_boot: int, seed: int) -> tuple:
+    """Bootstrap of the mean over splits of F1 (positive = yes), resampling within splits."""
+    rng = np.random.default_rng(seed)
+    splits = []
+    for _, g in per_question.group_by("category"):
+        pred_yes = (g["parsed"] == "yes").to_numpy()
+        label_yes = np.where(g["correct"].to_numpy(), pred_yes, ~pred_yes)
+        splits.append((pred_yes, label_yes))
+    values = []
+    for _ in range(n_boot):
+        f1s = []
+        for pred_yes, label_yes in splits:
+            idx = rng.integers(0, len(pred_yes), len(pred_yes))
+            p, y = pred_yes[idx], label_yes[idx]
+            tp, fp, fn = np.sum(p & y), np.sum(p & ~y), np.sum(~p & y)
+            f1s.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
+        values.append(100 * np.mean(f1s))
+    return float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))

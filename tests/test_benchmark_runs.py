@@ -1,0 +1,62 @@
+"""capture -> select -> eval -> report on standard-benchmark layouts (issue 14), tiny model."""
+
+import json
+
+import polars as pl
+import pytest
+
+from fastv_analysis.cli.main import main
+from test_tasks import make_pope, make_scienceqa
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from fastv_analysis.toy.checkpoint import save_tiny_random_checkpoint
+
+    root = tmp_path_factory.mktemp("bm")
+    return save_tiny_random_checkpoint(root / "m", seed=4, text={"num_hidden_layers": 3})
+
+
+@pytest.mark.parametrize("make, name, headline", [(make_pope, "pope", "mean/f1"),
+                                                  (make_scienceqa, "scienceqa_img", "img_accuracy")])
+def test_benchmark_run_end_to_end(tiny_model, tmp_path, make, name, headline, capsys):
+    data = make(tmp_path)
+    run = tmp_path / "run"
+    # the layout is detected (no --benchmark)
+    assert main(["capture", "--model", str(tiny_model), "--data", str(data), "--out", str(run),
+                 "--max-new-tokens", "3", "--quiet"]) == 0, capsys.readouterr().err
+    config = json.loads((run / "run.json").read_text())
+    assert config["benchmark"] == name
+    assert main(["select", str(run), "--keep", "64,8", "--methods", "avg_all_heads,random", "--quiet"]) == 0
+    assert main(["eval", str(run), "--timing-samples", "1", "--quiet"]) == 0, capsys.readouterr().err
+    acc = pl.read_parquet(run / "eval" / "accuracy.parquet")
+    assert (acc["benchmark"] == name).all() and (acc["metric"] == headline).all()
+    metrics = pl.read_parquet(run / "eval" / "metrics.parquet")
+    assert metrics.select("agg_layer", "config", "keep").unique().height == acc.height
+    # an independent route: the official-rule scorer on the answers file eval wrote for a configuration
+    for row in acc.iter_rows(named=True):
+        answers = run / "eval" / "answers" / f"K{row['agg_layer']}_keep{row['keep']}_{row['config']}.jsonl"
+        out = tmp_path / f"{row['config']}-{row['keep']}.json"
+        assert main(["score", "--benchmark", name, "--data", str(data), "--answers", str(answers),
+                     "--out", str(out)]) == 0, capsys.readouterr().err
+        scored = json.loads(out.read_text())
+        assert scored["headline"]["name"] == headline
+        assert scored["headline"]["value"] == pytest.approx(row["metric_value"])
+        if row["metric_ci_lo"] is not None:
+            assert row["metric_ci_lo"] <= row["metric_value"] <= row["metric_ci_hi"]
+    assert main(["report", str(run)]) == 0, capsys.readouterr().err
+    html = (run / "report.html").read_text()
+    assert headline in html  # the benchmark's metric per configuration is in the main table
+
+
+def test_subsample_is_seeded_and_grows(tiny_model, tmp_path):
+    data = make_pope(tmp_path)
+    run = tmp_path / "run"
+    assert main(["capture", "--model", str(tiny_model), "--data", str(data), "--out", str(run), "--benchmark", "pope",
+                 "--subsample", "3", "--max-new-tokens", "2", "--quiet"]) == 0
+    first = pl.read_parquet(run / "samples.parquet")["sample_id"].to_list()
+    assert len(first) == 3
+    assert main(["capture", "--model", str(tiny_model), "--data", str(data), "--out", str(run), "--benchmark", "pope",
+                 "--subsample", "5", "--max-new-tokens", "2", "--quiet"]) == 0
+    grown = pl.read_parquet(run / "samples.parquet")["sample_id"].to_list()
+    assert len(grown) == 5 and set(first) <= set(grown)
