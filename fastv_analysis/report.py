@@ -927,9 +927,13 @@ def plot_object_coverage(predictions: pl.DataFrame):
     markers = dict(zip(keeps, "osD^v<>"))
     for ax, column, label in ((axes[0, 0], "touched", "objects touched by a kept token (%)"),
                               (axes[0, 1], "on_objects", "kept tokens that lie on an object (%)")):
-        for row in summary.iter_rows(named=True):
+        # weighted_combination's alphas first and small: its alpha = 1/H and 1 points coincide
+        # with avg_all_heads and max_head, which are drawn on top
+        for row in summary.sort(pl.col("method") != "weighted_combination").iter_rows(named=True):
+            wc = row["method"] == "weighted_combination"
             ax.scatter(row[column], row["accuracy"], color=PALETTE.get(row["method"], "grey"),
-                       marker=markers[row["keep"]], s=45, alpha=0.85, edgecolors="black", linewidths=0.4)
+                       marker=markers[row["keep"]], s=28 if wc else 60, alpha=0.6 if wc else 0.95,
+                       edgecolors="black", linewidths=0.4, zorder=2 if wc else 3)
         ax.set_xlabel(label)
         ax.set_ylabel("accuracy of the pruned model (%)")
         ax.set_ylim(0, 105)

@@ -222,3 +222,15 @@ def test_select_measures_object_coverage_of_each_kept_set(checkpoints, tmp_path)
     bad = write_questions(tmp_path / "b", n=1, broken=lambda lines, f: [json.dumps({**json.loads(lines[0]),
                                                                                       "objects": [[5, 5, 1, 9]]})])
     assert capture(checkpoints["mha"], bad, tmp_path / "run2") != 0
+
+
+def test_attention_is_stored_as_float32_by_default(checkpoints, tmp_path):
+    """float16 storage can swap near-ties against the model's own row: exact is the default."""
+    from safetensors import safe_open
+
+    data = write_questions(tmp_path / "d", n=1)
+    assert capture(checkpoints["mha"], data, tmp_path / "run", "--max-new-tokens", "1") == 0
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["store_dtype"] == "float32"
+    part = next((tmp_path / "run" / "attention").glob("*.safetensors"))
+    with safe_open(str(part), framework="pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}
