@@ -847,7 +847,7 @@ def main_numbers(accuracy: pl.DataFrame) -> pl.DataFrame:
     benchmark = []
     if "metric_value" in acc.columns:  # a standard benchmark: its own headline, scored the official way
         ci = pl.format("[{}, {}]", pl.col("metric_ci_lo").round(1), pl.col("metric_ci_hi").round(1))
-        benchmark = [pl.col("metric"), pl.col("metric_value").round(2),
+        benchmark = [pl.col("metric"), pl.col("metric_value").cast(pl.Float64).round(2),
                      pl.when(pl.col("metric_ci_lo").is_not_null()).then(ci).otherwise(pl.lit("")).alias("metric_ci")]
     return acc.select("agg_layer", "keep", "config", "n", *benchmark,
                       (pl.col("accuracy") * 100).round(1).alias("accuracy_%"),
@@ -855,7 +855,7 @@ def main_numbers(accuracy: pl.DataFrame) -> pl.DataFrame:
                       (pl.col("delta_vs_full") * 100).round(1).alias("delta_vs_full_pts"),
                       _sci("mcnemar_p_vs_full"), _sci("mcnemar_p_vs_full_holm"), _sci("mcnemar_p_vs_avg"),
                       _sci("mcnemar_p_vs_avg_holm"), pl.col("flops_ratio").round(3),
-                      pl.col("prefill_speedup_vs_full").round(2)).sort(
+                      pl.col("prefill_speedup_vs_full").cast(pl.Float64).round(2)).sort(
         ["agg_layer", "keep", "config"], descending=[False, True, False])
 
 

@@ -31,6 +31,9 @@ def test_relative_data_path_works_from_another_directory(checkpoints, tmp_path, 
     run = str(tmp_path / "work" / "run")
     assert main(["select", run, "--keep", "8", "--methods", "avg_all_heads,random", "--quiet"]) == 0
     assert main(["eval", run, "--timing-samples", "0", "--quiet"]) == 0, capsys.readouterr().err
+    assert main(["report", run]) == 0, capsys.readouterr().err  # the notebook opens the images by their paths
+    assert (tmp_path / "work" / "run" / "report.html").exists()
+    assert not list((tmp_path / "work" / "run").glob(".report.tmp-*"))
     # a run moved together with its data still finds the question file through data_relative
     (tmp_path / "work").rename(tmp_path / "moved")
     assert open_run(tmp_path / "moved" / "run").data_path == (tmp_path / "moved" / "d" / "questions.jsonl").resolve()
