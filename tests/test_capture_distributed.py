@@ -21,16 +21,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun_capture(model, data, out, *extra, timeout=120):
+def torchrun_cli(*args, timeout=120):
+    """``fastv-analyze ARGS`` under torchrun: 2 CPU processes (gloo), offline, one thread each."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
                                                              "MASTER_PORT", "CUDA_VISIBLE_DEVICES")}
     env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", GLOO_SOCKET_IFNAME="lo", HF_HUB_OFFLINE="1",
                TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
            "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
-           "-m", "fastv_analysis.cli.main", "capture", "--model", str(model), "--data", str(data), "--out", str(out),
-           "--device", "cpu", "--quiet", *extra]
+           "-m", "fastv_analysis.cli.main", *[str(a) for a in args], "--device", "cpu", "--quiet"]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _torchrun_capture(model, data, out, *extra, timeout=120):
+    return torchrun_cli("capture", "--model", model, "--data", data, "--out", out, *extra, timeout=timeout)
 
 
 def test_two_process_capture_equals_single_process(checkpoints, tmp_path):

@@ -69,21 +69,26 @@ def test_eval_end_to_end(selected_run, capsys):
     assert {"jaccard_vs_avg", "max_head_share", "head_entropy", "bottom_share"} <= set(rel["statistic"].unique())
 
 
+def _evaluated(run):
+    """(predictions, samples, the run's model, its processor) of an evaluated run."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    if not (run / "eval" / "predictions.parquet").exists():
+        assert main(["eval", str(run), "--quiet"]) == 0
+    config = json.loads((run / "run.json").read_text())
+    return (pl.read_parquet(run / "eval" / "predictions.parquet"), pl.read_parquet(run / "samples.parquet"),
+            LlavaForConditionalGeneration.from_pretrained(config["model"]).eval(),
+            AutoProcessor.from_pretrained(config["model"]))
+
+
 def test_eval_answers_equal_online_fastv(selected_run):
     """capture -> select -> eval agree token for token with FastV ranking online in the model."""
     from PIL import Image
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     from fastv_analysis.loading import build_prompt
     from fastv_analysis.pruning import apply_fastv
 
-    if not (selected_run / "eval" / "predictions.parquet").exists():
-        assert main(["eval", str(selected_run), "--quiet"]) == 0
-    pred = pl.read_parquet(selected_run / "eval" / "predictions.parquet")
-    samples = pl.read_parquet(selected_run / "samples.parquet")
-    config = json.loads((selected_run / "run.json").read_text())
-    model = LlavaForConditionalGeneration.from_pretrained(config["model"]).eval()
-    proc = AutoProcessor.from_pretrained(config["model"])
+    pred, samples, model, proc = _evaluated(selected_run)
     checked = 0
     for row in pred.filter(pl.col("method").is_in(["avg_all_heads", "max_head", "weighted_combination"]),
                            pl.col("keep") > 0).iter_rows(named=True):
@@ -202,18 +207,11 @@ def test_eval_in_another_dtype_is_the_same_model(selected_run, tmp_path):
 def test_eval_at_k0_prunes_the_input_as_apply_fastv_does(selected_run):
     """K = 0 offline (select's per-sample random sets, eval's input pruning) == online FastV at K = 0."""
     from PIL import Image
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     from fastv_analysis.loading import build_prompt
     from fastv_analysis.pruning import apply_fastv
 
-    if not (selected_run / "eval" / "predictions.parquet").exists():
-        assert main(["eval", str(selected_run), "--quiet"]) == 0
-    pred = pl.read_parquet(selected_run / "eval" / "predictions.parquet")
-    samples = pl.read_parquet(selected_run / "samples.parquet")
-    config = json.loads((selected_run / "run.json").read_text())
-    model = LlavaForConditionalGeneration.from_pretrained(config["model"]).eval()
-    proc = AutoProcessor.from_pretrained(config["model"])
+    pred, samples, model, proc = _evaluated(selected_run)
     rows = pred.filter(pl.col("agg_layer") == 0, pl.col("method") == "random", pl.col("keep") == 8)
     assert rows.height == 4
     for row in rows.iter_rows(named=True):

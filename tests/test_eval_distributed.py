@@ -8,20 +8,9 @@ from conftest import write_questions
 
 
 def _torchrun_eval(run, *extra, timeout=180):
-    import os
-    import subprocess
-    import sys
+    from test_capture_distributed import torchrun_cli
 
-    from test_capture_distributed import _free_port as port
-
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
-                                                             "MASTER_PORT", "CUDA_VISIBLE_DEVICES")}
-    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", GLOO_SOCKET_IFNAME="lo", HF_HUB_OFFLINE="1",
-               TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
-           "--master-addr", "127.0.0.1", "--master-port", str(port()),
-           "-m", "fastv_analysis.cli.main", "eval", str(run), "--device", "cpu", "--quiet", *extra]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    return torchrun_cli("eval", run, *extra, timeout=timeout)
 
 
 def test_two_process_eval_equals_single_process(checkpoints, tmp_path):
