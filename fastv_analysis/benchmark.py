@@ -41,12 +41,55 @@ def run_questions(data: str | Path, benchmark: str | None, image_root: str | Pat
     return get_task(benchmark).read(data, image_root=image_root)
 
 
-def sample_order(n: int, subsample: int | None, seed: int) -> list[int]:
-    """Sample ids to capture: all, or a seeded random subset of ``subsample``. The subset of
-    N is a prefix of one seeded permutation, so a larger N extends a smaller one's run."""
-    if subsample is None or subsample >= n:
-        return list(range(n))
-    return sorted(np.random.default_rng(seed).permutation(n)[:subsample].tolist())
+def question_group(question: Question) -> str | None:
+    """The unit a benchmark's grouped metric scores together: MMBench's circular group (all
+    rotations of one question), MME's image (its two questions, for acc+); None elsewhere."""
+    if question.meta.get("group") is not None:
+        return f"group:{question.meta['group']}"
+    if question.meta.get("image_key") is not None:
+        return f"image:{question.meta['image_key']}"
+    return None
+
+
+def _units(questions: Sequence[Question]) -> list[list[int]]:
+    """Question indices in whole groups (first-appearance order); an ungrouped question alone."""
+    units: dict[object, list[int]] = {}
+    for i, q in enumerate(questions):
+        units.setdefault(question_group(q) or ("alone", i), []).append(i)
+    return list(units.values())
+
+
+def _take(units: list[list[int]], n: int) -> list[list[int]]:
+    """Whole units from the front until they hold at least ``n`` questions."""
+    out, count = [], 0
+    for unit in units:
+        if count >= n:
+            break
+        out.append(unit)
+        count += len(unit)
+    return out
+
+
+def sample_order(questions: Sequence[Question], subsample: int | None = None, seed: int = 0,
+                 limit: int | None = None) -> list[int]:
+    """Sample ids to capture: all, or a seeded random subset of at least ``subsample``
+    questions, then the first ``limit`` — always in whole groups (:func:`question_group`):
+    a circular group missing a rotation, or an MME image missing a question, would score
+    higher than the benchmark does. The subset is a prefix of one seeded permutation of the
+    groups, so a larger N extends a smaller one's run."""
+    units = _units(questions)
+    if subsample is not None and subsample < len(questions):
+        shuffled = [units[i] for i in np.random.default_rng(seed).permutation(len(units))]
+        units = sorted(_take(shuffled, subsample), key=min)
+    if limit is not None:
+        units = _take(units, limit)
+    return sorted(i for unit in units for i in unit)
+
+
+def complete_groups(sample_ids: Sequence[int], questions: Sequence[Question], available: Sequence[int]) -> list[int]:
+    """``sample_ids`` plus every available sample of the groups they touch (eval's --limit)."""
+    wanted = {question_group(questions[i]) for i in sample_ids} - {None}
+    return sorted(set(sample_ids) | {i for i in available if question_group(questions[i]) in wanted})
 
 
 def questions_fingerprint(questions: Sequence[Question]) -> str:

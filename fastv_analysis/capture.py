@@ -234,9 +234,7 @@ def run_capture(cfg: CaptureConfig, progress: bool = True, command: list[str] | 
     cfg.benchmark = resolve_benchmark(cfg.data, cfg.benchmark)
     image_root = str(Path(cfg.out).resolve() / "benchmark-images") if cfg.benchmark == "mmbench" else None
     questions = run_questions(cfg.data, cfg.benchmark, image_root, bad_lines if cfg.skip_bad else None)
-    order = sample_order(len(questions), cfg.subsample, cfg.subsample_seed)
-    if cfg.limit is not None:
-        order = order[: cfg.limit]
+    order = sample_order(questions, cfg.subsample, cfg.subsample_seed, cfg.limit)
     rank, world, state = _distributed(cfg.device)
     loaded = load_model(cfg.model, cfg.device if state is None else str(state.device), cfg.dtype)
     from .adapters import get_adapter

@@ -58,7 +58,7 @@ class EvalConfig:
     batch_size: int = 64
 
 
-def configurations(selections: pl.DataFrame, cfg: EvalConfig) -> pl.DataFrame:
+def configurations(selections: pl.DataFrame, cfg: EvalConfig, complete=None) -> pl.DataFrame:
     """The selection rows to evaluate, filtered by the flags; one-line error when none match."""
     out = selections
     if cfg.agg_layers:
@@ -82,8 +82,11 @@ def configurations(selections: pl.DataFrame, cfg: EvalConfig) -> pl.DataFrame:
     if cfg.keeps:
         out = out.filter(pl.col("keep").is_in(cfg.keeps))
     if cfg.limit:
-        first = out["sample_id"].unique().sort().head(cfg.limit)
-        out = out.filter(pl.col("sample_id").is_in(first.to_list()))
+        available = out["sample_id"].unique().sort().to_list()
+        first = available[: cfg.limit]
+        if complete is not None:  # whole circular groups / MME images, as their metrics need
+            first = complete(first, available)
+        out = out.filter(pl.col("sample_id").is_in(first))
     if out.height == 0:
         raise ValueError(f"no configuration of {cfg.run}/select/selections.parquet matches the given flags")
     return out
@@ -416,12 +419,15 @@ TIMING_SCHEMA = {"sample_id": pl.Int64, "agg_layer": pl.Int64, "keep": pl.Int64,
                  "prefill_seconds": pl.Float64, "decode_seconds": pl.Float64, "decode_tokens": pl.Int64}
 
 
-def _settings_key(model_id: str, data_sha256: str, max_new_tokens: int, selections: pl.DataFrame) -> str:
-    """What the cached answers depend on: the kept sets asked for, model, data, answer length."""
+def _settings_key(model_id: str, data_sha256: str, max_new_tokens: int, selections: pl.DataFrame,
+                  numerics: str = "") -> str:
+    """What the cached answers depend on: the kept sets asked for, model, data, answer
+    length, and the numerics they were computed in (dtype, device type, attention kernel:
+    a bfloat16 eval must not reuse float32 answers)."""
     import hashlib
 
     asked = selections.select("sample_id", "agg_layer", "keep", "selection_id").unique().sort(pl.all())
-    h = hashlib.sha256(f"{model_id}|{data_sha256}|{max_new_tokens}|".encode() + asked.write_csv().encode())
+    h = hashlib.sha256(f"{model_id}|{data_sha256}|{max_new_tokens}|{numerics}|".encode() + asked.write_csv().encode())
     return h.hexdigest()[:16]
 
 
@@ -464,7 +470,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True, command: list[str] | None =
 
     from .adapters import get_adapter
     from .capture import BadSample, CaptureConfig, _distributed, prepare
-    from .benchmark import questions_fingerprint, run_questions
+    from .benchmark import complete_groups, questions_fingerprint, run_questions
     from .loading import load_model
     from .provenance import file_sha256, fingerprint, select_fingerprint, stale_stages, versions
     from .scoring import is_correct
@@ -482,14 +488,18 @@ def run_eval(cfg: EvalConfig, progress: bool = True, command: list[str] | None =
     if stale:
         raise ValueError(stale)
     select_id = select_fingerprint(run.root)
-    selections = configurations(pl.read_parquet(sel_path), cfg)
-    n_image = dict(zip(run.samples["sample_id"].to_list(), run.samples["n_image_tokens"].to_list()))
-    selections = with_full_control(selections, n_image)
+    benchmark = run.config.get("benchmark")
     data_file = str(run.data_path)
     if not Path(data_file).exists():
         raise FileNotFoundError(f"{data_file} (the run's question file) is missing")
-    benchmark = run.config.get("benchmark")
-    questions = run_questions(data_file, benchmark, run.config.get("image_root"), errors=[])  # capture's list
+    image_root = run.config.get("image_root")
+    if image_root and not Path(image_root).exists() and (run.root / "benchmark-images").exists():
+        image_root = str(run.root / "benchmark-images")  # a moved run
+    questions = run_questions(data_file, benchmark, image_root, errors=[])  # capture's list
+    selections = configurations(pl.read_parquet(sel_path), cfg,
+                                lambda ids, available: complete_groups(ids, questions, available))
+    n_image = dict(zip(run.samples["sample_id"].to_list(), run.samples["n_image_tokens"].to_list()))
+    selections = with_full_control(selections, n_image)
     now = file_sha256(data_file) if benchmark is None else questions_fingerprint(questions)
     if now != run.config.get("data_sha256"):
         raise ValueError(f"{data_file} changed since the capture of {cfg.run} (sha256 differs)")
@@ -510,7 +520,10 @@ def run_eval(cfg: EvalConfig, progress: bool = True, command: list[str] | None =
     out_dir = run.root / "eval"
     tmp = run.root / ".eval.tmp"
     sample_ids = selections["sample_id"].unique().sort().to_list()
-    parts = EvalParts(run.root, _settings_key(model_id, run.config.get("data_sha256", ""), max_new, selections), rank)
+    numerics = (f"{loaded.dtype}|{loaded.device.type}|"
+                f"{getattr(loaded.model.config, '_attn_implementation', None)}")
+    parts = EvalParts(run.root, _settings_key(model_id, run.config.get("data_sha256", ""), max_new, selections,
+                                              numerics), rank)
     _, timing_parts = parts.load()
     done = set(timing_parts["sample_id"].to_list())
     answers_rows, timing_rows, mask_checks, timed, config_timing_rows = [], [], [], [], []

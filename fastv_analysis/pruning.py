@@ -32,6 +32,7 @@ owns the hook handles and removes them on :meth:`FastVModel.remove` / context ex
 from __future__ import annotations
 
 import hashlib
+import numbers
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
@@ -128,7 +129,8 @@ class FastVConfig:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if (self.image_start is None) != (self.image_tokens is None):
             raise ValueError("image_start and image_tokens must be given together (or neither)")
-        if self.sample_ids is not None and not all(isinstance(i, int) and i >= 0 for i in self.sample_ids):
+        if self.sample_ids is not None and not all(isinstance(i, numbers.Integral) and not isinstance(i, bool)
+                                                   and i >= 0 for i in self.sample_ids):
             raise ValueError(f"sample_ids must be non-negative integers, got {list(self.sample_ids)!r}")
         if not (isinstance(self.seed, int) and self.seed >= 0):
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
@@ -248,9 +250,11 @@ def sample_keys(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
     for b in range(input_ids.shape[0]):
         ids = input_ids[b] if attention_mask is None or attention_mask.dim() != 2 else input_ids[b][attention_mask[b].bool()]
         h = hashlib.blake2b(ids.detach().cpu().to(torch.int64).numpy().tobytes(), digest_size=8)
-        if pixel_values is not None:
-            pixels = pixel_values[b] if pixel_values.shape[0] == input_ids.shape[0] else pixel_values
-            h.update(pixels.detach().cpu().to(torch.float32).contiguous().numpy().tobytes())
+        if pixel_values is not None and pixel_values.shape[0] == input_ids.shape[0]:
+            # one image per element; otherwise (several images, text-only elements) which
+            # pixels belong to whom is unknown here, and hashing the whole batch would make
+            # the key depend on the batch: then the ids alone key the sample
+            h.update(pixel_values[b].detach().cpu().to(torch.float32).contiguous().numpy().tobytes())
         keys.append(int.from_bytes(h.digest(), "little") >> 1)
     return keys
 
@@ -449,9 +453,14 @@ class FastVModel:
         return prompt.keys
 
     def _choose_random_at_input(self, prompt: _Prompt) -> None:
-        """K = 0: nothing to rank by; a per-sample random subset of the image tokens."""
-        prompt.selection = random_selection(prompt.image_pos.shape[1], self.fastv.keep, self.fastv.seed,
-                                            self._sample_keys(prompt))
+        """K = 0: nothing to rank by. ``uniform`` keeps its lattice (as select does at K = 0),
+        every other method a per-sample random subset of the image tokens."""
+        n_image = prompt.image_pos.shape[1]
+        if self.fastv.method == "uniform":
+            prompt.selection = strategies.select(torch.zeros(prompt.image_pos.shape[0], 1, n_image), "uniform",
+                                                 self.fastv.keep)
+        else:
+            prompt.selection = random_selection(n_image, self.fastv.keep, self.fastv.seed, self._sample_keys(prompt))
         prompt.choose(prompt.selection.indices.to(prompt.image_pos.device))
 
     def _new_prompt(self, input_ids: torch.Tensor, attention_mask=None) -> _Prompt:

@@ -9,6 +9,7 @@ directory through them chunk by chunk and writes ``RUN/select/``.
 from __future__ import annotations
 
 import hashlib
+import math
 import itertools
 import shutil
 import time
@@ -88,7 +89,8 @@ def boundary_gap(scores: np.ndarray, order: np.ndarray, keep: int, rtol: float) 
 
     margin = score of the last kept token - score of the first dropped one (NaN at keep 0
     or N): how far the kept set is from swapping a token at its boundary; a near-tie is a
-    margin within ``rtol`` of the boundary score.
+    margin within ``rtol`` of the boundary score. (:func:`kept_sets` also flags max_head /
+    weighted_combination rows whose two largest head sums are that close: h* may flip.)
     """
     n_samples, n_tokens = scores.shape
     if not 0 < keep < n_tokens:
@@ -105,9 +107,15 @@ def kept_sets(attention: torch.Tensor, cfg: ScoreConfig, keeps: Sequence[int], s
     """Yield ``(keep, kept [S, keep], scores or None, tie margin [S], near-tie [S])`` for one
     configuration, ranking once. Margin and flag are NaN / null for the controls: their
     ranking does not come from the stored attention."""
-    n_samples, _, n_tokens = attention.shape
+    n_samples, n_heads, n_tokens = attention.shape
     scores = config_scores(attention, cfg, sample_ids, seed)
     order = None if scores is None else strategies.rank(torch.from_numpy(scores)).numpy()
+    head_tie = np.zeros(n_samples, dtype=bool)
+    uses_max_head = cfg.method == "max_head" or (
+        cfg.method == "weighted_combination" and not math.isclose(cfg.alpha * n_heads, 1.0, abs_tol=1e-9))
+    if uses_max_head and n_heads > 1:  # which head is h* can flip too: then the whole set changes
+        top2 = np.sort(strategies.head_importance(attention).numpy(), axis=1)[:, -2:]
+        head_tie = (top2[:, 1] - top2[:, 0]) <= tie_rtol * np.abs(top2[:, 1])
     for keep in keeps:
         if order is None:
             kept = np.broadcast_to(strategies.uniform_indices(n_tokens, keep).numpy(), (n_samples, keep))
@@ -117,6 +125,7 @@ def kept_sets(attention: torch.Tensor, cfg: ScoreConfig, keeps: Sequence[int], s
             margin, near = np.full(n_samples, np.nan), pl.Series("near_tie", [None] * n_samples, dtype=pl.Boolean)
         else:
             margin, near = boundary_gap(scores, order, keep, tie_rtol)
+            near = near | head_tie
         yield keep, kept, scores, margin, near
 
 
@@ -304,6 +313,15 @@ def object_memberships(run, sample_ids: Sequence[int], n_tokens: int, geometry) 
     return membership, valid
 
 
+EMPTY_SCHEMAS = {
+    "heads": {"sample_id": pl.Int64, "agg_layer": pl.Int64, "max_head": pl.Int64, "max_head_share": pl.Float64,
+              "head_entropy": pl.Float64, "head_gini": pl.Float64},
+    "overlap": {"sample_id": pl.Int64, "agg_layer": pl.Int64, "keep": pl.Int64, "config_a": pl.Utf8, "config_b": pl.Utf8,
+                "intersection": pl.Int64, "jaccard": pl.Float64, "kendall_tau": pl.Float64, "spearman": pl.Float64},
+}
+"""Tables a select can legitimately leave empty, with the columns readers expect."""
+
+
 def _layer_chunks(run, layer: int, chunk_size: int, n_tokens: int):
     """``(sample_ids, [S, H, N])`` chunks of a layer; K = 0 has no attention (a placeholder
     ``[S, 1, N]`` of zeros: only the controls, which ignore it, are replayed there)."""
@@ -396,17 +414,16 @@ def run_select(
             if layer > 0:
                 frames.append(("heads", heads(att, **kw)))
             for name, frame in frames:
-                frame.write_parquet(parts[name] / f"{i:06d}.parquet")
+                if frame.width:  # one configuration (e.g. a single control at K = 0) has no pairs
+                    frame.write_parquet(parts[name] / f"{i:06d}.parquet")
             i += 1
             bar.update(len(ids))
     bar.close()
     for name, folder in parts.items():
         if any(folder.glob("*.parquet")):
             pl.scan_parquet(folder / "*.parquet").sink_parquet(tmp / f"{name}.parquet")
-        else:  # only K = 0 was selected: no attention, no head statistics
-            pl.DataFrame(schema={"sample_id": pl.Int64, "agg_layer": pl.Int64, "max_head": pl.Int64,
-                                 "max_head_share": pl.Float64, "head_entropy": pl.Float64,
-                                 "head_gini": pl.Float64}).write_parquet(tmp / f"{name}.parquet")
+        else:  # only K = 0 was selected (no heads), or one configuration (no pairs)
+            pl.DataFrame(schema=EMPTY_SCHEMAS[name]).write_parquet(tmp / f"{name}.parquet")
     summary = summarize_overlap(pl.scan_parquet(tmp / "overlap.parquet"))
     atomic_write_parquet(summary, tmp / "overlap_summary.parquet")
     shutil.rmtree(tmp / "parts")

@@ -94,13 +94,15 @@ def object_coverage(kept: np.ndarray, membership: np.ndarray, valid: np.ndarray)
 
     kept:       ``[S, k]`` kept image-token indices.
     membership: ``[S, N, M]`` bool, token on object (objects padded to M with False).
-    valid:      ``[S, M]`` bool, which of the M object slots are real objects.
+    valid:      ``[S, M]`` bool, which of the M object slots are real objects (objects
+                that no token lies on, e.g. outside the processor's crop, are left out).
     object_token_share: share of the kept tokens that lie on any object (NaN at keep 0);
     objects_touched:    share of the objects with at least one kept token on them.
     NaN for samples without objects. Why: a count or a colour needs every object, so a
     ranking that keeps many tokens but misses objects explains lost accuracy.
     """
     s, k = kept.shape
+    valid = valid & membership.any(axis=1)  # an object no token can be on (cropped away, tiny) cannot be touched
     has = valid.any(axis=1)
     nan = np.full(s, np.nan)
     if membership.shape[2] == 0 or not has.any():

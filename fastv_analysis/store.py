@@ -44,6 +44,7 @@ IDENTITY_KEYS = (
     "prompt_template",
     "store_dtype",
     "benchmark",
+    "subsample_seed",
 )
 """run.json keys that must match for a capture to resume into an existing run. The limit
 is not one: a capture with a larger limit (or none) extends the run, a smaller one adds

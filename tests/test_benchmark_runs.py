@@ -60,3 +60,23 @@ def test_subsample_is_seeded_and_grows(tiny_model, tmp_path):
                  "--subsample", "5", "--max-new-tokens", "2", "--quiet"]) == 0
     grown = pl.read_parquet(run / "samples.parquet")["sample_id"].to_list()
     assert len(grown) == 5 and set(first) <= set(grown)
+
+
+def test_subsample_and_limit_take_whole_groups():
+    """A circular group missing rotations (or an MME image missing a question) scores higher
+    than the benchmark does: subsets are drawn in whole groups."""
+    from pathlib import Path
+
+    from fastv_analysis.benchmark import complete_groups, sample_order
+    from fastv_analysis.data import Question
+
+    qs = [Question(str(i), Path("x.png"), "q", "A", meta={"group": i % 5}) for i in range(20)]  # 5 groups of 4
+    group = {i: i % 5 for i in range(20)}
+    small = sample_order(qs, subsample=6, seed=3)
+    assert len(small) == 8 and all(sum(group[j] == group[i] for j in small) == 4 for i in small)
+    large = sample_order(qs, subsample=10, seed=3)
+    assert len(large) == 12 and set(small) <= set(large)
+    assert sample_order(qs, limit=5) == sorted([0, 5, 10, 15, 1, 6, 11, 16])  # groups 0 and 1, first seen first
+    assert complete_groups([0], qs, list(range(20))) == [0, 5, 10, 15]
+    plain = [Question(str(i), Path("x.png"), "q", "A") for i in range(7)]
+    assert sample_order(plain, limit=3) == [0, 1, 2] and len(sample_order(plain, subsample=4, seed=1)) == 4

@@ -237,3 +237,55 @@ def test_attention_is_stored_as_float32_by_default(checkpoints, tmp_path):
     part = next((tmp_path / "run" / "attention").glob("*.safetensors"))
     with safe_open(str(part), framework="pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}
+
+
+def test_select_with_a_single_control_at_k0(checkpoints, tmp_path):
+    """K = 0 has only the controls; one of them alone has no pairs: select must still merge."""
+    data = write_questions(tmp_path / "d", n=2)
+    run = tmp_path / "run"
+    assert capture(checkpoints["mha"], data, run, "--agg-layers", "0,2", "--max-new-tokens", "1") == 0
+    assert main(["select", str(run), "--methods", "avg_all_heads,max_head,random", "--keep", "64,8", "--quiet"]) == 0
+    overlap = pl.read_parquet(run / "select" / "overlap.parquet")
+    assert set(overlap["agg_layer"].unique().to_list()) == {2} and not (run / ".select.tmp").exists()
+    assert main(["select", str(run), "--methods", "random", "--agg-layer", "0", "--keep", "8", "--quiet"]) == 0
+    assert pl.read_parquet(run / "select" / "overlap.parquet").height == 0
+
+
+def test_eval_in_another_dtype_does_not_reuse_answers(checkpoints, tmp_path, monkeypatch):
+    from fastv_analysis import evaluate
+
+    data = write_questions(tmp_path / "d", n=2)
+    run = tmp_path / "run"
+    assert capture(checkpoints["mha"], data, run, "--max-new-tokens", "1") == 0
+    assert main(["select", str(run), "--methods", "random", "--keep", "8", "--quiet"]) == 0
+    assert main(["eval", str(run), "--timing-samples", "0", "--quiet"]) == 0
+    calls = []
+    real = evaluate.evaluate_sample
+    monkeypatch.setattr(evaluate, "evaluate_sample", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert main(["eval", str(run), "--timing-samples", "0", "--quiet"]) == 0
+    assert calls == []  # same numerics: resumed from the parts
+    assert main(["eval", str(run), "--timing-samples", "0", "--dtype", "bfloat16", "--quiet"]) == 0
+    assert len(calls) == 2  # bfloat16 answers are computed, not copied from float32
+
+
+def test_k0_uniform_online_keeps_the_lattice_as_select_does():
+    from fastv_analysis.pruning import FastVConfig, apply_fastv
+    from fastv_analysis.strategies import uniform_indices
+
+    model = make_tiny_llava()
+    inputs = make_llava_inputs(model, before=[3, 5], after=[4, 2])
+    with torch.no_grad(), apply_fastv(model, FastVConfig(agg_layer=0, keep=4, method="uniform")) as m:
+        m(**inputs)
+        kept = m.last_selection_metadata["kept_indices"]
+    assert kept.tolist() == [uniform_indices(16, 4).tolist()] * 2
+
+
+def test_objects_no_token_can_lie_on_are_not_counted():
+    import numpy as np
+
+    from fastv_analysis import stats
+
+    membership = np.zeros((1, 4, 2), dtype=bool)
+    membership[0, 1, 0] = True  # object 1: outside the crop, no token on it
+    cov = stats.object_coverage(np.array([[0, 1, 2, 3]]), membership, np.array([[True, True]]))
+    assert cov["objects_touched"][0] == 1.0

@@ -243,3 +243,16 @@ def test_tie_margin_flags_boundaries_closer_than_the_stored_precision():
     loose = replay(torch.tensor([[[0.4, 0.3, 0.3001, 0.0]]]), ["avg_all_heads"], keeps=[2],
                    tie_rtol=TIE_RTOL["float16"])
     assert loose["near_tie"].to_list() == [True]
+
+
+def test_near_tie_flags_a_max_head_choice_within_the_stored_precision():
+    """Two heads whose image attention sums differ by less than float16 resolution: h* may flip."""
+    from fastv_analysis.select import TIE_RTOL, replay
+
+    a = torch.tensor([[[0.40, 0.30, 0.15, 0.0, 0.0, 0.0, 0.0, 0.0],          # head 0 sums to 0.85
+                       [0.0, 0.0, 0.0, 0.0, 0.05, 0.05, 0.30, 0.4501]]])     # head 1 sums to 0.8501
+    frame = replay(a, ["max_head", "avg_all_heads"], keeps=[2], tie_rtol=TIE_RTOL["float16"])
+    rows = {r["method"]: r for r in frame.iter_rows(named=True)}
+    assert rows["max_head"]["tie_margin"] == pytest.approx(0.25, abs=1e-6)  # the boundary itself is clear
+    assert rows["max_head"]["near_tie"] is True and rows["avg_all_heads"]["near_tie"] is False
+    assert replay(a, ["max_head"], keeps=[2], tie_rtol=TIE_RTOL["float32"])["near_tie"].to_list() == [False]
