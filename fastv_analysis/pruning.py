@@ -250,11 +250,13 @@ def sample_keys(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
     for b in range(input_ids.shape[0]):
         ids = input_ids[b] if attention_mask is None or attention_mask.dim() != 2 else input_ids[b][attention_mask[b].bool()]
         h = hashlib.blake2b(ids.detach().cpu().to(torch.int64).numpy().tobytes(), digest_size=8)
-        if pixel_values is not None and pixel_values.shape[0] == input_ids.shape[0]:
-            # one image per element; otherwise (several images, text-only elements) which
-            # pixels belong to whom is unknown here, and hashing the whole batch would make
-            # the key depend on the batch: then the ids alone key the sample
-            h.update(pixel_values[b].detach().cpu().to(torch.float32).contiguous().numpy().tobytes())
+        if pixel_values is not None and (pixel_values.shape[0] == input_ids.shape[0] or input_ids.shape[0] == 1):
+            # one image per element, or a single element (whatever its pixels' layout: anyres
+            # tiles arrive as [tiles, 3, h, w]); in a batch whose pixels do not map one to one
+            # to its elements, hashing them all would make the key depend on the batch: the
+            # ids alone key the sample then
+            pixels = pixel_values[b] if pixel_values.shape[0] == input_ids.shape[0] else pixel_values
+            h.update(pixels.detach().cpu().to(torch.float32).contiguous().numpy().tobytes())
         keys.append(int.from_bytes(h.digest(), "little") >> 1)
     return keys
 

@@ -445,3 +445,16 @@ def test_right_padding_ranks_by_the_last_real_token(model):
             alone = fastv.last_selection_metadata["kept_indices"][0].clone()
             fastv(**right)
             assert torch.equal(fastv.last_selection_metadata["kept_indices"][i], alone)
+
+
+def test_sample_key_of_a_single_element_hashes_all_its_pixels():
+    """Anyres models pass one element's tiles as [tiles, 3, h, w]: they still key the sample."""
+    from fastv_analysis.pruning import sample_keys
+
+    ids = torch.tensor([[5, 6, 7]])
+    tiles = torch.rand(5, 3, 4, 4)
+    other = tiles.clone()
+    other[3] += 1.0
+    assert sample_keys(ids, None, tiles) != sample_keys(ids, None, other)
+    batch = torch.tensor([[5, 6, 7], [5, 6, 8]])  # 2 elements, 5 tiles: not attributable -> ids only
+    assert sample_keys(batch, None, tiles) == sample_keys(batch, None, other)
