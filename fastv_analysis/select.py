@@ -25,8 +25,7 @@ from . import stats, strategies
 from .store import atomic_write_json, atomic_write_parquet, open_run
 
 DEFAULT_METHODS = strategies.METHODS
-CONTROLS = ("random", "uniform")
-"""The methods that need no attention: the only ones at K = 0, where nothing is ranked."""
+CONTROLS = strategies.CONTROL_METHODS
 
 TIE_RTOL = {"float32": 1e-6, "float16": 2.0**-10, "bfloat16": 2.0**-7}
 """Relative score gap below which a kept set's boundary is a near-tie, by storage dtype.

@@ -19,10 +19,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-METHODS = ("avg_all_heads", "max_head", "weighted_combination", "random", "uniform")
-"""All selection methods. The last two are controls that ignore attention."""
-
 ATTENTION_METHODS = ("avg_all_heads", "max_head", "weighted_combination")
+"""The methods that rank by the layer K-1 attention."""
+
+CONTROL_METHODS = ("random", "uniform")
+"""Controls that ignore attention: the only methods at K = 0, where nothing is ranked."""
+
+METHODS = ATTENTION_METHODS + CONTROL_METHODS
+"""All selection methods; every other method list in the package derives from these."""
 
 
 @dataclass(frozen=True)
