@@ -417,7 +417,7 @@ class FastVModel:
         self.phase = None
         config = self.fastv
         input_ids = _first_arg("input_ids", args, kwargs)
-        cache = kwargs.get("past_key_values")
+        cache = kwargs.get(self.adapter.cache_kwarg)
         if self.prompt is not None and self.prompt.owns(cache) and cache.get_seq_length() > 0:
             self.phase = "decode"  # continues as its prefill decided, whatever .fastv says now
             return None
@@ -528,7 +528,7 @@ class FastVModel:
             prompt = self.prompt
             if self.phase is None or layer < prompt.agg_layer:
                 return None
-            cache = kwargs.get("past_key_values")
+            cache = kwargs.get(self.adapter.cache_kwarg)
             if self.phase == "prefill" and prompt.cache is None and cache is not None:
                 prompt.cache = weakref.ref(cache)
             if prompt.mode == "drop" and prompt.agg_layer == 0:
@@ -589,7 +589,7 @@ class FastVModel:
         embeds = kwargs.get("inputs_embeds")
         mask2d = kwargs.get("attention_mask")
         position_ids = kwargs.get("position_ids")
-        cache = kwargs.get("past_key_values")
+        cache = kwargs.get(self.adapter.cache_kwarg)
         new = dict(kwargs)
         if self.phase == "prefill":
             batch, seq_len = embeds.shape[0], embeds.shape[1]
@@ -693,7 +693,7 @@ def prefill_shared(
         extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
         out = fastv(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=cache, use_cache=True, logits_to_keep=1, **extra,
+            use_cache=True, logits_to_keep=1, **{fastv.adapter.cache_kwarg: cache}, **extra,
         )
         expand_cache_batch(cache, range(agg_layer), n_sets)
     except BaseException:
@@ -734,7 +734,7 @@ def greedy_decode(
         position_ids = mask.long().sum(dim=1, keepdim=True) - 1
         out = shared.fastv(
             input_ids=next_token[:, None], attention_mask=mask, position_ids=position_ids,
-            past_key_values=cache, use_cache=True,
+            use_cache=True, **{shared.fastv.adapter.cache_kwarg: cache},
         )
         logits = out.logits[:, -1, :]
     return torch.stack(tokens, dim=1) if tokens else torch.zeros(n_rows, 0, dtype=torch.long, device=logits.device)

@@ -31,6 +31,8 @@ class Adapter:
     vision_tower:    the module whose first input is the pixel values (the random
                      control keys each sample by them; generate encodes images before
                      the first forward, so the top-level call may never see them).
+    cache_kwarg:     the keyword the model and its layers take the KV cache under
+                     (``past_key_values`` up to transformers 5.23, ``cache`` from 5.24).
     """
 
     architecture: str
@@ -49,6 +51,7 @@ class Adapter:
     intermediate_size: int
     image_token_id: int
     vision_tower: nn.Module
+    cache_kwarg: str = "past_key_values"
 
     @property
     def dtype(self) -> torch.dtype:

@@ -39,4 +39,5 @@ def build(model: nn.Module) -> Adapter:
         intermediate_size=text.intermediate_size,
         image_token_id=model.config.image_token_id,
         vision_tower=model.model.vision_tower,
+        cache_kwarg="cache" if "cache" in inspect.signature(type(layers[0]).forward).parameters else "past_key_values",
     )
