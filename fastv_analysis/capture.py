@@ -343,6 +343,7 @@ def _capture_samples(cfg, writer, questions, order, bad_lines, loaded, adapter, 
     bar = tqdm(total=len(todo), desc=f"capture[{rank}]" if world > 1 else "capture", unit="sample",
                disable=not progress)
     pending: list[Prepared] = []
+    pending_n = None
     part_rows: list[dict] = []
     part_tensors: dict = {}
 
@@ -361,7 +362,12 @@ def _capture_samples(cfg, writer, questions, order, bad_lines, loaded, adapter, 
 
     for sample_id, q in todo:
         try:
-            pending.append(prepare(sample_id, q, loaded.processor, cfg, max_tokens, adapter.image_token_id))
+            prepared = prepare(sample_id, q, loaded.processor, cfg, max_tokens, adapter.image_token_id)
+            n_image = int((prepared.inputs["input_ids"] == adapter.image_token_id).sum())
+            if pending and n_image != pending_n:  # anyres: a batch holds samples of one N
+                flush()
+            pending.append(prepared)
+            pending_n = n_image
         except BadSample as err:
             if not cfg.skip_bad:
                 raise

@@ -235,7 +235,8 @@ def accuracy_table(pred: pl.DataFrame, timing: pl.DataFrame, model_dims: dict,
         p_full = _paired_p(g, full_rows) if row["method"] != FULL else None
         p_avg = _paired_p(g, ref) if row["method"] not in (REFERENCE, FULL) else None
         n_tokens = int(g["prompt_tokens"].mean())
-        n_image = int(g["n_image_tokens"][0])
+        n_image = int(round(float(g["n_image_tokens"].mean())))  # anyres models: N varies by image
+        keep = min(int(row["keep"]), n_image)  # the full control keeps every token of each sample
         t = timing.filter(pl.col("agg_layer") == row["agg_layer"], pl.col("keep") == row["keep"])
         own = _config_times(config_timing, row)
         rows.append({
@@ -243,10 +244,10 @@ def accuracy_table(pred: pl.DataFrame, timing: pl.DataFrame, model_dims: dict,
             "full_accuracy": float(full.mean()) if len(full) else None,
             "delta_vs_full": float(correct.mean() - full.mean()) if len(full) else None,
             "mcnemar_p_vs_full": p_full, "mcnemar_p_vs_avg": p_avg,
-            "flops_ratio": flops_mod.flops_ratio(n_tokens, n_image, int(row["keep"]), model_dims["num_layers"],
+            "flops_ratio": flops_mod.flops_ratio(n_tokens, n_image, keep, model_dims["num_layers"],
                                                  int(row["agg_layer"]), model_dims["hidden"],
                                                  model_dims["intermediate"]),
-            "equivalent_image_tokens": flops_mod.equivalent_image_tokens(n_image, int(row["keep"]),
+            "equivalent_image_tokens": flops_mod.equivalent_image_tokens(n_image, keep,
                                                                          model_dims["num_layers"],
                                                                          int(row["agg_layer"])),
             **own,
@@ -322,7 +323,8 @@ def _config_times(config_timing: pl.DataFrame | None, row: dict) -> dict:
         return empty
     keys = ["sample_id", "repeat"]
     layer = config_timing.filter(pl.col("agg_layer") == row["agg_layer"])
-    mine = layer.filter(pl.col("config") == row["config"], pl.col("keep") == row["keep"])
+    mine = layer.filter(pl.col("config") == row["config"],
+                        (pl.col("keep") == row["keep"]) | (pl.col("config") == FULL))  # full: keep = each N
     if mine.height == 0:
         return empty
     prefill = 1e3 * mine["prefill_seconds"].to_numpy()
@@ -578,6 +580,9 @@ def run_eval(cfg: EvalConfig, progress: bool = True, command: list[str] | None =
         .sort(["sample_id", "agg_layer", "keep", "method", "alpha"], descending=[False, False, True, False, False],
               nulls_last=True)
     )
+    if pred.filter(pl.col("method") == FULL)["keep"].n_unique() > 1:  # anyres: one full control, keep = max N
+        pred = pred.with_columns(pl.when(pl.col("method") == FULL).then(pl.col("keep").max().over("agg_layer"))
+                                 .otherwise(pl.col("keep")).alias("keep"))
     pred, metrics = benchmark_scores(pred, benchmark, questions)
     dims = {"num_layers": adapter.num_layers, "hidden": adapter.hidden_size, "intermediate": adapter.intermediate_size}
     config_timing = pl.DataFrame(config_timing_rows, infer_schema_length=None) if config_timing_rows else None

@@ -880,6 +880,55 @@ def configure_tables(max_rows: int = 100) -> None:
     pl.Config.set_tbl_cols(-1)
 
 
+def grid_samples(t: RunTables) -> list[int] | None:
+    """Samples whose image tokens form the processor's one patch grid (all of them for
+    LLaVA-1.5): the spatial figures draw only those. Anyres models (LLaVA-NeXT) give each
+    image its own N, with tiles and newline tokens that are not one grid: their samples are
+    left out (None when none is left; per-tile maps are still to come)."""
+    import json
+
+    if t.samples is None or "n_image_tokens" not in t.samples.columns:
+        return None
+    config = json.loads((t.root / "run.json").read_text()) if (t.root / "run.json").exists() else {}
+    try:
+        rows, cols = image_grid.grid_shape(t.geometry)
+        patch_grid = rows * cols
+    except ValueError:
+        patch_grid = None
+    single_grid = config.get("architecture", "LlavaForConditionalGeneration") == "LlavaForConditionalGeneration"
+    counts = t.samples.group_by("n_image_tokens").len().sort("len", descending=True)
+    for n in counts["n_image_tokens"].to_list():
+        # the processor's patch grid; a square N only for single-grid LLaVA (an anyres N that
+        # happens to be square, e.g. 36 = tiles + newlines, is no 6 x 6 grid)
+        if int(n) == patch_grid or (single_grid and math.isqrt(int(n)) ** 2 == int(n)):
+            return t.samples.filter(pl.col("n_image_tokens") == n)["sample_id"].to_list()
+    return None
+
+
+def _on_grid(t: RunTables) -> RunTables | None:
+    """``t`` restricted to :func:`grid_samples` (None when no sample lies on one grid)."""
+    from dataclasses import replace
+
+    ids = grid_samples(t)
+    if ids is None:
+        return None
+    if len(ids) == t.samples.height:
+        return t
+    keep = pl.col("sample_id").is_in(ids)
+    return replace(t, samples=t.samples.filter(keep),
+                   selections=None if t.selections is None else t.selections.filter(keep),
+                   predictions=None if t.predictions is None else t.predictions.filter(keep))
+
+
+def _on_grid_figure(draw):
+    """A figure function that draws from the samples on one image-token grid only."""
+    def figure_on_grid(t: RunTables):
+        grid = _on_grid(t)
+        return None if grid is None or grid.selections is None or grid.selections.height == 0 else draw(grid)
+
+    return figure_on_grid
+
+
 def _attention_examples(t: RunTables):
     picks = attention_sample_ids(t.predictions, t.samples, n=3)
     if not picks:
@@ -894,9 +943,10 @@ FIGURES = {
     "cost": lambda t: plot_cost(t.accuracy),
     "overlap_heatmap": lambda t: plot_overlap_heatmap(t.overlap_summary, n_tokens=n_image_tokens(t)),
     "head_statistics": lambda t: plot_head_statistics(t.heads, t.num_heads),
-    "keep_frequency": lambda t: plot_keep_frequency(t.selections),
-    "examples": lambda t: plot_examples(t.selections, t.samples, predictions=t.predictions, geometry=t.geometry),
-    "sample_attention": _attention_examples,
+    "keep_frequency": _on_grid_figure(lambda t: plot_keep_frequency(t.selections)),
+    "examples": _on_grid_figure(lambda t: plot_examples(t.selections, t.samples, predictions=t.predictions,
+                                                        geometry=t.geometry)),
+    "sample_attention": _on_grid_figure(_attention_examples),
     "relations": lambda t: plot_relations(t.relations),
     "object_coverage": lambda t: plot_object_coverage(t.predictions),
 }

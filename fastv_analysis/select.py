@@ -321,16 +321,17 @@ EMPTY_SCHEMAS = {
 """Tables a select can legitimately leave empty, with the columns readers expect."""
 
 
-def _layer_chunks(run, layer: int, chunk_size: int, n_tokens: int):
-    """``(sample_ids, [S, H, N])`` chunks of a layer; K = 0 has no attention (a placeholder
-    ``[S, 1, N]`` of zeros: only the controls, which ignore it, are replayed there)."""
-    if layer > 0:
-        yield from run.iter_chunks(layer, chunk_size)
-        return
-    ids = run.sample_ids
-    for i in range(0, len(ids), chunk_size):
-        chunk = ids[i : i + chunk_size]
-        yield chunk, torch.zeros(len(chunk), 1, n_tokens)
+def _layer_chunks(run, layer: int, chunk_size: int):
+    """``(sample_ids, [S, H, N], N)`` chunks of a layer, samples of one N per chunk (anyres
+    models give each image its own N); K = 0 has no attention (a placeholder ``[S, 1, N]``
+    of zeros: only the controls, which ignore it, are replayed there)."""
+    by_n: dict[int, list[int]] = {}
+    for sid, n in run.samples.select("sample_id", "n_image_tokens").iter_rows():
+        by_n.setdefault(int(n), []).append(int(sid))
+    for n, ids in by_n.items():
+        for i in range(0, len(ids), chunk_size):
+            chunk = ids[i : i + chunk_size]
+            yield chunk, (run.stack(layer, chunk) if layer > 0 else torch.zeros(len(chunk), 1, n)), n
 
 
 def _near_tie_summary(path: Path) -> dict:
@@ -341,11 +342,12 @@ def _near_tie_summary(path: Path) -> dict:
 
 
 def resolve_keeps(keeps: Sequence[int], keep_ratios: Sequence[float], n_tokens: int) -> list[int]:
-    """Keep counts from explicit counts and ratios of N (rounded), deduplicated, descending."""
+    """Keep counts from explicit counts and ratios of N (rounded), deduplicated, descending.
+    ``n_tokens``: the fewest image tokens of any sample (anyres models: N varies by image)."""
     out = [int(k) for k in keeps] + [int(round(r * n_tokens)) for r in keep_ratios]
     for k in out:
         if not 0 <= k <= n_tokens:
-            raise ValueError(f"keep {k} is outside 0..{n_tokens} (image tokens per sample)")
+            raise ValueError(f"keep {k} is outside 0..{n_tokens} (image tokens of the run's smallest sample)")
     return sorted(set(out), reverse=True)
 
 
@@ -378,7 +380,7 @@ def run_select(
     score_configs(methods, alphas)  # validate before touching the disk
     if run.samples.height == 0:
         raise ValueError(f"{run.root} has no captured samples")
-    n_tokens = int(run.samples["n_image_tokens"][0])
+    n_tokens = int(run.samples["n_image_tokens"].min())  # keeps must fit every sample (anyres: N varies)
     keep_list = resolve_keeps(keeps, keep_ratios, n_tokens)
     if not keep_list:
         raise ValueError("no keep counts given: pass --keep or --keep-ratio")
@@ -404,10 +406,10 @@ def run_select(
         if not layer_methods:
             bar.update(run.samples.height)
             continue
-        for ids, att in _layer_chunks(run, layer, chunk_size, n_tokens):
+        for ids, att, n in _layer_chunks(run, layer, chunk_size):
             kw = dict(sample_ids=ids, agg_layer=layer)
             sel = replay(att, layer_methods, alphas, keep_list, seed, tie_rtol=tie_rtol,
-                         objects=object_memberships(run, ids, n_tokens, geometry), **kw)
+                         objects=object_memberships(run, ids, n, geometry), **kw)
             ov = overlap(att, layer_methods, alphas, keep_list, seed, **kw)
             frames = [("selections", sel), ("overlap", ov)]
             if layer > 0:

@@ -152,7 +152,8 @@ class RunWriter:
 
         The last-token rows of one layer are stacked into one ``L{K}/last`` tensor
         ``[S_part, H, N]`` (row i = ``rows[i]``), so a sample costs H x N x dtype bytes and
-        no header entry of its own; other tensors are stored under their own names.
+        no header entry of its own; other tensors, and rows of samples with different N
+        (anyres models), are stored under their own names.
         """
         import torch
         from safetensors.torch import save
@@ -169,7 +170,7 @@ class RunWriter:
             else:
                 out[key] = value
         for layer, by_row in per_layer.items():
-            if len(by_row) == len(rows):
+            if len(by_row) == len(rows) and len({tuple(t.shape) for t in by_row.values()}) == 1:
                 out[f"L{layer}/last"] = torch.stack([by_row[i] for i in range(len(rows))])
             else:
                 out.update({attention_key(rows[i]["sample_id"], layer): v for i, v in by_row.items()})

@@ -66,6 +66,7 @@ def _llava(model: nn.Module) -> Adapter:
 
 _BUILDERS: dict[str, Callable[[nn.Module], Adapter]] = {
     "LlavaForConditionalGeneration": _llava,
+    "LlavaNextForConditionalGeneration": _llava,  # same decoder recipe; anyres tiles + newline tokens in the span
 }
 
 SUPPORTED = tuple(_BUILDERS)

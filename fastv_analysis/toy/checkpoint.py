@@ -175,3 +175,39 @@ def save_tiny_random_checkpoint(out_dir: str | Path, seed: int = 0, **overrides)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(cfg).eval()
     return save_checkpoint(model, out_dir)
+
+
+def save_tiny_llava_next_checkpoint(out_dir: str | Path, seed: int = 0, image_size: int = 56) -> Path:
+    """A random-init, very small ``LlavaNextForConditionalGeneration`` (anyres tiles of
+    ``image_size`` px, patch 14, ``image_newline`` tokens) with the toy's tokenizer, the PIL
+    LLaVA-NeXT image processor and LLaVA's chat template: images of different sizes give
+    different numbers of image tokens, as LLaVA-NeXT's do. For tests (no torchvision)."""
+    import torch
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+    from transformers import LlavaNextProcessor
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    tok = build_tokenizer()
+    grid = [[image_size, 2 * image_size], [2 * image_size, image_size], [2 * image_size, 2 * image_size]]
+    processor = LlavaNextProcessor(
+        image_processor=LlavaNextImageProcessorPil(size={"shortest_edge": image_size},
+                                                   crop_size={"height": image_size, "width": image_size},
+                                                   image_grid_pinpoints=grid),
+        tokenizer=tok, patch_size=PATCH_SIZE, vision_feature_select_strategy="default", image_token=IMAGE_TOKEN,
+        num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE)
+    text = LlamaConfig(vocab_size=len(tok), max_position_embeddings=2048, bos_token_id=tok.bos_token_id,
+                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False,
+                       **{**TINY_TEXT, "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2})
+    vision = CLIPVisionConfig(image_size=image_size, patch_size=PATCH_SIZE, projection_dim=16, **TINY_VISION)
+    config = LlavaNextConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN),
+                             image_grid_pinpoints=grid, vision_feature_layer=-1,
+                             vision_feature_select_strategy="default", pad_token_id=tok.pad_token_id,
+                             tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(config).eval()
+    with torch.no_grad():  # larger weights than HF's init, so attention is far from uniform
+        generator = torch.Generator().manual_seed(seed)
+        for name, param in model.named_parameters():
+            if "norm" not in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.15)
+    return save_checkpoint(model, out_dir, processor)
