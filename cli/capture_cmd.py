@@ -11,7 +11,7 @@ from .params import IntList, threads_option
 
 @click.command("capture")
 @threads_option
-@click.option("--model", default=None, help="Local path or hub id of a LlavaForConditionalGeneration checkpoint "
+@click.option("--model", default=None, help="Local path or hub id of a LlavaForConditionalGeneration or LlavaNextForConditionalGeneration checkpoint "
               "[default: the embedded toy model in data/toy-llava].")
 @click.option("--data", default=None, help="Question file (.jsonl, LLaVA/lmms convention) or a standard "
               "benchmark's folder/file (see --benchmark) [default: data/toy-vqa/questions.jsonl].")
