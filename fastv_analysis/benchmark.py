@@ -1,10 +1,10 @@
 """A run's questions and their scoring, for a plain question file or a standard benchmark.
 
 Capture and eval read a run's questions through :func:`run_questions`, so both see the
-same list (sample_id = position in it), and score answers through :func:`score_answers`:
-for a benchmark (:mod:`fastv_analysis.tasks`) that is the benchmark's official rule, with
-its grouped metrics (POPE's per-split F1, MME's acc+, MMBench's circular pass), not the
-generic exact match of :mod:`fastv_analysis.scoring`.
+same list (sample_id = position in it). A benchmark's answers are scored through
+:func:`score_answers`, the benchmark's official rule with its grouped metrics (POPE's
+per-split F1, MME's acc+, MMBench's circular pass); a plain question file keeps the generic
+exact match / option / yes-no rule of :mod:`fastv_analysis.scoring`.
 """
 
 from __future__ import annotations
@@ -103,20 +103,13 @@ def questions_fingerprint(questions: Sequence[Question]) -> str:
     return h.hexdigest()
 
 
-def score_answers(benchmark: str | None, questions: Sequence[Question], answers: dict[str, str]):
-    """Per-question ``score`` (soft where the metric is) and ``correct`` of answers given
-    as ``{question_id: text}``, and the benchmark's metrics (None for a plain file).
+def score_answers(benchmark: str, questions: Sequence[Question], answers: dict[str, str]):
+    """Per-question ``score`` (soft where the metric is) and ``correct`` of answers given as
+    ``{question_id: text}`` by the benchmark's official rule, and its metrics.
 
-    Returns (``polars.DataFrame`` question_id, score, correct (+ the task's own columns);
-    TaskScore or None).
+    Returns (``polars.DataFrame`` question_id, score, correct + the task's own columns;
+    TaskScore).
     """
-    if benchmark is None:
-        from .scoring import is_correct
-
-        by_id = {q.question_id: q for q in questions}
-        ok = [is_correct(t, by_id[i].answer, by_id[i].choices) for i, t in answers.items()]
-        return pl.DataFrame({"question_id": list(answers), "score": [float(x) for x in ok], "correct": ok},
-                            schema={"question_id": pl.Utf8, "score": pl.Float64, "correct": pl.Boolean}), None
     from .tasks import get_task
 
     asked = [q for q in questions if q.question_id in answers]

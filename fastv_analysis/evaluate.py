@@ -266,6 +266,12 @@ TIMING_COLUMNS = ("prefill_ms", "prefill_ms_p25", "prefill_ms_p75", "decode_ms_p
 CONFIG_KEYS = ["agg_layer", "config", "keep"]
 
 
+def sorted_predictions(pred: pl.DataFrame) -> pl.DataFrame:
+    """The one row order of predictions.parquet (whatever the process or part order was)."""
+    return pred.sort(["sample_id", "agg_layer", "keep", "method", "alpha"], descending=[False, False, True, False, False],
+                     nulls_last=True)
+
+
 def benchmark_scores(pred: pl.DataFrame, benchmark: str | None, questions) -> tuple[pl.DataFrame, dict | None]:
     """Score every configuration's answers by the run's rule: ``correct`` (0/1, what McNemar
     compares) and ``score`` (soft where the benchmark's metric is soft, what the relations
@@ -286,9 +292,8 @@ def benchmark_scores(pred: pl.DataFrame, benchmark: str | None, questions) -> tu
             headlines.append({**dict(zip(CONFIG_KEYS, key)), "benchmark": benchmark, "metric": result.headline[0],
                               "metric_value": result.headline[1], "metric_ci_lo": lo, "metric_ci_hi": hi})
             long.append(result.long.with_columns(*(pl.lit(v).alias(k) for k, v in zip(CONFIG_KEYS, key))))
-    out = pl.concat(scored).with_columns(pl.col("correct").fill_null(False), pl.col("score").fill_null(0.0))
-    out = out.sort(["sample_id", "agg_layer", "keep", "method", "alpha"], descending=[False, False, True, False, False],
-                   nulls_last=True)
+    out = sorted_predictions(pl.concat(scored).with_columns(pl.col("correct").fill_null(False),
+                                                            pl.col("score").fill_null(0.0)))
     headline = pl.DataFrame(headlines, schema_overrides={"metric_ci_lo": pl.Float64, "metric_ci_hi": pl.Float64})
     return out, {"headline": headline, "long": pl.concat(long).select(*CONFIG_KEYS, "metric", "category", "value")}
 
@@ -577,9 +582,8 @@ def run_eval(cfg: EvalConfig, progress: bool = True, command: list[str] | None =
               how="left")
         .join(run.samples.select("sample_id", "question_id", "category", "answer", "prompt_tokens", "n_image_tokens"),
               on="sample_id", how="left")
-        .sort(["sample_id", "agg_layer", "keep", "method", "alpha"], descending=[False, False, True, False, False],
-              nulls_last=True)
     )
+    pred = sorted_predictions(pred)
     if pred.filter(pl.col("method") == FULL)["keep"].n_unique() > 1:  # anyres: one full control, keep = max N
         pred = pred.with_columns(pl.when(pl.col("method") == FULL).then(pl.col("keep").max().over("agg_layer"))
                                  .otherwise(pl.col("keep")).alias("keep"))

@@ -445,10 +445,8 @@ class FastVModel:
     def _sample_keys(self, prompt: _Prompt) -> list[int]:
         """Keys of the random control, computed once the image has been encoded."""
         if prompt.keys is None:
-            ids = self.fastv.sample_ids
+            ids = self.fastv.sample_ids  # its length was checked when the prompt began
             if ids is not None:
-                if len(ids) != prompt.input_ids.shape[0]:
-                    raise ValueError(f"sample_ids has {len(ids)} ids for a batch of {prompt.input_ids.shape[0]}")
                 prompt.keys = [int(i) for i in ids]
             else:
                 prompt.keys = sample_keys(prompt.input_ids, prompt.attention_mask, self._pixels)
