@@ -140,7 +140,7 @@ def need(obj: dict, keys: Sequence[str], where: str) -> None:
         raise ValueError(f"{where}: missing {', '.join(missing)}")
 
 
-def check_images(questions: list[Question]) -> None:
+def require_images(questions: list[Question]) -> None:
     for q in questions:
         if not q.image.is_file():
             raise FileNotFoundError(f"image {q.image} of question {q.question_id} does not exist")
@@ -209,7 +209,8 @@ def read_answers(path: str | Path, questions: Sequence[Question] | None = None) 
 class Task:
     """One benchmark: how to read it as researchers have it on disk, and its official metric.
 
-    ``reader(path, image_root, limit, check) -> list[Question]`` and
+    ``reader(path, image_root, limit, check) -> list[Question]`` (``check``: whether image
+    files are wanted; ``read`` then checks they exist) and
     ``scorer(questions, answers) -> TaskScore`` are the module's pure functions; ``markers``
     are the names of files (or folders) that identify the layout for :func:`detect` and
     that ``read`` accepts as ``path`` besides the benchmark folder.
@@ -230,6 +231,8 @@ class Task:
         if limit is not None and limit < 1:
             raise ValueError(f"limit must be >= 1, got {limit}")
         questions = self.reader(Path(path), None if image_root is None else Path(image_root), limit, check_images)
+        if check_images:  # every benchmark's images must be there (MMBench's reader decodes them first)
+            require_images(questions)
         if not questions:
             raise ValueError(f"{path}: no {self.name} questions")
         ids = [q.question_id for q in questions]

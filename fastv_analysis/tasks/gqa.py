@@ -21,7 +21,7 @@ from pathlib import Path
 
 from fastv_analysis.data import Question
 
-from .base import Task, build_score, check_images, find, grouped_accuracy, iter_jsonl, load_json, need, percent, resolve
+from .base import Task, build_score, find, grouped_accuracy, iter_jsonl, load_json, need, percent, resolve
 
 QUESTIONS = "testdev_balanced_questions.json"
 
@@ -46,8 +46,6 @@ def read(path: Path, image_root: Path | None, limit: int | None, check: bool) ->
                             meta={"semantic": str(types.get("semantic") or "")}))
         if limit is not None and len(out) >= limit:
             break
-    if check:
-        check_images(out)
     return out
 
 

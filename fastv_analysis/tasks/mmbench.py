@@ -30,7 +30,7 @@ from pathlib import Path
 
 from fastv_analysis.data import Question
 
-from .base import LETTER_ANSWER, Task, build_score, check_images, percent
+from .base import LETTER_ANSWER, Task, build_score, percent
 
 LETTERS = ("A", "B", "C", "D")  # LLaVA's all_options
 ROTATION = 1_000_000
@@ -102,8 +102,6 @@ def read(path: Path, image_root: Path | None, limit: int | None, check: bool) ->
                                 meta={"group": index % ROTATION, "l2_category": str(row.get("l2-category") or "")}))
             if limit is not None and len(out) >= limit:
                 break
-    if check:
-        check_images(out)
     return out
 
 

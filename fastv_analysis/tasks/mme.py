@@ -32,7 +32,7 @@ from pathlib import Path
 
 from fastv_analysis.data import Question
 
-from .base import SHORT_ANSWER, Task, build_score, check_images, iter_jsonl, need, resolve
+from .base import SHORT_ANSWER, Task, build_score, iter_jsonl, need, resolve
 
 PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork", "OCR")
 COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
@@ -103,8 +103,6 @@ def read(path: Path, image_root: Path | None, limit: int | None, check: bool) ->
                             category=subtask, meta={"llava_question_id": qid, "image_key": f"{subtask}/{file}"}))
         if limit is not None and len(out) >= limit:
             break
-    if check:
-        check_images(out)
     return out
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from fastv_analysis.data import Question
 
-from .base import Task, build_score, check_images, find, iter_jsonl, need, resolve
+from .base import Task, build_score, find, iter_jsonl, need, resolve
 
 SPLITS = ("adversarial", "popular", "random")
 
@@ -78,8 +78,6 @@ def read(path: Path, image_root: Path | None, limit: int | None, check: bool) ->
                             text=str(obj["text"]), answer=label["label"], category=split))
         if limit is not None and len(out) >= limit:
             break
-    if check:
-        check_images(out)
     return out
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from fastv_analysis.data import Question
 
-from .base import LETTER_ANSWER, Task, build_score, check_images, find, grouped_accuracy, load_json, percent
+from .base import LETTER_ANSWER, Task, build_score, find, grouped_accuracy, load_json, percent
 
 OPTIONS = ["A", "B", "C", "D", "E"]  # the official script's --options default
 _THE_ANSWER_IS = re.compile(r"The answer is ([A-Z]).")
@@ -78,8 +78,6 @@ def read(path: Path, image_root: Path | None, limit: int | None, check: bool) ->
                             meta={"skip_answer_ids": text_only}))
         if limit is not None and len(out) >= limit:
             break
-    if check:
-        check_images(out)
     return out
 
 

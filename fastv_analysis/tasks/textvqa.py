@@ -24,7 +24,7 @@ from pathlib import Path
 
 from fastv_analysis.data import Question
 
-from .base import Task, build_score, check_images, find, iter_jsonl, load_json, need, percent, resolve
+from .base import Task, build_score, find, iter_jsonl, load_json, need, percent, resolve
 from .vqa_accuracy import normalize_answer, soft_accuracy
 
 ANNOTATIONS = "TextVQA_0.5.1_val.json"
@@ -70,8 +70,6 @@ def read(path: Path, image_root: Path | None, limit: int | None, check: bool) ->
                             meta={"llava_question_id": str(obj["question_id"]), "answers": human}))
         if limit is not None and len(out) >= limit:
             break
-    if check:
-        check_images(out)
     return out
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from fastv_analysis.data import Question
 
-from .base import SHORT_ANSWER, Task, check_images, find, load_json
+from .base import SHORT_ANSWER, Task, find, load_json
 from .textvqa import score_vqa
 
 QUESTIONS = "v2_OpenEnded_mscoco_val2014_questions.json"
@@ -55,8 +55,6 @@ def read(path: Path, image_root: Path | None, limit: int | None, check: bool) ->
                             meta={"answers": human, "question_type": str(ann.get("question_type", ""))}))
         if limit is not None and len(out) >= limit:
             break
-    if check:
-        check_images(out)
     return out
 
 
