@@ -81,7 +81,12 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto") -> Loaded:
     hf_logging.disable_progress_bar()
     try:
         model = cls.from_pretrained(name, dtype=dt, attn_implementation="sdpa")
-        processor = AutoProcessor.from_pretrained(name)
+        try:
+            processor = AutoProcessor.from_pretrained(name)
+        except (OSError, ImportError) as err:
+            if "video" not in str(err).lower() and "torchvision" not in str(err).lower():
+                raise
+            processor = image_only_processor(name)
     finally:
         hf_logging.set_verbosity(verbosity)
         if bars:
@@ -89,6 +94,31 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto") -> Loaded:
     processor.tokenizer.padding_side = "left"
     model.to(dev).eval()
     return Loaded(model=model, processor=processor, device=dev, dtype=dt, name=str(name))
+
+
+def image_only_processor(name: str):
+    """The model's processor without its video processor, for machines without torchvision.
+
+    Qwen2-VL's, Qwen2.5-VL's and LLaVA-OneVision's processors also own a video processor,
+    and those import torchvision, which the CPU torch wheel cannot load. Images do not
+    need it: the processor class is built from its tokenizer, its image processor (the PIL
+    one when torchvision is missing) and the other saved settings.
+    """
+    import json
+
+    import transformers
+    from transformers import AutoImageProcessor, AutoTokenizer
+    from transformers.utils import cached_file
+
+    from .toy.families import image_only
+
+    settings = json.loads(Path(cached_file(name, "processor_config.json")).read_text())
+    cls = image_only(getattr(transformers, settings["processor_class"]))
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    kwargs = {k: v for k, v in settings.items()
+              if k not in ("processor_class", "image_processor", "video_processor", "auto_map")}
+    return cls(image_processor=AutoImageProcessor.from_pretrained(name), tokenizer=tokenizer,
+               chat_template=tokenizer.chat_template, **kwargs)
 
 
 def question_text(question: str, choices: list[str] | None) -> str:

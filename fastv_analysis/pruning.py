@@ -41,8 +41,9 @@ import torch
 from torch import nn
 
 from . import strategies
-from .adapters import Adapter, get_adapter
-from .attention import rows_from_call, take_positions
+from .adapters import Adapter, DecoderCall, get_adapter, replace
+from .attention import rows_from_call
+from .positions import take_positions
 
 MODES = ("drop", "mask")
 
@@ -146,15 +147,29 @@ class FastVConfig:
 
 
 def image_positions(input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
-    """LongTensor ``[B, N]``: sequence positions of the image tokens, per element."""
-    is_image = input_ids == image_token_id
-    counts = is_image.sum(dim=1)
+    """LongTensor ``[B, N]``: sequence positions of the image tokens, per element (equal N)."""
+    positions, counts = padded_image_positions(input_ids, image_token_id)
     if (counts != counts[0]).any():
         raise ValueError(f"batch elements have different numbers of image tokens: {counts.tolist()}")
-    if counts[0] == 0:
-        raise ValueError(f"no image token (id {image_token_id}) in input_ids")
-    positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-    return positions[is_image].view(input_ids.shape[0], -1)
+    return positions
+
+
+def padded_image_positions(input_ids: torch.Tensor, image_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``([B, N_max], [B])``: image-token positions of each element and their count N_b.
+
+    Images of different sizes give different N_b in one batch (anyres tiles, dynamic
+    resolution); row b is padded after its N_b positions by repeating its last one, so
+    scatters and gathers over the padded row touch only its own image tokens.
+    """
+    is_image = input_ids == image_token_id
+    counts = is_image.sum(dim=1)
+    if (counts == 0).any():
+        raise ValueError(f"no image token (id {image_token_id}) in input_ids of batch element(s) "
+                         f"{(counts == 0).nonzero().flatten().tolist()}")
+    seq = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+    order = torch.where(is_image, seq, seq + input_ids.shape[1]).sort(dim=1).values[:, : int(counts.max())]
+    last = order.gather(1, (counts - 1)[:, None])
+    return torch.where(order < input_ids.shape[1], order, last), counts
 
 
 def fixed_image_positions(batch: int, image_start: int, image_tokens: int, seq_len: int, device) -> torch.Tensor:
@@ -162,6 +177,34 @@ def fixed_image_positions(batch: int, image_start: int, image_tokens: int, seq_l
     if image_start + image_tokens > seq_len:
         raise ValueError(f"image span {image_start}..{image_start + image_tokens} exceeds the sequence ({seq_len})")
     return torch.arange(image_start, image_start + image_tokens, device=device).expand(batch, image_tokens)
+
+
+def filler_positions(kept_mask: torch.Tensor, image_pos: torch.Tensor) -> torch.Tensor:
+    """Bool ``[B, S]``: pruned image tokens that pad each element's kept count to the batch's most.
+
+    With N_b image tokens, element b keeps ``S - N_b + keep`` positions; a tensor needs the
+    same count in every row, so the rows that kept fewer take their first pruned image
+    tokens along as *fillers*, masked out as keys everywhere (:func:`mask_fillers`), so no
+    real token ever sees them.
+    """
+    counts = kept_mask.sum(dim=1)
+    need = counts.max() - counts  # [B]
+    is_image = torch.zeros_like(kept_mask).scatter_(1, image_pos, True)
+    pruned = is_image & ~kept_mask
+    return pruned & (pruned.long().cumsum(dim=1) <= need[:, None])
+
+
+def mask_fillers(mask: torch.Tensor | None, filler_keys: torch.Tensor, q_len: int, dtype: torch.dtype,
+                 diagonal: bool) -> torch.Tensor:
+    """``mask`` with filler key columns removed; a filler query still sees itself (``diagonal``,
+    in the prefill), so that no row is empty and nothing turns NaN."""
+    kv_len = filler_keys.shape[1]
+    out = keys_masked_out(mask, ~filler_keys, q_len, dtype)
+    if diagonal:
+        eye = torch.eye(q_len, kv_len, dtype=torch.bool, device=out.device)[None, None]
+        own = eye & filler_keys[:, None, None, :]
+        out = out.masked_fill(own, 0.0)
+    return out
 
 
 def kept_token_mask(seq_len: int, image_pos: torch.Tensor, kept_image: torch.Tensor) -> torch.Tensor:
@@ -274,7 +317,8 @@ class _Prompt:
     batch: int  # batch inside the decoder from layer K on (> input batch when fanning out)
     agg_layer: int
     mode: str
-    image_pos: torch.Tensor  # [B, N]
+    image_pos: torch.Tensor  # [B, N_max], padded (see padded_image_positions)
+    n_image: torch.Tensor  # [B] image tokens of each element
     query_pos: torch.Tensor | None = None  # [B, 1] last real token of each element
     input_ids: torch.Tensor | None = None
     attention_mask: torch.Tensor | None = None
@@ -282,13 +326,21 @@ class _Prompt:
     selection: strategies.Selection | None = None
     given: torch.Tensor | None = None  # [B, keep] image-token indices chosen outside
     kept_mask: torch.Tensor | None = None  # [B, S]
-    kept_positions: torch.Tensor | None = None  # [B, n_kept]
-    image_rows: torch.Tensor | None = None  # [B, H, N]
+    kept_positions: torch.Tensor | None = None  # [B, n_kept] (fillers included)
+    fillers: torch.Tensor | None = None  # [B, n_kept] True where kept_positions holds a filler
+    image_rows: torch.Tensor | None = None  # [B, H, N_max]
     cache: weakref.ref | None = None
+    position_state: object = None
+
+    @property
+    def ragged(self) -> bool:
+        return bool((self.n_image != self.n_image[0]).any())
 
     def choose(self, kept_image: torch.Tensor) -> None:
         self.kept_mask = kept_token_mask(self.seq_len, self.image_pos, kept_image)
-        self.kept_positions = mask_to_positions(self.kept_mask)
+        fill = filler_positions(self.kept_mask, self.image_pos.expand(self.kept_mask.shape[0], -1))
+        self.kept_positions = mask_to_positions(self.kept_mask | fill)
+        self.fillers = take_positions(fill, self.kept_positions, dim=1) if fill.any() else None
 
     def owns(self, cache) -> bool:
         return cache is not None and self.cache is not None and self.cache() is cache
@@ -296,16 +348,6 @@ class _Prompt:
 
 _ACTIVE: "weakref.WeakKeyDictionary[nn.Module, FastVModel]" = weakref.WeakKeyDictionary()
 """model -> its live FastVModel: two sets of FastV hooks on one model would both fire."""
-
-
-def _first_arg(name: str, args: tuple, kwargs: dict):
-    return kwargs[name] if name in kwargs else (args[0] if args else None)
-
-
-def _with_first_arg(name: str, value, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    if name in kwargs:
-        return args, {**kwargs, name: value}
-    return (value, *args[1:]), kwargs
 
 
 class FastVModel:
@@ -416,8 +458,8 @@ class FastVModel:
         self._memo = {}
         self.phase = None
         config = self.fastv
-        input_ids = _first_arg("input_ids", args, kwargs)
-        cache = kwargs.get(self.adapter.cache_kwarg)
+        call = self.adapter.model_call(args, kwargs)
+        input_ids, cache = call.input_ids, call.cache
         if self.prompt is not None and self.prompt.owns(cache) and cache.get_seq_length() > 0:
             self.phase = "decode"  # continues as its prefill decided, whatever .fastv says now
             return None
@@ -430,7 +472,7 @@ class FastVModel:
         if config.image_start is None and not (input_ids == self.adapter.image_token_id).any():
             self.prompt = None
             return None
-        self.prompt = self._new_prompt(input_ids, kwargs.get("attention_mask"))
+        self.prompt = self._new_prompt(input_ids, call.attention_mask)
         self.phase = "prefill"
         return None
 
@@ -440,7 +482,7 @@ class FastVModel:
 
     def _on_vision(self, module, args, kwargs):
         """Remember the pixels being encoded: in generate this runs before the prefill."""
-        self._pixels = args[0] if args else kwargs.get("pixel_values")
+        self._pixels = self.adapter.vision_pixels(args, kwargs)
 
     def _sample_keys(self, prompt: _Prompt) -> list[int]:
         """Keys of the random control, computed once the image has been encoded."""
@@ -452,15 +494,37 @@ class FastVModel:
                 prompt.keys = sample_keys(prompt.input_ids, prompt.attention_mask, self._pixels)
         return prompt.keys
 
+    def _select(self, prompt: _Prompt, rows: torch.Tensor) -> strategies.Selection:
+        """Rank ``rows`` ``[B, H, N_max]`` with the configured method, each element over its
+        own N_b image tokens (one call for the whole batch when every N_b is equal)."""
+        config = self.fastv
+        keys = self._sample_keys(prompt) if config.method == "random" else None
+
+        def one(r, k):
+            return strategies.select(r, config.method, config.keep, alpha=config.alpha, seed=config.seed,
+                                     sample_keys=k)
+
+        if not prompt.ragged:
+            return one(rows, keys)
+        parts = [one(rows[b:b + 1, :, : int(n)], None if keys is None else keys[b:b + 1])
+                 for b, n in enumerate(prompt.n_image.tolist())]
+        return strategies.Selection(
+            indices=torch.cat([p.indices for p in parts]),
+            scores=torch.nn.utils.rnn.pad_sequence([p.scores[0] for p in parts], batch_first=True),
+            max_head=torch.cat([p.max_head for p in parts]),
+            head_importance=torch.cat([p.head_importance for p in parts]),
+            method=parts[0].method, alpha=parts[0].alpha)
+
     def _choose_random_at_input(self, prompt: _Prompt) -> None:
         """K = 0: nothing to rank by. ``uniform`` keeps its lattice (as select does at K = 0),
         every other method a per-sample random subset of the image tokens."""
-        n_image = prompt.image_pos.shape[1]
-        if self.fastv.method == "uniform":
-            prompt.selection = strategies.select(torch.zeros(prompt.image_pos.shape[0], 1, n_image), "uniform",
-                                                 self.fastv.keep)
-        else:
-            prompt.selection = random_selection(n_image, self.fastv.keep, self.fastv.seed, self._sample_keys(prompt))
+        rows = torch.zeros(prompt.image_pos.shape[0], 1, prompt.image_pos.shape[1])
+        method = self.fastv.method
+        self.fastv.method = "uniform" if method == "uniform" else "random"
+        try:
+            prompt.selection = self._select(prompt, rows)
+        finally:
+            self.fastv.method = method
         prompt.choose(prompt.selection.indices.to(prompt.image_pos.device))
 
     def _new_prompt(self, input_ids: torch.Tensor, attention_mask=None) -> _Prompt:
@@ -468,9 +532,10 @@ class FastVModel:
         batch, seq_len = input_ids.shape
         if config.image_start is not None:
             image_pos = fixed_image_positions(batch, config.image_start, config.image_tokens, seq_len, input_ids.device)
+            n_image = torch.full((batch,), config.image_tokens, device=input_ids.device)
         else:
-            image_pos = image_positions(input_ids, self.adapter.image_token_id)
-        config.validate(self.adapter.num_layers, image_pos.shape[1])
+            image_pos, n_image = padded_image_positions(input_ids, self.adapter.image_token_id)
+        config.validate(self.adapter.num_layers, int(n_image.min()))
         given = config.kept
         fan_out = batch
         if given is not None:
@@ -480,12 +545,12 @@ class FastVModel:
                 raise ValueError(f"kept has {given.shape[0]} rows for a batch of {batch}")
             if given.shape[1] != config.keep:
                 raise ValueError(f"kept has {given.shape[1]} indices per row but keep is {config.keep}")
-            if given.numel() and (given.min() < 0 or given.max() >= image_pos.shape[1]):
-                raise ValueError(f"kept indices must lie in 0..{image_pos.shape[1] - 1}")
+            if given.numel() and (given.min() < 0 or (given >= n_image[:, None]).any()):
+                raise ValueError(f"kept indices must lie in 0..N-1 (N = {n_image.tolist()} image tokens)")
             fan_out = max(batch, given.shape[0])
             if fan_out != batch and config.agg_layer == 0 and config.mode == "mask":
                 raise ValueError("fanning one prompt out to several kept sets needs agg_layer >= 1 in mask mode")
-        prompt = _Prompt(seq_len, fan_out, config.agg_layer, config.mode, image_pos, given=given,
+        prompt = _Prompt(seq_len, fan_out, config.agg_layer, config.mode, image_pos, n_image, given=given,
                          query_pos=last_token_positions(attention_mask, batch, seq_len, input_ids.device),
                          input_ids=input_ids, attention_mask=attention_mask)
         if config.sample_ids is not None and len(config.sample_ids) != batch:
@@ -501,12 +566,12 @@ class FastVModel:
                 return None
             with torch.no_grad():
                 rows = rows_from_call(self.adapter, module, args, kwargs, prompt.query_pos)[:, :, 0, :]
-                prompt.image_rows = image_attention(rows, prompt.image_pos)
-                prompt.selection = strategies.select(
-                    prompt.image_rows, self.fastv.method, self.fastv.keep, alpha=self.fastv.alpha,
-                    seed=self.fastv.seed,
-                    sample_keys=self._sample_keys(prompt) if self.fastv.method == "random" else None,
-                )
+                image_rows = image_attention(rows, prompt.image_pos)
+                if prompt.ragged:  # the padding of each row repeats its last token: zero it
+                    valid = torch.arange(image_rows.shape[-1], device=rows.device) < prompt.n_image[:, None]
+                    image_rows = image_rows * valid[:, None, :]
+                prompt.image_rows = image_rows
+                prompt.selection = self._select(prompt, image_rows)
             prompt.choose(prompt.selection.indices.to(prompt.image_pos.device))
             return None
 
@@ -526,46 +591,64 @@ class FastVModel:
             prompt = self.prompt
             if self.phase is None or layer < prompt.agg_layer:
                 return None
-            cache = kwargs.get(self.adapter.cache_kwarg)
-            if self.phase == "prefill" and prompt.cache is None and cache is not None:
-                prompt.cache = weakref.ref(cache)
+            call = self.adapter.layer_call(args, kwargs)
+            if self.phase == "prefill" and prompt.cache is None and call.cache is not None:
+                prompt.cache = weakref.ref(call.cache)
             if prompt.mode == "drop" and prompt.agg_layer == 0:
                 return None  # pruned at the decoder input, see _on_language_model
-            hidden = _first_arg("hidden_states", args, kwargs)
             if prompt.mode == "mask":
-                return self._mask_layer(layer, prompt, args, kwargs, hidden)
-            return self._drop_layer(layer, prompt, args, kwargs, hidden)
+                new = self._mask_layer(layer, prompt, call)
+            else:
+                new = self._drop_layer(layer, prompt, call)
+            return None if new is None else self.adapter.with_layer_call(args, kwargs, new)
 
         return prune
 
-    def _drop_layer(self, layer, prompt: _Prompt, args, kwargs, hidden):
-        kept = prompt.kept_positions
-        mask = kwargs.get("attention_mask")
+    def _drop_layer(self, layer, prompt: _Prompt, call):
+        kept, fillers = prompt.kept_positions, prompt.fillers
+        mask = call.attention_mask
         if self.phase == "decode":
-            if mask is None:
+            if mask is None and fillers is None:
                 return None
-            keys = decode_key_positions(kept, prompt.seq_len, mask.shape[-1])
-            new_mask = self._memoized("mask", mask, lambda: slice_mask(mask, None, keys))
-            return args, {**kwargs, "attention_mask": new_mask}
-        if layer == prompt.agg_layer:
-            args, kwargs = _with_first_arg("hidden_states", take_positions(hidden, kept, dim=1), args, kwargs)
-        new = dict(kwargs)
-        new["attention_mask"] = self._memoized("mask", mask, lambda: slice_mask(mask, kept, kept))
-        cos_sin = kwargs.get("position_embeddings")
-        if cos_sin is not None:
-            new["position_embeddings"] = self._memoized(
-                "rope", cos_sin[0], lambda: tuple(take_positions(t, kept, dim=1) for t in cos_sin)
-            )
-        position_ids = kwargs.get("position_ids")
-        if position_ids is not None:
-            new["position_ids"] = self._memoized("ids", position_ids, lambda: take_positions(position_ids, kept, dim=1))
-        return args, new
+            kv_len = (mask.shape[-1] if mask is not None
+                      else prompt.cache().get_seq_length(prompt.agg_layer) + call.hidden_states.shape[1])
+            keys = decode_key_positions(kept, prompt.seq_len, kv_len)
 
-    def _mask_layer(self, layer, prompt: _Prompt, args, kwargs, hidden):
-        mask = kwargs.get("attention_mask")
+            def decode_mask():
+                sliced = slice_mask(mask, None, keys)
+                if fillers is None:
+                    return sliced
+                extra = torch.zeros(fillers.shape[0], keys.shape[1] - fillers.shape[1], dtype=torch.bool,
+                                    device=fillers.device)
+                return mask_fillers(sliced, torch.cat([fillers, extra], dim=1), call.hidden_states.shape[1],
+                                    call.hidden_states.dtype, diagonal=False)
+
+            return replace(call, attention_mask=self._memoized("mask", mask, decode_mask))
+        if call.position_embeddings is None:
+            raise self.adapter.missing("position_embeddings", f"decoder layer {layer}")
+        hidden = take_positions(call.hidden_states, kept, dim=1) if layer == prompt.agg_layer else call.hidden_states
+
+        def prefill_mask():
+            sliced = slice_mask(mask, kept, kept)
+            if fillers is None:
+                return sliced
+            return mask_fillers(sliced, fillers, kept.shape[1], hidden.dtype, diagonal=True)
+
+        position_ids = call.position_ids
+        return replace(
+            call, hidden_states=hidden,
+            attention_mask=self._memoized("mask", mask, prefill_mask),
+            position_embeddings=self._memoized("rope", call.position_embeddings[0],
+                                               lambda: self.adapter.gather_rope(call.position_embeddings, kept)),
+            position_ids=None if position_ids is None else self._memoized(
+                "ids", position_ids, lambda: self.adapter.gather_position_ids(position_ids, kept)),
+        )
+
+    def _mask_layer(self, layer, prompt: _Prompt, call):
+        mask, hidden = call.attention_mask, call.hidden_states
         q_len = hidden.shape[1]
         if self.phase == "prefill" and layer == prompt.agg_layer and hidden.shape[0] != prompt.batch:
-            args, kwargs = _with_first_arg("hidden_states", hidden.expand(prompt.batch, -1, -1), args, kwargs)
+            hidden = hidden.expand(prompt.batch, -1, -1)
         kv_len = prompt.seq_len if self.phase == "prefill" else (
             mask.shape[-1] if mask is not None else prompt.cache().get_seq_length(prompt.agg_layer) + q_len
         )
@@ -574,7 +657,7 @@ class FastVModel:
             extra = torch.ones(key_kept.shape[0], kv_len - prompt.seq_len, dtype=torch.bool, device=key_kept.device)
             key_kept = torch.cat([key_kept, extra], dim=1)
         new_mask = self._memoized("mask", mask, lambda: keys_masked_out(mask, key_kept, q_len, hidden.dtype))
-        return args, {**kwargs, "attention_mask": new_mask}
+        return replace(call, hidden_states=hidden, attention_mask=new_mask)
 
     def _on_language_model(self, module, args, kwargs):
         """K = 0 in drop mode: prune the decoder's input and give it explicit positions."""
@@ -583,32 +666,41 @@ class FastVModel:
             self._choose_random_at_input(prompt)  # the image is encoded by now
         if self.phase is None or prompt.agg_layer != 0 or prompt.mode != "drop":
             return None
-        kept = prompt.kept_positions
-        embeds = kwargs.get("inputs_embeds")
-        mask2d = kwargs.get("attention_mask")
-        position_ids = kwargs.get("position_ids")
-        cache = kwargs.get(self.adapter.cache_kwarg)
-        new = dict(kwargs)
+        adapter = self.adapter
+        call = adapter.decoder_call(args, kwargs)
+        kept, fillers = prompt.kept_positions, prompt.fillers
+        embeds, mask2d, position_ids = call.inputs_embeds, call.attention_mask, call.position_ids
+        if mask2d is not None and mask2d.dim() != 2:
+            raise adapter.missing("a 2D attention mask", "the text decoder at K = 0")
         if self.phase == "prefill":
+            if embeds is None:
+                raise adapter.missing("inputs_embeds", "the text decoder")
             batch, seq_len = embeds.shape[0], embeds.shape[1]
-            new["inputs_embeds"] = take_positions(embeds, kept, dim=1)
             if position_ids is None:
-                position_ids = torch.arange(seq_len, device=embeds.device).expand(batch, -1)
-            new["position_ids"] = take_positions(position_ids, kept, dim=1)
+                position_ids = adapter.default_position_ids(batch, seq_len, embeds.device)
             if mask2d is None:  # explicit mask: gapped position ids must not look like packed sequences
                 mask2d = torch.ones(batch, seq_len, dtype=torch.long, device=embeds.device)
-            new["attention_mask"] = take_positions(mask2d, kept, dim=1)
-            return args, new
-        q_len = embeds.shape[1] if embeds is not None else kwargs["input_ids"].shape[1]
-        if mask2d is not None and mask2d.dim() == 2:
+            new_mask = take_positions(mask2d, kept, dim=1)
+            if fillers is not None:
+                new_mask = new_mask.masked_fill(fillers, 0)
+            return adapter.with_decoder_call(args, kwargs, DecoderCall(
+                take_positions(embeds, kept, dim=1), None, new_mask,
+                adapter.gather_position_ids(position_ids, kept), call.cache))
+        q_len = embeds.shape[1] if embeds is not None else call.input_ids.shape[1]
+        new_mask = None
+        if mask2d is not None:
             prompt_part = take_positions(mask2d[:, : prompt.seq_len], kept, dim=1)
-            new["attention_mask"] = torch.cat([prompt_part, mask2d[:, prompt.seq_len :]], dim=1)
+            if fillers is not None:
+                prompt_part = prompt_part.masked_fill(fillers, 0)
+            new_mask = torch.cat([prompt_part, mask2d[:, prompt.seq_len :]], dim=1)
+        elif fillers is not None:
+            raise adapter.missing("an attention mask while decoding a batch of different image sizes", "the text decoder")
+        new_ids = None
         if position_ids is None:
-            generated = cache.get_seq_length() - kept.shape[1]
-            start = prompt.seq_len + generated
+            generated = call.cache.get_seq_length() - kept.shape[1]
             device = embeds.device if embeds is not None else kept.device
-            new["position_ids"] = torch.arange(start, start + q_len, device=device).unsqueeze(0)
-        return args, new
+            new_ids = adapter.step_position_ids(prompt.seq_len + generated, q_len, device)
+        return adapter.with_decoder_call(args, kwargs, DecoderCall(None, None, new_mask, new_ids, call.cache))
 
 
 def apply_fastv(model: nn.Module, config: FastVConfig | Mapping | None = None, **overrides) -> FastVModel:
@@ -644,6 +736,7 @@ class SharedPrefill:
     past_key_values: object
     attention_mask: torch.Tensor
     prompt_len: int
+    position_state: object = None  # what the adapter needs to place decoded tokens (M-RoPE deltas)
 
     def close(self) -> None:
         self.fastv.remove()
@@ -687,7 +780,7 @@ def prefill_shared(
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         cache = DynamicCache(config=model.config.get_text_config())
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        position_ids, position_state = fastv.adapter.prompt_positions(dict(inputs), attention_mask)
         extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
         out = fastv(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -703,6 +796,7 @@ def prefill_shared(
         past_key_values=cache,
         attention_mask=attention_mask.expand(n_sets, -1),
         prompt_len=input_ids.shape[1],
+        position_state=position_state,
     )
 
 
@@ -729,7 +823,7 @@ def greedy_decode(
         if done.all() or step == max_new_tokens - 1:
             break
         mask = torch.cat([mask, torch.ones(n_rows, 1, dtype=mask.dtype, device=mask.device)], dim=1)
-        position_ids = mask.long().sum(dim=1, keepdim=True) - 1
+        position_ids = shared.fastv.adapter.decode_positions(mask, shared.position_state)
         out = shared.fastv(
             input_ids=next_token[:, None], attention_mask=mask, position_ids=position_ids,
             use_cache=True, **{shared.fastv.adapter.cache_kwarg: cache},

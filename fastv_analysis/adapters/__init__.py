@@ -1,38 +1,93 @@
-"""Model-specific knowledge, one module per architecture, chosen by HF class name.
+"""Model-specific knowledge, one module per architecture family, chosen by HF class name.
 
-Everything else in fastv_analysis talks to a model only through an :class:`Adapter`:
-the decoder layers, their attention modules, the text config numbers and the image
-token id. Adding LLaVA-NeXT or Qwen2-VL means adding one module here and one entry in
-``_BUILDERS``.
+This package is the only code that knows transformers' calling conventions: where the
+image tokens are, what a decoder layer / attention module / text decoder is called with
+(names, positions, the cache keyword, M-RoPE's 3-row position ids), how to gather those
+inputs at kept positions and how to recompute a layer's attention rows. ``pruning``,
+``capture`` and ``evaluate`` read and rewrite calls only through an :class:`Adapter`, so a
+transformers release that renames a keyword is a fix here. Adding an architecture = one
+module here, one entry in ``_BUILDERS`` and its row in the contract test
+(``tests/test_adapters.py``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import nn
 
+from ..positions import take_positions
+
+
+@dataclass(frozen=True)
+class ModelCall:
+    """What the top-level model was called with (None where absent)."""
+
+    input_ids: torch.Tensor | None
+    attention_mask: torch.Tensor | None
+    cache: Any
+
+
+@dataclass(frozen=True)
+class AttentionCall:
+    """An attention module's inputs: layernormed hidden states, RoPE ``(cos, sin)``, 4D mask."""
+
+    hidden_states: torch.Tensor
+    position_embeddings: tuple | None
+    attention_mask: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class LayerCall:
+    """A decoder layer's inputs (residual stream, 4D mask, RoPE, text position ids, cache)."""
+
+    hidden_states: torch.Tensor
+    attention_mask: torch.Tensor | None
+    position_embeddings: tuple | None
+    position_ids: torch.Tensor | None
+    cache: Any
+
+
+@dataclass(frozen=True)
+class DecoderCall:
+    """The text decoder's inputs: embeddings, 2D mask, position ids (M-RoPE: 3 or 4 rows)."""
+
+    inputs_embeds: torch.Tensor | None
+    input_ids: torch.Tensor | None
+    attention_mask: torch.Tensor | None
+    position_ids: torch.Tensor | None
+    cache: Any
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
 
 @dataclass(frozen=True)
 class Adapter:
-    """What the hooks need to know about one loaded model (no state of its own).
+    """One loaded model as the hooks see it (no state of its own).
 
     layers:          the decoder layers, in order (hooks go on these).
     language_model:  the text decoder that owns ``layers`` (takes inputs_embeds).
     attention:       ``attention(i)`` -> layer i's self-attention module.
     apply_rotary:    the model's own ``apply_rotary_pos_emb(q, k, cos, sin)``.
     repeat_kv:       the model's own ``repeat_kv(x, n_rep)`` (grouped-query attention).
-    attention_rows:  ``attention_rows(adapter, module, hidden_states, position_embeddings,
-                     attention_mask, query_positions)`` -> ``[B, H, Q, S]`` float32
-                     softmax rows, recomputed from one attention module's inputs.
+    rows:            ``rows(adapter, module, call, query_positions)`` -> ``[B, H, Q, S]``
+                     float32 softmax rows recomputed from one attention call.
     image_token_id:  the placeholder id of image tokens in ``input_ids``.
     vision_tower:    the module whose first input is the pixel values (the random
                      control keys each sample by them; generate encodes images before
                      the first forward, so the top-level call may never see them).
     cache_kwarg:     the keyword the model and its layers take the KV cache under
                      (``past_key_values`` up to transformers 5.23, ``cache`` from 5.24).
+
+    The methods below are transformers' calling conventions as of 5.23 / 5.24 for the
+    Llama-family decoders; a family with other conventions overrides them.
     """
 
     architecture: str
@@ -42,7 +97,7 @@ class Adapter:
     attention: Callable[[int], nn.Module]
     apply_rotary: Callable
     repeat_kv: Callable
-    attention_rows: Callable
+    rows: Callable
     num_layers: int
     num_heads: int
     num_kv_heads: int
@@ -57,6 +112,100 @@ class Adapter:
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
+    # -- reading calls -----------------------------------------------------------------------
+
+    def missing(self, what: str, where: str) -> RuntimeError:
+        """The error for an input the adapter expected and did not get: never prune silently."""
+        return RuntimeError(f"{self.architecture}: {where} was called without {what} under transformers "
+                            f"{_transformers_version()}; the {type(self).__name__} knows transformers 5.23-5.24's "
+                            "calling conventions (see fastv_analysis/adapters)")
+
+    def model_call(self, args: tuple, kwargs: dict) -> ModelCall:
+        return ModelCall(input_ids=kwargs["input_ids"] if "input_ids" in kwargs else (args[0] if args else None),
+                         attention_mask=kwargs.get("attention_mask"), cache=kwargs.get(self.cache_kwarg))
+
+    def vision_pixels(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
+        return args[0] if args else kwargs.get("pixel_values", kwargs.get("hidden_states"))
+
+    def attention_call(self, args: tuple, kwargs: dict) -> AttentionCall:
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        position_embeddings = kwargs.get("position_embeddings")
+        if position_embeddings is None and len(args) > 1:
+            position_embeddings = args[1]
+        mask = kwargs.get("attention_mask")
+        if mask is None and len(args) > 2:
+            mask = args[2]
+        if position_embeddings is None:
+            raise self.missing("position_embeddings", "an attention module")
+        return AttentionCall(hidden, position_embeddings, mask)
+
+    def layer_call(self, args: tuple, kwargs: dict) -> LayerCall:
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else (args[0] if args else None)
+        if hidden is None:
+            raise self.missing("hidden_states", "a decoder layer")
+        return LayerCall(hidden, kwargs.get("attention_mask"), kwargs.get("position_embeddings"),
+                         kwargs.get("position_ids"), kwargs.get(self.cache_kwarg))
+
+    def decoder_call(self, args: tuple, kwargs: dict) -> DecoderCall:
+        return DecoderCall(kwargs.get("inputs_embeds"), kwargs.get("input_ids"), kwargs.get("attention_mask"),
+                           kwargs.get("position_ids"), kwargs.get(self.cache_kwarg))
+
+    # -- rewriting calls ---------------------------------------------------------------------
+
+    def with_layer_call(self, args: tuple, kwargs: dict, call: LayerCall) -> tuple[tuple, dict]:
+        """``(args, kwargs)`` of a decoder-layer call carrying ``call``'s values."""
+        new = dict(kwargs)
+        if "hidden_states" in kwargs or not args:
+            new["hidden_states"] = call.hidden_states
+        else:
+            args = (call.hidden_states, *args[1:])
+        new["attention_mask"] = call.attention_mask
+        if call.position_embeddings is not None:
+            new["position_embeddings"] = call.position_embeddings
+        if call.position_ids is not None:
+            new["position_ids"] = call.position_ids
+        return args, new
+
+    def with_decoder_call(self, args: tuple, kwargs: dict, call: DecoderCall) -> tuple[tuple, dict]:
+        new = dict(kwargs)
+        for name in ("inputs_embeds", "attention_mask", "position_ids"):
+            value = getattr(call, name)
+            if value is not None:
+                new[name] = value
+        return args, new
+
+    # -- positions ---------------------------------------------------------------------------
+
+    def gather_rope(self, position_embeddings: tuple, positions: torch.Tensor) -> tuple:
+        """RoPE ``(cos, sin)`` ``[B, S, D]`` at ``positions`` ``[B, M]``."""
+        return tuple(take_positions(t, positions, dim=1) for t in position_embeddings)
+
+    def gather_position_ids(self, position_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Position ids ``[B, S]`` (or ``[R, B, S]``: M-RoPE's rows) at ``positions`` ``[B, M]``."""
+        if position_ids.dim() == 3:
+            return take_positions(position_ids.transpose(0, 1), positions, dim=2).transpose(0, 1)
+        return take_positions(position_ids, positions, dim=1)
+
+    def default_position_ids(self, batch: int, seq_len: int, device) -> torch.Tensor:
+        """The ids a text decoder derives when given none (prefill from 0)."""
+        return torch.arange(seq_len, device=device).expand(batch, -1)
+
+    def step_position_ids(self, start: int, q_len: int, device) -> torch.Tensor:
+        """Ids of ``q_len`` new tokens at ``start`` (decoding after a K = 0 prefill)."""
+        return torch.arange(start, start + q_len, device=device).unsqueeze(0)
+
+    def prompt_positions(self, inputs: dict, attention_mask: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """Explicit position ids of one prompt for :func:`~fastv_analysis.pruning.prefill_shared`,
+        and the state :meth:`decode_positions` needs (here none): what ``generate`` passes."""
+        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0), None
+
+    def decode_positions(self, attention_mask: torch.Tensor, state: Any) -> torch.Tensor:
+        """Position ids ``[C, 1]`` of the next token of every row of a shared decode."""
+        return attention_mask.long().sum(dim=1, keepdim=True) - 1
+
+    def attention_rows(self, module: nn.Module, call: AttentionCall, query_positions: torch.Tensor) -> torch.Tensor:
+        return self.rows(self, module, call, query_positions)
+
 
 def _llava(model: nn.Module) -> Adapter:
     from .llava import build
@@ -64,9 +213,18 @@ def _llava(model: nn.Module) -> Adapter:
     return build(model)
 
 
+def _qwen2_vl(model: nn.Module) -> Adapter:
+    from .qwen2_vl import build
+
+    return build(model)
+
+
 _BUILDERS: dict[str, Callable[[nn.Module], Adapter]] = {
     "LlavaForConditionalGeneration": _llava,
     "LlavaNextForConditionalGeneration": _llava,  # same decoder recipe; anyres tiles + newline tokens in the span
+    "LlavaOnevisionForConditionalGeneration": _llava,  # as LLaVA-NeXT, Qwen2 decoder
+    "Qwen2VLForConditionalGeneration": _qwen2_vl,  # M-RoPE: 3-row position ids, dynamic resolution
+    "Qwen2_5_VLForConditionalGeneration": _qwen2_vl,
 }
 
 SUPPORTED = tuple(_BUILDERS)
@@ -80,4 +238,4 @@ def get_adapter(model: nn.Module) -> Adapter:
     return _BUILDERS[name](model)
 
 
-__all__ = ["Adapter", "SUPPORTED", "get_adapter"]
+__all__ = ["Adapter", "AttentionCall", "DecoderCall", "LayerCall", "ModelCall", "SUPPORTED", "get_adapter", "replace"]

@@ -56,13 +56,17 @@ def prompt(question: str) -> str:
     return f"USER: {IMAGE_TOKEN}\n{question} ASSISTANT:"
 
 
-def build_tokenizer():
-    """Word-level fast tokenizer (lower-cases, splits on whitespace and punctuation, adds <s>)."""
+def build_tokenizer(image_token: str = IMAGE_TOKEN, extra_tokens: tuple[str, ...] = ()):
+    """Word-level fast tokenizer (lower-cases, splits on whitespace and punctuation, adds <s>).
+
+    ``image_token`` / ``extra_tokens``: the placeholder and special tokens of another
+    family's template (Qwen2-VL's ``<|image_pad|>``, ``<|vision_start|>``, ...).
+    """
     from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
     from tokenizers.models import WordLevel
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
+    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS[:-1] + (image_token, *extra_tokens))}
     for w in vocabulary():
         vocab.setdefault(w, len(vocab))
     tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
@@ -78,10 +82,12 @@ def build_tokenizer():
         eos_token="</s>",
         unk_token="<unk>",
         pad_token="<pad>",
-        extra_special_tokens={"image_token": IMAGE_TOKEN},
+        extra_special_tokens={"image_token": image_token},
         model_max_length=1024,
         padding_side="left",
     )
+    if extra_tokens:
+        fast.add_special_tokens({"additional_special_tokens": list(extra_tokens)})
     fast.chat_template = CHAT_TEMPLATE
     return fast
 
@@ -145,7 +151,8 @@ def save_checkpoint(model, out_dir: str | Path, processor=None) -> Path:
     """Save model (safetensors) + processor (tokenizer, image processor, chat template)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.generation_config.pad_token_id = model.config.pad_token_id
+    text = model.config.get_text_config()
+    model.generation_config.pad_token_id = getattr(model.config, "pad_token_id", None) or text.pad_token_id
     model.generation_config.eos_token_id = model.config.text_config.eos_token_id
     model.generation_config.bos_token_id = model.config.text_config.bos_token_id
     model.generation_config.do_sample = False

@@ -1,0 +1,54 @@
+"""Qwen2-VL and Qwen2.5-VL: dynamic-resolution vision tower + Qwen2 decoder with M-RoPE.
+
+Differences from LLaVA that the hooks must respect:
+* position ids are 3-D (temporal, height, width: ``[3, B, S]``), or ``[4, B, S]`` with the
+  text positions as row 0 when ``generate`` builds them; image tokens share positions
+  along rows, and text after the image continues from the image's largest position, so a
+  token's position is not its sequence index. Kept tokens keep their original 3-D
+  positions: gathering the decoder's ``(cos, sin)`` (already merged across the M-RoPE
+  sections) at kept positions does that from layer K on, and gathering the id rows does it
+  at K = 0.
+* the model derives 3-D ids itself from ``mm_token_type_ids`` and ``image_grid_thw``;
+  explicit positions for a shared prefill come from its own ``get_rope_index`` plus the
+  per-sample ``rope_deltas`` for the decoding steps.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import Adapter
+from .llava import decoder_fields
+
+
+class QwenVLAdapter(Adapter):
+    """Qwen2-VL / Qwen2.5-VL conventions: M-RoPE position ids."""
+
+    def default_position_ids(self, batch: int, seq_len: int, device) -> torch.Tensor:
+        return torch.arange(seq_len, device=device).view(1, 1, -1).expand(3, batch, -1)
+
+    def step_position_ids(self, start: int, q_len: int, device) -> torch.Tensor:
+        raise self.missing("position_ids while decoding after a K = 0 prefill", "the text decoder")
+
+    def prompt_positions(self, inputs: dict, attention_mask: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        for name in ("mm_token_type_ids", "image_grid_thw"):
+            if inputs.get(name) is None:
+                raise ValueError(f"{self.architecture} needs the processor's {name} to place image tokens (M-RoPE)")
+        vision, deltas = self.model.model.get_rope_index(
+            inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
+            image_grid_thw=inputs["image_grid_thw"], attention_mask=attention_mask)
+        text = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        return torch.cat([text[None].to(vision.device), vision]), deltas
+
+    def decode_positions(self, attention_mask: torch.Tensor, state: Any) -> torch.Tensor:
+        text = attention_mask.long().sum(dim=1, keepdim=True) - 1  # [C, 1]
+        mrope = (text + state.to(text.device).expand(text.shape[0], -1))[None].expand(3, -1, -1)
+        return torch.cat([text[None], mrope])
+
+
+def build(model: nn.Module) -> Adapter:
+    return QwenVLAdapter(image_token_id=model.config.image_token_id, vision_tower=model.model.visual,
+                         **decoder_fields(model, model.model.language_model))

@@ -1,0 +1,152 @@
+"""The adapter contract: every registered architecture, on a tiny random checkpoint built from
+transformers' own config and processor classes, behaves the same under the FastV hooks.
+
+One batch of two prompts with images of different sizes (so different numbers of image
+tokens) and different question lengths (so left padding) is the input throughout.
+"""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastv_analysis.adapters import SUPPORTED, get_adapter
+from fastv_analysis.attention import AttentionRecorder
+from fastv_analysis.loading import build_prompt, load_model
+from fastv_analysis.pruning import FastVConfig, apply_fastv, padded_image_positions, shared_greedy_answers
+from fastv_analysis.toy.families import TINY_CHECKPOINTS
+
+SIZES = {  # two image sizes per family that give different numbers of image tokens
+    "LlavaForConditionalGeneration": None,  # fixed 336 x 336: every image gives 576 tokens
+    "LlavaNextForConditionalGeneration": [(56, 56), (200, 90)],
+    "LlavaOnevisionForConditionalGeneration": [(56, 56), (200, 90)],
+    "Qwen2VLForConditionalGeneration": [(56, 56), (196, 112)],
+    "Qwen2_5_VLForConditionalGeneration": [(56, 56), (196, 112)],
+}
+QUESTIONS = ["what color is the object?", "is there a red square in the picture or not?"]
+
+
+def test_every_supported_class_has_a_tiny_checkpoint_and_a_contract_row():
+    assert set(TINY_CHECKPOINTS) == set(SUPPORTED) == set(SIZES)
+
+
+@pytest.fixture(scope="module", params=SUPPORTED)
+def family(request, tmp_path_factory):
+    arch = request.param
+    path = TINY_CHECKPOINTS[arch](tmp_path_factory.mktemp(arch) / "m", seed=1)
+    loaded = load_model(str(path), device="cpu", dtype="float32")
+    assert type(loaded.model).__name__ == arch
+    return arch, loaded
+
+
+def _image(size, seed):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray((rng.random((size[1], size[0], 3)) * 255).astype("uint8"))
+
+
+def _batch(loaded, arch, same_size=False):
+    sizes = SIZES[arch] or [(336, 336), (336, 336)]
+    if same_size:
+        sizes = [sizes[0], sizes[0]]
+    proc = loaded.processor
+    prompts = [build_prompt(proc, q) for q in QUESTIONS]
+    return dict(proc(text=prompts, images=[_image(s, i) for i, s in enumerate(sizes)], return_tensors="pt",
+                     padding=True))
+
+
+def _one(inputs, b, loaded, arch, same_size=False):
+    """Element b of the batch, processed alone (no padding)."""
+    sizes = SIZES[arch] or [(336, 336), (336, 336)]
+    size = sizes[0] if same_size else sizes[b]
+    proc = loaded.processor
+    return dict(proc(text=[build_prompt(proc, QUESTIONS[b])], images=[_image(size, b)], return_tensors="pt"))
+
+
+def _n_image(model, inputs):
+    return padded_image_positions(inputs["input_ids"], get_adapter(model).image_token_id)[1]
+
+
+def test_batch_is_left_padded_with_different_image_token_counts(family):
+    arch, loaded = family
+    inputs = _batch(loaded, arch)
+    n = _n_image(loaded.model, inputs)
+    assert (inputs["attention_mask"][:, 0] == 0).any()  # left padding
+    if SIZES[arch] is not None:
+        assert n[0] != n[1]
+
+
+def test_unpruned_wrapper_and_keep_all_equal_the_unmodified_model(family):
+    arch, loaded = family
+    model = loaded.model
+    with torch.no_grad():
+        inputs = _batch(loaded, arch)
+        full = model(**inputs).logits
+        with apply_fastv(model, use_fast_v=False) as m:
+            assert torch.equal(m(**inputs).logits, full)
+        same = _batch(loaded, arch, same_size=True)
+        full_same = model(**same).logits[:, -1]
+        n = int(_n_image(model, same).min())
+        for k in (0, 1, 2):
+            with apply_fastv(model, agg_layer=k, keep=n) as m:
+                torch.testing.assert_close(m(**same).logits[:, -1], full_same, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("agg_layer", [0, 1, 2])
+def test_drop_equals_mask_and_each_element_as_if_alone(family, agg_layer):
+    """Physically dropping == masking (<= 1e-4, same greedy tokens), and a pruned element of a
+    batch with different image sizes answers as it does alone (the fillers are invisible)."""
+    arch, loaded = family
+    model = loaded.model
+    inputs = _batch(loaded, arch)
+    keep = 3
+    outs, tokens = {}, {}
+    with torch.no_grad():
+        full = model(**inputs).logits[:, -1]
+        for mode in ("drop", "mask"):
+            with apply_fastv(model, agg_layer=agg_layer, keep=keep, method="avg_all_heads", mode=mode,
+                             sample_ids=[0, 1]) as m:
+                outs[mode] = m(**inputs).logits[:, -1]
+                tokens[mode] = m.generate(**inputs, max_new_tokens=4, do_sample=False)
+        assert (outs["drop"] - outs["mask"]).abs().max() <= 1e-4
+        assert ((outs["drop"] - full).abs().amax(dim=1) > 1e-3).all()  # it did prune, in both elements
+        assert torch.equal(tokens["drop"], tokens["mask"])
+        for b in range(2):
+            alone = _one(inputs, b, loaded, arch)
+            with apply_fastv(model, agg_layer=agg_layer, keep=keep, sample_ids=[b]) as m:
+                logits = m(**alone).logits[:, -1]
+            assert (logits[0] - outs["drop"][b]).abs().max() <= 1e-4
+
+
+def test_recorder_rows_equal_eager_attention(family):
+    arch, loaded = family
+    model = loaded.model
+    inputs = _batch(loaded, arch)
+    with torch.no_grad():
+        with AttentionRecorder(model, [1], "last") as rec:
+            model(**inputs)
+        model.set_attn_implementation("eager")
+        try:
+            eager = model(**inputs, output_attentions=True).attentions[1]
+        finally:
+            model.set_attn_implementation("sdpa")
+    assert (rec.rows[1][:, :, 0, :] - eager[:, :, -1, :]).abs().max() <= 1e-5
+
+
+def test_shared_prefix_eval_equals_online_pruning(family):
+    """eval's one-prefill-many-kept-sets path answers exactly as apply_fastv + generate."""
+    arch, loaded = family
+    model = loaded.model
+    tok = loaded.processor.tokenizer
+    inputs = _batch(loaded, arch)
+    alone = _one(inputs, 1, loaded, arch)
+    n = int(_n_image(model, alone)[0])
+    gen = torch.Generator().manual_seed(0)
+    kept_sets = torch.stack([torch.randperm(n, generator=gen)[:4].sort().values for _ in range(3)])
+    for k in (1, 2):
+        shared = shared_greedy_answers(model, alone, kept_sets, agg_layer=k, max_new_tokens=4,
+                                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        for c in range(3):
+            with apply_fastv(model, agg_layer=k, keep=4, kept=kept_sets[c]) as m:
+                out = m.generate(**alone, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
+            online = out[0, alone["input_ids"].shape[1]:]
+            assert torch.equal(shared[c, : online.shape[0]], online), (k, c)
