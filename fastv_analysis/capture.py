@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from .loading import DEFAULT_DATA, DEFAULT_MODEL, build_prompt, check_template, load_model, sync_device
+from .loading import DEFAULT_DATA, DEFAULT_MODEL, build_prompt, check_template, image_placeholder, load_model, \
+    sync_device
 from .provenance import file_sha256, fingerprint, versions
 from .scoring import is_correct
 from .store import RunWriter, atomic_write_bytes, attention_key
@@ -108,8 +109,8 @@ def prepare(sample_id: int, question, processor, cfg: CaptureConfig, max_tokens:
         prompt = build_prompt(processor, question.text, choices, cfg.prompt_template)
     except ValueError as err:
         raise BadSample(question, cfg.data, str(err)) from None
-    if "<image>" not in prompt:
-        raise BadSample(question, cfg.data, "the prompt has no <image> placeholder")
+    if image_placeholder(processor) not in prompt:
+        raise BadSample(question, cfg.data, f"the prompt has no {image_placeholder(processor)} placeholder")
     try:
         inputs = processor(text=[prompt], images=[image], return_tensors="pt")
     except Exception as err:  # any processor complaint is this sample's, in one line

@@ -132,29 +132,40 @@ def question_text(question: str, choices: list[str] | None) -> str:
 IMAGE_PLACEHOLDER = "<image>"
 
 
+def image_placeholder(processor) -> str:
+    """The processor's own image placeholder (``<image>``, Qwen's ``<|image_pad|>``, ...)."""
+    return getattr(processor, "image_token", None) or IMAGE_PLACEHOLDER
+
+
 def build_prompt(processor, question: str, choices: list[str] | None = None, template: str | None = None) -> str:
-    """The prompt text with exactly one ``<image>`` placeholder.
+    """The prompt text with exactly one image placeholder, in the processor's own format.
 
     Uses the processor's chat template where there is one (and no ``template`` was
-    forced), otherwise ``template`` (default LLaVA-1.5's) with ``{question}``. A question
-    that already holds the placeholder (LLaVA conversation files start with
-    ``"<image>\n"``) keeps it where it is instead of getting a second one; more than one
-    is a ValueError (one image per sample).
+    forced), otherwise ``template`` (default LLaVA-1.5's) with ``{question}``. Question files
+    say ``<image>`` (or nothing): a question that holds it (LLaVA conversation files start
+    with ``"<image>\n"``) gets the image there, rendered as the template renders an image
+    (Qwen2-VL: ``<|vision_start|><|image_pad|><|vision_end|>``), instead of a second one;
+    more than one is a ValueError (one image per sample). A forced ``template`` also says
+    ``<image>``, which becomes the processor's placeholder.
     """
     text = question_text(question, choices)
     placeholders = text.count(IMAGE_PLACEHOLDER)
     if placeholders > 1:
         raise ValueError(f"the question has {placeholders} {IMAGE_PLACEHOLDER} placeholders (one image per sample)")
     if template is None and getattr(processor, "chat_template", None):
-        image = [] if placeholders else [{"type": "image"}]
-        conversation = [{"role": "user", "content": [*image, {"type": "text", "text": text}]}]
+        before, _, after = text.partition(IMAGE_PLACEHOLDER) if placeholders else ("", "", text)
+        if placeholders and before.strip() == "":
+            before, after = "", after.lstrip("\n")  # LLaVA's leading "<image>\n": the template places the image
+        parts = [{"type": "text", "text": before}] if before else []
+        parts += [{"type": "image"}] + ([{"type": "text", "text": after}] if after else [])
+        conversation = [{"role": "user", "content": parts}]
         return processor.apply_chat_template(conversation, add_generation_prompt=True)
     template = template or DEFAULT_TEMPLATE
     check_template(template)
     if placeholders:  # the question's own placeholder replaces the template's
         own = IMAGE_PLACEHOLDER + "\n" if IMAGE_PLACEHOLDER + "\n" in template else IMAGE_PLACEHOLDER
         template = template.replace(own, "", 1)
-    return template.replace("{question}", text)
+    return template.replace("{question}", text).replace(IMAGE_PLACEHOLDER, image_placeholder(processor))
 
 
 def check_template(template: str) -> None:

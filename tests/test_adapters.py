@@ -150,3 +150,54 @@ def test_shared_prefix_eval_equals_online_pruning(family):
                 out = m.generate(**alone, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
             online = out[0, alone["input_ids"].shape[1]:]
             assert torch.equal(shared[c, : online.shape[0]], online), (k, c)
+
+
+def test_question_placeholder_becomes_the_processors_own(family):
+    """Question files say <image>; Qwen's prompt must hold its own placeholder instead, once."""
+    arch, loaded = family
+    proc = loaded.processor
+    token = proc.image_token
+    for question in ("<image>\nwhat color?", "what color?"):
+        prompt = build_prompt(proc, question)
+        assert prompt.count(token) == 1 and (token == "<image>" or "<image>" not in prompt)
+    forced = build_prompt(proc, "what color?", template="Q: <image>\n{question} A:")
+    assert forced == f"Q: {token}\nwhat color? A:"
+
+
+MIXED = [(56, 56), (120, 80), (80, 120), (56, 56), (200, 90)]
+
+
+@pytest.mark.parametrize("arch", [a for a in SUPPORTED if SIZES[a] is not None])
+def test_cli_run_with_mixed_image_sizes(arch, tmp_path):
+    """capture -> select -> eval -> report on a question file whose images give different
+    numbers of image tokens, with the family's own prompt format."""
+    import json
+
+    import polars as pl
+
+    from fastv_analysis.cli.main import main
+
+    model = TINY_CHECKPOINTS[arch](tmp_path / "m", seed=1)
+    data = tmp_path / "d"
+    (data / "images").mkdir(parents=True)
+    lines = []
+    for i, size in enumerate(MIXED):
+        _image(size, i).save(data / "images" / f"{i}.png")
+        lines.append(json.dumps({"question_id": f"q{i}", "image": f"images/{i}.png", "text": "<image>\nwhat color?",
+                                 "answer": "red", "category": "color"}))
+    (data / "questions.jsonl").write_text("\n".join(lines) + "\n")
+    run = tmp_path / "run"
+    assert main(["capture", "--model", str(model), "--data", str(data / "questions.jsonl"), "--out", str(run),
+                 "--agg-layers", "0,2", "--max-new-tokens", "2", "--batch-size", "2", "--quiet"]) == 0
+    samples = pl.read_parquet(run / "samples.parquet")
+    assert samples.height == 5 and samples["n_image_tokens"].n_unique() >= 3
+    assert main(["select", str(run), "--keep", "4,2", "--alphas", "0.5", "--quiet"]) == 0
+    sel = pl.read_parquet(run / "select" / "selections.parquet")
+    joined = sel.join(samples.select("sample_id", "n_image_tokens"), on="sample_id")
+    assert (joined["keep_ratio"] - joined["keep"] / joined["n_image_tokens"]).abs().max() < 1e-12
+    assert main(["eval", str(run), "--timing-samples", "1", "--compare-mask", "2", "--quiet"]) == 0
+    acc = pl.read_parquet(run / "eval" / "accuracy.parquet")
+    assert acc.filter(pl.col("method") == "full").height == 2  # one full control per layer, whatever N
+    assert (acc["n"] == 5).all()
+    assert main(["report", str(run)]) == 0
+    assert (run / "report.html").exists()
