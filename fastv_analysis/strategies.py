@@ -395,6 +395,7 @@ class _Ctx:
     alpha: float
     seed: int
     sample_keys: Sequence[int] | None
+    cache: dict = field(default_factory=dict)  # per call: a set strategy's base ranking, shared by its keeps
 
 
 @dataclass(frozen=True)
@@ -701,16 +702,19 @@ def _hybrid_uniform(ctx: _Ctx, keep: int | None, *, base: str, uniform_share: fl
     """FEATHER-style: ``u = floor(uniform_share * keep)`` tokens from ``uniform_indices(N, u)``,
     the other ``keep - u`` the top of the ``base`` ranking among the tokens not in that
     lattice. Scores are the base scores (what was ranked); the set is not prefix-closed."""
-    base_scores = _base_scores(ctx, base, query)
     if keep is None:
         raise ValueError("'hybrid_uniform' has no keep-independent score; use select")
+    if ("base", base, query) not in ctx.cache:
+        base_scores = _base_scores(ctx, base, query)
+        ctx.cache["base", base, query] = base_scores, rank(base_scores)
+    base_scores, order = ctx.cache["base", base, query]
     n = base_scores.shape[-1]
     u = uniform_count(keep, uniform_share)
     lattice = uniform_indices(n, u).to(base_scores.device)
-    order = rank(base_scores)
-    in_lattice = torch.zeros(n, dtype=torch.uint8, device=order.device)
-    in_lattice[lattice] = 1
-    rest = order.gather(-1, torch.sort(in_lattice[order], dim=-1, stable=True).indices)[..., : keep - u]
+    outside = torch.ones(n, dtype=torch.bool, device=order.device)
+    outside[lattice] = False
+    # every row holds the same u lattice tokens, so the rest of each ranking has N - u entries
+    rest = order[outside[order]].view(*order.shape[:-1], n - u)[..., : keep - u]
     picked = torch.cat([lattice.expand(*order.shape[:-1], u), rest], dim=-1)
     return _Result(base_scores, indices=picked.sort(dim=-1).values)
 
