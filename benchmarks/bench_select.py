@@ -4,10 +4,20 @@ Synthetic cache of 1,000 samples x 32 heads x 576 image tokens (LLaVA-1.5-7B's s
 3 methods x 11 alphas x 4 keeps = 52 configurations = 52,000 selections with their rows.
 Both sides produce the same rows (checked), timed side by side in one run.
 
+Then a timed pass of the registry's newer strategies (dynamic_alpha, no_rope,
+sink_excluded, diverse, hybrid_uniform and the text_mean / all_mean query variants of
+avg_all_heads) at the same 4 keeps, on synthetic named inputs: no-RoPE / text-mean /
+all-mean rows, hidden-state norms with a few planted sinks per sample and a 64-dim sketch.
+select.replay has no way to pass named inputs yet, so these run through
+``strategies.select_keeps`` on the whole batch at once (one ranking per configuration,
+every keep a prefix; hybrid_uniform, a set, once per keep); their kept sets are checked
+against per-sample ``strategies.select`` calls on a few samples (untimed).
+
     python benchmarks/bench_select.py [--samples 1000]
 
-Targets (2-core machine): replay >= 2x the loop, >= 50,000 selections/s, overlap
-statistics of all pairs of score vectors in < 60 s. Last line: ``select speed-up: <ratio>x``.
+Targets (2-core machine): replay >= 2x the loop, >= 50,000 selections/s overall (old and
+new configurations together), overlap statistics of all pairs of score vectors in < 60 s.
+Last line: ``select speed-up: <ratio>x``.
 """
 
 from __future__ import annotations
@@ -25,6 +35,55 @@ from fastv_analysis.select import overlap, replay, score_configs, selection_ids
 METHODS = ["avg_all_heads", "max_head", "weighted_combination"]
 ALPHAS = [round(0.1 * i, 1) for i in range(11)]
 KEEPS = [288, 192, 128, 64]
+NEW_CONFIGS = [
+    ("dynamic_alpha", {}),
+    ("no_rope", {}),
+    ("sink_excluded", {}),
+    ("diverse", {}),
+    ("hybrid_uniform", {}),
+    ("avg_all_heads", {"query": "text_mean"}),
+    ("avg_all_heads", {"query": "all_mean"}),
+]
+SKETCH_DIM = 64
+SINKS_PER_SAMPLE = 3
+
+
+def synthetic_inputs(attention: torch.Tensor, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """Named inputs shaped like a capture's: rows per query, norms with planted sinks, a sketch."""
+    n_samples, n_heads, n_tokens = attention.shape
+
+    def rows():
+        return torch.softmax(torch.randn(n_samples, n_heads, n_tokens, generator=g) * 2, dim=-1)
+
+    norms = 40.0 + 5.0 * torch.randn(n_samples, n_tokens, generator=g).abs()
+    sinks = torch.randint(0, n_tokens, (n_samples, SINKS_PER_SAMPLE), generator=g)
+    norms.scatter_(1, sinks, 1000.0)  # ~25x the median: above sink_ratio 5
+    return {
+        "attention_no_rope": rows(),
+        "attention_text_mean": rows(),
+        "attention_all_mean": rows(),
+        "hidden_norm": norms,
+        "sketch": torch.randn(n_samples, n_tokens, SKETCH_DIM, generator=g),
+    }
+
+
+def label(method: str, params: dict) -> str:
+    return method + "".join(f"({k}={v})" for k, v in params.items())
+
+
+def new_strategies(attention: torch.Tensor, inputs: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Seconds per new configuration for all samples x KEEPS, checked on 3 samples."""
+    seconds = {}
+    for method, params in NEW_CONFIGS:
+        t0 = time.perf_counter()
+        many = strategies.select_keeps(attention, method, KEEPS, inputs=inputs, **params)
+        seconds[label(method, params)] = time.perf_counter() - t0
+        for s in (0, 1, attention.shape[0] - 1):
+            one = {k: v[s] for k, v in inputs.items()}
+            for keep in KEEPS:
+                alone = strategies.select(attention[s], method, keep, inputs=one, **params).indices
+                assert torch.equal(many[keep].indices[s], alone), f"{label(method, params)} keep {keep}: batch != alone"
+    return seconds
 
 
 def loop_replay(attention: torch.Tensor) -> pl.DataFrame:
@@ -72,10 +131,23 @@ def main() -> None:
     ov = overlap(attention, METHODS, ALPHAS, KEEPS)
     t_overlap = time.perf_counter() - t0
 
+    inputs = synthetic_inputs(attention, g)
+    new = new_strategies(attention, inputs)
+    n_new_each = args.samples * len(KEEPS)
+    t_new = sum(new.values())
+    n_all = n_sel + n_new_each * len(new)
+
     print(f"replay:  {t_fast:7.2f} s  ({n_sel / t_fast:,.0f} selections/s)")
     print(f"loop:    {t_slow:7.2f} s  ({n_sel / t_slow:,.0f} selections/s)")
     print(f"overlap: {t_overlap:7.2f} s  ({ov.height:,} pair rows, all pairs of "
           f"{len(score_configs(METHODS, ALPHAS))} score vectors x {args.samples} samples)")
+    print(f"new strategies ({len(new)} configurations x {len(KEEPS)} keeps x {args.samples} samples, "
+          f"strategies.select_keeps on the whole batch):")
+    for name, sec in new.items():
+        print(f"  {name:36s} {sec:6.2f} s  ({n_new_each / sec:,.0f} selections/s)")
+    print(f"  {'all new':36s} {t_new:6.2f} s  ({n_new_each * len(new) / t_new:,.0f} selections/s)")
+    print(f"combined: {n_all:,} selections in {t_fast + t_new:.2f} s "
+          f"({n_all / (t_fast + t_new):,.0f} selections/s; target >= 50,000)")
     print(f"select speed-up: {t_slow / t_fast:.1f}x")
 
 
