@@ -29,6 +29,7 @@ from . import flops as flops_mod
 from . import stats
 from .capture import model_inputs
 from .loading import sync_device
+from .select import sample_layouts
 from .store import atomic_write_bytes, atomic_write_json, atomic_write_parquet, open_run
 
 QUANTILES = 4
@@ -92,20 +93,21 @@ def configurations(selections: pl.DataFrame, cfg: EvalConfig, complete=None) -> 
     return out
 
 
-def with_full_control(selections: pl.DataFrame, n_image: dict[int, int]) -> pl.DataFrame:
-    """``selections`` plus one ``full`` row (every image token kept) per sample and layer."""
+def with_full_control(selections: pl.DataFrame, layouts: dict) -> pl.DataFrame:
+    """``selections`` plus one ``full`` row (every image token kept) per sample and layer;
+    ``layouts``: sample_id -> its :class:`~fastv_analysis.layout.TokenLayout`."""
     from .select import selection_ids
 
     base = selections.unique(["sample_id", "agg_layer"], keep="first", maintain_order=True).sort(
         "sample_id", "agg_layer")
     rows = []
     for sid, layer in base.select("sample_id", "agg_layer").iter_rows():
-        n = int(n_image[sid])
+        n = layouts[sid].n_tokens
         kept = np.arange(n)[None]
         rows.append({"sample_id": sid, "agg_layer": layer, "method": FULL, "alpha": None, "config": FULL,
                      "keep": n, "keep_ratio": 1.0, "kept": list(range(n)), "max_head": None,
                      "selection_id": selection_ids(kept)[0],
-                     **{k: float(v[0]) for k, v in stats.spatial_stats(kept, n).items()}})
+                     **{k: float(v[0]) for k, v in stats.spatial_stats(kept, layouts[sid]).items()}})
     full = pl.DataFrame(rows, schema_overrides={"alpha": pl.Float64, "max_head": pl.Int64,
                                                 "kept": pl.List(pl.Int32)})
     full = full.select([pl.col(c).cast(selections.schema[c]) if c in full.columns
@@ -505,8 +507,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True, command: list[str] | None =
     questions = run_questions(data_file, benchmark, image_root, errors=[])  # capture's list
     selections = configurations(pl.read_parquet(sel_path), cfg,
                                 lambda ids, available: complete_groups(ids, questions, available))
-    n_image = dict(zip(run.samples["sample_id"].to_list(), run.samples["n_image_tokens"].to_list()))
-    selections = with_full_control(selections, n_image)
+    selections = with_full_control(selections, sample_layouts(run.samples))
     now = file_sha256(data_file) if benchmark is None else questions_fingerprint(questions)
     if now != run.config.get("data_sha256"):
         raise ValueError(f"{data_file} changed since the capture of {cfg.run} (sha256 differs)")

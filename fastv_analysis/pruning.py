@@ -43,6 +43,7 @@ from torch import nn
 from . import strategies
 from .adapters import Adapter, DecoderCall, get_adapter, replace
 from .attention import rows_from_call
+from .layout import uniform_tokens
 from .positions import take_positions
 
 MODES = ("drop", "mask")
@@ -330,7 +331,7 @@ class _Prompt:
     fillers: torch.Tensor | None = None  # [B, n_kept] True where kept_positions holds a filler
     image_rows: torch.Tensor | None = None  # [B, H, N_max]
     cache: weakref.ref | None = None
-    position_state: object = None
+    inputs: dict | None = None  # the top-level call's keywords (image sizes / grids for the layouts)
 
     @property
     def ragged(self) -> bool:
@@ -473,6 +474,7 @@ class FastVModel:
             self.prompt = None
             return None
         self.prompt = self._new_prompt(input_ids, call.attention_mask)
+        self.prompt.inputs = kwargs
         self.phase = "prefill"
         return None
 
@@ -499,6 +501,14 @@ class FastVModel:
         own N_b image tokens (one call for the whole batch when every N_b is equal)."""
         config = self.fastv
         keys = self._sample_keys(prompt) if config.method == "random" else None
+        if config.method == "uniform":  # a lattice on each sample's own grid (tiles, newlines explicit)
+            layouts = self.adapter.token_layouts(prompt.inputs or {}, prompt.n_image.tolist())
+            parts = []
+            for b, layout in enumerate(layouts):
+                sel = strategies.select(rows[b:b + 1, :, : layout.n_tokens], "uniform", config.keep)
+                kept = torch.from_numpy(uniform_tokens(layout, config.keep))[None].to(rows.device)
+                parts.append(replace(sel, indices=kept, scores=torch.zeros_like(sel.scores).scatter(-1, kept, 1.0)))
+            return self._stack(parts)
 
         def one(r, k):
             return strategies.select(r, config.method, config.keep, alpha=config.alpha, seed=config.seed,
@@ -506,8 +516,12 @@ class FastVModel:
 
         if not prompt.ragged:
             return one(rows, keys)
-        parts = [one(rows[b:b + 1, :, : int(n)], None if keys is None else keys[b:b + 1])
-                 for b, n in enumerate(prompt.n_image.tolist())]
+        return self._stack([one(rows[b:b + 1, :, : int(n)], None if keys is None else keys[b:b + 1])
+                            for b, n in enumerate(prompt.n_image.tolist())])
+
+    @staticmethod
+    def _stack(parts: list) -> strategies.Selection:
+        """One Selection from per-element ones of different N (scores zero-padded)."""
         return strategies.Selection(
             indices=torch.cat([p.indices for p in parts]),
             scores=torch.nn.utils.rnn.pad_sequence([p.scores[0] for p in parts], batch_first=True),

@@ -22,6 +22,7 @@ import polars as pl
 import torch
 
 from . import stats, strategies
+from .layout import TokenLayout, uniform_tokens
 from .store import atomic_write_json, atomic_write_parquet, open_run
 
 DEFAULT_METHODS = strategies.METHODS
@@ -102,7 +103,7 @@ def boundary_gap(scores: np.ndarray, order: np.ndarray, keep: int, rtol: float) 
 
 
 def kept_sets(attention: torch.Tensor, cfg: ScoreConfig, keeps: Sequence[int], sample_ids: Sequence[int], seed: int,
-              tie_rtol: float = TIE_RTOL["float32"]):
+              tie_rtol: float = TIE_RTOL["float32"], layout: TokenLayout | None = None):
     """Yield ``(keep, kept [S, keep], scores or None, tie margin [S], near-tie [S])`` for one
     configuration, ranking once. Margin and flag are NaN / null for the controls: their
     ranking does not come from the stored attention."""
@@ -117,7 +118,8 @@ def kept_sets(attention: torch.Tensor, cfg: ScoreConfig, keeps: Sequence[int], s
         head_tie = (top2[:, 1] - top2[:, 0]) <= tie_rtol * np.abs(top2[:, 1])
     for keep in keeps:
         if order is None:
-            kept = np.broadcast_to(strategies.uniform_indices(n_tokens, keep).numpy(), (n_samples, keep))
+            lattice = uniform_tokens(layout or TokenLayout.for_tokens(n_tokens), keep)
+            kept = np.broadcast_to(lattice, (n_samples, keep))
         else:
             kept = np.sort(order[:, :keep], axis=1)
         if cfg.method in CONTROLS:
@@ -159,6 +161,7 @@ def replay(
     agg_layer: int | None = None,
     tie_rtol: float = TIE_RTOL["float32"],
     objects: tuple[np.ndarray, np.ndarray] | None = None,
+    layout: TokenLayout | None = None,
 ) -> pl.DataFrame:
     """Selections of every method x alpha x keep for stacked attention ``[S, H, N]``.
 
@@ -171,16 +174,19 @@ def replay(
     depend on the id, not the position, so chunked replays agree with whole ones).
     At ``agg_layer`` 0 only the controls exist and ``max_head`` is null. ``objects``
     (``membership [S, N, M]``, ``valid [S, M]``, see :func:`stats.object_coverage`) adds
-    ``object_token_share`` and ``objects_touched``; without it they are NaN.
+    ``object_token_share`` and ``objects_touched``; without it they are NaN. ``layout``:
+    the :class:`~fastv_analysis.layout.TokenLayout` the samples share (default: a square
+    grid of N); ``uniform`` and the spatial statistics are defined on it.
     """
     attention, keeps, ids = _checked(attention, keeps, sample_ids)
     n_samples, _, n_tokens = attention.shape
+    layout = layout or TokenLayout.for_tokens(n_tokens)
     max_head = strategies.max_head_index(strategies.head_importance(attention)).numpy()
     if agg_layer == 0:
         max_head = pl.Series("max_head", [None] * n_samples, dtype=pl.Int64)
     frames = []
     for cfg in score_configs(methods, alphas):
-        for keep, kept, _, margin, near in kept_sets(attention, cfg, keeps, ids, seed, tie_rtol):
+        for keep, kept, _, margin, near in kept_sets(attention, cfg, keeps, ids, seed, tie_rtol, layout):
             frame = {
                 "sample_id": ids,
                 "method": [cfg.method] * n_samples,
@@ -192,7 +198,7 @@ def replay(
                 pl.Series("kept", [[]] * n_samples, dtype=pl.List(pl.Int32)),
                 "max_head": max_head,
                 "selection_id": selection_ids(kept),
-                **stats.spatial_stats(kept, n_tokens),
+                **stats.spatial_stats(kept, layout),
                 **(stats.object_coverage(kept, *objects) if objects is not None else
                    {"object_token_share": np.full(n_samples, np.nan), "objects_touched": np.full(n_samples, np.nan)}),
                 "tie_margin": np.asarray(margin, dtype=np.float64),
@@ -211,6 +217,7 @@ def overlap(
     *,
     sample_ids: Sequence[int] | None = None,
     agg_layer: int | None = None,
+    layout: TokenLayout | None = None,
 ) -> pl.DataFrame:
     """Pairwise agreement of configurations per sample and keep.
 
@@ -224,7 +231,7 @@ def overlap(
     masks: dict[tuple[ScoreConfig, int], np.ndarray] = {}
     scores: dict[ScoreConfig, np.ndarray | None] = {}
     for cfg in configs:
-        for keep, kept, sc, _, _ in kept_sets(attention, cfg, keeps, ids, seed):
+        for keep, kept, sc, _, _ in kept_sets(attention, cfg, keeps, ids, seed, layout=layout):
             masks[cfg, keep] = stats.kept_mask(kept, n_tokens)
             scores[cfg] = sc
     frames = []
@@ -321,17 +328,31 @@ EMPTY_SCHEMAS = {
 """Tables a select can legitimately leave empty, with the columns readers expect."""
 
 
+def sample_layouts(samples: pl.DataFrame) -> dict[int, TokenLayout]:
+    """sample_id -> its :class:`~fastv_analysis.layout.TokenLayout` (runs captured before
+    layouts were recorded: a square grid of N, as they were analysed then)."""
+    if "token_cells" not in samples.columns:
+        return {int(sid): TokenLayout.for_tokens(int(n))
+                for sid, n in samples.select("sample_id", "n_image_tokens").iter_rows()}
+    return {int(r["sample_id"]): TokenLayout.from_row(r)
+            for r in samples.select("sample_id", "grid_rows", "grid_cols", "token_cells").iter_rows(named=True)}
+
+
 def _layer_chunks(run, layer: int, chunk_size: int):
-    """``(sample_ids, [S, H, N], N)`` chunks of a layer, samples of one N per chunk (anyres
-    models give each image its own N); K = 0 has no attention (a placeholder ``[S, 1, N]``
-    of zeros: only the controls, which ignore it, are replayed there)."""
-    by_n: dict[int, list[int]] = {}
-    for sid, n in run.samples.select("sample_id", "n_image_tokens").iter_rows():
-        by_n.setdefault(int(n), []).append(int(sid))
-    for n, ids in by_n.items():
+    """``(sample_ids, [S, H, N], N, layout)`` chunks of a layer, samples of one layout per
+    chunk (anyres tiles and dynamic resolution give each image its own N and grid); K = 0
+    has no attention (a placeholder ``[S, 1, N]`` of zeros: only the controls, which ignore
+    it, are replayed there)."""
+    groups: dict[tuple, list[int]] = {}
+    layouts = sample_layouts(run.samples)
+    for sid in run.samples["sample_id"].to_list():
+        groups.setdefault(layouts[int(sid)].key(), []).append(int(sid))
+    for ids in groups.values():
+        layout = layouts[ids[0]]
+        n = layout.n_tokens
         for i in range(0, len(ids), chunk_size):
             chunk = ids[i : i + chunk_size]
-            yield chunk, (run.stack(layer, chunk) if layer > 0 else torch.zeros(len(chunk), 1, n)), n
+            yield chunk, (run.stack(layer, chunk) if layer > 0 else torch.zeros(len(chunk), 1, n)), n, layout
 
 
 def _near_tie_summary(path: Path) -> dict:
@@ -406,14 +427,14 @@ def run_select(
         if not layer_methods:
             bar.update(run.samples.height)
             continue
-        for ids, att, n in _layer_chunks(run, layer, chunk_size):
-            kw = dict(sample_ids=ids, agg_layer=layer)
+        for ids, att, n, layout in _layer_chunks(run, layer, chunk_size):
+            kw = dict(sample_ids=ids, agg_layer=layer, layout=layout)
             sel = replay(att, layer_methods, alphas, keep_list, seed, tie_rtol=tie_rtol,
                          objects=object_memberships(run, ids, n, geometry), **kw)
             ov = overlap(att, layer_methods, alphas, keep_list, seed, **kw)
             frames = [("selections", sel), ("overlap", ov)]
             if layer > 0:
-                frames.append(("heads", heads(att, **kw)))
+                frames.append(("heads", heads(att, sample_ids=ids, agg_layer=layer)))
             for name, frame in frames:
                 if frame.width:  # one configuration (e.g. a single control at K = 0) has no pairs
                     frame.write_parquet(parts[name] / f"{i:06d}.parquet")

@@ -54,24 +54,37 @@ def kendall_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return out
 
 
-def spatial_stats(kept: np.ndarray, n_tokens: int) -> dict[str, np.ndarray]:
-    """Where the kept tokens sit on the square image grid (e.g. 24 x 24 for 576 tokens).
+def spatial_stats(kept: np.ndarray, layout) -> dict[str, np.ndarray]:
+    """Where the kept tokens ``[S, K]`` sit on the samples' spatial grid.
 
-    mean_row / mean_col are in grid cells (0 = top / left); bottom_share is the fraction
-    of kept tokens in the bottom half, the region FastV's ranking is known to favour.
-    NaN when nothing is kept or the tokens do not form a square grid.
+    ``layout``: the :class:`~fastv_analysis.layout.TokenLayout` the S samples share (or N,
+    for :meth:`TokenLayout.for_tokens`). mean_row / mean_col are cell centres as a fraction
+    of the grid's height / width (0 = top / left, 1 = bottom / right), so grids of different
+    sizes compare; bottom_share is the fraction in the bottom half, the region FastV's
+    ranking is known to favour; on_grid_share the fraction of kept tokens on the grid at all
+    (anyres base tiles and newline tokens are not). NaN where no kept token is on a grid.
     """
-    side = math.isqrt(n_tokens)
+    from .layout import TokenLayout
+
+    if not isinstance(layout, TokenLayout):
+        layout = TokenLayout.for_tokens(int(layout))
+    kept = np.asarray(kept, dtype=np.int64)
     s = kept.shape[0]
-    if side * side != n_tokens or kept.shape[1] == 0:
+    if kept.shape[1] == 0 or layout.rows == 0:
         nan = np.full(s, np.nan)
-        return {"mean_row": nan, "mean_col": nan.copy(), "bottom_share": nan.copy()}
-    rows, cols = np.divmod(kept, side)
-    return {
-        "mean_row": rows.mean(axis=1),
-        "mean_col": cols.mean(axis=1),
-        "bottom_share": (rows >= side / 2).mean(axis=1),
-    }
+        share = np.full(s, np.nan) if kept.shape[1] == 0 else np.zeros(s)
+        return {"mean_row": nan, "mean_col": nan.copy(), "bottom_share": nan.copy(), "on_grid_share": share}
+    cells = layout.cells[kept]
+    on = cells >= 0
+    rows, cols = np.divmod(np.where(on, cells, 0), layout.cols)
+    count = on.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return {
+            "mean_row": np.where(count > 0, (((rows + 0.5) / layout.rows) * on).sum(axis=1) / count, np.nan),
+            "mean_col": np.where(count > 0, (((cols + 0.5) / layout.cols) * on).sum(axis=1) / count, np.nan),
+            "bottom_share": np.where(count > 0, ((rows + 0.5 >= layout.rows / 2) & on).sum(axis=1) / count, np.nan),
+            "on_grid_share": count / kept.shape[1],
+        }
 
 
 def object_membership(token_boxes: np.ndarray, objects: np.ndarray, min_fraction: float = 0.5) -> np.ndarray:

@@ -68,6 +68,9 @@ SAMPLE_COLUMNS = {
     "image_width": pl.Int64,
     "image_height": pl.Int64,
     "objects": pl.List(pl.List(pl.Float64)),
+    "grid_rows": pl.Int64,  # the sample's spatial grid and each image token's cell on it
+    "grid_cols": pl.Int64,  # (fastv_analysis.layout: -1 off the grid, -2 a newline token)
+    "token_cells": pl.List(pl.Int32),
 }
 
 _PART = re.compile(r"^part-(\d+)-(\d+)\.parquet$")

@@ -191,8 +191,20 @@ def test_cli_run_with_mixed_image_sizes(arch, tmp_path):
                  "--agg-layers", "0,2", "--max-new-tokens", "2", "--batch-size", "2", "--quiet"]) == 0
     samples = pl.read_parquet(run / "samples.parquet")
     assert samples.height == 5 and samples["n_image_tokens"].n_unique() >= 3
+    for row in samples.iter_rows(named=True):  # each sample's own grid, tiles and newlines explicit
+        cells = np.asarray(row["token_cells"])
+        assert len(cells) == row["n_image_tokens"] and (cells >= 0).sum() == row["grid_rows"] * row["grid_cols"]
+    if arch.startswith("Qwen"):  # smart_resize: 28 px per merged token, round(h / 28) x round(w / 28)
+        assert samples.sort("sample_id").select("grid_rows", "grid_cols").rows() == [
+            (2, 2), (3, 4), (4, 3), (2, 2), (3, 7)]
+    else:  # anyres: one newline token per row of the high-resolution grid; landscape is wider
+        assert all((np.asarray(c) == -2).sum() == r for c, r in samples.select("token_cells", "grid_rows").rows())
+        wide = samples.filter(pl.col("image_width") == 200).row(0, named=True)
+        assert wide["grid_cols"] > wide["grid_rows"]
     assert main(["select", str(run), "--keep", "4,2", "--alphas", "0.5", "--quiet"]) == 0
     sel = pl.read_parquet(run / "select" / "selections.parquet")
+    uniform = sel.filter(pl.col("method") == "uniform")
+    assert (uniform["on_grid_share"] == 1.0).all() and uniform["mean_row"].is_not_nan().all()
     joined = sel.join(samples.select("sample_id", "n_image_tokens"), on="sample_id")
     assert (joined["keep_ratio"] - joined["keep"] / joined["n_image_tokens"]).abs().max() < 1e-12
     assert main(["eval", str(run), "--timing-samples", "1", "--compare-mask", "2", "--quiet"]) == 0
@@ -201,3 +213,27 @@ def test_cli_run_with_mixed_image_sizes(arch, tmp_path):
     assert (acc["n"] == 5).all()
     assert main(["report", str(run)]) == 0
     assert (run / "report.html").exists()
+
+
+UNIFORM_KEEP_2 = {  # hand-computed lattice (fastv_analysis.layout.lattice_cells) on each image's own grid
+    # 24 x 24: r = ceil(sqrt(2)) = 2, c = 1 -> rows 6, 18, col 12 -> 6 * 24 + 12, 18 * 24 + 12
+    "LlavaForConditionalGeneration": [[156, 444], [156, 444]],
+    # 16 base-tile tokens, then rows of the high-res grid each ended by a newline (token = 16 + cell + row)
+    # 4 x 4 grid: rows 1, 3, col 2 -> cells 6, 14 -> tokens 23, 33; 4 x 8 grid: r = 1, c = 2 ->
+    # row 2, cols 2, 6 -> cells 18, 22 -> tokens 36, 40
+    "LlavaNextForConditionalGeneration": [[23, 33], [36, 40]],
+    "LlavaOnevisionForConditionalGeneration": [[23, 33], [36, 40]],
+    # 2 x 2 grid: r = 2, c = 1 -> rows 0, 1, col 1 -> 1, 3; 4 x 7 grid: r = 2, c = 1 -> rows 1, 3, col 3 -> 10, 24
+    "Qwen2VLForConditionalGeneration": [[1, 3], [10, 24]],
+    "Qwen2_5_VLForConditionalGeneration": [[1, 3], [10, 24]],
+}
+
+
+@pytest.mark.parametrize("agg_layer", [0, 1])
+def test_uniform_control_is_a_lattice_on_each_images_own_grid(family, agg_layer):
+    arch, loaded = family
+    inputs = _batch(loaded, arch)
+    with torch.no_grad(), apply_fastv(loaded.model, agg_layer=agg_layer, keep=2, method="uniform") as m:
+        m(**inputs)
+        kept = m.last_selection_metadata["kept_indices"]
+    assert kept.tolist() == UNIFORM_KEEP_2[arch]

@@ -70,9 +70,11 @@ def test_random_keep_sets_are_nested(attention):
 def test_spatial_statistics_by_hand():
     kept = np.array([[0, 23, 575], [552, 553, 554]])  # (0,0),(0,23),(23,23) / bottom row
     s = stats.spatial_stats(kept, 576)
-    np.testing.assert_allclose(s["mean_row"], [23 / 3, 23.0])
-    np.testing.assert_allclose(s["mean_col"], [46 / 3, 1.0])
+    # cell centres as a fraction of the 24-cell side: rows 0, 0, 23 -> (0.5 + 0.5 + 23.5) / 3 / 24
+    np.testing.assert_allclose(s["mean_row"], [24.5 / 72, 23.5 / 24])
+    np.testing.assert_allclose(s["mean_col"], [47.5 / 72, 4.5 / 72])
     np.testing.assert_allclose(s["bottom_share"], [1 / 3, 1.0])
+    np.testing.assert_allclose(s["on_grid_share"], [1.0, 1.0])
 
 
 def test_overlap_matches_independent_computation(attention):

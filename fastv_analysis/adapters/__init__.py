@@ -206,6 +206,13 @@ class Adapter:
     def attention_rows(self, module: nn.Module, call: AttentionCall, query_positions: torch.Tensor) -> torch.Tensor:
         return self.rows(self, module, call, query_positions)
 
+    def token_layouts(self, inputs: dict, n_image: list[int]) -> list:
+        """One :class:`~fastv_analysis.layout.TokenLayout` per batch element, from the model's
+        inputs (the processor's output): here one square grid (LLaVA-1.5's 24 x 24)."""
+        from ..layout import TokenLayout
+
+        return [TokenLayout.for_tokens(int(n)) for n in n_image]
+
 
 def _llava(model: nn.Module) -> Adapter:
     from .llava import build

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 
+import torch
 from torch import nn
 
 from . import Adapter
@@ -42,10 +43,57 @@ def decoder_fields(model: nn.Module, language_model: nn.Module) -> dict:
     )
 
 
+class AnyresAdapter(Adapter):
+    """LLaVA-NeXT / OneVision: a base tile, then the unpadded high-resolution grid whose rows
+    each end with an ``image_newline`` token."""
+
+    def token_layouts(self, inputs: dict, n_image: list[int]) -> list:
+        sizes = inputs.get("image_sizes")
+        if sizes is None:
+            raise ValueError(f"{self.architecture} needs the processor's image_sizes to lay out its tiles")
+        return [anyres_layout(self.model, sizes[b], int(n)) for b, n in enumerate(n_image)]
+
+
+def anyres_layout(model: nn.Module, image_size: torch.Tensor, n_tokens: int):
+    """The layout of one anyres image, read off the model's own ``pack_image_features``.
+
+    Feature vectors of ones go in for every tile and a zero vector as the newline, so the
+    packed output says which positions are newlines and how long each unpadded row is,
+    exactly as this transformers version packs (unpadding, OneVision's anyres_max
+    down-sampling included).
+    """
+    from ..layout import TokenLayout
+
+    config = model.config
+    modeling = inspect.getmodule(type(model.model))
+    side = config.vision_config.image_size // config.vision_config.patch_size
+    grid_h, grid_w = modeling.get_anyres_image_grid_shape(image_size.tolist(), config.image_grid_pinpoints,
+                                                          config.vision_config.image_size)
+    features = [torch.ones(1 + grid_h * grid_w, side * side, 1)]
+    pack = model.model.pack_image_features
+    params = inspect.signature(pack).parameters
+    kwargs = {"image_newline": torch.zeros(1)}
+    if "vision_feature_select_strategy" in params:
+        kwargs["vision_feature_select_strategy"] = config.vision_feature_select_strategy
+    if "vision_aspect_ratio" in params:
+        kwargs["vision_aspect_ratio"] = config.vision_aspect_ratio
+    with torch.no_grad():
+        packed, lengths = pack(features, image_size[None].cpu(), **kwargs)
+    marks = packed[0][:, 0]
+    if marks.shape[0] != n_tokens:
+        raise RuntimeError(f"{type(model).__name__}: the packed layout has {marks.shape[0]} tokens, the prompt "
+                           f"{n_tokens}; pack_image_features changed under this transformers version")
+    body = marks[side * side:]
+    rows = int((body == 0).sum())
+    cols = body.shape[0] // rows - 1 if rows else 0
+    return TokenLayout.anyres(side * side, rows, cols)
+
+
 def build(model: nn.Module) -> Adapter:
     config = model.config
     image_token_id = getattr(config, "image_token_id", None)
     if image_token_id is None:
         image_token_id = config.image_token_index  # LLaVA-OneVision's name for it
-    return Adapter(image_token_id=image_token_id, vision_tower=model.model.vision_tower,
-                   **decoder_fields(model, model.model.language_model))
+    cls = AnyresAdapter if hasattr(model.model, "pack_image_features") else Adapter
+    return cls(image_token_id=image_token_id, vision_tower=model.model.vision_tower,
+               **decoder_fields(model, model.model.language_model))

@@ -43,6 +43,23 @@ class QwenVLAdapter(Adapter):
         text = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         return torch.cat([text[None].to(vision.device), vision]), deltas
 
+    def token_layouts(self, inputs: dict, n_image: list[int]) -> list:
+        """Each image's own grid: ``image_grid_thw`` patches merged ``spatial_merge_size``^2 to one token."""
+        from ..layout import TokenLayout
+
+        merge = self.model.config.vision_config.spatial_merge_size
+        grids = inputs.get("image_grid_thw")
+        if grids is None:
+            raise ValueError(f"{self.architecture} needs the processor's image_grid_thw to lay out its tokens")
+        out = []
+        for (t, h, w), n in zip(grids.tolist(), n_image):
+            rows, cols = h // merge, w // merge
+            if t * rows * cols != n:
+                raise RuntimeError(f"{self.architecture}: image_grid_thw {t} x {h} x {w} gives {t * rows * cols} tokens, "
+                                   f"the prompt has {n}")
+            out.append(TokenLayout.grid(t * rows, cols))
+        return out
+
     def decode_positions(self, attention_mask: torch.Tensor, state: Any) -> torch.Tensor:
         text = attention_mask.long().sum(dim=1, keepdim=True) - 1  # [C, 1]
         mrope = (text + state.to(text.device).expand(text.shape[0], -1))[None].expand(3, -1, -1)

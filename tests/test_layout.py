@@ -1,0 +1,61 @@
+"""Token layouts: each sample's own grid, tiles and newline tokens explicit (hand-computed)."""
+
+import numpy as np
+import pytest
+
+from fastv_analysis import stats
+from fastv_analysis.layout import NEWLINE, OFF_GRID, TokenLayout, lattice_cells, uniform_tokens
+
+
+def test_anyres_layout_marks_base_tile_and_newlines():
+    # base tile of 4 tokens, then 2 rows of 3 tokens each followed by a newline
+    lay = TokenLayout.anyres(4, 2, 3)
+    assert lay.cells.tolist() == [-1, -1, -1, -1, 0, 1, 2, NEWLINE, 3, 4, 5, NEWLINE]
+    assert lay.newline.tolist() == [7, 11]
+
+
+def test_lattice_on_a_rectangular_grid():
+    # 2 x 4 grid, keep 2: r = ceil(sqrt(2 * 2 / 4)) = 1, c = 2 -> row floor(0.5 * 2) = 1,
+    # cols floor(0.5 * 4 / 2) = 1 and floor(1.5 * 4 / 2) = 3 -> cells 5 and 7
+    assert lattice_cells(2, 4, 2).tolist() == [5, 7]
+    # 4 x 2 grid, keep 2: r = ceil(sqrt(2 * 4 / 2)) = 2, c = 1 -> rows 1, 3, col 1 -> cells 3, 7
+    assert lattice_cells(4, 2, 2).tolist() == [3, 7]
+    with pytest.raises(ValueError):
+        lattice_cells(2, 2, 5)
+
+
+def test_uniform_tokens_map_cells_back_to_token_indices_and_skip_newlines():
+    lay = TokenLayout.anyres(4, 2, 3)  # grid 2 x 3; cell c sits at token 4 + c + c // 3
+    # keep 2: r = ceil(sqrt(2 * 2 / 3)) = 2, c = 1 -> rows 0, 1, col 1 -> cells 1, 4 -> tokens 5, 9
+    assert uniform_tokens(lay, 2).tolist() == [5, 9]
+    # keep 8 > 6 grid tokens: all grid tokens + 2 of the 6 off-grid ones (-1 x 4, newline x 2)
+    # at an even stride: off-grid tokens [0, 1, 2, 3, 7, 11], picks floor((i + 0.5) * 6 / 2) = 1, 4
+    assert uniform_tokens(lay, 8).tolist() == [1, 4, 5, 6, 7, 8, 9, 10]
+
+
+def test_unknown_layout_falls_back_to_a_stride_and_nan_statistics():
+    lay = TokenLayout.for_tokens(10)  # not a square: no grid
+    assert (lay.cells == OFF_GRID).all()
+    assert uniform_tokens(lay, 2).tolist() == [2, 7]  # floor((i + 0.5) * 10 / 2)
+    s = stats.spatial_stats(np.array([[0, 1]]), lay)
+    assert np.isnan(s["mean_row"]).all() and s["on_grid_share"].tolist() == [0.0]
+
+
+def test_spatial_stats_on_an_anyres_layout_by_hand():
+    lay = TokenLayout.anyres(4, 2, 3)
+    kept = np.array([[0, 4, 10], [7, 11, 5]])
+    s = stats.spatial_stats(kept, lay)
+    # row 0: token 0 off grid, token 4 = cell 0 (row 0, col 0), token 10 = cell 5 (row 1, col 2)
+    #   mean_row = ((0.5 + 1.5) / 2) / 2 = 0.5, mean_col = ((0.5 + 2.5) / 3) / 2 = 0.5,
+    #   bottom_share = 1 / 2, on_grid_share = 2 / 3
+    # row 1: two newlines + token 5 = cell 1 (row 0, col 1): 0.25, 0.5, 0, 1 / 3
+    np.testing.assert_allclose(s["mean_row"], [0.5, 0.25])
+    np.testing.assert_allclose(s["mean_col"], [0.5, 0.5])
+    np.testing.assert_allclose(s["bottom_share"], [0.5, 0.0])
+    np.testing.assert_allclose(s["on_grid_share"], [2 / 3, 1 / 3])
+
+
+def test_layout_round_trips_through_a_samples_row():
+    lay = TokenLayout.anyres(4, 2, 3)
+    back = TokenLayout.from_row(lay.to_row())
+    assert back.key() == lay.key()
