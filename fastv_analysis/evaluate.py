@@ -131,7 +131,7 @@ def evaluate_sample(loaded, prepared, rows: pl.DataFrame, max_new_tokens: int, m
         step = 1 if mode == "mask" and layer == 0 else batch_size  # mask mode cannot fan out the input at K = 0
         groups.extend(((layer, keep), distinct.slice(i, step)) for i in range(0, distinct.height, step))
     for (layer, keep), distinct in groups:
-        kept = torch.tensor(distinct["kept"].to_list(), dtype=torch.long).reshape(distinct.height, int(keep))
+        kept = torch.tensor(distinct["kept"].to_list(), dtype=torch.long)  # newlines kept by policy widen it
         tokens, t0, t1, t2 = pruned_answer_tokens(loaded, inputs, kept, int(layer), max_new_tokens, mode)
         texts = processor.batch_decode(tokens, skip_special_tokens=True)
         answers.update(((int(layer), sid), t.strip()) for sid, t in zip(distinct["selection_id"].to_list(), texts))
@@ -174,7 +174,7 @@ def time_configurations(loaded, prepared, rows: pl.DataFrame, max_new_tokens: in
     rng = np.random.default_rng([seed, int(prepared.sample_id)])
 
     def run(row):
-        kept = torch.tensor([row["kept"]], dtype=torch.long).reshape(1, int(row["keep"]))
+        kept = torch.tensor([row["kept"]], dtype=torch.long).reshape(1, -1)
         return pruned_answer_tokens(loaded, inputs, kept, int(row["agg_layer"]), max_new_tokens)
 
     for _ in range(warmup):
@@ -238,7 +238,9 @@ def accuracy_table(pred: pl.DataFrame, timing: pl.DataFrame, model_dims: dict,
         p_avg = _paired_p(g, ref) if row["method"] not in (REFERENCE, FULL) else None
         n_tokens = int(g["prompt_tokens"].mean())
         n_image = int(round(float(g["n_image_tokens"].mean())))  # anyres models: N varies by image
-        keep = min(int(row["keep"]), n_image)  # the full control keeps every token of each sample
+        # image tokens the model really kept: the full control all of each sample's, and a
+        # --newline-tokens keep selection its newline tokens on top of the budget
+        keep = min(int(round(float(g["n_kept"].mean()))) if "n_kept" in g.columns else int(row["keep"]), n_image)
         t = timing.filter(pl.col("agg_layer") == row["agg_layer"], pl.col("keep") == row["keep"])
         own = _config_times(config_timing, row)
         rows.append({
@@ -577,7 +579,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True, command: list[str] | None =
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     pred = (
-        selections.drop("kept")
+        selections.with_columns(pl.col("kept").list.len().alias("n_kept")).drop("kept")
         .join(answers_df, on=["sample_id", "agg_layer", "selection_id"], how="inner")
         .join(run.samples.select("sample_id", pl.col("prediction").alias("capture_prediction")), on="sample_id",
               how="left")

@@ -20,6 +20,13 @@ import numpy as np
 OFF_GRID = -1
 NEWLINE = -2
 
+NEWLINE_POLICIES = ("prune", "keep")
+"""What pruning does with LLaVA-NeXT / OneVision ``image_newline`` tokens: ``prune`` ranks
+them like every image token (the default: the budget counts every visual token the model
+sees, as FastV and the papers reporting LLaVA-NeXT at 2,880 tokens count them); ``keep``
+always keeps them, outside the budget, and ranks only the patch tokens (the newlines mark
+the grid's row ends, which the language model may rely on to read 2-D structure)."""
+
 
 @dataclass(frozen=True)
 class TokenLayout:
@@ -68,6 +75,11 @@ class TokenLayout:
     def newline(self) -> np.ndarray:
         """Indices of the newline tokens."""
         return np.flatnonzero(self.cells == NEWLINE)
+
+    def patches(self) -> tuple[np.ndarray, "TokenLayout"]:
+        """``(indices of the non-newline tokens, their layout)``: what ``keep`` ranks."""
+        idx = np.flatnonzero(self.cells != NEWLINE)
+        return idx, TokenLayout(self.rows, self.cols, self.cells[idx])
 
     def to_row(self) -> dict:
         """The samples.parquet columns that store it."""

@@ -40,10 +40,10 @@ from dataclasses import dataclass, field, fields, replace
 import torch
 from torch import nn
 
-from . import strategies
+from . import probes, strategies
 from .adapters import Adapter, DecoderCall, get_adapter, replace
 from .attention import rows_from_call
-from .layout import uniform_tokens
+from .layout import NEWLINE_POLICIES, uniform_tokens
 from .positions import take_positions
 
 MODES = ("drop", "mask")
@@ -71,6 +71,9 @@ class FastVConfig:
     agg_layer:    K, the first pruned layer; layer K-1's attention ranks the image tokens.
     keep:         image tokens kept (the reference's ``attention_rank``), 0..N.
     method/alpha: selection strategy, see :mod:`fastv_analysis.strategies`.
+    params:       the strategy's declared parameters (``query="text_mean"``, ``base=...``,
+                  ``sink_ratio=...``); the inputs it needs beyond the last-token rows are
+                  computed at layer K-1 (:mod:`fastv_analysis.probes`).
     image_start, image_tokens: a fixed image span for every element (the reference's
                   ``sys_length``/``image_token_length``); None = find it in input_ids.
     seed:         seeds the random method and the K = 0 subset (with each sample's key).
@@ -78,6 +81,9 @@ class FastVConfig:
                   select stage's ``sample_id``); None = a hash of the element's unpadded
                   input ids and pixel values (:func:`sample_keys`).
     mode:         "drop" (physically remove) or "mask" (mask out as keys).
+    newline:      LLaVA-NeXT / OneVision ``image_newline`` tokens: "prune" (ranked like
+                  every image token) or "keep" (always kept, outside the budget), see
+                  :data:`fastv_analysis.layout.NEWLINE_POLICIES`.
     kept:         externally chosen image-token indices ``[B, keep]`` or ``[keep]``
                   (replaying the select stage); overrides method when set.
     """
@@ -92,6 +98,8 @@ class FastVConfig:
     seed: int = 0
     sample_ids: Sequence[int] | None = None
     mode: str = "drop"
+    newline: str = "prune"
+    params: Mapping = field(default_factory=dict)
     kept: torch.Tensor | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -123,12 +131,15 @@ class FastVConfig:
             raise ValueError(f"keep must be a non-negative integer, got {self.keep!r}")
         if n_image is not None and self.keep > n_image:
             raise ValueError(f"keep must be in 0..{n_image} (the number of image tokens), got {self.keep}")
-        if self.method not in strategies.METHODS:
-            raise ValueError(f"unknown method {self.method!r}: expected one of {', '.join(strategies.METHODS)}")
+        if self.method not in strategies.STRATEGIES:
+            raise ValueError(f"unknown method {self.method!r}: expected one of {', '.join(strategies.STRATEGIES)}")
+        strategies.required_inputs(self.method, **dict(self.params))  # unknown or bad parameters raise here
         if not (isinstance(self.alpha, (int, float)) and 0.0 <= float(self.alpha) <= 1.0):
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.newline not in NEWLINE_POLICIES:
+            raise ValueError(f"newline must be one of {', '.join(NEWLINE_POLICIES)}, got {self.newline!r}")
         if (self.image_start is None) != (self.image_tokens is None):
             raise ValueError("image_start and image_tokens must be given together (or neither)")
         if self.sample_ids is not None and not all(isinstance(i, numbers.Integral) and not isinstance(i, bool)
@@ -332,6 +343,7 @@ class _Prompt:
     image_rows: torch.Tensor | None = None  # [B, H, N_max]
     cache: weakref.ref | None = None
     inputs: dict | None = None  # the top-level call's keywords (image sizes / grids for the layouts)
+    hidden_in: torch.Tensor | None = None  # residual stream entering layer K-1 (when a strategy needs it)
 
     @property
     def ragged(self) -> bool:
@@ -349,6 +361,12 @@ class _Prompt:
 
 _ACTIVE: "weakref.WeakKeyDictionary[nn.Module, FastVModel]" = weakref.WeakKeyDictionary()
 """model -> its live FastVModel: two sets of FastV hooks on one model would both fire."""
+
+
+def _tokens(x: torch.Tensor, name: str, index) -> torch.Tensor:
+    """A named input restricted to some image tokens (its token dim: 1 for the sketch
+    ``[B, N, D]``, the last one otherwise)."""
+    return x[:, index] if name == "sketch" else x[..., index]
 
 
 class FastVModel:
@@ -496,34 +514,55 @@ class FastVModel:
                 prompt.keys = sample_keys(prompt.input_ids, prompt.attention_mask, self._pixels)
         return prompt.keys
 
-    def _select(self, prompt: _Prompt, rows: torch.Tensor) -> strategies.Selection:
+    def _select(self, prompt: _Prompt, rows: torch.Tensor,
+                inputs: Mapping[str, torch.Tensor] | None = None) -> strategies.Selection:
         """Rank ``rows`` ``[B, H, N_max]`` with the configured method, each element over its
-        own N_b image tokens (one call for the whole batch when every N_b is equal)."""
+        own N_b image tokens and its own grid (one call for the whole batch when every
+        element has the same N and nothing depends on the grid)."""
         config = self.fastv
         keys = self._sample_keys(prompt) if config.method == "random" else None
-        if config.method == "uniform":  # a lattice on each sample's own grid (tiles, newlines explicit)
-            layouts = self.adapter.token_layouts(prompt.inputs or {}, prompt.n_image.tolist())
-            parts = []
-            for b, layout in enumerate(layouts):
-                sel = strategies.select(rows[b:b + 1, :, : layout.n_tokens], "uniform", config.keep)
-                kept = torch.from_numpy(uniform_tokens(layout, config.keep))[None].to(rows.device)
-                parts.append(replace(sel, indices=kept, scores=torch.zeros_like(sel.scores).scatter(-1, kept, 1.0)))
-            return self._stack(parts)
 
-        def one(r, k):
+        def one(r, k, named=None):
             return strategies.select(r, config.method, config.keep, alpha=config.alpha, seed=config.seed,
-                                     sample_keys=k)
+                                     sample_keys=k, inputs=named, **dict(config.params))
 
-        if not prompt.ragged:
-            return one(rows, keys)
-        return self._stack([one(rows[b:b + 1, :, : int(n)], None if keys is None else keys[b:b + 1])
-                            for b, n in enumerate(prompt.n_image.tolist())])
+        by_grid = config.method == "uniform" or config.newline == "keep"
+        if not prompt.ragged and not by_grid:
+            return one(rows, keys, inputs)
+        layouts = self.adapter.token_layouts(prompt.inputs or {}, prompt.n_image.tolist()) if by_grid else None
+        parts = []
+        for b, n in enumerate(prompt.n_image.tolist()):
+            r, k = rows[b:b + 1, :, :n], None if keys is None else keys[b:b + 1]
+            named = None if inputs is None else {name: _tokens(v[b:b + 1], name, slice(0, n))
+                                                 for name, v in inputs.items()}
+            layout, patches = None if layouts is None else layouts[b], None
+            if config.newline == "keep" and layout is not None and len(layout.newline):
+                idx, layout = layout.patches()  # rank the patch tokens only; newlines are added back
+                patches = torch.from_numpy(idx).to(rows.device)
+                r = r[..., patches]
+                named = None if named is None else {name: _tokens(v, name, patches) for name, v in named.items()}
+            if config.method == "uniform":
+                sel = strategies.select(r, "uniform", config.keep)
+                kept = strategies.uniform_indices(layout.n_tokens, config.keep, layout)[None].to(rows.device)
+                sel = replace(sel, indices=kept, scores=torch.zeros_like(sel.scores).scatter(-1, kept, 1.0))
+            else:
+                sel = one(r, k, named)
+            if patches is not None:
+                newline = torch.from_numpy(layouts[b].newline).to(rows.device)
+                kept = torch.cat([patches[sel.indices[0]], newline]).sort().values[None]
+                scores = torch.zeros(1, n, dtype=sel.scores.dtype, device=rows.device)
+                sel = replace(sel, indices=kept, scores=scores.index_copy(1, patches, sel.scores))
+            parts.append(sel)
+        return self._stack(parts)
 
     @staticmethod
     def _stack(parts: list) -> strategies.Selection:
-        """One Selection from per-element ones of different N (scores zero-padded)."""
+        """One Selection from per-element ones of different N (scores zero-padded; kept sets
+        of different sizes, newlines kept by policy, padded by repeating their first index)."""
+        width = max(p.indices.shape[1] for p in parts)
         return strategies.Selection(
-            indices=torch.cat([p.indices for p in parts]),
+            indices=torch.cat([torch.cat([p.indices, p.indices[:, :1].expand(1, width - p.indices.shape[1])], dim=1)
+                               for p in parts]),
             scores=torch.nn.utils.rnn.pad_sequence([p.scores[0] for p in parts], batch_first=True),
             max_head=torch.cat([p.max_head for p in parts]),
             head_importance=torch.cat([p.head_importance for p in parts]),
@@ -585,7 +624,13 @@ class FastVModel:
                     valid = torch.arange(image_rows.shape[-1], device=rows.device) < prompt.n_image[:, None]
                     image_rows = image_rows * valid[:, None, :]
                 prompt.image_rows = image_rows
-                prompt.selection = self._select(prompt, image_rows)
+                needs = strategies.required_inputs(self.fastv.method, **dict(self.fastv.params))
+                inputs = None
+                if needs:
+                    inputs = probes.layer_inputs(self.adapter, module, self.adapter.attention_call(args, kwargs),
+                                                 prompt.hidden_in, prompt.image_pos, prompt.n_image,
+                                                 prompt.query_pos, prompt.attention_mask, needs)
+                prompt.selection = self._select(prompt, image_rows, inputs)
             prompt.choose(prompt.selection.indices.to(prompt.image_pos.device))
             return None
 
@@ -603,6 +648,10 @@ class FastVModel:
     def _layer_hook(self, layer: int):
         def prune(module, args, kwargs):
             prompt = self.prompt
+            if self.phase == "prefill" and layer == prompt.agg_layer - 1 and prompt.kept_mask is None and any(
+                    n in probes.NEEDS_HIDDEN for n in strategies.required_inputs(self.fastv.method,
+                                                                                  **dict(self.fastv.params))):
+                prompt.hidden_in = self.adapter.layer_call(args, kwargs).hidden_states
             if self.phase is None or layer < prompt.agg_layer:
                 return None
             call = self.adapter.layer_call(args, kwargs)

@@ -22,7 +22,7 @@ import polars as pl
 import torch
 
 from . import stats, strategies
-from .layout import TokenLayout, uniform_tokens
+from .layout import NEWLINE_POLICIES, TokenLayout, uniform_tokens
 from .store import atomic_write_json, atomic_write_parquet, open_run
 
 DEFAULT_METHODS = strategies.METHODS
@@ -39,31 +39,48 @@ scores closer than one unit can swap order; float32 rows match the model's own t
 
 @dataclass(frozen=True)
 class ScoreConfig:
-    """One ranking of the image tokens: a method and, for weighted_combination, its alpha."""
+    """One selection rule: a strategy, its alpha (weighted_combination) and the query rows it
+    ranks by (``last``: FastV's last prompt token; ``text_mean`` / ``all_mean``)."""
 
     method: str
     alpha: float | None = None
+    query: str = "last"
 
     @property
     def label(self) -> str:
-        return self.method if self.alpha is None else f"{self.method}(alpha={self.alpha:g})"
+        label = self.method if self.alpha is None else f"{self.method}(alpha={self.alpha:g})"
+        return label if self.query == "last" else f"{label}@{self.query}"
+
+    @property
+    def params(self) -> dict:
+        return {} if self.query == "last" else {"query": self.query}
+
+    def inputs(self) -> tuple[str, ...]:
+        """The named inputs (:data:`fastv_analysis.strategies.INPUTS`) it reads."""
+        return strategies.required_inputs(self.method, **self.params)
 
 
-def score_configs(methods: Sequence[str], alphas: Sequence[float]) -> list[ScoreConfig]:
-    """Expand methods x alphas; alpha only varies weighted_combination."""
+def score_configs(methods: Sequence[str], alphas: Sequence[float], queries: Sequence[str] = ("last",)
+                  ) -> list[ScoreConfig]:
+    """Expand methods x alphas x queries; alpha only varies weighted_combination, the query
+    only the strategies that declare one (the controls and no_rope rank no query rows)."""
     out = []
+    bad_q = [q for q in queries if q not in strategies.QUERIES]
+    if bad_q:
+        raise ValueError(f"unknown query {bad_q[0]!r}: expected one of {', '.join(strategies.QUERIES)}")
     for m in methods:
-        if m not in strategies.METHODS:
-            raise ValueError(f"unknown method {m!r}: expected one of {', '.join(strategies.METHODS)}")
+        if m not in strategies.STRATEGIES:
+            raise ValueError(f"unknown method {m!r}: expected one of {', '.join(strategies.STRATEGIES)}")
+        alpha_grid = [None]
         if m == "weighted_combination":
             if not alphas:
                 raise ValueError("weighted_combination needs at least one alpha")
             bad = [a for a in alphas if not 0.0 <= float(a) <= 1.0]
             if bad:
                 raise ValueError(f"alpha {bad[0]:g} is outside [0, 1]")
-            out.extend(ScoreConfig(m, float(a)) for a in alphas)
-        else:
-            out.append(ScoreConfig(m))
+            alpha_grid = [float(a) for a in alphas]
+        query_grid = queries if "query" in strategies.strategy(m).params else ["last"]
+        out.extend(ScoreConfig(m, a, q) for q in query_grid for a in alpha_grid)
     return list(dict.fromkeys(out))
 
 
@@ -76,12 +93,38 @@ def selection_ids(kept: np.ndarray) -> list[str]:
 
 
 def config_scores(attention: torch.Tensor, cfg: ScoreConfig, sample_ids: Sequence[int], seed: int) -> np.ndarray | None:
-    """``[S, N]`` score vector of a configuration, None for uniform (a set, not a ranking)."""
+    """``[S, N]`` score vector of one of the original five methods on the last-token rows,
+    None for uniform (a set, not a ranking)."""
     if cfg.method == "uniform":
         return None
     if cfg.method == "random":
         return strategies.random_keys(seed, sample_ids, attention.shape[-1]).numpy()
     return strategies.attention_scores(attention, cfg.method, cfg.alpha if cfg.alpha is not None else 0.5).numpy()
+
+
+def _registry_sets(attention, cfg: ScoreConfig, keeps, sample_ids, seed, tie_rtol, inputs):
+    """kept_sets for the strategies beyond the original five, through the registry."""
+    n_samples, n_heads, _ = attention.shape
+    by_keep = strategies.select_keeps(attention, cfg.method, list(keeps), 0.5 if cfg.alpha is None else cfg.alpha,
+                                      seed=seed, sample_keys=[int(i) for i in sample_ids], inputs=inputs,
+                                      **cfg.params)
+    spec = strategies.strategy(cfg.method)
+    exact = spec.kind == "ranking" and cfg.method not in strategies.RANK_SCORED
+    head_tie = np.zeros(n_samples, dtype=bool)
+    if cfg.method == "dynamic_alpha" and n_heads > 1:  # h* decides its alpha and its head: a flip moves both
+        top2 = np.sort(strategies.head_importance(attention).numpy(), axis=1)[:, -2:]
+        head_tie = (top2[:, 1] - top2[:, 0]) <= tie_rtol * np.abs(top2[:, 1])
+    scores = None
+    for keep in keeps:
+        sel = by_keep[keep]
+        kept = sel.indices.numpy()
+        if exact:
+            scores = sel.scores.double().numpy()
+            margin, near = boundary_gap(scores, strategies.rank(sel.scores).numpy(), keep, tie_rtol)
+            near = near | head_tie
+        else:
+            margin, near = np.full(n_samples, np.nan), pl.Series("near_tie", [None] * n_samples, dtype=pl.Boolean)
+        yield keep, kept, scores if exact else None, margin, near
 
 
 def boundary_gap(scores: np.ndarray, order: np.ndarray, keep: int, rtol: float) -> tuple[np.ndarray, np.ndarray]:
@@ -103,11 +146,16 @@ def boundary_gap(scores: np.ndarray, order: np.ndarray, keep: int, rtol: float) 
 
 
 def kept_sets(attention: torch.Tensor, cfg: ScoreConfig, keeps: Sequence[int], sample_ids: Sequence[int], seed: int,
-              tie_rtol: float = TIE_RTOL["float32"], layout: TokenLayout | None = None):
+              tie_rtol: float = TIE_RTOL["float32"], layout: TokenLayout | None = None,
+              inputs: dict | None = None):
     """Yield ``(keep, kept [S, keep], scores or None, tie margin [S], near-tie [S])`` for one
-    configuration, ranking once. Margin and flag are NaN / null for the controls: their
-    ranking does not come from the stored attention."""
+    configuration, ranking once. Margin and flag are NaN / null for the controls (their
+    ranking does not come from the stored attention) and for the strategies whose scores
+    are ranks (sink_excluded, diverse) or that choose a set per keep (hybrid_uniform)."""
     n_samples, n_heads, n_tokens = attention.shape
+    if cfg.method not in strategies.METHODS or cfg.query != "last":  # through the registry, with inputs
+        yield from _registry_sets(attention, cfg, keeps, sample_ids, seed, tie_rtol, inputs)
+        return
     scores = config_scores(attention, cfg, sample_ids, seed)
     order = None if scores is None else strategies.rank(torch.from_numpy(scores)).numpy()
     head_tie = np.zeros(n_samples, dtype=bool)
@@ -162,6 +210,8 @@ def replay(
     tie_rtol: float = TIE_RTOL["float32"],
     objects: tuple[np.ndarray, np.ndarray] | None = None,
     layout: TokenLayout | None = None,
+    queries: Sequence[str] = ("last",),
+    inputs: dict | None = None,
 ) -> pl.DataFrame:
     """Selections of every method x alpha x keep for stacked attention ``[S, H, N]``.
 
@@ -185,8 +235,8 @@ def replay(
     if agg_layer == 0:
         max_head = pl.Series("max_head", [None] * n_samples, dtype=pl.Int64)
     frames = []
-    for cfg in score_configs(methods, alphas):
-        for keep, kept, _, margin, near in kept_sets(attention, cfg, keeps, ids, seed, tie_rtol, layout):
+    for cfg in score_configs(methods, alphas, queries):
+        for keep, kept, _, margin, near in kept_sets(attention, cfg, keeps, ids, seed, tie_rtol, layout, inputs):
             frame = {
                 "sample_id": ids,
                 "method": [cfg.method] * n_samples,
@@ -218,6 +268,8 @@ def overlap(
     sample_ids: Sequence[int] | None = None,
     agg_layer: int | None = None,
     layout: TokenLayout | None = None,
+    queries: Sequence[str] = ("last",),
+    inputs: dict | None = None,
 ) -> pl.DataFrame:
     """Pairwise agreement of configurations per sample and keep.
 
@@ -227,11 +279,11 @@ def overlap(
     """
     attention, keeps, ids = _checked(attention, keeps, sample_ids)
     n_samples, _, n_tokens = attention.shape
-    configs = score_configs(methods, alphas)
+    configs = score_configs(methods, alphas, queries)
     masks: dict[tuple[ScoreConfig, int], np.ndarray] = {}
     scores: dict[ScoreConfig, np.ndarray | None] = {}
     for cfg in configs:
-        for keep, kept, sc, _, _ in kept_sets(attention, cfg, keeps, ids, seed, layout=layout):
+        for keep, kept, sc, _, _ in kept_sets(attention, cfg, keeps, ids, seed, layout=layout, inputs=inputs):
             masks[cfg, keep] = stats.kept_mask(kept, n_tokens)
             scores[cfg] = sc
     frames = []
@@ -338,6 +390,16 @@ def sample_layouts(samples: pl.DataFrame) -> dict[int, TokenLayout]:
             for r in samples.select("sample_id", "grid_rows", "grid_cols", "token_cells").iter_rows(named=True)}
 
 
+def with_kept_tokens(selections: pl.DataFrame, patches: np.ndarray, always: np.ndarray) -> pl.DataFrame:
+    """Kept sets chosen among ``patches`` (indices into them) as image-token indices, plus
+    the tokens kept by policy (``always``: the newline tokens), with their selection ids."""
+    kept = [np.sort(np.concatenate([patches[np.asarray(k, dtype=np.int64)], always])).astype(np.int32)
+            for k in selections["kept"].to_list()]
+    ids = [selection_ids(k[None])[0] for k in kept]
+    return selections.with_columns(pl.Series("kept", [k.tolist() for k in kept], dtype=pl.List(pl.Int32)),
+                                   pl.Series("selection_id", ids, dtype=selections.schema["selection_id"]))
+
+
 def _layer_chunks(run, layer: int, chunk_size: int):
     """``(sample_ids, [S, H, N], N, layout)`` chunks of a layer, samples of one layout per
     chunk (anyres tiles and dynamic resolution give each image its own N and grid); K = 0
@@ -383,8 +445,15 @@ def run_select(
     chunk_size: int = 256,
     progress: bool = True,
     command: Sequence[str] | None = None,
+    newline: str = "prune",
+    queries: Sequence[str] = ("last",),
 ) -> dict:
     """Stream a run directory through replay/overlap/heads and write ``RUN/select/``.
+
+    ``newline``: what the ranking does with ``image_newline`` tokens (LLaVA-NeXT /
+    OneVision), see :data:`fastv_analysis.layout.NEWLINE_POLICIES`; with ``keep`` the
+    strategies rank the patch tokens only, keeps and ``keep_ratio`` count those, and every
+    kept set also holds the sample's newline tokens, as ``apply_fastv(newline="keep")``.
 
     Only one chunk of attention is in memory at a time; each chunk's rows go to a part
     file, and the parts are merged by polars' streaming engine into the final tables.
@@ -398,10 +467,14 @@ def run_select(
     layers = list(agg_layers) if agg_layers else run.agg_layers
     for k in layers:
         run.check_layer(k)
-    score_configs(methods, alphas)  # validate before touching the disk
+    configs = score_configs(methods, alphas, queries)  # validate before touching the disk
     if run.samples.height == 0:
         raise ValueError(f"{run.root} has no captured samples")
-    n_tokens = int(run.samples["n_image_tokens"].min())  # keeps must fit every sample (anyres: N varies)
+    if newline not in NEWLINE_POLICIES:
+        raise ValueError(f"--newline-tokens must be one of {', '.join(NEWLINE_POLICIES)}, got {newline!r}")
+    layouts = sample_layouts(run.samples)
+    budgets = [lay.patches()[1].n_tokens if newline == "keep" else lay.n_tokens for lay in layouts.values()]
+    n_tokens = int(min(budgets))  # keeps must fit every sample (anyres, dynamic resolution: N varies)
     keep_list = resolve_keeps(keeps, keep_ratios, n_tokens)
     if not keep_list:
         raise ValueError("no keep counts given: pass --keep or --keep-ratio")
@@ -422,15 +495,32 @@ def run_select(
 
         geometry = load_geometry(run.config.get("model"))
     k0_methods = [m for m in methods if m in CONTROLS]
+    needs = sorted({n for c in configs for n in c.inputs()})
+    missing = [n for n in needs if n not in (run.config.get("store") or [])]
+    if missing and any(k > 0 for k in layers):
+        raise ValueError(f"{run.root}: the chosen strategies need {', '.join(missing)}, which the capture did not "
+                         f"store (capture again with --store {','.join(missing)})")
     for layer in layers:
         layer_methods = k0_methods if layer == 0 else methods
         if not layer_methods:
             bar.update(run.samples.height)
             continue
         for ids, att, n, layout in _layer_chunks(run, layer, chunk_size):
-            kw = dict(sample_ids=ids, agg_layer=layer, layout=layout)
-            sel = replay(att, layer_methods, alphas, keep_list, seed, tie_rtol=tie_rtol,
-                         objects=object_memberships(run, ids, n, geometry), **kw)
+            objects = object_memberships(run, ids, n, geometry)
+            inputs = run.inputs(layer, ids, needs) if layer > 0 and needs else None
+            patches = None
+            if newline == "keep" and len(layout.newline):
+                newlines = layout.newline
+                patches, layout = layout.patches()
+                att = att[..., torch.from_numpy(patches)]
+                if inputs is not None:
+                    inputs = {k: v[:, patches] if k == "sketch" else v[..., patches] for k, v in inputs.items()}
+                objects = None if objects is None else (objects[0][:, patches], objects[1])
+            kw = dict(sample_ids=ids, agg_layer=layer, layout=layout, queries=queries if layer > 0 else ("last",),
+                      inputs=inputs)
+            sel = replay(att, layer_methods, alphas, keep_list, seed, tie_rtol=tie_rtol, objects=objects, **kw)
+            if patches is not None:
+                sel = with_kept_tokens(sel, patches, newlines)
             ov = overlap(att, layer_methods, alphas, keep_list, seed, **kw)
             frames = [("selections", sel), ("overlap", ov)]
             if layer > 0:
@@ -457,8 +547,10 @@ def run_select(
         "agg_layers": layers,
         "seed": seed,
         "chunk_size": chunk_size,
+        "newline_tokens": newline,
         "n_samples": run.samples.height,
-        "n_configurations": len(score_configs(methods, alphas)) * len(keep_list),
+        "n_configurations": len(configs) * len(keep_list),
+        "queries": list(queries),
         "tie_rtol": tie_rtol,
         "near_ties": _near_tie_summary(tmp / "selections.parquet"),
         "capture_fingerprint": capture_fingerprint(run),

@@ -240,26 +240,19 @@ def random_keys(seed: int, sample_keys: Sequence[int], n_tokens: int) -> torch.T
     return torch.from_numpy(np.stack([np.random.default_rng([int(seed), k]).random(n_tokens) for k in keys]))
 
 
-def uniform_indices(n_tokens: int, keep: int) -> torch.Tensor:
+def uniform_indices(n_tokens: int, keep: int, layout=None) -> torch.Tensor:
     """``[keep]`` image-token indices spread evenly over the image grid (ascending).
 
-    On a square grid (576 = 24 x 24) the kept tokens form an r x c lattice of cell
-    centres, r = ceil(sqrt(keep)), c = ceil(keep / r), with any surplus points left out
-    evenly along the raster order; otherwise an even stride over the raster order. The spatial baseline that attention ranking is compared with.
+    A lattice of cell centres on the sample's spatial grid (``layout``, a
+    :class:`~fastv_analysis.layout.TokenLayout`; default: the square grid of N, 576 =
+    24 x 24, or an even stride over the token order when N is not a square), see
+    :func:`fastv_analysis.layout.uniform_tokens`. The spatial baseline that attention
+    ranking is compared with.
     """
-    if keep == 0:
-        return torch.zeros(0, dtype=torch.long)
-    side = math.isqrt(n_tokens)
-    if side * side != n_tokens:
-        return torch.floor((torch.arange(keep) + 0.5) * n_tokens / keep).long()
-    rows_n = math.ceil(math.sqrt(keep))
-    cols_n = math.ceil(keep / rows_n)
-    rows = torch.floor((torch.arange(rows_n) + 0.5) * side / rows_n).long()
-    cols = torch.floor((torch.arange(cols_n) + 0.5) * side / cols_n).long()
-    lattice = (rows[:, None] * side + cols[None, :]).flatten()
-    # r * c >= keep: leave out the surplus lattice points evenly, not all at the end
-    chosen = torch.floor((torch.arange(keep) + 0.5) * lattice.numel() / keep).long()
-    return lattice[chosen].sort().values
+    from .layout import TokenLayout, uniform_tokens
+
+    layout = layout if layout is not None else TokenLayout.for_tokens(n_tokens)
+    return torch.from_numpy(uniform_tokens(layout, keep)).long()
 
 
 def rank(scores: torch.Tensor) -> torch.Tensor:
@@ -720,5 +713,8 @@ def _hybrid_uniform(ctx: _Ctx, keep: int | None, *, base: str, uniform_share: fl
 
 
 ALL_METHODS = tuple(STRATEGIES)
+
+RANK_SCORED = ("sink_excluded", "diverse")
+"""Rankings whose scores are positions in the ranking, not attention: no tie margin."""
 """Every registered strategy, in registration order: the original five first, then
 dynamic_alpha, no_rope, sink_excluded, diverse, hybrid_uniform."""

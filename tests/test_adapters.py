@@ -237,3 +237,58 @@ def test_uniform_control_is_a_lattice_on_each_images_own_grid(family, agg_layer)
         m(**inputs)
         kept = m.last_selection_metadata["kept_indices"]
     assert kept.tolist() == UNIFORM_KEEP_2[arch]
+
+
+@pytest.mark.parametrize("arch", ["LlavaNextForConditionalGeneration", "LlavaOnevisionForConditionalGeneration"])
+def test_newline_policy_keep_keeps_every_image_newline_outside_the_budget(arch, tmp_path):
+    """newline="keep": the positions whose input embedding IS the model's image_newline vector
+    are all kept, and exactly `keep` other image tokens; select --newline-tokens keep replays
+    the same sets offline."""
+    import json
+
+    import polars as pl
+
+    from fastv_analysis.cli.main import main
+
+    model_dir = TINY_CHECKPOINTS[arch](tmp_path / "m", seed=1)
+    loaded = load_model(str(model_dir), device="cpu", dtype="float32")
+    model = loaded.model
+    inputs = _batch(loaded, arch)
+    seen = {}
+    hook = model.model.language_model.register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.update(embeds=kwargs["inputs_embeds"]), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        hook.remove()
+    is_newline = (seen["embeds"] == model.model.image_newline.to(seen["embeds"].dtype)).all(dim=-1)  # [B, S]
+    image = inputs["input_ids"] == get_adapter(model).image_token_id
+    assert is_newline.any(dim=1).all() and not (is_newline & ~image).any()
+    for agg_layer in (0, 2):
+        with torch.no_grad(), apply_fastv(model, agg_layer=agg_layer, keep=3, newline="keep", sample_ids=[0, 1]) as m:
+            m(**inputs)
+            kept = m.last_gen_attention_mask
+        assert kept[is_newline].all()
+        assert ((kept & image & ~is_newline).sum(dim=1) == 3).all()
+
+    data = tmp_path / "d"
+    (data / "images").mkdir(parents=True)
+    _image((200, 90), 4).save(data / "images" / "0.png")
+    (data / "questions.jsonl").write_text(json.dumps({"question_id": "q0", "image": "images/0.png",
+                                                      "text": "what color?", "answer": "red"}) + "\n")
+    run = tmp_path / "run"
+    assert main(["capture", "--model", str(model_dir), "--data", str(data / "questions.jsonl"), "--out", str(run),
+                 "--agg-layers", "2", "--max-new-tokens", "2", "--quiet"]) == 0
+    assert main(["select", str(run), "--keep", "3", "--methods", "avg_all_heads,random", "--newline-tokens", "keep",
+                 "--quiet"]) == 0
+    sel = pl.read_parquet(run / "select" / "selections.parquet")
+    alone = dict(loaded.processor(text=[build_prompt(loaded.processor, "what color?")],
+                                  images=[_image((200, 90), 4)], return_tensors="pt"))
+    for method in ("avg_all_heads", "random"):
+        with torch.no_grad(), apply_fastv(model, agg_layer=2, keep=3, method=method, newline="keep",
+                                          sample_ids=[0]) as m:
+            m(**alone)
+            online = m.last_selection_metadata["kept_indices"][0].tolist()
+        assert sel.filter(pl.col("method") == method)["kept"].to_list() == [online]
+    assert main(["eval", str(run), "--timing-samples", "0", "--quiet"]) == 0
