@@ -6,7 +6,9 @@ import sys
 
 import click
 
-from .params import IntList, threads_option
+from fastv_analysis.probes import STORE_OPTIONS
+
+from .params import Choices, IntList, threads_option
 
 
 @click.command("capture")
@@ -27,6 +29,10 @@ from .params import IntList, threads_option
                    "decoder input; random and uniform only) stores nothing.")
 @click.option("--queries", type=click.Choice(["last", "text"]), default="last", show_default=True,
               help="last: the last prompt token's row; text: every text token after the image too.")
+@click.option("--store", "store", type=Choices(STORE_OPTIONS), default="", show_default=False,
+              help="Also store, per K: attention_no_rope, attention_text_mean, attention_all_mean (other query "
+                   "rows), hidden_norm (image-token residual norms, sinks), sketch (64-dim projection, diversity); "
+                   "layers: the last token's image attention at every layer. Comma list; bytes per sample printed.")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
 @click.option("--dtype", default="auto", show_default=True,
               help="Model dtype: auto (bfloat16/float16 on GPU, float32 on CPU), float32, float16, bfloat16.")
@@ -45,7 +51,7 @@ from .params import IntList, threads_option
 @click.option("--skip-bad", is_flag=True, help="Log bad samples to RUN/errors.jsonl and go on instead of stopping.")
 @click.option("--overwrite", is_flag=True, help="Replace a run directory made with other settings.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def capture_cmd(model, data, benchmark, subsample, subsample_seed, out, agg_layers, queries, device, dtype, store_dtype, batch_size, limit,
+def capture_cmd(model, data, benchmark, subsample, subsample_seed, out, agg_layers, queries, store, device, dtype, store_dtype, batch_size, limit,
                 max_new_tokens, prompt_template, part_size, skip_bad, overwrite, quiet):
     """Run the full model once per sample; store its answer and the layer K-1 attention
     that the prompt paid to each image token, per head, under OUT.
@@ -61,9 +67,11 @@ def capture_cmd(model, data, benchmark, subsample, subsample_seed, out, agg_laye
                         batch_size=batch_size, limit=limit, skip_bad=skip_bad, max_new_tokens=max_new_tokens,
                         prompt_template=prompt_template, store_dtype=store_dtype, overwrite=overwrite,
                         part_size=part_size, benchmark=benchmark, subsample=subsample,
-                        subsample_seed=subsample_seed)
+                        subsample_seed=subsample_seed, store=list(store))
     info = run_capture(cfg, progress=not quiet, command=sys.argv)
     if info["n_samples"] is not None:
         acc = "" if info["accuracy"] is None else f", full-model accuracy {info['accuracy']:.1%}"
         click.echo(f"capture: {info['captured']} new samples ({info['skipped_done']} already done, "
                    f"{info['bad']} bad) in {info['seconds']:.1f}s -> {out} ({info['n_samples']} samples{acc})")
+        if info.get("bytes_per_sample"):
+            click.echo("stored per sample: " + ", ".join(f"{k} {v:,} B" for k, v in info["bytes_per_sample"].items()))

@@ -22,7 +22,7 @@ from .loading import DEFAULT_DATA, DEFAULT_MODEL, build_prompt, check_template, 
     sync_device
 from .provenance import file_sha256, fingerprint, versions
 from .scoring import is_correct
-from .store import RunWriter, atomic_write_bytes, attention_key
+from .store import RunWriter, atomic_write_bytes, attention_key, layers_key
 
 QUERIES = ("last", "text")
 
@@ -47,6 +47,7 @@ class CaptureConfig:
     benchmark: str | None = None  # a fastv_analysis.tasks name; None = detect, else a plain question file
     subsample: int | None = None  # a seeded random subset of N questions (a larger N extends it)
     subsample_seed: int = 0
+    store: list[str] = field(default_factory=list)  # extra tensors, see fastv_analysis.probes.STORE_OPTIONS
 
 
 class BadSample(ValueError):
@@ -158,9 +159,10 @@ def _answer_text(answer) -> str:
 
 def capture_batch(loaded, batch: list[Prepared], cfg: CaptureConfig, store_dtype: torch.dtype):
     """Answer and record one batch; returns (index rows, tensors by name)."""
+    from . import probes
     from .adapters import get_adapter
     from .attention import AttentionRecorder, take_positions
-    from .pruning import image_positions
+    from .pruning import image_positions, last_token_positions
 
     adapter = get_adapter(loaded.model)
     processor = loaded.processor
@@ -170,8 +172,15 @@ def capture_batch(loaded, batch: list[Prepared], cfg: CaptureConfig, store_dtype
     queries = "last" if cfg.queries == "last" else text_query_positions(image_pos, seq_len)
     ranked = [k for k in cfg.agg_layers if k >= 1]  # K = 0 ranks nothing: nothing to record
     layers = [k - 1 for k in ranked]
+    named = [n for n in cfg.store if n in probes.NAMES]
+    all_layers = "layers" in cfg.store
+    recorded = sorted(set(layers) | (set(range(adapter.num_layers)) if all_layers else set()))
+    n_image = torch.full((len(batch),), image_pos.shape[1], device=image_pos.device)
+    query_pos = last_token_positions(inputs.get("attention_mask"), len(batch), seq_len, image_pos.device)
     t0 = time.perf_counter()
-    with torch.inference_mode(), AttentionRecorder(loaded.model, layers, queries) as rec:
+    with torch.inference_mode(), AttentionRecorder(loaded.model, recorded, queries) as rec, \
+            probes.InputsRecorder(loaded.model, layers if named else [], named, image_pos, n_image, query_pos,
+                                  inputs.get("attention_mask")) as extra:
         out = loaded.model.generate(**inputs, max_new_tokens=cfg.max_new_tokens, do_sample=False,
                                     pad_token_id=processor.tokenizer.pad_token_id)
     sync_device(loaded.device)
@@ -198,6 +207,13 @@ def capture_batch(loaded, batch: list[Prepared], cfg: CaptureConfig, store_dtype
             if cfg.queries == "text":
                 n_after = int(seq_len - 1 - image_pos[b, -1])
                 tensors[attention_key(p.sample_id, k, "text")] = cols[b, :, cols.shape[2] - n_after :, :].clone()
+            for name, value in extra.inputs.get(layer, {}).items():
+                tensors[attention_key(p.sample_id, k, name)] = value[b].to(store_dtype).cpu().clone()
+    if all_layers:  # [L, H, N]: the last prompt token's image attention at every layer
+        stacked = torch.stack([take_positions(rec.rows[i][:, :, -1, :], image_pos, dim=-1)
+                               for i in range(adapter.num_layers)], dim=1).to(store_dtype).cpu()
+        for b, p in enumerate(batch):
+            tensors[layers_key(p.sample_id)] = stacked[b].clone()
     return rows, tensors
 
 
@@ -222,6 +238,12 @@ def run_capture(cfg: CaptureConfig, progress: bool = True, command: list[str] | 
 
     if cfg.queries not in QUERIES:
         raise ValueError(f"--queries must be one of {', '.join(QUERIES)}, got {cfg.queries!r}")
+    from .probes import STORE_OPTIONS
+
+    unknown = sorted(set(cfg.store) - set(STORE_OPTIONS))
+    if unknown:
+        raise ValueError(f"--store {','.join(unknown)}: expected some of {', '.join(STORE_OPTIONS)}")
+    cfg.store = sorted(set(cfg.store))
     if cfg.prompt_template is not None:
         check_template(cfg.prompt_template)
     store_dtype = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}.get(cfg.store_dtype)
@@ -261,6 +283,7 @@ def run_capture(cfg: CaptureConfig, progress: bool = True, command: list[str] | 
         "subsample_seed": cfg.subsample_seed,
         "agg_layers": sorted(cfg.agg_layers),
         "queries": cfg.queries,
+        "store": cfg.store,
         "dtype": str(loaded.dtype).removeprefix("torch."),
         "store_dtype": cfg.store_dtype,
         "max_new_tokens": cfg.max_new_tokens,
@@ -348,11 +371,18 @@ def _capture_samples(cfg, writer, questions, order, bad_lines, loaded, adapter, 
     pending_n = None
     part_rows: list[dict] = []
     part_tensors: dict = {}
+    stored_bytes: dict[str, int] = {}  # per stored tensor kind (last, text, attention_no_rope, ..., layers)
+    stored_samples = 0
 
     def flush(final: bool = False):
         """Capture the pending batch; write a part once it holds cfg.part_size samples."""
+        nonlocal stored_samples
         if pending:
             rows, tensors = capture_batch(loaded, pending, cfg, store_dtype)
+            for key, value in tensors.items():
+                kind = key.rsplit("/", 1)[-1]
+                stored_bytes[kind] = stored_bytes.get(kind, 0) + value.numel() * value.element_size()
+            stored_samples += len(rows)
             part_rows.extend(rows)
             part_tensors.update(tensors)
             bar.update(len(pending))
@@ -401,5 +431,7 @@ def _capture_samples(cfg, writer, questions, order, bad_lines, loaded, adapter, 
         "first_error": first_error,
         "seconds": time.perf_counter() - t_start,
         "n_samples": None if samples is None else samples.height,
+        "bytes_per_sample": {k: round(v / stored_samples) for k, v in sorted(stored_bytes.items())}
+        if stored_samples else {},
         "accuracy": None if samples is None or samples.height == 0 else float(samples["correct"].mean()),
     }

@@ -39,6 +39,7 @@ IDENTITY_KEYS = (
     "data_sha256",
     "agg_layers",
     "queries",
+    "store",
     "dtype",
     "max_new_tokens",
     "prompt_template",
@@ -78,8 +79,14 @@ _LAST = re.compile(r"^(\d+)/L(\d+)/last$")
 
 
 def attention_key(sample_id: int, agg_layer: int, query: str = "last") -> str:
-    """Name of one cached tensor: the layer-(K-1) attention used to prune at layer K."""
+    """Name of one cached tensor: the layer-(K-1) attention used to prune at layer K (or,
+    for another ``query``, one of the named inputs of :mod:`fastv_analysis.probes`)."""
     return f"{int(sample_id)}/L{int(agg_layer)}/{query}"
+
+
+def layers_key(sample_id: int) -> str:
+    """Name of a sample's ``[L, H, N]`` last-token image attention at every layer (``--store layers``)."""
+    return f"{int(sample_id)}/layers"
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -307,6 +314,25 @@ class Run:
         if len(shapes) > 1:
             raise ValueError(f"samples of {self.root} have different [H, N] shapes {sorted(shapes)}; cannot stack")
         return torch.stack(tensors) if tensors else torch.zeros(0, 0, 0)
+
+    def inputs(self, agg_layer: int, sample_ids: Sequence[int], names: Sequence[str]) -> dict:
+        """``{name: [S, ...] float32}`` of the named inputs stored with ``--store`` for layer K."""
+        import torch
+
+        self.check_layer(agg_layer)
+        stored = set(self.config.get("store") or [])
+        out = {}
+        for name in names:
+            if name not in stored:
+                raise ValueError(f"{self.root}: {name} was not captured (capture with --store {name})")
+            out[name] = torch.stack([self._tensor(attention_key(s, agg_layer, name), s).float() for s in sample_ids])
+        return out
+
+    def layer_attention(self, sample_id: int):
+        """float32 ``[L, H, N]``: the last prompt token's image attention at every layer."""
+        if "layers" not in (self.config.get("store") or []):
+            raise ValueError(f"{self.root}: per-layer attention was not captured (capture with --store layers)")
+        return self._tensor(layers_key(sample_id), sample_id).float()
 
     def iter_chunks(self, agg_layer: int, chunk_size: int = 256) -> Iterator[tuple[list[int], object]]:
         """Yield ``(sample_ids, [S, H, N])`` chunks so big runs never sit in memory whole."""

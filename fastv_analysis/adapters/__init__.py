@@ -203,8 +203,9 @@ class Adapter:
         """Position ids ``[C, 1]`` of the next token of every row of a shared decode."""
         return attention_mask.long().sum(dim=1, keepdim=True) - 1
 
-    def attention_rows(self, module: nn.Module, call: AttentionCall, query_positions: torch.Tensor) -> torch.Tensor:
-        return self.rows(self, module, call, query_positions)
+    def attention_rows(self, module: nn.Module, call: AttentionCall, query_positions: torch.Tensor,
+                       rope: bool = True) -> torch.Tensor:
+        return self.rows(self, module, call, query_positions, rope=rope)
 
     def token_layouts(self, inputs: dict, n_image: list[int]) -> list:
         """One :class:`~fastv_analysis.layout.TokenLayout` per batch element, from the model's
