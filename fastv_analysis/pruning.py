@@ -522,11 +522,11 @@ class FastVModel:
         config = self.fastv
         keys = self._sample_keys(prompt) if config.method == "random" else None
 
-        def one(r, k, named=None):
+        def one(r, k, named=None, layout=None):
             return strategies.select(r, config.method, config.keep, alpha=config.alpha, seed=config.seed,
-                                     sample_keys=k, inputs=named, **dict(config.params))
+                                     sample_keys=k, inputs=named, layout=layout, **dict(config.params))
 
-        by_grid = config.method == "uniform" or config.newline == "keep"
+        by_grid = config.method in strategies.LAYOUT_METHODS or config.newline == "keep"
         if not prompt.ragged and not by_grid:
             return one(rows, keys, inputs)
         layouts = self.adapter.token_layouts(prompt.inputs or {}, prompt.n_image.tolist()) if by_grid else None
@@ -541,12 +541,7 @@ class FastVModel:
                 patches = torch.from_numpy(idx).to(rows.device)
                 r = r[..., patches]
                 named = None if named is None else {name: _tokens(v, name, patches) for name, v in named.items()}
-            if config.method == "uniform":
-                sel = strategies.select(r, "uniform", config.keep)
-                kept = strategies.uniform_indices(layout.n_tokens, config.keep, layout)[None].to(rows.device)
-                sel = replace(sel, indices=kept, scores=torch.zeros_like(sel.scores).scatter(-1, kept, 1.0))
-            else:
-                sel = one(r, k, named)
+            sel = one(r, k, named, layout)
             if patches is not None:
                 newline = torch.from_numpy(layouts[b].newline).to(rows.device)
                 kept = torch.cat([patches[sel.indices[0]], newline]).sort().values[None]

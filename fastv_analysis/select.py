@@ -102,12 +102,12 @@ def config_scores(attention: torch.Tensor, cfg: ScoreConfig, sample_ids: Sequenc
     return strategies.attention_scores(attention, cfg.method, cfg.alpha if cfg.alpha is not None else 0.5).numpy()
 
 
-def _registry_sets(attention, cfg: ScoreConfig, keeps, sample_ids, seed, tie_rtol, inputs):
+def _registry_sets(attention, cfg: ScoreConfig, keeps, sample_ids, seed, tie_rtol, inputs, layout=None):
     """kept_sets for the strategies beyond the original five, through the registry."""
     n_samples, n_heads, _ = attention.shape
     by_keep = strategies.select_keeps(attention, cfg.method, list(keeps), 0.5 if cfg.alpha is None else cfg.alpha,
                                       seed=seed, sample_keys=[int(i) for i in sample_ids], inputs=inputs,
-                                      **cfg.params)
+                                      layout=layout, **cfg.params)
     spec = strategies.strategy(cfg.method)
     exact = spec.kind == "ranking" and cfg.method not in strategies.RANK_SCORED
     head_tie = np.zeros(n_samples, dtype=bool)
@@ -154,7 +154,7 @@ def kept_sets(attention: torch.Tensor, cfg: ScoreConfig, keeps: Sequence[int], s
     are ranks (sink_excluded, diverse) or that choose a set per keep (hybrid_uniform)."""
     n_samples, n_heads, n_tokens = attention.shape
     if cfg.method not in strategies.METHODS or cfg.query != "last":  # through the registry, with inputs
-        yield from _registry_sets(attention, cfg, keeps, sample_ids, seed, tie_rtol, inputs)
+        yield from _registry_sets(attention, cfg, keeps, sample_ids, seed, tie_rtol, inputs, layout)
         return
     scores = config_scores(attention, cfg, sample_ids, seed)
     order = None if scores is None else strategies.rank(torch.from_numpy(scores)).numpy()

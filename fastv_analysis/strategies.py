@@ -309,6 +309,7 @@ def select(
     seed: int = 0,
     sample_keys: Sequence[int] | None = None,
     inputs: Mapping[str, torch.Tensor] | None = None,
+    layout=None,
     **params,
 ) -> Selection:
     """Choose ``keep`` of the N image tokens for every leading batch element.
@@ -324,9 +325,11 @@ def select(
                a strategy missing one it needs raises a ValueError naming it.
     params:    the strategy's declared parameters (``Strategy.params``), e.g.
                ``query="text_mean"``, ``base="max_head"``, ``sink_ratio=3.0``.
+    layout:    the samples' :class:`~fastv_analysis.layout.TokenLayout`, where uniform and
+               hybrid_uniform lay their lattice (default: the square grid of N).
     """
     validate(attention, method, keep, alpha)
-    return _select_many(attention, method, [keep], alpha, seed, sample_keys, inputs, params)[keep]
+    return _select_many(attention, method, [keep], alpha, seed, sample_keys, inputs, params, layout)[keep]
 
 
 def select_keeps(
@@ -338,6 +341,7 @@ def select_keeps(
     seed: int = 0,
     sample_keys: Sequence[int] | None = None,
     inputs: Mapping[str, torch.Tensor] | None = None,
+    layout=None,
     **params,
 ) -> dict[int, Selection]:
     """:func:`select` for several keep counts at once: ``{keep: Selection}``.
@@ -350,16 +354,17 @@ def select_keeps(
     validate(attention, method, None, alpha)
     for k in keeps:
         _check_keep(k, attention.shape[-1])
-    return _select_many(attention, method, keeps, alpha, seed, sample_keys, inputs, params)
+    return _select_many(attention, method, keeps, alpha, seed, sample_keys, inputs, params, layout)
 
 
-def _select_many(attention, method, keeps, alpha, seed, sample_keys, inputs, params) -> dict[int, Selection]:
+def _select_many(attention, method, keeps, alpha, seed, sample_keys, inputs, params, layout=None
+                 ) -> dict[int, Selection]:
     spec = STRATEGIES[method]
     resolved = _resolve(spec, params)
     _check_inputs(spec, resolved, attention, inputs)
     importance = head_importance(attention)
     top_head = max_head_index(importance)
-    ctx = _Ctx(attention, inputs or {}, float(alpha), seed, sample_keys)
+    ctx = _Ctx(attention, inputs or {}, float(alpha), seed, sample_keys, layout)
     uses_alpha = method == "weighted_combination" or resolved.get("base") == "weighted_combination"
 
     def selection(out: _Result, indices: torch.Tensor) -> Selection:
@@ -388,6 +393,7 @@ class _Ctx:
     alpha: float
     seed: int
     sample_keys: Sequence[int] | None
+    layout: object = None  # TokenLayout shared by the batch (uniform lattices), None: square grid of N
     cache: dict = field(default_factory=dict)  # per call: a set strategy's base ranking, shared by its keeps
 
 
@@ -534,7 +540,7 @@ def _uniform(ctx: _Ctx, keep: int | None) -> _Result:
         raise ValueError("'uniform' has no keep-independent score; use uniform_indices")
     attention = ctx.attention
     batch_shape, n_tokens = attention.shape[:-2], attention.shape[-1]
-    lattice = uniform_indices(n_tokens, keep).to(attention.device)
+    lattice = uniform_indices(n_tokens, keep, ctx.layout).to(attention.device)
     scores = torch.zeros(batch_shape + (n_tokens,), dtype=attention.dtype, device=attention.device)
     scores[..., lattice] = 1.0
     return _Result(scores, indices=lattice.expand(*batch_shape, keep).clone())
@@ -703,7 +709,7 @@ def _hybrid_uniform(ctx: _Ctx, keep: int | None, *, base: str, uniform_share: fl
     base_scores, order = ctx.cache["base", base, query]
     n = base_scores.shape[-1]
     u = uniform_count(keep, uniform_share)
-    lattice = uniform_indices(n, u).to(base_scores.device)
+    lattice = uniform_indices(n, u, ctx.layout).to(base_scores.device)
     outside = torch.ones(n, dtype=torch.bool, device=order.device)
     outside[lattice] = False
     # every row holds the same u lattice tokens, so the rest of each ranking has N - u entries
@@ -713,8 +719,11 @@ def _hybrid_uniform(ctx: _Ctx, keep: int | None, *, base: str, uniform_share: fl
 
 
 ALL_METHODS = tuple(STRATEGIES)
+"""Every registered strategy, in registration order: the original five first, then
+dynamic_alpha, no_rope, sink_excluded, diverse, hybrid_uniform."""
 
 RANK_SCORED = ("sink_excluded", "diverse")
 """Rankings whose scores are positions in the ranking, not attention: no tie margin."""
-"""Every registered strategy, in registration order: the original five first, then
-dynamic_alpha, no_rope, sink_excluded, diverse, hybrid_uniform."""
+
+LAYOUT_METHODS = ("uniform", "hybrid_uniform")
+"""Strategies that lay a lattice on the sample's grid (they take ``layout``)."""
