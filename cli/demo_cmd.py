@@ -24,8 +24,9 @@ def demo_cmd(out, limit, agg_layer, keep, alphas, no_report, overwrite, quiet):
     """The whole pipeline on the toy LLaVA and toy VQA set shipped in data/ (CPU, minutes)."""
     from fastv_analysis.capture import CaptureConfig, run_capture
     from fastv_analysis.evaluate import EvalConfig, run_eval
-    from fastv_analysis.select import run_select
-    from fastv_analysis.strategies import METHODS
+    from fastv_analysis.probes import STORE_OPTIONS
+    from fastv_analysis.select import ScoreConfig, run_select, score_configs
+    from fastv_analysis.strategies import ALL_METHODS, QUERIES
 
     from .eval_cmd import headline
     from .params import FloatGrid, IntList
@@ -36,15 +37,20 @@ def demo_cmd(out, limit, agg_layer, keep, alphas, no_report, overwrite, quiet):
     from fastv_analysis.store import RunMismatchError
 
     click.echo(f"[1/4] capture: full model on the toy VQA set -> {out}")
-    capture = CaptureConfig(out=out, agg_layers=[agg_layer], limit=limit, batch_size=8, overwrite=overwrite)
+    capture = CaptureConfig(out=out, agg_layers=[agg_layer], limit=limit, batch_size=8, overwrite=overwrite,
+                            store=list(STORE_OPTIONS))
     try:
         run_capture(capture, progress=not quiet)
     except RunMismatchError as err:  # never delete a run this command did not make
         raise click.ClickException(f"{err} (demo --overwrite replaces it)") from None
     click.echo("[2/4] select: replaying strategies on the cached attention")
-    run_select(out, METHODS, alpha_list, keeps, agg_layers=[agg_layer], progress=not quiet)
+    run_select(out, ALL_METHODS, alpha_list, keeps, agg_layers=[agg_layer], progress=not quiet, queries=QUERIES)
+    # eval answers every strategy on the last token's rows, and FastV's ranking by the other
+    # two queries (select compares all query variants offline, at no model cost)
+    answered = [c.label for c in score_configs(ALL_METHODS, alpha_list)]
+    answered += [ScoreConfig("avg_all_heads", query=q).label for q in QUERIES if q != "last"]
     click.echo("[3/4] eval: pruned model on every distinct kept set")
-    info = run_eval(EvalConfig(run=out, agg_layers=[agg_layer]), progress=not quiet)
+    info = run_eval(EvalConfig(run=out, agg_layers=[agg_layer], configs=answered), progress=not quiet)
     if not no_report:
         from fastv_analysis.report import render
 

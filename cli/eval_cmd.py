@@ -7,7 +7,7 @@ import sys
 import click
 
 from .params import Choices, FloatGrid, IntList, threads_option
-from fastv_analysis.strategies import METHODS
+from fastv_analysis.strategies import ALL_METHODS
 
 
 @click.command("eval")
@@ -15,7 +15,9 @@ from fastv_analysis.strategies import METHODS
 @click.argument("run", type=click.Path(file_okay=False, path_type=str))
 @click.option("--agg-layer", "agg_layers", type=IntList(), default=None,
               help="Aggregation layer(s) K to evaluate; default: every selected layer.")
-@click.option("--methods", type=Choices(METHODS), default=None, help="Only these methods (comma list).")
+@click.option("--methods", type=Choices(ALL_METHODS), default=None, help="Only these methods (comma list).")
+@click.option("--configs", default=None, help="Only these selection labels, comma list (e.g. "
+              "avg_all_heads,avg_all_heads@text_mean,random); see the config column of selections.parquet.")
 @click.option("--alphas", type=FloatGrid(), default=None, help="Only these weighted_combination alphas.")
 @click.option("--keep", "keeps", type=IntList(), default=None, help="Only these keep counts.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=None,
@@ -35,7 +37,7 @@ from fastv_analysis.strategies import METHODS
               help="Timed passes per sample after one warm-up pass, each over every configuration in a fresh "
                    "seeded order; accuracy.parquet reports medians and quartiles.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def eval_cmd(run, agg_layers, methods, alphas, keeps, max_new_tokens, batch_size, limit, device,
+def eval_cmd(run, agg_layers, methods, configs, alphas, keeps, max_new_tokens, batch_size, limit, device,
              dtype, compare_mask, timing_samples, timing_repeats, quiet):
     """Evaluate every selected configuration of RUN with the pruned model, replaying the
     kept sets of RUN/select/selections.parquet (so capture, select and eval agree token for
@@ -43,13 +45,16 @@ def eval_cmd(run, agg_layers, methods, alphas, keeps, max_new_tokens, batch_size
 
     Every sample is also answered with nothing pruned (the `full` control) through the same
     code path; it is the reference. Writes RUN/eval/predictions.parquet, accuracy.parquet
-    (accuracy, 95% Wilson interval, change vs full, exact McNemar vs full and vs
-    avg_all_heads with Holm and BH columns, FLOPs, timings), relations.parquet (overlap /
-    head / spatial statistics vs correctness) and eval.json.
+    (accuracy, 95% Wilson interval, change vs full, exact McNemar vs full, vs
+    avg_all_heads and vs random with Holm and BH columns, FLOPs, timings), relations.parquet
+    (overlap / head / spatial statistics vs correctness), oracle.parquet and adaptive.parquet
+    (choosing the strategy per sample: the oracle bound and a cross-validated rule on cached
+    statistics) and eval.json.
     """
     from fastv_analysis.evaluate import EvalConfig, run_eval
 
-    cfg = EvalConfig(run=run, agg_layers=agg_layers, methods=methods, alphas=alphas, keeps=keeps,
+    configs = [c.strip() for c in configs.split(",") if c.strip()] if configs else None
+    cfg = EvalConfig(run=run, agg_layers=agg_layers, methods=methods, configs=configs, alphas=alphas, keeps=keeps,
                      max_new_tokens=max_new_tokens, device=device, dtype=dtype, limit=limit, batch_size=batch_size,
                      timing_samples=timing_samples, timing_repeats=timing_repeats, compare_mask=compare_mask)
     info = run_eval(cfg, progress=not quiet, command=sys.argv)

@@ -57,6 +57,7 @@ class EvalConfig:
     timing_repeats: int = 3
     model: str | None = None
     batch_size: int = 64
+    configs: list[str] | None = None  # selection labels ("avg_all_heads@text_mean", ...) to answer; None = all
 
 
 def configurations(selections: pl.DataFrame, cfg: EvalConfig, complete=None) -> pl.DataFrame:
@@ -78,6 +79,12 @@ def configurations(selections: pl.DataFrame, cfg: EvalConfig, complete=None) -> 
                              f"(there: {', '.join(map(str, sorted(present)))})")
     if cfg.methods:
         out = out.filter(pl.col("method").is_in(cfg.methods))
+    if cfg.configs:
+        present = set(out["config"].unique().to_list())
+        missing = [c for c in cfg.configs if c not in present]
+        if missing:
+            raise ValueError(f"--configs {', '.join(missing)}: not in {where} (there: {', '.join(sorted(present))})")
+        out = out.filter(pl.col("config").is_in(cfg.configs))
     if cfg.alphas:
         out = out.filter(pl.col("alpha").is_null() | pl.col("alpha").is_in([float(a) for a in cfg.alphas]))
     if cfg.keeps:
@@ -199,7 +206,9 @@ def _paired_p(g: pl.DataFrame, ref: pl.DataFrame) -> float | None:
     return stats.mcnemar_exact(merged["correct"].to_numpy(), merged["ref"].to_numpy())
 
 
-P_COLUMNS = ("mcnemar_p_vs_full", "mcnemar_p_vs_avg")
+P_COLUMNS = ("mcnemar_p_vs_full", "mcnemar_p_vs_avg", "mcnemar_p_vs_random")
+CONTROL = "random"
+"""The control every strategy must beat: the per-sample random subset at the same keep."""
 
 
 def with_adjusted(frame: pl.DataFrame, columns) -> pl.DataFrame:
@@ -234,8 +243,11 @@ def accuracy_table(pred: pl.DataFrame, timing: pl.DataFrame, model_dims: dict,
         full_rows = layer.filter(pl.col("method") == FULL).join(g.select("sample_id"), on="sample_id")
         full = full_rows["correct"].to_numpy()
         ref = layer.filter(pl.col("keep") == row["keep"], pl.col("method") == REFERENCE)
+        control = layer.filter(pl.col("keep") == row["keep"], pl.col("config") == CONTROL)
         p_full = _paired_p(g, full_rows) if row["method"] != FULL else None
         p_avg = _paired_p(g, ref) if row["method"] not in (REFERENCE, FULL) else None
+        p_random = _paired_p(g, control) if row["config"] not in (CONTROL, FULL) else None
+        ctrl = control.join(g.select("sample_id"), on="sample_id")["correct"].to_numpy()
         n_tokens = int(g["prompt_tokens"].mean())
         n_image = int(round(float(g["n_image_tokens"].mean())))  # anyres models: N varies by image
         # image tokens the model really kept: the full control all of each sample's, and a
@@ -247,7 +259,8 @@ def accuracy_table(pred: pl.DataFrame, timing: pl.DataFrame, model_dims: dict,
             **row, "n": n, "accuracy": float(correct.mean()), "ci_lo": lo, "ci_hi": hi,
             "full_accuracy": float(full.mean()) if len(full) else None,
             "delta_vs_full": float(correct.mean() - full.mean()) if len(full) else None,
-            "mcnemar_p_vs_full": p_full, "mcnemar_p_vs_avg": p_avg,
+            "mcnemar_p_vs_full": p_full, "mcnemar_p_vs_avg": p_avg, "mcnemar_p_vs_random": p_random,
+            "delta_vs_random": float(correct.mean() - ctrl.mean()) if len(ctrl) and row["config"] != FULL else None,
             "flops_ratio": flops_mod.flops_ratio(n_tokens, n_image, keep, model_dims["num_layers"],
                                                  int(row["agg_layer"]), model_dims["hidden"],
                                                  model_dims["intermediate"]),
@@ -367,6 +380,27 @@ def statistics_frame(pred: pl.DataFrame, run_dir: Path) -> pl.DataFrame:
         pl.when(pl.col("method") == "avg_all_heads").then(1.0).otherwise(pl.col("jaccard_vs_avg")).alias(
             "jaccard_vs_avg"))
     return out.join(heads, on=["sample_id", "agg_layer"], how="left")
+
+
+ADAPTIVE_FEATURES = ("max_head_share", "head_entropy", "head_gini", "sink_mass")
+"""Cached per-sample statistics a choice rule may read (select's heads.parquet)."""
+
+
+def adaptive_tables(pred: pl.DataFrame, run_dir: Path) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(oracle table, cross-validated choice rule) over the answered configurations, per layer
+    and keep (:mod:`fastv_analysis.adaptive`): what choosing the strategy per sample could
+    gain, and what a threshold rule on cached head / sink statistics gains on held-out
+    questions."""
+    from .adaptive import choice_rule_cv, oracle_table
+
+    candidates = pred.filter(pl.col("method") != FULL)
+    features = pl.read_parquet(run_dir / "select" / "heads.parquet")
+    columns = [c for c in ADAPTIVE_FEATURES if c in features.columns]
+    if candidates["config"].n_unique() < 2:
+        return pl.DataFrame(), pl.DataFrame()
+    oracle = oracle_table(candidates)
+    summary, _ = choice_rule_cv(candidates, features, None, feature_columns=columns)
+    return oracle, summary
 
 
 def relations_table(frame: pl.DataFrame, n_permutations: int = 2000, seed: int = 0) -> pl.DataFrame:
@@ -599,6 +633,9 @@ def run_eval(cfg: EvalConfig, progress: bool = True, command: list[str] | None =
         atomic_write_parquet(metrics["long"], tmp / "metrics.parquet")
     write_answer_files(pred, questions, tmp / "answers", model_name)
     relations = relations_table(statistics_frame(pred, run.root))
+    oracle, choice = adaptive_tables(pred, run.root)
+    atomic_write_parquet(oracle, tmp / "oracle.parquet")
+    atomic_write_parquet(choice, tmp / "adaptive.parquet")
     atomic_write_parquet(pred, tmp / "predictions.parquet")
     atomic_write_parquet(accuracy, tmp / "accuracy.parquet")
     atomic_write_parquet(relations, tmp / "relations.parquet")

@@ -28,6 +28,9 @@ from .store import atomic_write_json, atomic_write_parquet, open_run
 DEFAULT_METHODS = strategies.METHODS
 CONTROLS = strategies.CONTROL_METHODS
 
+SINK_RATIO = strategies.strategy("sink_excluded").params["sink_ratio"]
+"""Sinks in the head statistics are what sink_excluded removes by default."""
+
 TIE_RTOL = {"float32": 1e-6, "float16": 2.0**-10, "bfloat16": 2.0**-7}
 """Relative score gap below which a kept set's boundary is a near-tie, by storage dtype.
 
@@ -312,10 +315,21 @@ def overlap(
     return _with_layer(pl.concat(frames) if frames else pl.DataFrame(), agg_layer)
 
 
-def heads(attention: torch.Tensor, *, sample_ids: Sequence[int] | None = None, agg_layer: int | None = None) -> pl.DataFrame:
-    """Per-sample head statistics (see :func:`fastv_analysis.stats.head_stats`)."""
+def heads(attention: torch.Tensor, *, sample_ids: Sequence[int] | None = None, agg_layer: int | None = None,
+          hidden_norm: torch.Tensor | None = None) -> pl.DataFrame:
+    """Per-sample head statistics (see :func:`fastv_analysis.stats.head_stats`); with the
+    image tokens' hidden-state norms ``[S, N]`` also the attention sinks (tokens over
+    :data:`SINK_RATIO` x the sample's median norm, :func:`strategies.sink_mask`):
+    ``sink_count`` and ``sink_mass``, the share of the head-mean last-token image attention
+    they take."""
     attention, _, ids = _checked(attention, [], sample_ids)
     out = pl.DataFrame({"sample_id": ids, **stats.head_stats(strategies.head_importance(attention).numpy())})
+    if hidden_norm is not None:
+        sinks = strategies.sink_mask(hidden_norm.float(), SINK_RATIO)
+        mean = attention.mean(dim=1)
+        mass = (mean * sinks).sum(dim=-1) / mean.sum(dim=-1).clamp(min=1e-30)
+        out = out.with_columns(pl.Series("sink_count", sinks.sum(dim=-1).numpy().astype(np.int64)),
+                               pl.Series("sink_mass", mass.double().numpy()))
     return _with_layer(out, agg_layer)
 
 
@@ -524,7 +538,12 @@ def run_select(
             ov = overlap(att, layer_methods, alphas, keep_list, seed, **kw)
             frames = [("selections", sel), ("overlap", ov)]
             if layer > 0:
-                frames.append(("heads", heads(att, sample_ids=ids, agg_layer=layer)))
+                norms = None
+                if "hidden_norm" in (run.config.get("store") or []):
+                    norms = run.inputs(layer, ids, ["hidden_norm"])["hidden_norm"]
+                    if patches is not None:
+                        norms = norms[..., patches]
+                frames.append(("heads", heads(att, sample_ids=ids, agg_layer=layer, hidden_norm=norms)))
             for name, frame in frames:
                 if frame.width:  # one configuration (e.g. a single control at K = 0) has no pairs
                     frame.write_parquet(parts[name] / f"{i:06d}.parquet")

@@ -58,6 +58,11 @@ def test_eval_end_to_end(selected_run, capsys):
         assert col in acc.columns
     timed = pl.read_parquet(ev / "config_timing.parquet")
     assert timed["sample_id"].n_unique() == 4  # --timing-samples defaults to 5; the run has 4
+    # choosing the strategy per sample: the oracle bound and the cross-validated rule, per layer and keep
+    oracle, adaptive = pl.read_parquet(ev / "oracle.parquet"), pl.read_parquet(ev / "adaptive.parquet")
+    layer_keeps = sel.select("agg_layer", "keep").unique().height
+    assert oracle.height == adaptive.height == layer_keeps
+    assert (oracle["oracle_accuracy"] >= oracle["best_single_accuracy"]).all()
     assert timed.filter(pl.col("config") == "full").height == 4 * 3 * 3  # samples x layers x repeats
     assert (acc["timing_n"] == 4 * 3).all() and (acc["prefill_ms"] > 0).all()
     assert (acc["prefill_ms_p25"] <= acc["prefill_ms"]).all() and (acc["prefill_ms"] <= acc["prefill_ms_p75"]).all()
@@ -270,6 +275,9 @@ def test_accuracy_table_against_hand_computed_values():
     assert avg["mcnemar_p_vs_full_holm"] == pytest.approx(0.5) and rnd["mcnemar_p_vs_full_holm"] == pytest.approx(1.0)
     # BH: 1.0 * 2/2 = 1.0; min(0.25 * 2/1, 1.0) = 0.5
     assert avg["mcnemar_p_vs_full_bh"] == pytest.approx(0.5)
+    # avg vs random: 0 pairs only avg right, 3 only random right -> 2 * (1/2)^3 = 0.25; random has none
+    assert avg["mcnemar_p_vs_random"] == pytest.approx(0.25) and rnd["mcnemar_p_vs_random"] is None
+    assert avg["delta_vs_random"] == pytest.approx(1 / 6 - 4 / 6) and row["full"]["mcnemar_p_vs_random"] is None
     # Wilson 95% of 1/6 (closed form)
     z, n, p = 1.959963984540054, 6, 1 / 6
     centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z / (1 + z * z / n) * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5
@@ -311,3 +319,16 @@ def test_relations_pool_within_sample_and_correct_for_many_tests():
     head = per.filter(pl.col("statistic") == "max_head_share", pl.col("config") == "random").row(0, named=True)
     # correctness of random [1,1,1,0,0,1] by share 0..0.5: quartile bins {0,0.1}, {0.2}, {0.3}, {0.4,0.5}
     assert [head[f"accuracy_q{i}"] for i in range(1, 5)] == [1.0, 1.0, 0.0, 0.5]
+
+
+def test_eval_configs_flag_answers_only_those_selection_labels(selected_run, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(selected_run, run)
+    shutil.rmtree(run / "eval", ignore_errors=True)
+    assert main(["eval", str(run), "--configs", "avg_all_heads,random", "--timing-samples", "0", "--quiet"]) == 0
+    pred = pl.read_parquet(run / "eval" / "predictions.parquet")
+    assert set(pred["config"].unique()) == {"avg_all_heads", "random", "full"}
+    assert main(["eval", str(run), "--configs", "avg_all_heads@text_mean", "--quiet"]) != 0
+    assert "--configs avg_all_heads@text_mean: not in" in capsys.readouterr().err

@@ -258,3 +258,14 @@ def test_near_tie_flags_a_max_head_choice_within_the_stored_precision():
     assert rows["max_head"]["tie_margin"] == pytest.approx(0.25, abs=1e-6)  # the boundary itself is clear
     assert rows["max_head"]["near_tie"] is True and rows["avg_all_heads"]["near_tie"] is False
     assert replay(a, ["max_head"], keeps=[2], tie_rtol=TIE_RTOL["float32"])["near_tie"].to_list() == [False]
+
+
+def test_head_statistics_count_sinks_and_their_attention_mass():
+    from fastv_analysis.select import heads
+
+    # one sample, 2 heads, 4 tokens; norms 1, 1, 1, 10: median (1 + 1) / 2 = 1, so token 3 is a
+    # sink (10 > 5 x 1); head-mean attention [0.1, 0.2, 0.3, 0.4] -> sink mass 0.4 / 1.0
+    att = torch.tensor([[[0.1, 0.1, 0.3, 0.5], [0.1, 0.3, 0.3, 0.3]]])
+    out = heads(att, hidden_norm=torch.tensor([[1.0, 1.0, 1.0, 10.0]]))
+    assert out["sink_count"].to_list() == [1] and out["sink_mass"].to_list() == [pytest.approx(0.4)]
+    assert "sink_mass" not in heads(att).columns
