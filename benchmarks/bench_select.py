@@ -8,10 +8,10 @@ Then a timed pass of the registry's newer strategies (dynamic_alpha, no_rope,
 sink_excluded, diverse, hybrid_uniform and the text_mean / all_mean query variants of
 avg_all_heads) at the same 4 keeps, on synthetic named inputs: no-RoPE / text-mean /
 all-mean rows, hidden-state norms with a few planted sinks per sample and a 64-dim sketch.
-select.replay has no way to pass named inputs yet, so these run through
-``strategies.select_keeps`` on the whole batch at once (one ranking per configuration,
-every keep a prefix; hybrid_uniform, a set, once per keep); their kept sets are checked
-against per-sample ``strategies.select`` calls on a few samples (untimed).
+They run through ``select.replay`` as the select stage does (one ranking per
+configuration, every keep a prefix; hybrid_uniform, a set, once per keep; the table with
+spatial statistics and tie margins); their kept sets are checked against per-sample
+``strategies.select`` calls on a few samples (untimed).
 
     python benchmarks/bench_select.py [--samples 1000]
 
@@ -72,17 +72,21 @@ def label(method: str, params: dict) -> str:
 
 
 def new_strategies(attention: torch.Tensor, inputs: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Seconds per new configuration for all samples x KEEPS, checked on 3 samples."""
+    """Seconds of select.replay (the select stage's path: kept sets, spatial statistics, tie
+    margins, the table) per new configuration for all samples x KEEPS; its kept sets checked
+    against per-sample strategies.select on 3 samples."""
     seconds = {}
     for method, params in NEW_CONFIGS:
+        queries = [params["query"]] if "query" in params else ["last"]
         t0 = time.perf_counter()
-        many = strategies.select_keeps(attention, method, KEEPS, inputs=inputs, **params)
+        frame = replay(attention, [method], [0.5], KEEPS, queries=queries, inputs=inputs)
         seconds[label(method, params)] = time.perf_counter() - t0
         for s in (0, 1, attention.shape[0] - 1):
             one = {k: v[s] for k, v in inputs.items()}
             for keep in KEEPS:
-                alone = strategies.select(attention[s], method, keep, inputs=one, **params).indices
-                assert torch.equal(many[keep].indices[s], alone), f"{label(method, params)} keep {keep}: batch != alone"
+                alone = strategies.select(attention[s], method, keep, inputs=one, **params).indices.tolist()
+                got = frame.filter(pl.col("sample_id") == s, pl.col("keep") == keep)["kept"].to_list()
+                assert got == [alone], f"{label(method, params)} keep {keep}: replay != select"
     return seconds
 
 
@@ -142,7 +146,7 @@ def main() -> None:
     print(f"overlap: {t_overlap:7.2f} s  ({ov.height:,} pair rows, all pairs of "
           f"{len(score_configs(METHODS, ALPHAS))} score vectors x {args.samples} samples)")
     print(f"new strategies ({len(new)} configurations x {len(KEEPS)} keeps x {args.samples} samples, "
-          f"strategies.select_keeps on the whole batch):")
+          f"select.replay):")
     for name, sec in new.items():
         print(f"  {name:36s} {sec:6.2f} s  ({n_new_each / sec:,.0f} selections/s)")
     print(f"  {'all new':36s} {t_new:6.2f} s  ({n_new_each * len(new) / t_new:,.0f} selections/s)")

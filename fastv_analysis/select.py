@@ -117,13 +117,15 @@ def _registry_sets(attention, cfg: ScoreConfig, keeps, sample_ids, seed, tie_rto
     if cfg.method == "dynamic_alpha" and n_heads > 1:  # h* decides its alpha and its head: a flip moves both
         top2 = np.sort(strategies.head_importance(attention).numpy(), axis=1)[:, -2:]
         head_tie = (top2[:, 1] - top2[:, 0]) <= tie_rtol * np.abs(top2[:, 1])
-    scores = None
+    scores = order = None
+    if exact and keeps:  # one score vector for every keep of a ranking: rank it once
+        first = by_keep[keeps[0]].scores
+        scores, order = first.double().numpy(), strategies.rank(first).numpy()
     for keep in keeps:
         sel = by_keep[keep]
         kept = sel.indices.numpy()
         if exact:
-            scores = sel.scores.double().numpy()
-            margin, near = boundary_gap(scores, strategies.rank(sel.scores).numpy(), keep, tie_rtol)
+            margin, near = boundary_gap(scores, order, keep, tie_rtol)
             near = near | head_tie
         else:
             margin, near = np.full(n_samples, np.nan), pl.Series("near_tie", [None] * n_samples, dtype=pl.Boolean)
