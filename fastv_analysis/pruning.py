@@ -64,6 +64,21 @@ ALIASES = {
 # ----------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Stage:
+    """A later pruning stage of a schedule: from layer ``agg_layer`` on, keep ``keep`` of the
+    image tokens the earlier stages kept, ranked by ``method`` on the attention that layer
+    ``agg_layer - 1`` of the *pruned* model pays them (what online pruning would see; the
+    cache of the full model only approximates it). Its random control is seeded with the
+    config's seed + the stage's number (1, 2, ...)."""
+
+    agg_layer: int
+    keep: int
+    method: str = "avg_all_heads"
+    alpha: float = 0.5
+    params: Mapping = field(default_factory=dict)
+
+
 @dataclass
 class FastVConfig:
     """FastV settings; fields can be changed between forwards (``m.fastv.keep = 64``).
@@ -71,6 +86,8 @@ class FastVConfig:
     agg_layer:    K, the first pruned layer; layer K-1's attention ranks the image tokens.
     keep:         image tokens kept (the reference's ``attention_rank``), 0..N.
     method/alpha: selection strategy, see :mod:`fastv_analysis.strategies`.
+    stages:       later :class:`Stage` s of a per-layer schedule (e.g. keep 50 % at K = 2
+                  by one method, then 25 % at K = 8 by another); empty = FastV's one cut.
     params:       the strategy's declared parameters (``query="text_mean"``, ``base=...``,
                   ``sink_ratio=...``); the inputs it needs beyond the last-token rows are
                   computed at layer K-1 (:mod:`fastv_analysis.probes`).
@@ -100,9 +117,11 @@ class FastVConfig:
     mode: str = "drop"
     newline: str = "prune"
     params: Mapping = field(default_factory=dict)
+    stages: Sequence[Stage] = ()
     kept: torch.Tensor | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
+        self.stages = tuple(s if isinstance(s, Stage) else Stage(**s) for s in self.stages)
         self.validate()
 
     @classmethod
@@ -147,6 +166,27 @@ class FastVConfig:
             raise ValueError(f"sample_ids must be non-negative integers, got {list(self.sample_ids)!r}")
         if not (isinstance(self.seed, int) and self.seed >= 0):
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        previous = (self.agg_layer, self.keep)
+        for i, stage in enumerate(self.stages, start=1):
+            where = f"stage {i} of the schedule"
+            if self.agg_layer == 0:
+                raise ValueError("a schedule's first cut must be at agg_layer >= 1 (K = 0 prunes the input)")
+            if not (isinstance(stage.agg_layer, int) and stage.agg_layer > previous[0]):
+                raise ValueError(f"{where}: agg_layer must be an integer above the previous cut's {previous[0]}, "
+                                 f"got {stage.agg_layer!r}")
+            if num_layers is not None and stage.agg_layer >= num_layers:
+                raise ValueError(f"{where}: agg_layer must be < the number of decoder layers ({num_layers})")
+            if not (isinstance(stage.keep, int) and 0 <= stage.keep <= previous[1]):
+                raise ValueError(f"{where}: keep must be an integer in 0..{previous[1]} (what the previous cut kept), "
+                                 f"got {stage.keep!r}")
+            if stage.method not in strategies.STRATEGIES or stage.method in strategies.LAYOUT_METHODS or \
+                    strategies.required_inputs(stage.method, **dict(stage.params)):
+                raise ValueError(f"{where}: method must rank by attention alone (e.g. "
+                                 f"{', '.join(strategies.ATTENTION_METHODS)}, dynamic_alpha, random), "
+                                 f"got {stage.method!r}")
+            if not (isinstance(stage.alpha, (int, float)) and 0.0 <= float(stage.alpha) <= 1.0):
+                raise ValueError(f"{where}: alpha must be in [0, 1], got {stage.alpha!r}")
+            previous = (stage.agg_layer, stage.keep)
         for name in ("image_start", "image_tokens"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, int) and value >= 0):
@@ -343,6 +383,9 @@ class _Prompt:
     image_rows: torch.Tensor | None = None  # [B, H, N_max]
     cache: weakref.ref | None = None
     inputs: dict | None = None  # the top-level call's keywords (image sizes / grids for the layouts)
+    kept_image: torch.Tensor | None = None  # [B, keep] image-token indices the first cut kept
+    stages: tuple = ()  # the schedule's later Stages
+    later: list = field(default_factory=list)  # their _Cuts, decided during the prefill
     hidden_in: torch.Tensor | None = None  # residual stream entering layer K-1 (when a strategy needs it)
 
     @property
@@ -350,6 +393,7 @@ class _Prompt:
         return bool((self.n_image != self.n_image[0]).any())
 
     def choose(self, kept_image: torch.Tensor) -> None:
+        self.kept_image = kept_image
         self.kept_mask = kept_token_mask(self.seq_len, self.image_pos, kept_image)
         fill = filler_positions(self.kept_mask, self.image_pos.expand(self.kept_mask.shape[0], -1))
         self.kept_positions = mask_to_positions(self.kept_mask | fill)
@@ -357,6 +401,19 @@ class _Prompt:
 
     def owns(self, cache) -> bool:
         return cache is not None and self.cache is not None and self.cache() is cache
+
+
+@dataclass
+class _Cut:
+    """A later stage's decision: what it kept, in original image-token indices and sequence
+    positions, and where those positions sit in the previous cut's (drop mode gathers there)."""
+
+    agg_layer: int
+    kept_image: torch.Tensor  # [B, k]
+    kept_mask: torch.Tensor  # [B, S]
+    kept_positions: torch.Tensor  # [B, M]
+    within: torch.Tensor  # [B, M] indices into the previous cut's kept_positions
+    selection: strategies.Selection
 
 
 _ACTIVE: "weakref.WeakKeyDictionary[nn.Module, FastVModel]" = weakref.WeakKeyDictionary()
@@ -444,11 +501,23 @@ class FastVModel:
 
     @property
     def last_gen_kept_indices(self) -> torch.Tensor | None:
-        return None if self.prompt is None else self.prompt.kept_positions
+        """Sequence positions the last layers keep (the schedule's last cut)."""
+        if self.prompt is None:
+            return None
+        return self.prompt.later[-1].kept_positions if self.prompt.later else self.prompt.kept_positions
 
     @property
     def last_gen_attention_mask(self) -> torch.Tensor | None:
-        return None if self.prompt is None else self.prompt.kept_mask
+        if self.prompt is None:
+            return None
+        return self.prompt.later[-1].kept_mask if self.prompt.later else self.prompt.kept_mask
+
+    @property
+    def last_stage_kept(self) -> list[torch.Tensor] | None:
+        """``[B, keep]`` image-token indices each cut of the schedule kept, first cut first."""
+        if self.prompt is None or self.prompt.kept_image is None:
+            return None
+        return [self.prompt.kept_image] + [cut.kept_image for cut in self.prompt.later]
 
     @property
     def last_image_attention(self) -> torch.Tensor | None:
@@ -603,13 +672,60 @@ class FastVModel:
                          input_ids=input_ids, attention_mask=attention_mask)
         if config.sample_ids is not None and len(config.sample_ids) != batch:
             raise ValueError(f"sample_ids has {len(config.sample_ids)} ids for a batch of {batch}")
+        prompt.stages = tuple(config.stages)
+        if prompt.stages and (prompt.ragged or config.newline == "keep"):
+            raise ValueError("a schedule needs one image-token count per batch and newline='prune' "
+                             "(batch samples of one N, as capture and eval do)")
         if given is not None:
             prompt.choose(given.sort(dim=1).values)
         return prompt
 
+    def _decide_stage(self, prompt: _Prompt, c: int, module, args, kwargs) -> None:
+        """Stage c (1, 2, ...) of the schedule at layer K_c - 1: rank the tokens the previous
+        cut kept by this layer's attention in the pruned model, keep stage.keep of them."""
+        stage = prompt.stages[c - 1]
+        prev_pos = prompt.kept_positions if c == 1 else prompt.later[c - 2].kept_positions
+        prev_image = prompt.kept_image if c == 1 else prompt.later[c - 2].kept_image
+        batch = prev_pos.shape[0]
+        image_pos = prompt.image_pos.expand(batch, -1)
+        orig = image_pos.gather(1, prev_image.expand(batch, -1))  # [B, k] sequence positions
+        query = prompt.query_pos.expand(batch, -1)
+        if prompt.mode == "drop":  # this layer runs on the previous cut's positions
+            orig, query = torch.searchsorted(prev_pos, orig), torch.searchsorted(prev_pos, query)
+        rows = rows_from_call(self.adapter, module, args, kwargs, query)[:, :, 0, :]
+        image_rows = take_positions(rows, orig, dim=2)
+        keys = None
+        if stage.method == "random":
+            keys = self._sample_keys(prompt)
+            keys = keys * batch if len(keys) == 1 else keys
+        sel = strategies.select(image_rows, stage.method, stage.keep, alpha=stage.alpha, seed=self.fastv.seed + c,
+                                sample_keys=keys, **dict(stage.params))
+        kept_image = prev_image.expand(batch, -1).gather(1, sel.indices.to(prev_image.device)).sort(dim=1).values
+        kept_mask = kept_token_mask(prompt.seq_len, image_pos, kept_image)
+        positions = mask_to_positions(kept_mask)
+        prompt.later.append(_Cut(stage.agg_layer, kept_image, kept_mask, positions,
+                                 torch.searchsorted(prev_pos, positions), sel))
+
+    def _cut(self, prompt: _Prompt, layer: int) -> tuple[str, torch.Tensor, torch.Tensor | None, torch.Tensor, int,
+                                                          torch.Tensor]:
+        """The cut that governs ``layer``: (memo tag, kept positions, fillers, kept mask, its first
+        layer, where its positions sit in what that layer receives)."""
+        c = sum(layer >= stage.agg_layer for stage in prompt.stages)
+        if c == 0:
+            return "", prompt.kept_positions, prompt.fillers, prompt.kept_mask, prompt.agg_layer, \
+                prompt.kept_positions
+        cut = prompt.later[c - 1]
+        return f"s{c}", cut.kept_positions, None, cut.kept_mask, cut.agg_layer, cut.within
+
     def _attention_hook(self, layer: int):
         def rank_image_tokens(module, args, kwargs, output):
             prompt = self.prompt
+            if self.phase == "prefill" and prompt.stages and prompt.kept_mask is not None:
+                c = len(prompt.later) + 1  # the next undecided stage
+                if c <= len(prompt.stages) and layer == prompt.stages[c - 1].agg_layer - 1:
+                    with torch.no_grad():
+                        self._decide_stage(prompt, c, module, args, kwargs)
+                return None
             if self.phase != "prefill" or prompt.kept_mask is not None or layer != prompt.agg_layer - 1:
                 return None
             with torch.no_grad():
@@ -663,7 +779,7 @@ class FastVModel:
         return prune
 
     def _drop_layer(self, layer, prompt: _Prompt, call):
-        kept, fillers = prompt.kept_positions, prompt.fillers
+        tag, kept, fillers, _, first, within = self._cut(prompt, layer)
         mask = call.attention_mask
         if self.phase == "decode":
             if mask is None and fillers is None:
@@ -681,10 +797,10 @@ class FastVModel:
                 return mask_fillers(sliced, torch.cat([fillers, extra], dim=1), call.hidden_states.shape[1],
                                     call.hidden_states.dtype, diagonal=False)
 
-            return replace(call, attention_mask=self._memoized("mask", mask, decode_mask))
+            return replace(call, attention_mask=self._memoized("mask" + tag, mask, decode_mask))
         if call.position_embeddings is None:
             raise self.adapter.missing("position_embeddings", f"decoder layer {layer}")
-        hidden = take_positions(call.hidden_states, kept, dim=1) if layer == prompt.agg_layer else call.hidden_states
+        hidden = take_positions(call.hidden_states, within, dim=1) if layer == first else call.hidden_states
 
         def prefill_mask():
             sliced = slice_mask(mask, kept, kept)
@@ -695,11 +811,11 @@ class FastVModel:
         position_ids = call.position_ids
         return replace(
             call, hidden_states=hidden,
-            attention_mask=self._memoized("mask", mask, prefill_mask),
-            position_embeddings=self._memoized("rope", call.position_embeddings[0],
+            attention_mask=self._memoized("mask" + tag, mask, prefill_mask),
+            position_embeddings=self._memoized("rope" + tag, call.position_embeddings[0],
                                                lambda: self.adapter.gather_rope(call.position_embeddings, kept)),
             position_ids=None if position_ids is None else self._memoized(
-                "ids", position_ids, lambda: self.adapter.gather_position_ids(position_ids, kept)),
+                "ids" + tag, position_ids, lambda: self.adapter.gather_position_ids(position_ids, kept)),
         )
 
     def _mask_layer(self, layer, prompt: _Prompt, call):
@@ -710,11 +826,11 @@ class FastVModel:
         kv_len = prompt.seq_len if self.phase == "prefill" else (
             mask.shape[-1] if mask is not None else prompt.cache().get_seq_length(prompt.agg_layer) + q_len
         )
-        key_kept = prompt.kept_mask
+        tag, _, _, key_kept, _, _ = self._cut(prompt, layer)
         if kv_len > prompt.seq_len:
             extra = torch.ones(key_kept.shape[0], kv_len - prompt.seq_len, dtype=torch.bool, device=key_kept.device)
             key_kept = torch.cat([key_kept, extra], dim=1)
-        new_mask = self._memoized("mask", mask, lambda: keys_masked_out(mask, key_kept, q_len, hidden.dtype))
+        new_mask = self._memoized("mask" + tag, mask, lambda: keys_masked_out(mask, key_kept, q_len, hidden.dtype))
         return replace(call, hidden_states=hidden, attention_mask=new_mask)
 
     def _on_language_model(self, module, args, kwargs):
