@@ -19,6 +19,10 @@ from fastv_analysis.strategies import ALL_METHODS
 @click.option("--configs", default=None, help="Only these selection labels, comma list (e.g. "
               "avg_all_heads,avg_all_heads@text_mean,random); see the config column of selections.parquet.")
 @click.option("--alphas", type=FloatGrid(), default=None, help="Only these weighted_combination alphas.")
+@click.option("--then", "then", default=None, metavar="K:KEEP[:METHOD],...",
+              help="Also answer every configuration as the first cut of a per-layer schedule: then at layer K keep "
+                   "KEEP of what the previous cut kept (a count, or a fraction like 0.5), ranked by METHOD "
+                   "(default avg_all_heads) on the pruned model's layer K-1 attention, e.g. 4:0.5:max_head.")
 @click.option("--keep", "keeps", type=IntList(), default=None, help="Only these keep counts.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=None,
               help="Answer length [default: the capture's].")
@@ -37,7 +41,7 @@ from fastv_analysis.strategies import ALL_METHODS
               help="Timed passes per sample after one warm-up pass, each over every configuration in a fresh "
                    "seeded order; accuracy.parquet reports medians and quartiles.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def eval_cmd(run, agg_layers, methods, configs, alphas, keeps, max_new_tokens, batch_size, limit, device,
+def eval_cmd(run, agg_layers, methods, configs, alphas, then, keeps, max_new_tokens, batch_size, limit, device,
              dtype, compare_mask, timing_samples, timing_repeats, quiet):
     """Evaluate every selected configuration of RUN with the pruned model, replaying the
     kept sets of RUN/select/selections.parquet (so capture, select and eval agree token for
@@ -54,7 +58,18 @@ def eval_cmd(run, agg_layers, methods, configs, alphas, keeps, max_new_tokens, b
     from fastv_analysis.evaluate import EvalConfig, run_eval
 
     configs = [c.strip() for c in configs.split(",") if c.strip()] if configs else None
-    cfg = EvalConfig(run=run, agg_layers=agg_layers, methods=methods, configs=configs, alphas=alphas, keeps=keeps,
+    stages = None
+    if then:
+        stages = []
+        for part in then.split(","):
+            bits = part.strip().split(":")
+            try:
+                k, amount = int(bits[0]), (float(bits[1]) if "." in bits[1] else int(bits[1]))
+            except (ValueError, IndexError):
+                raise click.BadParameter(f"{part!r}: expected K:KEEP[:METHOD]", param_hint="--then") from None
+            stages.append((k, amount, *(bits[2:3] or ["avg_all_heads"])))
+    cfg = EvalConfig(run=run, agg_layers=agg_layers, methods=methods, configs=configs, then=stages, alphas=alphas,
+                     keeps=keeps,
                      max_new_tokens=max_new_tokens, device=device, dtype=dtype, limit=limit, batch_size=batch_size,
                      timing_samples=timing_samples, timing_repeats=timing_repeats, compare_mask=compare_mask)
     info = run_eval(cfg, progress=not quiet, command=sys.argv)

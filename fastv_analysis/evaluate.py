@@ -58,6 +58,7 @@ class EvalConfig:
     model: str | None = None
     batch_size: int = 64
     configs: list[str] | None = None  # selection labels ("avg_all_heads@text_mean", ...) to answer; None = all
+    then: list[tuple] | None = None  # schedule stages (K, keep count or fraction of the previous cut, method)
 
 
 def configurations(selections: pl.DataFrame, cfg: EvalConfig, complete=None) -> pl.DataFrame:
@@ -100,6 +101,50 @@ def configurations(selections: pl.DataFrame, cfg: EvalConfig, complete=None) -> 
     return out
 
 
+def stage_spec(stage: tuple, keep: int) -> tuple[int, int, str]:
+    """``(K, keep, method)`` of one ``--then`` stage for a previous cut that kept ``keep``: a
+    float keep in (0, 1] is that fraction of it (rounded), an int a count (at most ``keep``)."""
+    k, amount, method = (*stage, "avg_all_heads")[:3]
+    count = int(round(float(amount) * keep)) if isinstance(amount, float) else int(amount)
+    return int(k), min(count, keep), str(method)
+
+
+def schedule_text(stages: list[tuple[int, int, str]]) -> str:
+    """How a schedule is named in config labels: ``then max_head K=4 keep 32``."""
+    return " ".join(f"then {m} K={k} keep {kp}" for k, kp, m in stages)
+
+
+def with_schedule(selections: pl.DataFrame, then: list[tuple] | None) -> pl.DataFrame:
+    """``selections`` plus, for every row with a kept set, the same first cut followed by the
+    ``then`` stages (ranked online by the pruned model, so eval gives their exact answer);
+    column ``stages`` (JSON ``[[K, keep, method], ...]``, ``[]`` for one cut) and labels /
+    selection ids that carry the schedule."""
+    out = selections.with_columns(pl.lit("[]").alias("stages"))
+    if not then:
+        return out
+    rows = []
+    for row in out.iter_rows(named=True):
+        if row["keep"] == 0 or row["method"] == FULL:
+            continue  # nothing left to rank; the full control stays the unpruned reference
+        stages, keep = [], int(row["keep"])
+        for stage in then:
+            k, keep, method = stage_spec(stage, keep)
+            stages.append((k, keep, method))
+        if stages[0][0] <= int(row["agg_layer"]):
+            raise ValueError(f"--then: stage at K = {stages[0][0]} must come after the first cut at "
+                             f"K = {row['agg_layer']}")
+        text = schedule_text(stages)
+        rows.append({**row, "config": f"{row['config']} {text}", "selection_id": f"{row['selection_id']}|{text}",
+                     "stages": json.dumps([list(s) for s in stages])})
+    return pl.concat([out, pl.DataFrame(rows, schema=out.schema)]) if rows else out
+
+
+def _stages(text: str | None):
+    from .pruning import Stage
+
+    return [Stage(int(k), int(kp), str(m)) for k, kp, m in json.loads(text or "[]")]
+
+
 def with_full_control(selections: pl.DataFrame, layouts: dict) -> pl.DataFrame:
     """``selections`` plus one ``full`` row (every image token kept) per sample and layer;
     ``layouts``: sample_id -> its :class:`~fastv_analysis.layout.TokenLayout`."""
@@ -133,13 +178,16 @@ def evaluate_sample(loaded, prepared, rows: pl.DataFrame, max_new_tokens: int, m
     inputs = model_inputs(loaded, [prepared])
     answers, timings = {}, []
     groups = []
-    for (layer, keep), group in rows.group_by(["agg_layer", "keep"], maintain_order=True):
+    if "stages" not in rows.columns:
+        rows = rows.with_columns(pl.lit("[]").alias("stages"))
+    for (layer, keep, stages), group in rows.group_by(["agg_layer", "keep", "stages"], maintain_order=True):
         distinct = group.unique("selection_id", keep="first", maintain_order=True)
         step = 1 if mode == "mask" and layer == 0 else batch_size  # mask mode cannot fan out the input at K = 0
-        groups.extend(((layer, keep), distinct.slice(i, step)) for i in range(0, distinct.height, step))
-    for (layer, keep), distinct in groups:
+        groups.extend(((layer, keep, stages), distinct.slice(i, step)) for i in range(0, distinct.height, step))
+    for (layer, keep, stages), distinct in groups:
         kept = torch.tensor(distinct["kept"].to_list(), dtype=torch.long)  # newlines kept by policy widen it
-        tokens, t0, t1, t2 = pruned_answer_tokens(loaded, inputs, kept, int(layer), max_new_tokens, mode)
+        tokens, t0, t1, t2 = pruned_answer_tokens(loaded, inputs, kept, int(layer), max_new_tokens, mode,
+                                                  _stages(stages))
         texts = processor.batch_decode(tokens, skip_special_tokens=True)
         answers.update(((int(layer), sid), t.strip()) for sid, t in zip(distinct["selection_id"].to_list(), texts))
         timings.append({"agg_layer": int(layer), "keep": int(keep), "n_sets": distinct.height,
@@ -149,15 +197,15 @@ def evaluate_sample(loaded, prepared, rows: pl.DataFrame, max_new_tokens: int, m
 
 
 def pruned_answer_tokens(loaded, inputs: dict, kept: torch.Tensor, agg_layer: int, max_new_tokens: int,
-                         mode: str = "drop"):
-    """Greedy answer tokens ``[C, T]`` of C kept sets sharing one prefill, with the clock
-    readings (start, prefill done, decode done)."""
+                         mode: str = "drop", stages=()):
+    """Greedy answer tokens ``[C, T]`` of C kept sets sharing one prefill (each followed by
+    the schedule's ``stages``), with the clock readings (start, prefill done, decode done)."""
     from .pruning import greedy_decode, prefill_shared
 
     eos = loaded.model.generation_config.eos_token_id
     pad = loaded.processor.tokenizer.pad_token_id or 0
     t0 = time.perf_counter()
-    with prefill_shared(loaded.model, inputs, kept, agg_layer, mode=mode) as shared:
+    with prefill_shared(loaded.model, inputs, kept, agg_layer, mode=mode, stages=stages) as shared:
         sync_device(loaded.device)
         t1 = time.perf_counter()
         tokens = greedy_decode(shared, max_new_tokens, eos, pad)
@@ -182,7 +230,8 @@ def time_configurations(loaded, prepared, rows: pl.DataFrame, max_new_tokens: in
 
     def run(row):
         kept = torch.tensor([row["kept"]], dtype=torch.long).reshape(1, -1)
-        return pruned_answer_tokens(loaded, inputs, kept, int(row["agg_layer"]), max_new_tokens)
+        return pruned_answer_tokens(loaded, inputs, kept, int(row["agg_layer"]), max_new_tokens,
+                                    stages=_stages(row.get("stages")))
 
     for _ in range(warmup):
         for row in configs:
@@ -253,6 +302,7 @@ def accuracy_table(pred: pl.DataFrame, timing: pl.DataFrame, model_dims: dict,
         # image tokens the model really kept: the full control all of each sample's, and a
         # --newline-tokens keep selection its newline tokens on top of the budget
         keep = min(int(round(float(g["n_kept"].mean()))) if "n_kept" in g.columns else int(row["keep"]), n_image)
+        stages = [(k, kp) for k, kp, _ in json.loads(g["stages"][0])] if "stages" in g.columns else []
         t = timing.filter(pl.col("agg_layer") == row["agg_layer"], pl.col("keep") == row["keep"])
         own = _config_times(config_timing, row)
         rows.append({
@@ -261,12 +311,12 @@ def accuracy_table(pred: pl.DataFrame, timing: pl.DataFrame, model_dims: dict,
             "delta_vs_full": float(correct.mean() - full.mean()) if len(full) else None,
             "mcnemar_p_vs_full": p_full, "mcnemar_p_vs_avg": p_avg, "mcnemar_p_vs_random": p_random,
             "delta_vs_random": float(correct.mean() - ctrl.mean()) if len(ctrl) and row["config"] != FULL else None,
-            "flops_ratio": flops_mod.flops_ratio(n_tokens, n_image, keep, model_dims["num_layers"],
-                                                 int(row["agg_layer"]), model_dims["hidden"],
-                                                 model_dims["intermediate"]),
+            **{name: flops_mod.flops_ratio(n_tokens, n_image, keep, model_dims["num_layers"], int(row["agg_layer"]),
+                                           model_dims["hidden"], model_dims["intermediate"], stages, matrices)
+               for name, matrices in (("flops_ratio", 2), ("flops_ratio_3mlp", 3))},
             "equivalent_image_tokens": flops_mod.equivalent_image_tokens(n_image, keep,
                                                                          model_dims["num_layers"],
-                                                                         int(row["agg_layer"])),
+                                                                         int(row["agg_layer"]), stages),
             **own,
             "batched_prefill_ms_per_set": 1e3 * float(t["prefill_seconds"].sum() / max(t["n_sets"].sum(), 1)),
             "batched_decode_ms_per_token": 1e3 * float(t["decode_seconds"].sum() / max(t["decode_tokens"].sum(), 1)),
@@ -543,7 +593,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True, command: list[str] | None =
     questions = run_questions(data_file, benchmark, image_root, errors=[])  # capture's list
     selections = configurations(pl.read_parquet(sel_path), cfg,
                                 lambda ids, available: complete_groups(ids, questions, available))
-    selections = with_full_control(selections, sample_layouts(run.samples))
+    selections = with_schedule(with_full_control(selections, sample_layouts(run.samples)), cfg.then)
     now = file_sha256(data_file) if benchmark is None else questions_fingerprint(questions)
     if now != run.config.get("data_sha256"):
         raise ValueError(f"{data_file} changed since the capture of {cfg.run} (sha256 differs)")

@@ -691,7 +691,8 @@ class FastVModel:
         orig = image_pos.gather(1, prev_image.expand(batch, -1))  # [B, k] sequence positions
         query = prompt.query_pos.expand(batch, -1)
         if prompt.mode == "drop":  # this layer runs on the previous cut's positions
-            orig, query = torch.searchsorted(prev_pos, orig), torch.searchsorted(prev_pos, query)
+            orig = torch.searchsorted(prev_pos, orig.contiguous())
+            query = torch.searchsorted(prev_pos, query.contiguous())
         rows = rows_from_call(self.adapter, module, args, kwargs, query)[:, :, 0, :]
         image_rows = take_positions(rows, orig, dim=2)
         keys = None
@@ -704,7 +705,7 @@ class FastVModel:
         kept_mask = kept_token_mask(prompt.seq_len, image_pos, kept_image)
         positions = mask_to_positions(kept_mask)
         prompt.later.append(_Cut(stage.agg_layer, kept_image, kept_mask, positions,
-                                 torch.searchsorted(prev_pos, positions), sel))
+                                 torch.searchsorted(prev_pos.contiguous(), positions), sel))
 
     def _cut(self, prompt: _Prompt, layer: int) -> tuple[str, torch.Tensor, torch.Tensor | None, torch.Tensor, int,
                                                           torch.Tensor]:
@@ -784,8 +785,10 @@ class FastVModel:
         if self.phase == "decode":
             if mask is None and fillers is None:
                 return None
-            kv_len = (mask.shape[-1] if mask is not None
-                      else prompt.cache().get_seq_length(prompt.agg_layer) + call.hidden_states.shape[1])
+            # keys in original coordinates: the prompt, then every token generated so far (this
+            # layer's cache, not yet updated in this step, holds the kept positions + those)
+            kv_len = (mask.shape[-1] if mask is not None else prompt.seq_len + prompt.cache().get_seq_length(layer)
+                      - kept.shape[1] + call.hidden_states.shape[1])
             keys = decode_key_positions(kept, prompt.seq_len, kv_len)
 
             def decode_mask():
@@ -824,7 +827,7 @@ class FastVModel:
         if self.phase == "prefill" and layer == prompt.agg_layer and hidden.shape[0] != prompt.batch:
             hidden = hidden.expand(prompt.batch, -1, -1)
         kv_len = prompt.seq_len if self.phase == "prefill" else (
-            mask.shape[-1] if mask is not None else prompt.cache().get_seq_length(prompt.agg_layer) + q_len
+            mask.shape[-1] if mask is not None else prompt.cache().get_seq_length(layer) + q_len
         )
         tag, _, _, key_kept, _, _ = self._cut(prompt, layer)
         if kv_len > prompt.seq_len:
@@ -930,7 +933,8 @@ def expand_cache_batch(cache, layers: range, repeats: int) -> None:
 
 @torch.no_grad()
 def prefill_shared(
-    model: nn.Module, inputs: Mapping, kept_sets: torch.Tensor, agg_layer: int, mode: str = "drop"
+    model: nn.Module, inputs: Mapping, kept_sets: torch.Tensor, agg_layer: int, mode: str = "drop",
+    stages: Sequence[Stage] = (),
 ) -> SharedPrefill:
     """Run one prompt through layers 0..K-1 once, then each of C kept sets from layer K.
 
@@ -947,7 +951,8 @@ def prefill_shared(
     if input_ids.shape[0] != 1:
         raise ValueError(f"prefill_shared takes one sample (batch 1), got batch {input_ids.shape[0]}")
     n_sets = kept_sets.shape[0]
-    config = FastVConfig(agg_layer=agg_layer, keep=int(kept_sets.shape[1]), mode=mode, kept=kept_sets)
+    config = FastVConfig(agg_layer=agg_layer, keep=int(kept_sets.shape[1]), mode=mode, kept=kept_sets,
+                         stages=tuple(stages))
     fastv = apply_fastv(model, config)
     try:
         attention_mask = inputs.get("attention_mask")

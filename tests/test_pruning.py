@@ -311,6 +311,21 @@ def test_flops_by_hand():
     assert equivalent_image_tokens(576, 64, 32, 2) == pytest.approx((2 * 576 + 30 * 64) / 32)
 
 
+def test_schedule_and_three_matrix_mlp_flops_by_hand():
+    from fastv_analysis.flops import schedule_flops
+
+    # 3-matrix MLP, n=10, d=4, m=8: 640 + 800 + 3*10*4*8 = 2400
+    assert layer_flops(10, 4, 8, mlp_matrices=3) == 2400
+    # 4 layers: 1 at 10 tokens, 2 at 6 (1056, see above), 1 at 3: 4*3*16 + 2*9*4 + 2*3*4*8 = 192 + 72 + 192 = 456
+    assert schedule_flops(10, [(1, 6), (3, 3)], 4, 4, 8) == 2080 + 2 * 1056 + 456
+    # N = 5 image tokens of 10: keep 1 from K = 1 (6 tokens), then keep 0 from K = 3 (5 tokens):
+    # 5 tokens: 4*5*16 + 2*25*4 + 2*5*4*8 = 320 + 200 + 320 = 840
+    assert flops_ratio(10, 5, 1, 4, 1, 4, 8, stages=[(3, 0)]) == pytest.approx((2080 + 2 * 1056 + 840) / (4 * 2080))
+    assert equivalent_image_tokens(5, 1, 4, 1, stages=[(3, 0)]) == pytest.approx((1 * 5 + 2 * 1 + 1 * 0) / 4)
+    with pytest.raises(ValueError):
+        schedule_flops(10, [(3, 6), (1, 3)], 4, 4, 8)
+
+
 # ----------------------------------------------------------------------------------------
 # pure index helpers
 # ----------------------------------------------------------------------------------------

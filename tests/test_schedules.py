@@ -92,3 +92,53 @@ def test_bad_schedules_are_refused_in_one_line(stages, message):
         FastVConfig(agg_layer=2, keep=64, stages=stages)
     with pytest.raises(ValueError, match="first cut must be at agg_layer >= 1"):
         FastVConfig(agg_layer=0, keep=64, stages=[Stage(4, 8)])
+
+
+def test_eval_answers_schedules_exactly_as_online_pruning(loaded, tmp_path):
+    """eval --then: every configuration also as the first cut of a schedule; its answers are
+    apply_fastv's with the same first cut and stages, and its FLOPs ratio is lower."""
+    import json
+
+    import polars as pl
+
+    from fastv_analysis.cli.main import main
+
+    model_dir = tmp_path / "m"
+    save_tiny_random_checkpoint(model_dir, seed=1, text={"num_hidden_layers": 6, "num_attention_heads": 4,
+                                                         "num_key_value_heads": 2})
+    data = tmp_path / "d"
+    (data / "images").mkdir(parents=True)
+    rng = np.random.default_rng(5)
+    lines = []
+    for i in range(3):
+        Image.fromarray((rng.random((336, 336, 3)) * 255).astype("uint8")).save(data / "images" / f"{i}.png")
+        lines.append(json.dumps({"question_id": i, "image": f"images/{i}.png", "text": "what color?",
+                                 "answer": "red"}))
+    (data / "q.jsonl").write_text("\n".join(lines) + "\n")
+    run = tmp_path / "run"
+    assert main(["capture", "--model", str(model_dir), "--data", str(data / "q.jsonl"), "--out", str(run),
+                 "--agg-layers", "2", "--max-new-tokens", "3", "--quiet"]) == 0
+    assert main(["select", str(run), "--methods", "avg_all_heads,random", "--keep", "64,16", "--quiet"]) == 0
+    assert main(["eval", str(run), "--then", "4:0.5:max_head", "--compare-mask", "3", "--timing-samples", "1",
+                 "--quiet"]) == 0
+    pred = pl.read_parquet(run / "eval" / "predictions.parquet")
+    staged = pred.filter(pl.col("config") == "avg_all_heads then max_head K=4 keep 32")
+    assert staged.height == 3 and "full then" not in " ".join(pred["config"].unique().to_list())
+    sel = pl.read_parquet(run / "select" / "selections.parquet")
+    proc = loaded.processor
+    model = load_model(str(model_dir), device="cpu", dtype="float32")
+    for row in staged.iter_rows(named=True):
+        kept = sel.filter(pl.col("sample_id") == row["sample_id"], pl.col("config") == "avg_all_heads",
+                          pl.col("keep") == 64)["kept"].to_list()[0]
+        image = Image.open(data / "images" / f"{row['sample_id']}.png").convert("RGB")
+        inputs = dict(proc(text=[build_prompt(proc, "what color?")], images=[image], return_tensors="pt"))
+        with torch.no_grad(), apply_fastv(model.model, agg_layer=2, keep=64, kept=torch.tensor([kept]),
+                                          stages=[Stage(4, 32, "max_head")]) as m:
+            out = m.generate(**inputs, max_new_tokens=3, do_sample=False,
+                             pad_token_id=proc.tokenizer.pad_token_id)
+        online = proc.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0].strip()
+        assert online == row["prediction"]
+    acc = pl.read_parquet(run / "eval" / "accuracy.parquet").filter(pl.col("keep") == 64)
+    ratio = dict(zip(acc["config"], acc["flops_ratio"]))
+    assert ratio["avg_all_heads then max_head K=4 keep 32"] < ratio["avg_all_heads"]
+    assert (acc["flops_ratio_3mlp"] > 0).all()
