@@ -12,7 +12,7 @@ nothing to draw, e.g. no question categories). :func:`save_all` writes them to
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +22,9 @@ from . import grid as image_grid
 from .strategies import METHODS as METHOD_ORDER
 
 PALETTE = {"avg_all_heads": "#1f77b4", "max_head": "#d62728", "weighted_combination": "#2ca02c",
-           "random": "#7f7f7f", "uniform": "#9467bd", "full": "black"}
+           "random": "#7f7f7f", "uniform": "#9467bd", "full": "black",
+           "dynamic_alpha": "#ff7f0e", "no_rope": "#8c564b", "sink_excluded": "#e377c2", "diverse": "#17becf",
+           "hybrid_uniform": "#bcbd22"}
 
 
 @dataclass
@@ -40,6 +42,10 @@ class RunTables:
     num_heads: int | None
     eval_info: dict | None = None
     geometry: image_grid.ImageGeometry = image_grid.DEFAULT_GEOMETRY  # the processor's resize/crop/patch grid
+    oracle: pl.DataFrame | None = None     # eval/oracle.parquet: per-sample oracle vs best single strategy
+    adaptive: pl.DataFrame | None = None   # eval/adaptive.parquet: the cross-validated choice rule
+    store: tuple[str, ...] = ()            # what capture stored beyond the attention (run.json "store")
+    cache: dict = field(default_factory=dict, repr=False, compare=False)  # tensors read from the run, once
 
 
 def load_tables(run_dir: str | Path) -> RunTables:
@@ -65,6 +71,9 @@ def load_tables(run_dir: str | Path) -> RunTables:
         eval_info=json.loads((root / "eval" / "eval.json").read_text()) if (root / "eval" / "eval.json").exists()
         else None,
         geometry=image_grid.load_geometry(config.get("model")),
+        oracle=read("eval", "oracle.parquet"),
+        adaptive=read("eval", "adaptive.parquet"),
+        store=tuple(config.get("store") or ()),
     )
 
 
@@ -949,11 +958,17 @@ FIGURES = {
     "sample_attention": _on_grid_figure(_attention_examples),
     "relations": lambda t: plot_relations(t.relations),
     "object_coverage": lambda t: plot_object_coverage(t.predictions),
+    "positional_bias": lambda t: plot_positional_bias(t.selections, t.samples),
+    "attention_sinks": lambda t: _sinks_figure(t),
+    "query_choice": lambda t: plot_query_choice(query_agreement(t.overlap_summary, t.accuracy,
+                                                                n_tokens=n_image_tokens(t))),
+    "layer_dynamics": lambda t: plot_layer_dynamics(run_layer_dynamics(t), n_tokens=n_image_tokens(t)),
 }
 NEEDS = {"accuracy_vs_keep": "accuracy", "accuracy_vs_alpha": "accuracy", "category_accuracy": "predictions",
          "cost": "accuracy", "overlap_heatmap": "overlap_summary", "head_statistics": "heads",
          "keep_frequency": "selections", "examples": "selections", "sample_attention": "selections",
-         "relations": "relations", "object_coverage": "predictions"}
+         "relations": "relations", "object_coverage": "predictions", "positional_bias": "selections",
+         "attention_sinks": "heads", "query_choice": "overlap_summary", "layer_dynamics": "selections"}
 
 
 def plot_object_coverage(predictions: pl.DataFrame):
@@ -998,6 +1013,722 @@ def plot_object_coverage(predictions: pl.DataFrame):
     axes[0, 1].set_title("Kept tokens on objects vs accuracy")
     fig.tight_layout()
     return fig
+
+
+# ----------------------------------------------------------------------------------------
+# Analyses as report sections (issue 15.5). Each is a pure function of tables or tensors
+# (data in, table or figure out); the few that read the run's stored tensors have a loader
+# beside them, and :func:`why_missing` gives the one line a section shows when the run
+# lacks its inputs (an older run, a capture without that --store option, no eval).
+# ----------------------------------------------------------------------------------------
+
+POSITION_CONFIGS = ("avg_all_heads", "no_rope", "random", "uniform")
+"""What the positional-bias section compares: FastV's ranking, the same ranking of rows
+computed without RoPE (FEATHER's diagnosis: RoPE's long-term decay makes the last prompt
+token favour late, i.e. bottom, image tokens) and the two position-blind controls."""
+
+QUERY_VARIANTS = ("text_mean", "all_mean")
+"""The query rows compared with FastV's last prompt token (strategies.QUERIES less ``last``)."""
+QUERY_COLORS = {"last": PALETTE["avg_all_heads"], "text_mean": "#ff7f0e", "all_mean": "#2ca02c"}
+SIGNIFICANCE = 0.05
+
+
+def _smallest_keep(frame: pl.DataFrame) -> int | None:
+    keeps = [k for k in frame["keep"].unique().to_list() if k > 0]
+    return min(keeps) if keeps else None
+
+
+def _config_color(config: str) -> str:
+    return PALETTE.get(config.split("(")[0].split("@")[0], "0.4")
+
+
+def strategy_configs(frame: pl.DataFrame) -> list[str]:
+    """Every strategy's configuration on the last token's rows (no ``@query`` variants),
+    weighted_combination at its alpha nearest 0.5; the original five methods first."""
+    from .strategies import ALL_METHODS
+
+    alpha = _primary_alpha(frame)
+    configs = frame.filter(_primary_only(alpha))["config"].unique().sort().to_list()
+    configs = [c for c in configs if "@" not in c and c != "full"]
+    order = list(METHOD_ORDER) + [m for m in ALL_METHODS if m not in METHOD_ORDER]
+    rank = {m: i for i, m in enumerate(order)}
+    return sorted(configs, key=lambda c: (rank.get(c.split("(")[0], len(order)), c))
+
+
+# -- 1. positional bias ---------------------------------------------------------------------
+
+
+def kept_positions(selections: pl.DataFrame, samples: pl.DataFrame, configs=POSITION_CONFIGS,
+                   keep: int | None = None, agg_layer: int | None = None):
+    """Where the kept tokens sit: ``({config: (rows, cols)}, layer, keep)`` with ``rows`` /
+    ``cols`` the cell centres of every kept on-grid token as fractions of its own sample's
+    grid (``(row + 0.5) / grid_rows``: 0 = top / left, 1 = bottom / right; the grid from
+    samples' ``token_cells``, so off-grid base-tile and newline tokens are left out), pooled
+    over samples, at one layer and keep (default: the first layer, the smallest keep > 0)."""
+    from .select import sample_layouts
+
+    layer = agg_layer if agg_layer is not None else selections["agg_layer"].min()
+    sel = selections.filter(pl.col("agg_layer") == layer)
+    keep = keep if keep is not None else _smallest_keep(sel)
+    sel = sel.filter(pl.col("keep") == keep, pl.col("config").is_in(list(configs)))
+    layouts = sample_layouts(samples.filter(pl.col("sample_id").is_in(sel["sample_id"].unique().implode())))
+    out = {}
+    for (config,), d in sel.group_by(["config"], maintain_order=True):
+        rows, cols = [np.zeros(0)], [np.zeros(0)]
+        for sid, kept in d.select("sample_id", "kept").iter_rows():
+            lay = layouts.get(int(sid))
+            if lay is None or lay.rows == 0 or kept is None:
+                continue
+            cells = lay.cells[np.asarray(kept, dtype=np.int64)]
+            r, c = np.divmod(cells[cells >= 0], lay.cols)
+            rows.append((r + 0.5) / lay.rows)
+            cols.append((c + 0.5) / lay.cols)
+        out[config] = (np.concatenate(rows), np.concatenate(cols))
+    return {c: out[c] for c in configs if c in out}, layer, keep
+
+
+def _common_grid(samples: pl.DataFrame) -> tuple[int, int] | None:
+    """(rows, cols) of the grid most samples have (None when no sample is on a grid)."""
+    from .select import sample_layouts
+
+    shapes = [(lay.rows, lay.cols) for lay in sample_layouts(samples).values() if lay.rows > 0]
+    if not shapes:
+        return None
+    values, counts = np.unique(np.array(shapes), axis=0, return_counts=True)
+    rows, cols = values[int(np.argmax(counts))]
+    return int(rows), int(cols)
+
+
+def position_profile(selections: pl.DataFrame, samples: pl.DataFrame, configs=POSITION_CONFIGS,
+                     keep: int | None = None, agg_layer: int | None = None,
+                     bins: tuple[int, int] | None = None) -> pl.DataFrame | None:
+    """The distribution of kept tokens over normalised row and column position
+    (:func:`kept_positions`): one row per (config, axis, bin) with the bin's centre and
+    ``share``, the fraction of that configuration's kept on-grid tokens in the bin (each
+    axis sums to 1). ``bins`` (rows, cols) defaults to the most common grid's rows and
+    columns, at most 12 each (24 rows: two per bin, so a few hundred kept tokens still give
+    a smooth line). None when nothing is on a grid."""
+    positions, layer, keep = kept_positions(selections, samples, configs, keep, agg_layer)
+    grid = _common_grid(samples)
+    if grid is None or not any(r.size for r, _ in positions.values()):
+        return None
+    bins = bins or (min(grid[0], 12), min(grid[1], 12))
+    out = []
+    for config, (rows, cols) in positions.items():
+        for axis, pos, n_bins in (("row", rows, bins[0]), ("column", cols, bins[1])):
+            counts, edges = np.histogram(pos, bins=n_bins, range=(0.0, 1.0))
+            share = counts / max(pos.size, 1)
+            out += [{"agg_layer": layer, "keep": keep, "config": config, "axis": axis, "bin": i,
+                     "centre": float((edges[i] + edges[i + 1]) / 2), "share": float(share[i])}
+                    for i in range(n_bins)]
+    return pl.DataFrame(out)
+
+
+def position_summary(selections: pl.DataFrame, samples: pl.DataFrame, configs=POSITION_CONFIGS,
+                     keep: int | None = None, agg_layer: int | None = None) -> pl.DataFrame | None:
+    """Per configuration: samples, kept on-grid tokens, their mean row and column (fractions of
+    each sample's grid, 0 = top / left, 0.5 = centred) and the share in the bottom half."""
+    positions, layer, keep = kept_positions(selections, samples, configs, keep, agg_layer)
+    sel = selections.filter(pl.col("agg_layer") == layer, pl.col("keep") == keep)
+    rows = []
+    for config, (r, c) in positions.items():
+        rows.append({"agg_layer": layer, "keep": keep, "config": config,
+                     "samples": sel.filter(pl.col("config") == config).height, "kept_on_grid": int(r.size),
+                     "mean_row": round(float(r.mean()), 3) if r.size else float("nan"),
+                     "mean_col": round(float(c.mean()), 3) if c.size else float("nan"),
+                     "bottom_half_%": round(100 * float((r >= 0.5).mean()), 1) if r.size else float("nan")})
+    return pl.DataFrame(rows) if rows else None
+
+
+def plot_positional_bias(selections: pl.DataFrame, samples: pl.DataFrame, keep: int | None = None,
+                         agg_layer: int | None = None, configs=POSITION_CONFIGS):
+    """Positional bias: the distribution of kept tokens over normalised row (left) and column
+    (right) position at the smallest keep, one line per configuration (its mean position in
+    the legend), the flat level a position-blind strategy gives dotted. None without a grid."""
+    profile = position_profile(selections, samples, configs, keep, agg_layer)
+    if profile is None:
+        return None
+    summary = position_summary(selections, samples, configs, keep, agg_layer)
+    layer, keep = int(profile["agg_layer"][0]), int(profile["keep"][0])
+    present = [c for c in configs if c in profile["config"].unique().to_list()]
+    fig, axes = _figure(width=13, height=5.6, ncols=2)
+    for ax, axis, mean_col, where in zip(axes[0], ("row", "column"), ("mean_row", "mean_col"),
+                                         ("0 = top, 1 = bottom", "0 = left, 1 = right")):
+        d = profile.filter(pl.col("axis") == axis)
+        n_bins = d["bin"].max() + 1
+        # uniform's lattice puts all its tokens in a few bins: its peaks are cut off rather
+        # than squashing the other lines flat
+        top = 100 * float(d.filter(pl.col("config") != "uniform")["share"].max() or 1 / n_bins)
+        top = max(top, 100 / n_bins) * 1.35
+        for config in present:
+            dd = d.filter(pl.col("config") == config).sort("bin")
+            mean = summary.filter(pl.col("config") == config)[mean_col][0]
+            label = f"{config} (mean {axis} {mean:.2f})"
+            y = 100 * dd["share"].to_numpy()
+            if config == "uniform" and y.max() > top:  # a lattice: markers at its bins, capped at the top
+                hit = y > 0
+                ax.plot(dd["centre"].to_numpy()[hit], np.minimum(y[hit], 0.96 * top), linestyle="none", marker="v",
+                        markersize=8, color=_config_color(config),
+                        label=f"{label}: lattice bins, {y.max():.0f}% each")
+                continue
+            control = config in ("random", "uniform")
+            ax.plot(dd["centre"], y, marker="o", markersize=3, linewidth=1.2 if control else 2,
+                    linestyle="--" if control else "-", color=_config_color(config), label=label)
+        ax.axhline(100 / n_bins, color="black", linestyle=":", linewidth=1,
+                   label=f"flat: {100 / n_bins:.1f}% per bin")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, top)
+        ax.set_xlabel(f"{axis} position on the sample's own grid ({where})")
+        ax.set_ylabel("kept on-grid tokens in this bin (%)")
+        ax.set_title(f"Along the image's {axis}s ({n_bins} equal bins)", fontsize=10)
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=2)  # below: clear of the lines
+    missing = [c for c in configs if c not in present]
+    note = f"; not in this run: {', '.join(missing)}" if missing else ""
+    n = int(summary["samples"].max())
+    fig.suptitle(f"Where kept tokens sit: keep {keep}, K={layer}, {n} samples{note}")
+    fig.tight_layout()
+    return fig
+
+
+# -- 2. attention sinks ---------------------------------------------------------------------
+
+
+def sink_ratio() -> float:
+    """The sink rule's ratio: a token whose hidden-state norm exceeds this multiple of its
+    sample's median is a sink (select.SINK_RATIO, sink_excluded's default)."""
+    from .select import SINK_RATIO
+
+    return float(SINK_RATIO)
+
+
+def sink_masks(run_dir: str | Path, agg_layer: int | None = None) -> dict[int, np.ndarray] | None:
+    """``{sample_id: [N] bool}``: the attention sinks among each sample's image tokens at layer
+    K-1 (default: the first K > 0), by the rule select's head statistics use
+    (:func:`strategies.sink_mask` of the stored ``hidden_norm``, ratio :func:`sink_ratio`).
+    None when capture did not store ``hidden_norm`` or recorded no layer K > 0."""
+    from .store import open_run
+    from .strategies import sink_mask
+
+    run = open_run(run_dir)
+    layers = [k for k in run.agg_layers if k > 0]
+    if "hidden_norm" not in (run.config.get("store") or []) or not layers:
+        return None
+    layer = agg_layer if agg_layer is not None else layers[0]
+    ratio = sink_ratio()
+    out: dict[int, np.ndarray] = {}
+    for _, d in run.samples.group_by(["n_image_tokens"]):  # one N per stack
+        ids = d["sample_id"].to_list()
+        for i in range(0, len(ids), 256):
+            chunk = ids[i: i + 256]
+            norms = run.inputs(layer, chunk, ["hidden_norm"])["hidden_norm"]
+            out.update(zip(chunk, sink_mask(norms, ratio).numpy()))
+    return out
+
+
+def sink_keep_share(selections: pl.DataFrame, masks: dict[int, np.ndarray], agg_layer: int | None = None,
+                    configs: list[str] | None = None) -> pl.DataFrame:
+    """How often each strategy keeps the sinks: per (keep, config) at one layer, ``sinks`` (over
+    the samples), ``kept_sinks`` (those in the kept set), ``share_kept`` = kept_sinks / sinks
+    (null without sinks) and ``flat``, the mean keep / N a position- and norm-blind strategy
+    keeps of them."""
+    layer = agg_layer if agg_layer is not None else selections["agg_layer"].min()
+    sel = selections.filter(pl.col("agg_layer") == layer, pl.col("keep") > 0)
+    if configs is not None:
+        sel = sel.filter(pl.col("config").is_in(list(configs)))
+    rows = []
+    for sid, config, keep, kept in sel.select("sample_id", "config", "keep", "kept").iter_rows():
+        mask = masks.get(int(sid))
+        if mask is None:
+            continue
+        rows.append((config, keep, int(mask.sum()), int(mask[np.asarray(kept, dtype=np.int64)].sum()),
+                     keep / mask.size))
+    frame = pl.DataFrame(rows, schema={"config": pl.Utf8, "keep": pl.Int64, "sinks": pl.Int64,
+                                       "kept_sinks": pl.Int64, "flat": pl.Float64}, orient="row")
+    return (frame.group_by("keep", "config").agg(pl.len().alias("samples"), pl.col("sinks").sum(),
+                                                 pl.col("kept_sinks").sum(), pl.col("flat").mean())
+            .with_columns(pl.when(pl.col("sinks") > 0).then(pl.col("kept_sinks") / pl.col("sinks"))
+                          .otherwise(None).alias("share_kept"), pl.lit(layer, dtype=pl.Int64).alias("agg_layer"))
+            .select("agg_layer", "keep", "config", "samples", "sinks", "kept_sinks", "share_kept", "flat")
+            .sort(["keep", "config"], descending=[True, False]))
+
+
+def sink_map(samples: pl.DataFrame, masks: dict[int, np.ndarray]):
+    """Where sinks sit: ``(frequency [rows, cols], samples, off_grid)`` over the samples of the
+    most common grid, ``frequency`` the fraction of them with a sink in each cell and
+    ``off_grid`` how many of their sinks are off it (base tile, newline tokens). None when no
+    sample with a mask is on a grid."""
+    from .select import sample_layouts
+
+    sub = samples.filter(pl.col("sample_id").is_in(list(masks)))
+    grid = _common_grid(sub)
+    if grid is None:
+        return None
+    freq = np.zeros(grid[0] * grid[1])
+    n = off = 0
+    for sid, lay in sample_layouts(sub).items():
+        if (lay.rows, lay.cols) != grid:
+            continue
+        cells = lay.cells[np.asarray(masks[sid], dtype=bool)]
+        n += 1
+        off += int((cells < 0).sum())
+        freq[np.unique(cells[cells >= 0])] += 1
+    return freq.reshape(grid) / max(n, 1), n, off
+
+
+def sink_note(masks: dict[int, np.ndarray] | None, heads: pl.DataFrame | None = None,
+              agg_layer: int | None = None) -> str:
+    """One line on the run's sinks: how many samples have any and how much attention they
+    take, or that there are none (with the rule), or why the section cannot say."""
+    ratio = sink_ratio()
+    rule = (f"a token whose hidden-state norm entering layer K-1 exceeds {ratio:g}x its sample's median image-token "
+            f"norm (strategies.sink_mask, select.SINK_RATIO = {ratio:g})")
+    if masks is None:
+        return ("No sink section: capture did not store the image tokens' hidden-state norms "
+                "(capture with --store hidden_norm).")
+    counts = np.array([int(m.sum()) for m in masks.values()])
+    if counts.sum() == 0:
+        return f"No attention sinks in this run's {len(counts)} samples: none has {rule}."
+    mass = ""
+    if heads is not None and "sink_mass" in heads.columns:
+        h = heads.filter(pl.col("agg_layer") == (agg_layer if agg_layer is not None else heads["agg_layer"].min()))
+        mass = (f"; they take {100 * h['sink_mass'].mean():.1f}% of the head-mean last-token image attention "
+                f"on average (median {100 * h['sink_mass'].median():.1f}%)")
+    with_sinks = counts[counts > 0]
+    return (f"Attention sinks ({rule}) in {with_sinks.size} of {counts.size} samples, "
+            f"{np.median(with_sinks):g} per sample with any (max {with_sinks.max()}){mass}.")
+
+
+def plot_attention_sinks(heads: pl.DataFrame | None, masks: dict[int, np.ndarray], samples: pl.DataFrame,
+                         selections: pl.DataFrame, agg_layer: int | None = None):
+    """Attention sinks (:func:`sink_masks`), four panels: sinks per sample; the share of the
+    head-mean last-token image attention they take (heads' ``sink_mass``, samples with a
+    sink); where they sit on the most common grid; and the share of them each strategy keeps,
+    per keep, against the flat keep / N. None when no sample has a sink."""
+    import seaborn as sns
+
+    counts = np.array([int(m.sum()) for m in masks.values()])
+    if counts.sum() == 0:
+        return None
+    layer = agg_layer if agg_layer is not None else selections["agg_layer"].min()
+    fig, axes = _figure(width=13, height=9.5, ncols=2, nrows=2)
+    ax = axes[0, 0]
+    if counts.max() <= 40:
+        share = np.bincount(counts) / counts.size * 100
+        ax.bar(np.arange(share.size), share, color="#e377c2", edgecolor="black", linewidth=0.5)
+    else:
+        sns.histplot(counts, ax=ax, bins=20, stat="percent", color="#e377c2")
+    ax.set_xlabel("attention sinks among the sample's image tokens (count)")
+    ax.set_ylabel("samples (%)")
+    ax.set_title(f"Sinks per sample ({int((counts > 0).sum())} of {counts.size} samples have any)", fontsize=10)
+    ax = axes[0, 1]
+    if heads is not None and "sink_mass" in heads.columns:
+        h = heads.filter(pl.col("agg_layer") == layer, pl.col("sink_count") > 0)
+        mass = 100 * h["sink_mass"].to_numpy()
+        sns.histplot(mass, ax=ax, bins=20, binrange=(0, 100), stat="percent", color="#e377c2")
+        ax.set_title(f"Attention the sinks take ({h.height} samples with a sink; mean {mass.mean():.1f}%)",
+                     fontsize=10)
+        ax.set_xlim(0, 100)
+    else:
+        ax.text(0.5, 0.5, "select predates sink_mass (re-run select)", ha="center", va="center",
+                transform=ax.transAxes)
+        ax.set_title("Attention the sinks take", fontsize=10)
+    ax.set_xlabel("sinks' share of the head-mean last-token image attention (%)")
+    ax.set_ylabel("samples with a sink (%)")
+    ax = axes[1, 0]
+    where = sink_map(samples, masks)
+    if where is not None:
+        freq, n, off = where
+        _grid_map(ax, 100 * freq, "rocket_r", "samples with a sink in this cell (%)", vmin=0)
+        extra = f"; {off} sinks off the grid (base tile / newlines)" if off else ""
+        ax.set_title(f"Where sinks sit ({n} samples on the {freq.shape[0]} x {freq.shape[1]} grid{extra})",
+                     fontsize=10)
+    else:
+        ax.set_title("Where sinks sit (no sample on a grid)", fontsize=10)
+    ax.set_xlabel("image column (patch)")
+    ax.set_ylabel("image row (patch)")
+    ax = axes[1, 1]
+    share = sink_keep_share(selections, masks, layer, strategy_configs(selections))
+    for config in strategy_configs(selections):
+        d = share.filter(pl.col("config") == config).sort("keep")
+        if d.height:
+            control = config in ("random", "uniform")
+            ax.plot(d["keep"], 100 * d["share_kept"], marker="o", linestyle="--" if control else "-",
+                    color=_config_color(config), label=_method_label(config))
+    flat = share.group_by("keep").agg(pl.col("flat").mean()).sort("keep")
+    ax.plot(flat["keep"], 100 * flat["flat"], color="black", linestyle=":", label="flat: keep / N")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(flat["keep"].to_list(), [str(k) for k in flat["keep"].to_list()])
+    ax.minorticks_off()
+    ax.set_ylim(0, 105)
+    ax.set_xlabel("image tokens kept after layer K (count, log scale)")
+    ax.set_ylabel("sinks kept (% of all sinks)")
+    ax.set_title("How often each strategy keeps the sinks", fontsize=10)
+    ax.legend(fontsize=7, loc="best", ncols=2)
+    fig.suptitle(f"Attention sinks at layer K-1={layer - 1}: image tokens with hidden-state norm > "
+                 f"{sink_ratio():g}x the sample's median")
+    fig.tight_layout()
+    return fig
+
+
+# -- 3. query choice --------------------------------------------------------------------------
+
+
+def query_agreement(overlap_summary: pl.DataFrame, accuracy: pl.DataFrame | None = None,
+                    base: str = "avg_all_heads", n_tokens: int | None = None) -> pl.DataFrame | None:
+    """How much the ranking's query matters: per (agg_layer, keep, query), the mean Jaccard (95%
+    interval) between ``base``'s kept set on the last token's rows and on the ``text_mean`` /
+    ``all_mean`` query rows, chance Jaccard (needs ``n_tokens``), the Spearman correlation of
+    the two rankings over all tokens, and where eval answered them the accuracy (%) of each
+    variant and of ``base``. None when select compared no query variant."""
+    out = []
+    for query in QUERY_VARIANTS:
+        other = f"{base}@{query}"
+        pair = (((pl.col("config_a") == base) & (pl.col("config_b") == other))
+                | ((pl.col("config_a") == other) & (pl.col("config_b") == base)))
+        d = overlap_summary.filter(pair, pl.col("keep") > 0)
+        out += [{"agg_layer": r["agg_layer"], "keep": r["keep"], "query": query, "n": int(r["n"]),
+                 "jaccard": r["jaccard_mean"], "jaccard_lo": r["jaccard_lo"], "jaccard_hi": r["jaccard_hi"],
+                 "chance": chance_jaccard(n_tokens, r["keep"]) if n_tokens else None,
+                 "spearman": r.get("spearman_mean")} for r in d.iter_rows(named=True)]
+    if not out:
+        return None
+    frame = pl.DataFrame(out, schema_overrides={"chance": pl.Float64, "spearman": pl.Float64})
+    variant_acc = base_acc = pl.lit(None, dtype=pl.Float64)
+    if accuracy is not None:
+        acc = {(r["agg_layer"], r["keep"], r["config"]): 100 * r["accuracy"]
+               for r in accuracy.select("agg_layer", "keep", "config", "accuracy").iter_rows(named=True)}
+        frame = frame.with_columns(
+            pl.struct("agg_layer", "keep", "query").map_elements(
+                lambda r: acc.get((r["agg_layer"], r["keep"], f"{base}@{r['query']}")), return_dtype=pl.Float64)
+            .alias("accuracy_%"),
+            pl.struct("agg_layer", "keep").map_elements(
+                lambda r: acc.get((r["agg_layer"], r["keep"], base)), return_dtype=pl.Float64).alias("last_accuracy_%"))
+    else:
+        frame = frame.with_columns(variant_acc.alias("accuracy_%"), base_acc.alias("last_accuracy_%"))
+    return frame.sort(["agg_layer", "keep", "query"], descending=[False, True, True])
+
+
+def query_table(agreement: pl.DataFrame) -> pl.DataFrame:
+    """:func:`query_agreement` rounded for reading (Jaccard with its interval, accuracies, change)."""
+    return agreement.select(
+        "agg_layer", "keep", pl.format("{} vs last", pl.col("query")).alias("query"), "n",
+        pl.col("jaccard").round(3),
+        pl.format("[{}, {}]", pl.col("jaccard_lo").round(3), pl.col("jaccard_hi").round(3)).alias("jaccard_95%"),
+        pl.col("chance").round(3).alias("chance_jaccard"), pl.col("spearman").round(3).alias("spearman_all_tokens"),
+        pl.col("last_accuracy_%").round(1), pl.col("accuracy_%").round(1).alias("query_accuracy_%"),
+        (pl.col("accuracy_%") - pl.col("last_accuracy_%")).round(1).alias("change_pts"))
+
+
+def plot_query_choice(agreement: pl.DataFrame | None, base: str = "avg_all_heads"):
+    """Left: Jaccard between ``base`` on the last token's rows and on each other query's rows
+    per keep (95% intervals), chance dotted. Right: accuracy of each query per keep where eval
+    answered them. None without query variants."""
+    if agreement is None or agreement.height == 0:
+        return None
+    layer = agreement["agg_layer"].min()
+    a = agreement.filter(pl.col("agg_layer") == layer)
+    keeps = sorted(a["keep"].unique().to_list())
+    fig, axes = _figure(width=13, height=4.8, ncols=2)
+    ax = axes[0, 0]
+    for query in QUERY_VARIANTS:
+        d = a.filter(pl.col("query") == query).sort("keep")
+        if d.height:
+            y = d["jaccard"].to_numpy()
+            err = np.vstack([y - d["jaccard_lo"].to_numpy(), d["jaccard_hi"].to_numpy() - y])
+            ax.errorbar(d["keep"], y, yerr=np.clip(err, 0, None), marker="o", capsize=3, color=QUERY_COLORS[query],
+                        label=f"last vs {query}")
+    chance = a.group_by("keep").agg(pl.col("chance").first()).sort("keep")
+    if chance["chance"].null_count() == 0:
+        ax.plot(chance["keep"], chance["chance"], color="black", linestyle=":", label="chance (two random subsets)")
+    ax.set_ylim(0, 1.02)
+    ax.set_ylabel("mean Jaccard of the kept sets")
+    ax.set_title(f"Agreement of {base}'s kept sets across query rows", fontsize=10)
+    ax = axes[0, 1]
+    drawn = False
+    for query, column in (("last", "last_accuracy_%"), *((q, "accuracy_%") for q in QUERY_VARIANTS)):
+        d = a.filter(pl.col("query") == (QUERY_VARIANTS[0] if query == "last" else query)).sort("keep")
+        d = d.filter(pl.col(column).is_not_null())
+        if d.height:
+            drawn = True
+            ax.plot(d["keep"], d[column], marker="o", color=QUERY_COLORS[query],
+                    label=f"{base} on {'the last token' if query == 'last' else query} rows")
+    if not drawn:
+        ax.text(0.5, 0.5, "eval answered no query variant\n(eval --configs avg_all_heads@text_mean,...)",
+                ha="center", va="center", transform=ax.transAxes)
+    ax.set_ylim(0, 105)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("Accuracy by query rows", fontsize=10)
+    for ax in axes[0]:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(keeps, [str(k) for k in keeps])
+        ax.minorticks_off()
+        ax.set_xlabel("image tokens kept after layer K (count, log scale)")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, loc="best")
+    fig.suptitle(f"Query choice at K={layer}: FastV's last prompt token vs text_mean (the instruction's text "
+                 f"tokens) and all_mean (all query tokens)")
+    fig.tight_layout()
+    return fig
+
+
+# -- 4. layer dynamics ---------------------------------------------------------------------
+
+
+def _mean_interval(values: np.ndarray) -> tuple[float, float, float]:
+    """Mean and its 95% t interval (NaN bounds for fewer than two values)."""
+    from scipy.stats import t as student_t
+
+    values = np.asarray(values, dtype=np.float64)
+    mean = float(values.mean()) if values.size else float("nan")
+    if values.size < 2:
+        return mean, float("nan"), float("nan")
+    half = float(student_t.ppf(0.975, values.size - 1) * values.std(ddof=1) / math.sqrt(values.size))
+    return mean, mean - half, mean + half
+
+
+def layer_dynamics(layer_attention, k: int, ref_layer: int) -> pl.DataFrame:
+    """How the ranking moves through the layers. ``layer_attention``: per sample the last
+    prompt token's image attention at every layer ``[L, H, N]`` (``Run.layer_attention``).
+    Per layer l: ``jaccard``, the mean over samples of the Jaccard index between the top-``k``
+    image tokens of the head-mean attention at l and at ``ref_layer`` (K-1, what FastV ranks
+    by; 1 there by construction), and ``entropy``, the mean normalised entropy of the
+    head-mean image attention renormalised over the image (0 = one token, 1 = flat), each
+    with a 95% t interval over samples. Ties in the top-k go to the earlier token."""
+    jaccards, entropies = [], []
+    for att in layer_attention:
+        a = np.asarray(att, dtype=np.float64).mean(axis=1)  # [L, N] head mean
+        n = a.shape[1]
+        top = np.argsort(-a, axis=1, kind="stable")[:, : min(k, n)]
+        member = np.zeros(a.shape, dtype=bool)
+        np.put_along_axis(member, top, True, axis=1)
+        ref = member[ref_layer]
+        jaccards.append((member & ref).sum(1) / (member | ref).sum(1))
+        p = a / np.clip(a.sum(1, keepdims=True), 1e-30, None)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            h = -np.where(p > 0, p * np.log(p), 0.0).sum(1)
+        entropies.append(h / math.log(n) if n > 1 else np.zeros(a.shape[0]))
+    jac, ent = np.array(jaccards), np.array(entropies)  # [S, L]
+    rows = []
+    for layer in range(jac.shape[1]):
+        j, jl, jh = _mean_interval(jac[:, layer])
+        e, el, eh = _mean_interval(ent[:, layer])
+        rows.append({"layer": layer, "n": jac.shape[0], "jaccard": j, "jaccard_lo": jl, "jaccard_hi": jh,
+                     "entropy": e, "entropy_lo": el, "entropy_hi": eh})
+    return pl.DataFrame(rows).with_columns(pl.lit(k, dtype=pl.Int64).alias("k"),
+                                           pl.lit(ref_layer, dtype=pl.Int64).alias("ref_layer"))
+
+
+def run_layer_dynamics(t: RunTables, agg_layer: int | None = None, max_samples: int = 2000) -> pl.DataFrame | None:
+    """:func:`layer_dynamics` of the run's stored per-layer attention (``--store layers``) with
+    k = the run's smallest keep > 0 and the reference layer K-1 (K: the first agg layer > 0),
+    over its first ``max_samples`` samples. None without per-layer attention."""
+    if "layers" not in t.store or t.selections is None:
+        return None
+    layers = [k for k in t.selections["agg_layer"].unique().sort().to_list() if k > 0]
+    keep = _smallest_keep(t.selections)
+    if (agg_layer is None and not layers) or keep is None:
+        return None
+    key = ("layer_dynamics", agg_layer, max_samples)
+    if key not in t.cache:
+        from .store import open_run
+
+        run = open_run(t.root)
+        layer = agg_layer if agg_layer is not None else layers[0]
+        ids = run.sample_ids[:max_samples]
+        frame = layer_dynamics((run.layer_attention(s).numpy() for s in ids), keep, layer - 1)
+        t.cache[key] = frame.with_columns(pl.lit(layer).alias("agg_layer"),
+                                          pl.lit(len(run.sample_ids)).alias("samples_in_run"))
+    return t.cache[key]
+
+
+def plot_layer_dynamics(dynamics: pl.DataFrame | None, n_tokens: int | None = None):
+    """Left: per layer, the mean Jaccard between its top-k image tokens (head mean) and layer
+    K-1's, chance dotted (needs ``n_tokens``). Right: the mean normalised entropy of the
+    head-mean image attention per layer. Bands: 95% intervals over samples."""
+    if dynamics is None or dynamics.height == 0:
+        return None
+    d = dynamics.sort("layer")
+    k, ref = int(d["k"][0]), int(d["ref_layer"][0])
+    layer = int(d["agg_layer"][0]) if "agg_layer" in d.columns else ref + 1
+    x = d["layer"].to_numpy()
+    fig, axes = _figure(width=13, height=4.6, ncols=2)
+    for ax, col, color, ylabel, title in (
+            (axes[0, 0], "jaccard", "#1f77b4", "mean Jaccard with layer K-1's set",
+             f"Top-{k} image tokens (head mean) at each layer vs at layer K-1={ref}"),
+            (axes[0, 1], "entropy", "#d62728", "mean normalised entropy",
+             "Spread of the head-mean image attention (0 = one token, 1 = flat)")):
+        ax.plot(x, d[col], marker="o", color=color, label=f"mean over {int(d['n'][0])} samples")
+        lo, hi = d[f"{col}_lo"].to_numpy(), d[f"{col}_hi"].to_numpy()
+        if np.isfinite(lo).all():
+            ax.fill_between(x, lo, hi, color=color, alpha=0.2, label="95% interval")
+        ax.axvline(ref, color="black", linestyle="--", linewidth=1, label=f"layer K-1={ref} (FastV ranks here)")
+        ax.set_xticks(x)
+        ax.set_xlabel("decoder layer (its last-token attention)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=10)
+    if n_tokens:
+        chance = chance_jaccard(n_tokens, k)
+        axes[0, 0].axhline(chance, color="black", linestyle=":", linewidth=1,
+                           label=f"chance ({chance:.3f}: two random {k}-subsets of {n_tokens})")
+    axes[0, 0].set_ylim(0, 1.05)
+    low = np.fmin(d["entropy_lo"].to_numpy(), d["entropy"].to_numpy())  # fmin: a NaN bound gives the mean
+    axes[0, 1].set_ylim(max(0.0, float(np.nanmin(low)) - 0.05), 1.02)
+    for ax in axes[0]:
+        ax.legend(fontsize=8, loc="best")
+    shown = int(d["n"][0])
+    total = int(d["samples_in_run"][0]) if "samples_in_run" in d.columns else shown
+    of = f" (first {shown} of {total} samples)" if shown < total else ""
+    fig.suptitle(f"Layer dynamics of the last token's image attention (k = {k}, the run's smallest keep; "
+                 f"K={layer}){of}")
+    fig.tight_layout()
+    return fig
+
+
+# -- 5. what beats random where ---------------------------------------------------------------
+
+
+def beats_random(accuracy: pl.DataFrame, level: float = SIGNIFICANCE) -> pl.DataFrame | None:
+    """Every pruned configuration against ``random`` at the same (agg_layer, keep): accuracy,
+    random's, the change (points), the exact McNemar p and its Holm adjustment (over every
+    test of that column), and ``holm_<level>``: "better" / "worse" where Holm < ``level``.
+    Sorted by layer, keep (largest first) and change (best first). None when eval predates
+    the comparison."""
+    need = ("delta_vs_random", "mcnemar_p_vs_random", "mcnemar_p_vs_random_holm")
+    if accuracy is None or any(c not in accuracy.columns for c in need):
+        return None
+    rnd = accuracy.filter(pl.col("method") == "random").select(
+        "agg_layer", "keep", (100 * pl.col("accuracy")).alias("random_%"))
+    acc = accuracy.filter(~pl.col("method").is_in(["random", "full"]), pl.col("keep") > 0)
+    verdict = (pl.when(pl.col("mcnemar_p_vs_random_holm") < level)
+               .then(pl.when(pl.col("delta_vs_random") > 0).then(pl.lit("better")).otherwise(pl.lit("worse")))
+               .otherwise(pl.lit("")).alias(f"holm_{level:g}"))
+    return (acc.join(rnd, on=["agg_layer", "keep"], how="left")
+            .select("agg_layer", "keep", "config", "n", (100 * pl.col("accuracy")).round(1).alias("accuracy_%"),
+                    pl.col("random_%").round(1),
+                    (100 * pl.col("delta_vs_random")).round(1).alias("delta_vs_random_pts"),
+                    "mcnemar_p_vs_random", "mcnemar_p_vs_random_holm", verdict)
+            .sort(["agg_layer", "keep", "delta_vs_random_pts", "config"], descending=[False, True, True, False],
+                  nulls_last=True))
+
+
+def beats_random_summary(table: pl.DataFrame | None, level: float = SIGNIFICANCE, max_named: int = 6) -> str:
+    """One line: in how many comparisons a configuration differs from random at Holm < ``level``,
+    better and worse, naming the first few."""
+    if table is None:
+        return "No comparison with random: eval has not run, or predates it (re-run eval)."
+    col = f"holm_{level:g}"
+    tested = table.filter(pl.col("mcnemar_p_vs_random").is_not_null()).height
+    parts = []
+    for kind in ("better", "worse"):
+        hits = table.filter(pl.col(col) == kind)
+        names = [f"{r['config']} at keep {r['keep']} ({r['delta_vs_random_pts']:+.1f} pts)"
+                 for r in hits.head(max_named).iter_rows(named=True)]
+        more = f", and {hits.height - max_named} more" if hits.height > max_named else ""
+        parts.append(f"{hits.height} {kind}" + (f" ({'; '.join(names)}{more})" if names else ""))
+    return (f"Against random at the same keep (exact McNemar, Holm-adjusted over {tested} tests): "
+            f"{parts[0]}, {parts[1]} at Holm p < {level:g}; the rest are indistinguishable from random here.")
+
+
+def beats_random_view(table: pl.DataFrame) -> pl.DataFrame:
+    """:func:`beats_random` with its p-values as text in scientific notation, for display."""
+    return table.with_columns(_sci("mcnemar_p_vs_random"), _sci("mcnemar_p_vs_random_holm"))
+
+
+# -- 6. adaptive choice ---------------------------------------------------------------------
+
+
+def oracle_view(oracle: pl.DataFrame) -> pl.DataFrame:
+    """The oracle table for reading: per (agg_layer, keep) the best single strategy and its
+    accuracy, the oracle's (a sample counts when ANY candidate answers it) with its 95%
+    interval, and the gap (points): an upper bound on choosing per sample, not achievable."""
+    ci = pl.format("[{}, {}]", (100 * pl.col("oracle_ci_lo")).round(1), (100 * pl.col("oracle_ci_hi")).round(1))
+    extra = ["n_candidates"] if "n_candidates" in oracle.columns else []
+    return oracle.select("agg_layer", "keep", "n", *extra, "best_single",
+                         (100 * pl.col("best_single_accuracy")).round(1).alias("best_single_%"),
+                         (100 * pl.col("oracle_accuracy")).round(1).alias("oracle_%"), ci.alias("oracle_95%"),
+                         (100 * pl.col("oracle_gain")).round(1).alias("oracle_gain_pts")).sort(
+        ["agg_layer", "keep"], descending=[False, True])
+
+
+def adaptive_view(adaptive: pl.DataFrame) -> pl.DataFrame:
+    """The cross-validated rule for reading: its accuracy on held-out folds (95% interval) next
+    to the per-fold best single strategy's (chosen on the training folds too), the samples
+    only one of them answers, the exact McNemar p and its Holm adjustment, and the rule fitted
+    on all samples with its training accuracy (the rule text, e.g. "x <= t ? a : b")."""
+    ci = pl.format("[{}, {}]", (100 * pl.col("cv_ci_lo")).round(1), (100 * pl.col("cv_ci_hi")).round(1))
+    return adaptive.select(
+        "agg_layer", "keep", "n", "n_folds", (100 * pl.col("cv_accuracy")).round(1).alias("rule_cv_%"),
+        ci.alias("rule_cv_95%"), (100 * pl.col("best_single_cv_accuracy")).round(1).alias("best_single_cv_%"),
+        (100 * (pl.col("cv_accuracy") - pl.col("best_single_cv_accuracy"))).round(1).alias("rule_gain_pts"),
+        "n_rule_only", "n_best_single_only", _sci("p_mcnemar"), _sci("p_holm"), "rule",
+        (100 * pl.col("rule_train_accuracy")).round(1).alias("rule_train_%")).sort(
+        ["agg_layer", "keep"], descending=[False, True])
+
+
+def adaptive_note(oracle: pl.DataFrame | None, adaptive: pl.DataFrame | None, level: float = SIGNIFICANCE) -> str:
+    """One line: the largest oracle gap, and whether the rule beats the per-fold best single."""
+    if oracle is None or adaptive is None:
+        return ("No adaptive-choice section: eval has not run, or predates oracle.parquet / adaptive.parquet "
+                "(re-run eval).")
+    if oracle.height == 0 or adaptive.height == 0:
+        return ("No adaptive-choice section: eval answered fewer than two pruned strategies, so there is nothing "
+                "to choose.")
+    top = oracle.sort("oracle_gain", descending=True).row(0, named=True)
+    won = adaptive.filter(pl.col("p_holm") < level, pl.col("cv_accuracy") > pl.col("best_single_cv_accuracy"))
+    lost = adaptive.filter(pl.col("p_holm") < level, pl.col("cv_accuracy") < pl.col("best_single_cv_accuracy"))
+    gain = (100 * (adaptive["cv_accuracy"] - adaptive["best_single_cv_accuracy"])).to_numpy()
+    return (f"The oracle could add at most {100 * top['oracle_gain']:+.1f} pts (keep {top['keep']}, over "
+            f"{top['best_single']}); the cross-validated rule changes accuracy by {gain.min():+.1f} to "
+            f"{gain.max():+.1f} pts against the per-fold best single strategy and is better at Holm p < {level:g} "
+            f"in {won.height} and worse in {lost.height} of {adaptive.height} (layer, keep) cells.")
+
+
+# -- what each section needs ---------------------------------------------------------------
+
+
+def run_sink_masks(t: RunTables) -> dict[int, np.ndarray] | None:
+    """:func:`sink_masks` of the run behind ``t`` (read once; None without ``hidden_norm``)."""
+    if "sinks" not in t.cache:
+        t.cache["sinks"] = sink_masks(t.root) if "hidden_norm" in t.store else None
+    return t.cache["sinks"]
+
+
+def why_missing(name: str, t: RunTables) -> str | None:
+    """The one line a section shows instead of its figure or table when the run lacks its
+    inputs (None when it has them)."""
+    if name == "positional_bias":
+        if t.selections is None or _smallest_keep(t.selections) is None:
+            return "No positional-bias section: select has not run, or kept no pruned set (keep > 0)."
+        if _common_grid(t.samples) is None:
+            return "No positional-bias section: no sample's image tokens lie on a grid."
+        return None
+    if name == "attention_sinks":
+        masks = run_sink_masks(t)
+        if masks is None or not any(m.any() for m in masks.values()):
+            return sink_note(masks, t.heads)
+        return None
+    if name == "query_choice":
+        if t.overlap_summary is None or query_agreement(t.overlap_summary) is None:
+            return ("No query-choice section: select compared no query variant (capture with --store "
+                    "attention_text_mean,attention_all_mean, then select --queries last,text_mean,all_mean).")
+        return None
+    if name == "layer_dynamics":
+        if "layers" not in t.store:
+            return "No layer-dynamics section: capture did not store per-layer attention (capture with --store layers)."
+        if run_layer_dynamics(t) is None:
+            return "No layer-dynamics section: the run has no agg layer K > 0 or no pruned keep."
+        return None
+    if name == "beats_random":
+        return None if beats_random(t.accuracy) is not None else beats_random_summary(None)
+    if name == "adaptive":
+        ready = t.oracle is not None and t.adaptive is not None and t.oracle.height and t.adaptive.height
+        return None if ready else adaptive_note(t.oracle, t.adaptive)
+    raise ValueError(f"unknown section {name!r}")
+
+
+def _sinks_figure(t: RunTables):
+    masks = run_sink_masks(t)
+    return None if masks is None else plot_attention_sinks(t.heads, masks, t.samples, t.selections)
 
 
 def figure(name: str, tables: RunTables, save: bool = True):

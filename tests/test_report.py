@@ -39,12 +39,14 @@ def evaluated_run(tmp_path_factory):
 
 
 FIGURE_NAMES = ["accuracy_vs_keep", "accuracy_vs_alpha", "category_accuracy", "cost", "overlap_heatmap",
-                "head_statistics", "keep_frequency", "examples", "sample_attention", "relations", "object_coverage"]
+                "head_statistics", "keep_frequency", "examples", "sample_attention", "relations", "object_coverage",
+                "positional_bias", "attention_sinks", "query_choice", "layer_dynamics"]
+NEEDS_STORE = {"attention_sinks", "query_choice", "layer_dynamics"}  # need capture --store data (and select --queries)
 
 
 def test_figure_registry():
     assert list(report.FIGURES) == FIGURE_NAMES and set(report.NEEDS) == set(FIGURE_NAMES)
-    assert len(report.FIGURES) == 11
+    assert len(report.FIGURES) == 15
 
 
 def test_figure_functions_label_everything(evaluated_run):
@@ -53,6 +55,9 @@ def test_figure_functions_label_everything(evaluated_run):
     tables = report.load_tables(evaluated_run)
     for name in report.FIGURES:
         fig = report.figure(name, tables, save=False)
+        if name in NEEDS_STORE:  # captured without --store: no figure, and a line that says why
+            assert fig is None and report.why_missing(name, tables), name
+            continue
         assert fig is not None, name
         assert fig.axes, name
         panels = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
@@ -102,13 +107,13 @@ def test_report_notebook_writes_html_and_figures(evaluated_run, capfd):
     assert "without encryption" not in captured.err and "Kernel is running over TCP" not in captured.err
     assert captured.out.strip().startswith("report: ") and len(captured.out.strip().splitlines()) == 1
     figures = sorted((evaluated_run / "figures").glob("*.png"))
-    assert {p.stem for p in figures} == set(report.FIGURES)
+    assert {p.stem for p in figures} == set(report.FIGURES) - NEEDS_STORE
     for p in figures:
         with Image.open(p) as im:
             assert im.width > 300 and im.height > 200, p.name
             assert len(np.unique(np.asarray(im.convert("L")))) > 10, f"{p.name} is blank"
     html = (evaluated_run / "report.html").read_text()
-    assert len(re.findall(r'<img[^>]* src="data:image/png;base64,', html)) >= len(report.FIGURES)
+    assert len(re.findall(r'<img[^>]* src="data:image/png;base64,', html)) >= len(figures)
     assert "Main numbers" in html and "Traceback" not in html
     provenance = json.loads((evaluated_run / "report.json").read_text())
     assert sorted(provenance["figures"]) == sorted(p.name for p in figures) and "versions" in provenance
@@ -117,7 +122,12 @@ def test_report_notebook_writes_html_and_figures(evaluated_run, capfd):
     # the main table: whole config names, no dtype row, p-values in scientific notation
     assert "weighted_combination(alpha=0.5)" in html and "weighted_combination(alpha=0.…" not in html
     assert not re.search(r"<td>(str|i64|f64)</td>", html) and "shape: (" not in html
-    assert len(figures) == 11
+    assert len(figures) == 12
+    # a capture without --store: each section that needs it says so in one line, the rest draw
+    for line in ("capture with --store hidden_norm", "capture with --store layers", "select compared no query variant",
+                 "Against random at the same keep", "The oracle could add at most"):
+        assert line in html, line
+    assert "mean_row" in html and "oracle_gain_pts" in html and "rule_cv_%" in html
 
 
 def test_report_on_a_missing_run_is_one_line(tmp_path, capsys):
@@ -355,3 +365,210 @@ def test_kernel_stderr_keeps_real_messages_drops_the_tcp_notice(evaluated_run, t
     assert "a real message from the kernel process" in err
     assert "without encryption" not in err
     assert not list(run.glob(".report*")) and (run / "report.html").exists()
+
+
+# ----------------------------------------------------------------------------------------
+# Analyses as report sections (issue 15.5)
+# ----------------------------------------------------------------------------------------
+
+
+def _two_grids():
+    """Sample 0: a 2 x 2 grid, token i on cell i. Sample 1: one off-grid base token, then the
+    same 2 x 2 grid with a newline token after each row: cells [-1, 0, 1, -2, 2, 3, -2]."""
+    from fastv_analysis.layout import TokenLayout
+
+    rows = [{"sample_id": 0, "n_image_tokens": 4, **TokenLayout.grid(2, 2).to_row()},
+            {"sample_id": 1, "n_image_tokens": 7, **TokenLayout.anyres(1, 2, 2).to_row()}]
+    assert rows[1]["token_cells"] == [-1, 0, 1, -2, 2, 3, -2]
+    return pl.DataFrame(rows)
+
+
+def _selections(kept: dict, keep: int = 2, layer: int = 2) -> pl.DataFrame:
+    """``kept``: {config: {sample_id: kept token indices}}."""
+    return pl.DataFrame([{"sample_id": s, "agg_layer": layer, "method": c, "alpha": None, "config": c, "keep": keep,
+                          "kept": k} for c, per in kept.items() for s, k in per.items()],
+                        schema_overrides={"alpha": pl.Float64, "kept": pl.List(pl.Int32)})
+
+
+def test_positional_bias_profiles_kept_rows_on_each_samples_own_grid():
+    samples = _two_grids()
+    sel = _selections({"avg_all_heads": {0: [2, 3], 1: [4, 5]}, "random": {0: [0, 3], 1: [0, 3]}})
+    # avg_all_heads keeps the bottom row in both samples: row centres (1 + 0.5) / 2 = 0.75 (x4),
+    # columns 0.25 and 0.75 twice. random: sample 0 keeps cells 0 and 3 (rows 0.25, 0.75);
+    # in sample 1 tokens 0 and 3 are the base tile and a newline, not on the grid: left out.
+    profile = report.position_profile(sel, samples)  # default bins: the 2 x 2 grid's
+    share = {(c, a): d.sort("bin")["share"].to_list() for (c, a), d in profile.group_by("config", "axis")}
+    assert share[("avg_all_heads", "row")] == [0.0, 1.0] and share[("avg_all_heads", "column")] == [0.5, 0.5]
+    assert share[("random", "row")] == [0.5, 0.5] and share[("random", "column")] == [0.5, 0.5]
+    summary = {r["config"]: r for r in report.position_summary(sel, samples).iter_rows(named=True)}
+    assert summary["avg_all_heads"]["mean_row"] == 0.75 and summary["avg_all_heads"]["bottom_half_%"] == 100.0
+    assert summary["avg_all_heads"]["kept_on_grid"] == 4 and summary["random"]["kept_on_grid"] == 2
+    assert summary["random"]["mean_row"] == 0.5 and summary["random"]["samples"] == 2
+    fig = report.plot_positional_bias(sel, samples)
+    ax_rows = fig.axes[0]
+    assert "mean row 0.75" in " ".join(t.get_text() for t in ax_rows.get_legend().get_texts())
+    assert "no_rope" in fig._suptitle.get_text()  # says which compared configuration the run lacks
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def test_attention_sinks_kept_share_and_map_from_hand_made_masks():
+    from fastv_analysis.layout import TokenLayout
+
+    samples = pl.DataFrame([{"sample_id": s, "n_image_tokens": 4, **lay.to_row()} for s, lay in
+                            ((0, TokenLayout.grid(2, 2)), (1, TokenLayout.grid(2, 2)), (2, TokenLayout.grid(1, 4)))])
+    masks = {0: np.array([True, False, False, False]), 1: np.array([True, False, False, True]),
+             2: np.array([False, True, False, False])}
+    sel = _selections({"avg_all_heads": {0: [0, 1], 1: [0, 1]}, "random": {0: [2, 3], 1: [2, 3]}})
+    share = {r["config"]: r for r in report.sink_keep_share(sel, masks).iter_rows(named=True)}
+    # 3 sinks in samples 0 and 1; avg_all_heads keeps token 0 in both (2 of 3), random token 3 of sample 1 (1 of 3)
+    assert (share["avg_all_heads"]["sinks"], share["avg_all_heads"]["kept_sinks"]) == (3, 2)
+    assert share["avg_all_heads"]["share_kept"] == pytest.approx(2 / 3)
+    assert share["random"]["share_kept"] == pytest.approx(1 / 3) and share["random"]["flat"] == 0.5  # keep 2 of 4
+    freq, n, off = report.sink_map(samples, masks)
+    # the 2 x 2 grid is the most common (samples 0 and 1; the 1 x 4 sample 2 is left out):
+    # cell 0 holds a sink in both, cell 3 in one of two
+    assert n == 2 and off == 0 and freq.tolist() == [[1.0, 0.0], [0.0, 0.5]]
+    heads = pl.DataFrame({"sample_id": [0, 1, 2], "agg_layer": [2] * 3, "sink_count": [1, 2, 1],
+                          "sink_mass": [0.5, 0.25, 0.0]})
+    note = report.sink_note(masks, heads)
+    assert note.startswith("Attention sinks") and "in 3 of 3 samples" in note
+    assert "25.0%" in note  # the mean sink_mass of 0.5, 0.25 and 0
+    fig = report.plot_attention_sinks(heads, masks, samples, sel)
+    panels = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
+    assert len(panels) == 4 and all(ax.get_title() and ax.get_xlabel() and ax.get_ylabel() for ax in panels)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def test_attention_sinks_say_so_in_one_line_when_there_are_none():
+    none = {0: np.zeros(4, dtype=bool), 1: np.zeros(4, dtype=bool)}
+    note = report.sink_note(none)
+    assert "No attention sinks" in note and f"{report.sink_ratio():g}x" in note and "SINK_RATIO" in note
+    assert len(note.splitlines()) == 1
+    assert report.plot_attention_sinks(None, none, _two_grids(), _selections({"random": {0: [0, 1]}})) is None
+    assert "--store hidden_norm" in report.sink_note(None)  # not captured at all
+
+
+def test_layer_dynamics_jaccard_and_entropy_by_hand():
+    att = np.zeros((3, 2, 4))  # [L, H, N]
+    att[0] = [4, 3, 2, 1]  # both heads: mean [4, 3, 2, 1], top-2 {0, 1}
+    att[1] = [1, 2, 3, 4]  # the reference layer K-1 = 1: top-2 {2, 3}
+    att[2, 0] = [0, 2, 0, 0]
+    att[2, 1] = [0, 0, 0, 2]  # head mean [0, 1, 0, 1]: top-2 {1, 3} (a single head would give another set)
+    frame = report.layer_dynamics([att, att.copy()], k=2, ref_layer=1)
+    # Jaccard with {2, 3}: {0, 1} -> 0; itself -> 1; {1, 3} -> |{3}| / |{1, 2, 3}| = 1/3
+    assert frame["jaccard"].to_list() == pytest.approx([0.0, 1.0, 1 / 3])
+    # entropy of p = [.4, .3, .2, .1] (either order) over ln 4:
+    # -(.4 ln .4 + .3 ln .3 + .2 ln .2 + .1 ln .1) = 1.279854, / 1.386294 = 0.923220;
+    # p = [0, .5, 0, .5]: ln 2 / ln 4 = 0.5
+    assert frame["entropy"].to_list() == pytest.approx([0.923220, 0.923220, 0.5], abs=1e-6)
+    assert frame["n"].to_list() == [2, 2, 2] and frame["jaccard_lo"].to_list() == pytest.approx([0.0, 1.0, 1 / 3])
+    fig = report.plot_layer_dynamics(frame, n_tokens=4)
+    assert all(ax.get_title() and ax.get_xlabel() and ax.get_ylabel() for ax in fig.axes)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def test_query_agreement_pairs_the_last_token_with_its_query_variants():
+    def pair(a, b, j):
+        return {"agg_layer": 2, "keep": 16, "config_a": a, "config_b": b, "n": 10, "jaccard_mean": j,
+                "jaccard_lo": j - 0.1, "jaccard_hi": j + 0.1, "spearman_mean": 0.5}
+
+    overlap = pl.DataFrame([pair("avg_all_heads", "avg_all_heads@text_mean", 0.3),
+                            pair("avg_all_heads@all_mean", "avg_all_heads", 0.1),  # either order
+                            pair("avg_all_heads", "random", 0.02)])
+    accuracy = pl.DataFrame({"agg_layer": [2, 2], "keep": [16, 16],
+                             "config": ["avg_all_heads", "avg_all_heads@text_mean"], "accuracy": [0.6, 0.7]})
+    agreement = report.query_agreement(overlap, accuracy, n_tokens=576)
+    rows = {r["query"]: r for r in agreement.iter_rows(named=True)}
+    assert set(rows) == {"text_mean", "all_mean"}  # the random pair is no query variant
+    assert rows["text_mean"]["jaccard"] == 0.3 and rows["all_mean"]["jaccard"] == 0.1
+    assert rows["text_mean"]["chance"] == pytest.approx(report.chance_jaccard(576, 16))
+    assert rows["text_mean"]["accuracy_%"] == pytest.approx(70) and rows["all_mean"]["accuracy_%"] is None
+    assert rows["all_mean"]["last_accuracy_%"] == pytest.approx(60)  # the last token's, for comparison
+    table = report.query_table(agreement)
+    assert table.filter(pl.col("query") == "text_mean vs last")["change_pts"][0] == pytest.approx(10.0)
+    assert report.query_agreement(overlap.filter(pl.col("config_b") == "random")) is None
+
+
+def test_beats_random_marks_holm_significant_rows_both_ways():
+    def row(config, keep, acc, delta, p, holm):
+        return {"agg_layer": 2, "config": config, "method": config, "keep": keep, "n": 40, "accuracy": acc,
+                "delta_vs_random": delta, "mcnemar_p_vs_random": p, "mcnemar_p_vs_random_holm": holm}
+
+    accuracy = pl.DataFrame([row("random", 16, 0.5, 0.0, None, None), row("better", 16, 0.9, 0.4, 0.001, 0.004),
+                             row("worse", 16, 0.1, -0.4, 0.002, 0.006), row("same", 16, 0.6, 0.1, 0.5, 1.0),
+                             row("full", 576, 1.0, None, None, None)])
+    table = report.beats_random(accuracy)
+    assert table["config"].to_list() == ["better", "same", "worse"]  # by change, best first; random and full out
+    assert table["holm_0.05"].to_list() == ["better", "", "worse"]
+    assert table["random_%"].to_list() == [50.0] * 3 and table["delta_vs_random_pts"].to_list() == [40.0, 10.0, -40.0]
+    line = report.beats_random_summary(table)
+    assert "over 3 tests" in line and "1 better (better at keep 16 (+40.0 pts))" in line and "1 worse" in line
+    assert report.beats_random(accuracy.drop("mcnemar_p_vs_random_holm")) is None  # an older eval
+    assert "re-run eval" in report.beats_random_summary(None)
+
+
+def test_adaptive_tables_read_as_bound_and_held_out_rule():
+    oracle = pl.DataFrame({"agg_layer": [2], "keep": [16], "n": [40], "n_candidates": [4], "best_single": ["uniform"],
+                           "best_single_accuracy": [0.825], "oracle_accuracy": [0.975], "oracle_ci_lo": [0.87118],
+                           "oracle_ci_hi": [0.99557], "oracle_gain": [0.15]})
+    adaptive = pl.DataFrame({"agg_layer": [2], "keep": [16], "n": [40], "n_folds": [5], "cv_accuracy": [0.7],
+                             "cv_ci_lo": [0.5457], "cv_ci_hi": [0.819252], "best_single_cv_accuracy": [0.775],
+                             "best_single": ["uniform"], "n_rule_only": [0], "n_best_single_only": [3],
+                             "p_mcnemar": [0.25], "p_holm": [0.75], "rule": ["head_entropy <= 0.9997 ? a : b"],
+                             "rule_train_accuracy": [0.85]})
+    view = report.oracle_view(oracle).row(0, named=True)
+    assert (view["best_single_%"], view["oracle_%"], view["oracle_95%"], view["oracle_gain_pts"]) == \
+        (82.5, 97.5, "[87.1, 99.6]", 15.0)
+    rule = report.adaptive_view(adaptive).row(0, named=True)
+    assert (rule["rule_cv_%"], rule["best_single_cv_%"], rule["rule_gain_pts"], rule["rule_cv_95%"]) == \
+        (70.0, 77.5, -7.5, "[54.6, 81.9]")
+    assert rule["p_holm"] == "7.50e-01" and rule["rule"].startswith("head_entropy")
+    note = report.adaptive_note(oracle, adaptive)
+    assert "+15.0 pts" in note and "-7.5 to -7.5" in note and "better at Holm p < 0.05 in 0" in note
+    assert "fewer than two" in report.adaptive_note(pl.DataFrame(), pl.DataFrame())
+    assert "re-run eval" in report.adaptive_note(None, None)
+
+
+@pytest.fixture(scope="module")
+def stored_run(tmp_path_factory):
+    """A run captured with every --store option, its strategies and query variants selected
+    and the ones the sections compare evaluated."""
+    from fastv_analysis.probes import STORE_OPTIONS
+    from fastv_analysis.toy.checkpoint import save_tiny_random_checkpoint
+
+    root = tmp_path_factory.mktemp("stored")
+    model = save_tiny_random_checkpoint(root / "m", seed=3, text={"num_hidden_layers": 3, "num_attention_heads": 4,
+                                                                   "num_key_value_heads": 2})
+    data = write_questions(root / "d", n=6)
+    run = root / "run"
+    assert main(["capture", "--model", str(model), "--data", str(data), "--out", str(run), "--quiet",
+                 "--max-new-tokens", "2", "--store", ",".join(STORE_OPTIONS)]) == 0
+    methods = "avg_all_heads,no_rope,sink_excluded,random,uniform"
+    assert main(["select", str(run), "--keep", "64,16", "--methods", methods, "--queries", "last,text_mean,all_mean",
+                 "--quiet"]) == 0
+    configs = f"{methods},avg_all_heads@text_mean,avg_all_heads@all_mean"
+    assert main(["eval", str(run), "--quiet", "--timing-samples", "0", "--configs", configs]) == 0
+    return run
+
+
+def test_report_renders_every_section_on_a_run_captured_with_store(stored_run):
+    assert main(["report", str(stored_run)]) == 0
+    tables = report.load_tables(stored_run)
+    figures = {p.stem for p in (stored_run / "figures").glob("*.png")}
+    assert {"positional_bias", "query_choice", "layer_dynamics"} <= figures
+    has_sinks = any(m.any() for m in report.run_sink_masks(tables).values())
+    assert ("attention_sinks" in figures) == has_sinks
+    html = (stored_run / "report.html").read_text()
+    assert "Traceback" not in html  # (a raising cell fails the render itself)
+    assert ("Attention sinks (a token whose" in html) if has_sinks else ("No attention sinks in this run" in html)
+    assert "no_rope" in html and "text_mean vs last" in html and "holm_0.05" in html and "rule_cv_%" in html
+    for name in ("positional_bias", "query_choice", "layer_dynamics"):
+        assert report.why_missing(name, tables) is None
+        with Image.open(stored_run / "figures" / f"{name}.png") as im:
+            assert im.width > 300 and len(np.unique(np.asarray(im.convert("L")))) > 10, name
