@@ -13,8 +13,9 @@ from .params import Choices, IntList, threads_option
 
 @click.command("capture")
 @threads_option
-@click.option("--model", default=None, help="Local path or hub id of a LlavaForConditionalGeneration or LlavaNextForConditionalGeneration checkpoint "
-              "[default: the embedded toy model in data/toy-llava].")
+@click.option("--model", default=None, help="Local path or hub id of a checkpoint of a supported class (LLaVA-1.5, LLaVA-NeXT, "
+              "LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL; README lists them) [default: the embedded toy model in "
+              "data/toy-llava].")
 @click.option("--data", default=None, help="Question file (.jsonl, LLaVA/lmms convention) or a standard "
               "benchmark's folder/file (see --benchmark) [default: data/toy-vqa/questions.jsonl].")
 @click.option("--benchmark", default=None, help="Read --data as this benchmark: scienceqa_img, pope, mme, gqa, "

@@ -1,8 +1,8 @@
 """Loading a model and its processor through the normal transformers path, and prompts.
 
-The embedded toy checkpoint, a local LLaVA-1.5 folder and a hub id all go through
-``AutoProcessor`` / ``LlavaForConditionalGeneration.from_pretrained`` here; nothing is
-model-specific beyond what :mod:`fastv_analysis.adapters` knows.
+The embedded toy checkpoint, a local folder and a hub id all go through ``AutoProcessor``
+and the checkpoint's own class (one of :data:`fastv_analysis.adapters.SUPPORTED`); nothing
+is model-specific beyond what :mod:`fastv_analysis.adapters` knows.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ class Loaded:
 
 
 def load_model(name: str, device: str = "auto", dtype: str = "auto") -> Loaded:
-    """A LLaVA-family model (SDPA attention, eval mode) and its processor (left padding)."""
+    """A supported VLM (SDPA attention, eval mode) and its processor (left padding)."""
     from transformers import AutoConfig, AutoProcessor
     from transformers import logging as hf_logging
 

@@ -1,4 +1,4 @@
-"""FastV on an unmodified Hugging Face LLaVA, by hooks.
+"""FastV on an unmodified Hugging Face VLM (LLaVA, LLaVA-NeXT, OneVision, Qwen2-VL / 2.5-VL), by hooks.
 
 FastV (Chen et al., 2024): layers 0..K-1 see every token; the last prompt token's
 attention at layer K-1 ranks the image tokens; from layer K on only the ``keep`` best
@@ -24,6 +24,13 @@ so a sample keeps the same set whatever its batch, and the same set as the selec
 when ``sample_ids`` are the run's sample ids.
 ``mode="mask"`` keeps every token but masks the pruned ones out as keys from layer K on,
 as the reference implementation did; it exists to check ``mode="drop"`` against.
+
+Images of different sizes in one batch give each element its own N: every element keeps
+``keep`` image tokens, and the rows that keep fewer positions carry some pruned image
+tokens as fillers that no token attends to. A schedule (``stages``) cuts again at later
+layers, each cut ranking what the previous one kept by the pruned model's attention. All
+reading and rewriting of transformers' calls goes through the model's
+:class:`~fastv_analysis.adapters.Adapter`.
 
 Nothing on the model is changed permanently: :func:`apply_fastv` returns a wrapper that
 owns the hook handles and removes them on :meth:`FastVModel.remove` / context exit.
@@ -312,11 +319,6 @@ def keys_masked_out(
 def image_attention(rows: torch.Tensor, image_pos: torch.Tensor) -> torch.Tensor:
     """``[B, H, N]``: one query row ``[B, H, S]`` restricted to the image columns."""
     return take_positions(rows, image_pos, dim=2)
-
-
-def random_selection(n_image: int, keep: int, seed: int, keys: Sequence[int]) -> strategies.Selection:
-    """Per-sample random subset when there is no attention to rank by (K = 0)."""
-    return strategies.select(torch.zeros(len(keys), 1, n_image), "random", keep, seed=seed, sample_keys=keys)
 
 
 def last_token_positions(attention_mask: torch.Tensor | None, batch: int, seq_len: int, device) -> torch.Tensor:
