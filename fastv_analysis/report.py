@@ -109,10 +109,16 @@ def _primary_alpha(accuracy: pl.DataFrame) -> float | None:
     return min(alphas, key=lambda a: abs(a - 0.5))
 
 
+PLAIN = ~pl.col("config").str.contains("@", literal=True) & ~pl.col("config").str.contains(" then ", literal=True)
+"""Configurations on the last token's rows with one cut: the query variants (``@text_mean``)
+and schedules (``... then ...``) share their method name and have sections of their own."""
+
+
 def _primary_only(alpha: float | None) -> pl.Expr:
-    """Rows of every method but weighted_combination, and weighted_combination at ``alpha`` (none when None)."""
+    """Rows of every method but weighted_combination, and weighted_combination at ``alpha``
+    (none when None); plain configurations only (:data:`PLAIN`)."""
     wc = pl.col("alpha") == alpha if alpha is not None else pl.lit(False)
-    return (pl.col("method") != "weighted_combination") | wc
+    return ((pl.col("method") != "weighted_combination") | wc) & PLAIN
 
 
 def plot_accuracy_vs_keep(accuracy: pl.DataFrame, agg_layer: int | None = None):
@@ -148,6 +154,7 @@ def plot_accuracy_vs_alpha(accuracy: pl.DataFrame, num_heads: int | None = None,
     """weighted_combination accuracy vs alpha, one line per keep; avg_all_heads at 1/H and max_head at 1 marked."""
     layer = agg_layer if agg_layer is not None else accuracy["agg_layer"].min()
     acc = accuracy.filter(pl.col("agg_layer") == layer)
+    acc = acc.filter(PLAIN)
     wc = acc.filter(pl.col("method") == "weighted_combination")
     fig, axes = _figure()
     ax = axes[0, 0]
@@ -375,10 +382,12 @@ def plot_overlap_heatmap(overlap_summary: pl.DataFrame, agg_layer: int | None = 
 
     layer = agg_layer if agg_layer is not None else overlap_summary["agg_layer"].min()
     ov = overlap_summary.filter(pl.col("agg_layer") == layer)
-    configs = list(dict.fromkeys(ov["config_a"].to_list() + ov["config_b"].to_list()))
+    configs = [c for c in dict.fromkeys(ov["config_a"].to_list() + ov["config_b"].to_list())
+               if "@" not in c]  # query variants: the query-choice section
     if len(configs) > max_configs:  # keep the single methods and a few alphas readable
         wc = [c for c in configs if c.startswith("weighted")]
-        keep_wc = wc[:: max(1, math.ceil(len(wc) / (max_configs - (len(configs) - len(wc)))))]
+        room = max(2, max_configs - (len(configs) - len(wc)))  # the newer strategies take room too
+        keep_wc = wc[:: max(1, math.ceil(len(wc) / room))]
         configs = [c for c in configs if not c.startswith("weighted") or c in keep_wc]
     keeps = sorted(ov["keep"].unique().to_list(), reverse=True)
     fig, axes = _figure(width=5.8 * len(keeps), height=5.0, ncols=len(keeps))
@@ -1596,7 +1605,7 @@ def beats_random(accuracy: pl.DataFrame, level: float = SIGNIFICANCE) -> pl.Data
     need = ("delta_vs_random", "mcnemar_p_vs_random", "mcnemar_p_vs_random_holm")
     if accuracy is None or any(c not in accuracy.columns for c in need):
         return None
-    rnd = accuracy.filter(pl.col("method") == "random").select(
+    rnd = accuracy.filter(pl.col("config") == "random").select(
         "agg_layer", "keep", (100 * pl.col("accuracy")).alias("random_%"))
     acc = accuracy.filter(~pl.col("method").is_in(["random", "full"]), pl.col("keep") > 0)
     verdict = (pl.when(pl.col("mcnemar_p_vs_random_holm") < level)

@@ -572,3 +572,20 @@ def test_report_renders_every_section_on_a_run_captured_with_store(stored_run):
         assert report.why_missing(name, tables) is None
         with Image.open(stored_run / "figures" / f"{name}.png") as im:
             assert im.width > 300 and len(np.unique(np.asarray(im.convert("L")))) > 10, name
+
+
+def test_older_figures_show_plain_configurations_not_query_variants_or_schedules():
+    """avg_all_heads@text_mean and 'avg_all_heads then max_head ...' share the method name
+    avg_all_heads; the per-method figures must draw FastV's own configuration only."""
+    import polars as pl
+
+    from fastv_analysis.report import _primary_only
+
+    frame = pl.DataFrame({
+        "config": ["avg_all_heads", "avg_all_heads@text_mean", "avg_all_heads then max_head K=4 keep 8",
+                   "weighted_combination(alpha=0.5)", "weighted_combination(alpha=0.5)@all_mean"],
+        "method": ["avg_all_heads"] * 3 + ["weighted_combination"] * 2,
+        "alpha": [None, None, None, 0.5, 0.5],
+    }, schema_overrides={"alpha": pl.Float64})
+    kept = frame.filter(_primary_only(0.5))["config"].to_list()
+    assert kept == ["avg_all_heads", "weighted_combination(alpha=0.5)"]
