@@ -19,7 +19,13 @@ def test_demo_runs_every_stage_on_the_embedded_default(tmp_path, capsys):
     assert set(acc["method"].unique()) >= {"avg_all_heads", "max_head", "weighted_combination", "random", "full"}
     assert acc["n"].unique().to_list() == [8]
     assert (out / "report.html").stat().st_size > 50_000
-    assert len(list((out / "figures").glob("*.png"))) == 11  # object_coverage: the toy knows its objects
+    figures = {p.stem for p in (out / "figures").glob("*.png")}
+    # object_coverage: the toy knows its objects; the critiques' analyses from the demo's --store
+    # data (no sinks figure: the toy has no attention sinks, the section says so in one line)
+    assert {"object_coverage", "positional_bias", "query_choice", "layer_dynamics"} <= figures
+    assert len(figures) == 14 and "attention_sinks" not in figures
+    # the demo answers every strategy and FastV's other two queries
+    assert {"diverse", "no_rope", "hybrid_uniform", "avg_all_heads@text_mean"} <= set(acc["config"].unique())
 
 
 def test_demo_never_deletes_a_run_it_did_not_make_and_grows_with_the_limit(tmp_path, capsys):
