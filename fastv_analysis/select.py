@@ -95,41 +95,42 @@ def selection_ids(kept: np.ndarray) -> list[str]:
     ] * data.shape[0]
 
 
-def config_scores(attention: torch.Tensor, cfg: ScoreConfig, sample_ids: Sequence[int], seed: int) -> np.ndarray | None:
+def config_scores(attention: torch.Tensor, cfg: ScoreConfig, sample_ids: Sequence[int], seed: int,
+                  heads: dict | None = None) -> np.ndarray | None:
     """``[S, N]`` score vector of one of the original five methods on the last-token rows,
     None for uniform (a set, not a ranking)."""
     if cfg.method == "uniform":
         return None
     if cfg.method == "random":
         return strategies.random_keys(seed, sample_ids, attention.shape[-1]).numpy()
-    return strategies.attention_scores(attention, cfg.method, cfg.alpha if cfg.alpha is not None else 0.5).numpy()
+    return strategies.attention_scores(attention, cfg.method, cfg.alpha if cfg.alpha is not None else 0.5,
+                                       heads).numpy()
 
 
 def _registry_sets(attention, cfg: ScoreConfig, keeps, sample_ids, seed, tie_rtol, inputs, layout=None):
-    """kept_sets for the strategies beyond the original five, through the registry."""
+    """kept_sets for the strategies beyond the original five, through the registry: a ranking
+    of attention scores is scored and sorted once (every keep a prefix, the tie margin from
+    the same order), the others (rank-scored, sets) through ``select_keeps``."""
     n_samples, n_heads, _ = attention.shape
-    by_keep = strategies.select_keeps(attention, cfg.method, list(keeps), 0.5 if cfg.alpha is None else cfg.alpha,
-                                      seed=seed, sample_keys=[int(i) for i in sample_ids], inputs=inputs,
-                                      layout=layout, **cfg.params)
+    alpha = 0.5 if cfg.alpha is None else cfg.alpha
+    keys = [int(i) for i in sample_ids]
     spec = strategies.strategy(cfg.method)
-    exact = spec.kind == "ranking" and cfg.method not in strategies.RANK_SCORED
+    if spec.kind != "ranking" or cfg.method in strategies.RANK_SCORED:
+        by_keep = strategies.select_keeps(attention, cfg.method, list(keeps), alpha, seed=seed, sample_keys=keys,
+                                          inputs=inputs, layout=layout, **cfg.params)
+        for keep in keeps:
+            yield keep, by_keep[keep].indices.numpy(), None, np.full(n_samples, np.nan), \
+                pl.Series("near_tie", [None] * n_samples, dtype=pl.Boolean)
+        return
+    ranked = strategies.method_scores(attention, cfg.method, alpha, seed, keys, inputs=inputs, **cfg.params)
+    scores, order = ranked.double().numpy(), strategies.rank(ranked).numpy()
     head_tie = np.zeros(n_samples, dtype=bool)
     if cfg.method == "dynamic_alpha" and n_heads > 1:  # h* decides its alpha and its head: a flip moves both
         top2 = np.sort(strategies.head_importance(attention).numpy(), axis=1)[:, -2:]
         head_tie = (top2[:, 1] - top2[:, 0]) <= tie_rtol * np.abs(top2[:, 1])
-    scores = order = None
-    if exact and keeps:  # one score vector for every keep of a ranking: rank it once
-        first = by_keep[keeps[0]].scores
-        scores, order = first.double().numpy(), strategies.rank(first).numpy()
     for keep in keeps:
-        sel = by_keep[keep]
-        kept = sel.indices.numpy()
-        if exact:
-            margin, near = boundary_gap(scores, order, keep, tie_rtol)
-            near = near | head_tie
-        else:
-            margin, near = np.full(n_samples, np.nan), pl.Series("near_tie", [None] * n_samples, dtype=pl.Boolean)
-        yield keep, kept, scores if exact else None, margin, near
+        margin, near = boundary_gap(scores, order, keep, tie_rtol)
+        yield keep, np.sort(order[:, :keep], axis=1), scores, margin, near | head_tie
 
 
 def boundary_gap(scores: np.ndarray, order: np.ndarray, keep: int, rtol: float) -> tuple[np.ndarray, np.ndarray]:
@@ -152,7 +153,7 @@ def boundary_gap(scores: np.ndarray, order: np.ndarray, keep: int, rtol: float) 
 
 def kept_sets(attention: torch.Tensor, cfg: ScoreConfig, keeps: Sequence[int], sample_ids: Sequence[int], seed: int,
               tie_rtol: float = TIE_RTOL["float32"], layout: TokenLayout | None = None,
-              inputs: dict | None = None):
+              inputs: dict | None = None, heads: dict | None = None):
     """Yield ``(keep, kept [S, keep], scores or None, tie margin [S], near-tie [S])`` for one
     configuration, ranking once. Margin and flag are NaN / null for the controls (their
     ranking does not come from the stored attention) and for the strategies whose scores
@@ -161,14 +162,17 @@ def kept_sets(attention: torch.Tensor, cfg: ScoreConfig, keeps: Sequence[int], s
     if cfg.method not in strategies.METHODS or cfg.query != "last":  # through the registry, with inputs
         yield from _registry_sets(attention, cfg, keeps, sample_ids, seed, tie_rtol, inputs, layout)
         return
-    scores = config_scores(attention, cfg, sample_ids, seed)
+    heads = {} if heads is None else heads  # per-attention pieces shared by a replay's configurations
+    scores = config_scores(attention, cfg, sample_ids, seed, heads)
     order = None if scores is None else strategies.rank(torch.from_numpy(scores)).numpy()
     head_tie = np.zeros(n_samples, dtype=bool)
     uses_max_head = cfg.method == "max_head" or (
         cfg.method == "weighted_combination" and not math.isclose(cfg.alpha * n_heads, 1.0, abs_tol=1e-9))
     if uses_max_head and n_heads > 1:  # which head is h* can flip too: then the whole set changes
-        top2 = np.sort(strategies.head_importance(attention).numpy(), axis=1)[:, -2:]
-        head_tie = (top2[:, 1] - top2[:, 0]) <= tie_rtol * np.abs(top2[:, 1])
+        if "head_tie" not in heads:
+            top2 = np.sort(strategies.head_importance(attention).numpy(), axis=1)[:, -2:]
+            heads["head_tie"] = (top2[:, 1] - top2[:, 0]) <= tie_rtol * np.abs(top2[:, 1])
+        head_tie = heads["head_tie"]
     for keep in keeps:
         if order is None:
             lattice = uniform_tokens(layout or TokenLayout.for_tokens(n_tokens), keep)
@@ -240,8 +244,10 @@ def replay(
     if agg_layer == 0:
         max_head = pl.Series("max_head", [None] * n_samples, dtype=pl.Int64)
     frames = []
+    heads_memo: dict = {}
     for cfg in score_configs(methods, alphas, queries):
-        for keep, kept, _, margin, near in kept_sets(attention, cfg, keeps, ids, seed, tie_rtol, layout, inputs):
+        for keep, kept, _, margin, near in kept_sets(attention, cfg, keeps, ids, seed, tie_rtol, layout, inputs,
+                                                     heads_memo):
             frame = {
                 "sample_id": ids,
                 "method": [cfg.method] * n_samples,
@@ -285,10 +291,12 @@ def overlap(
     attention, keeps, ids = _checked(attention, keeps, sample_ids)
     n_samples, _, n_tokens = attention.shape
     configs = score_configs(methods, alphas, queries)
+    heads_memo: dict = {}
     masks: dict[tuple[ScoreConfig, int], np.ndarray] = {}
     scores: dict[ScoreConfig, np.ndarray | None] = {}
     for cfg in configs:
-        for keep, kept, sc, _, _ in kept_sets(attention, cfg, keeps, ids, seed, layout=layout, inputs=inputs):
+        for keep, kept, sc, _, _ in kept_sets(attention, cfg, keeps, ids, seed, layout=layout, inputs=inputs,
+                                              heads=heads_memo):
             masks[cfg, keep] = stats.kept_mask(kept, n_tokens)
             scores[cfg] = sc
     frames = []

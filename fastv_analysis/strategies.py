@@ -200,18 +200,24 @@ def _gather_head(attention: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
     return attention.gather(-2, index).squeeze(-2)
 
 
-def attention_scores(attention: torch.Tensor, method: str, alpha: float = 0.5) -> torch.Tensor:
+def attention_scores(attention: torch.Tensor, method: str, alpha: float = 0.5,
+                     heads: dict | None = None) -> torch.Tensor:
     """``[..., N]`` score per image token for one of the attention-based methods.
 
     weighted_combination = alpha * A[h*] + (1 - alpha) * mean of the other heads. At
     alpha = 1/H that is exactly the mean over all heads; a float alpha cannot hold 1/H
     exactly, so alpha within 1e-9 of 1/H is scored as the mean itself and ranks
     bit-identically to avg_all_heads. With H = 1 the other-heads term is zero.
+    ``heads``: a dict this function fills with the per-attention pieces (A[h*], the head
+    sum), so a replay over many alphas computes them once.
     """
     n_heads = attention.shape[-2]
     if method == "avg_all_heads":
         return attention.mean(dim=-2)
-    top = _gather_head(attention, max_head_index(head_importance(attention)))
+    heads = {} if heads is None else heads
+    if "top" not in heads:
+        heads["top"] = _gather_head(attention, max_head_index(head_importance(attention)))
+    top = heads["top"]
     if method == "max_head":
         return top
     if method != "weighted_combination":
@@ -220,8 +226,9 @@ def attention_scores(attention: torch.Tensor, method: str, alpha: float = 0.5) -
         return attention.mean(dim=-2)
     if n_heads == 1:
         return alpha * top
-    others = (attention.sum(dim=-2) - top) / (n_heads - 1)
-    return alpha * top + (1.0 - alpha) * others
+    if "others" not in heads:
+        heads["others"] = (attention.sum(dim=-2) - top) / (n_heads - 1)
+    return alpha * top + (1.0 - alpha) * heads["others"]
 
 
 def random_keys(seed: int, sample_keys: Sequence[int], n_tokens: int) -> torch.Tensor:
@@ -623,10 +630,12 @@ def _sink_excluded(ctx: _Ctx, keep: int | None, *, base: str, sink_ratio: float,
 
 DIVERSE_CHUNK_TOKENS = 16384
 """diverse processes samples in chunks of about this many image tokens (28 samples at
-N = 576). Each pick runs a few elementwise ops on a ``[chunk, N]`` tensor; kept this small
-they run on one thread, which measured 0.86 s for 1,000 x 576 at depth 288 on an idle
-2-core host (0.57 s with 100-sample chunks) but 1.2 s instead of 4-20 s when another
-process shares the cores (thousands of tiny parallel regions stall on a descheduled thread)."""
+N = 576). Each pick runs a few small ops on a ``[chunk, N]`` tensor, on one thread (the
+Gram matrix before them uses all of torch's threads): thousands of tiny parallel regions
+stall on a descheduled thread when another process shares the cores (4-20 s instead of
+~1 s), and the pick's maximum uses ``torch.max`` (first maximum, like argmax, half its
+time here). Measured for 1,000 x 576 at depth 288 on the 2-core host: 0.54 s idle, 1.07 s
+beside a busy process (argmax with the pool's threads: 0.70 s / 1.11 s)."""
 
 
 def diverse_order(base_scores: torch.Tensor, sketch: torch.Tensor, depth: int | None = None) -> torch.Tensor:
@@ -660,21 +669,33 @@ def diverse_order(base_scores: torch.Tensor, sketch: torch.Tensor, depth: int | 
         flat = open_s.view(-1)
         # every per-pick tensor is preallocated: fresh large buffers each pick cost page faults
         gain, row = torch.empty_like(s), torch.empty_like(s)
-        pick, at = torch.empty(b, dtype=torch.long, device=device), torch.empty(b, dtype=torch.long, device=device)
+        at = torch.empty(b, dtype=torch.long, device=device)
         picks = order[start : start + b]
-        torch.argmax(s, dim=-1, out=pick)  # first maximum: ties to the lower index
-        for p in range(depth):
-            if p:
-                torch.addcmul(open_s, s, maxcos, value=-1.0, out=gain)  # s - s * maxcos, -inf if chosen
-                torch.argmax(gain, dim=-1, out=pick)
-            picks[:, p] = pick
-            torch.add(offset, pick, out=at)
-            flat[at] = -math.inf
-            if p == 0:
-                maxcos = gram.index_select(0, at)
-            elif p < depth - 1:
-                torch.maximum(maxcos, torch.index_select(gram, 0, at, out=row), out=maxcos)
+        pick = torch.max(s, dim=-1).indices  # first maximum: ties to the lower index
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # see DIVERSE_CHUNK_TOKENS: the picks' small ops run best on one thread
+        try:
+            _greedy_picks(depth, s, open_s, flat, gain, row, gram, offset, picks, pick, at)
+        finally:
+            torch.set_num_threads(threads)
     return order.reshape(*batch_shape, depth)
+
+
+def _greedy_picks(depth, s, open_s, flat, gain, row, gram, offset, picks, pick, at) -> None:
+    """The pick loop of :func:`diverse_order` for one chunk (buffers preallocated by it)."""
+    maxcos, chosen = None, []
+    for p in range(depth):
+        if p:
+            torch.addcmul(open_s, s, maxcos, value=-1.0, out=gain)  # s - s * maxcos, -inf if chosen
+            pick = torch.max(gain, dim=-1).indices  # first maximum; max runs ~2x faster than argmax here
+        chosen.append(pick)
+        torch.add(offset, pick, out=at)
+        flat[at] = -math.inf
+        if p == 0:
+            maxcos = gram.index_select(0, at)
+        elif p < depth - 1:
+            torch.maximum(maxcos, torch.index_select(gram, 0, at, out=row), out=maxcos)
+    torch.stack(chosen, dim=1, out=picks)
 
 
 @register("diverse", "ranking", params={"base": "avg_all_heads", "query": "last"}, needs=("sketch",),
