@@ -22,6 +22,7 @@ SIZES = {  # two image sizes per family that give different numbers of image tok
     "LlavaOnevisionForConditionalGeneration": [(56, 56), (200, 90)],
     "Qwen2VLForConditionalGeneration": [(56, 56), (196, 112)],
     "Qwen2_5_VLForConditionalGeneration": [(56, 56), (196, 112)],
+    "InternVLForConditionalGeneration": None,  # tiny one: max_patches=1, every image one 112 px tile = 16 tokens
 }
 QUESTIONS = ["what color is the object?", "is there a red square in the picture or not?"]
 
@@ -226,6 +227,9 @@ UNIFORM_KEEP_2 = {  # hand-computed lattice (fastv_analysis.layout.lattice_cells
     # 2 x 2 grid: r = 2, c = 1 -> rows 0, 1, col 1 -> 1, 3; 4 x 7 grid: r = 2, c = 1 -> rows 1, 3, col 3 -> 10, 24
     "Qwen2VLForConditionalGeneration": [[1, 3], [10, 24]],
     "Qwen2_5_VLForConditionalGeneration": [[1, 3], [10, 24]],
+    # one tile, no thumbnail: all 16 tokens on a 4 x 4 grid: r = ceil(sqrt(2)) = 2, c = 1 -> rows 1, 3, col 2
+    # -> cells (= tokens) 1 * 4 + 2 = 6, 3 * 4 + 2 = 14
+    "InternVLForConditionalGeneration": [[6, 14], [6, 14]],
 }
 
 

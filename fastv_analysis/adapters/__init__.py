@@ -227,12 +227,19 @@ def _qwen2_vl(model: nn.Module) -> Adapter:
     return build(model)
 
 
+def _internvl(model: nn.Module) -> Adapter:
+    from .internvl import build
+
+    return build(model)
+
+
 _BUILDERS: dict[str, Callable[[nn.Module], Adapter]] = {
     "LlavaForConditionalGeneration": _llava,
     "LlavaNextForConditionalGeneration": _llava,  # same decoder recipe; anyres tiles + newline tokens in the span
     "LlavaOnevisionForConditionalGeneration": _llava,  # as LLaVA-NeXT, Qwen2 decoder
     "Qwen2VLForConditionalGeneration": _qwen2_vl,  # M-RoPE: 3-row position ids, dynamic resolution
     "Qwen2_5_VLForConditionalGeneration": _qwen2_vl,
+    "InternVLForConditionalGeneration": _internvl,  # tiles + thumbnail, one placeholder id per token
 }
 
 SUPPORTED = tuple(_BUILDERS)

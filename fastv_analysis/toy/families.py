@@ -157,11 +157,52 @@ def save_tiny_llava_checkpoint(out_dir: str | Path, seed: int = 0) -> Path:
                                                             "num_key_value_heads": 2})
 
 
+INTERNVL_TOKENS = ("<img>", "</img>", "<video>", "<|im_start|>", "<|im_end|>")
+INTERNVL_IMAGE_TOKEN = "<IMG_CONTEXT>"
+# InternVL3's chat format (Qwen2 turns; an image renders as one <IMG_CONTEXT> line, which the
+# processor expands to <img>, image_seq_length x tiles <IMG_CONTEXT>, </img>).
+INTERNVL_CHAT_TEMPLATE = QWEN_CHAT_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "<IMG_CONTEXT>\n")
+
+
+def save_tiny_internvl_checkpoint(out_dir: str | Path, seed: int = 0, tile: int = 112) -> Path:
+    """``InternVLForConditionalGeneration``: InternViT-style tower (CLS dropped) on ``tile`` px
+    tiles, 2 x 2 pixel shuffle (``tile`` / 28 tokens a side: 4 x 4 = 16), MLP projector, Qwen2
+    decoder, InternVL3's chat format. ``max_patches=1``: one tile per image whatever its size,
+    so every image gives 16 image tokens (the GotOcr2 processor's tiles + thumbnail would give
+    16 x (tiles + 1); the adapter lays those out too, see ``adapters/internvl.py``)."""
+    import torch
+    from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLProcessor, Qwen2Config
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    tok = build_tokenizer(INTERNVL_IMAGE_TOKEN, INTERNVL_TOKENS)
+    # InternVLProcessor reads these named tokens off its tokenizer (saved in tokenizer_config.json)
+    tok._set_model_specific_special_tokens(dict(
+        context_image_token=INTERNVL_IMAGE_TOKEN, start_image_token="<img>", end_image_token="</img>",
+        video_token="<video>"))
+    tok.chat_template = INTERNVL_CHAT_TEMPLATE
+    tokens_per_tile = (tile // PATCH_SIZE // 2) ** 2
+    image_processor = GotOcr2ImageProcessorPil(size={"height": tile, "width": tile}, crop_to_patches=False,
+                                               min_patches=1, max_patches=1)
+    processor = image_only(InternVLProcessor)(image_processor=image_processor, tokenizer=tok,
+                                              image_seq_length=tokens_per_tile, chat_template=INTERNVL_CHAT_TEMPLATE)
+    text = Qwen2Config(max_position_embeddings=2048, **_text_sizes(tok))
+    vision = dict(image_size=[tile, tile], patch_size=[PATCH_SIZE, PATCH_SIZE], **TINY_VISION)
+    config = InternVLConfig(vision_config=vision, text_config=text,
+                            image_token_id=tok.convert_tokens_to_ids(INTERNVL_IMAGE_TOKEN),
+                            image_seq_length=tokens_per_tile, downsample_ratio=0.5, vision_feature_layer=-1,
+                            vision_feature_select_strategy="default", tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = InternVLForConditionalGeneration(config).eval()
+    _randomise(model, seed)
+    return save_checkpoint(model, out_dir, processor)
+
+
 TINY_CHECKPOINTS: dict[str, Callable[..., Path]] = {
     "LlavaForConditionalGeneration": save_tiny_llava_checkpoint,
     "LlavaNextForConditionalGeneration": save_tiny_llava_next_checkpoint,
     "LlavaOnevisionForConditionalGeneration": save_tiny_llava_onevision_checkpoint,
     "Qwen2VLForConditionalGeneration": save_tiny_qwen2_vl_checkpoint,
     "Qwen2_5_VLForConditionalGeneration": save_tiny_qwen2_5_vl_checkpoint,
+    "InternVLForConditionalGeneration": save_tiny_internvl_checkpoint,
 }
 """Architecture -> ``fn(out_dir, seed=0) -> path``: one tiny checkpoint per supported class."""
