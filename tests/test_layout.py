@@ -59,3 +59,18 @@ def test_layout_round_trips_through_a_samples_row():
     lay = TokenLayout.anyres(4, 2, 3)
     back = TokenLayout.from_row(lay.to_row())
     assert back.key() == lay.key()
+
+
+def test_internvl_layout_puts_the_thumbnail_on_the_grid_and_the_tiles_off_it():
+    from fastv_analysis.adapters.internvl import thumbnail_layout
+
+    one = thumbnail_layout(2, 4)  # one tile: a 2 x 2 grid, every token on it
+    assert (one.rows, one.cols, one.cells.tolist()) == (2, 2, [0, 1, 2, 3])
+    three = thumbnail_layout(2, 12)  # 2 tiles + the thumbnail (last 4 tokens): tiles off the grid
+    assert three.cells.tolist() == [-1] * 8 + [0, 1, 2, 3]
+    # keep 2 on the thumbnail's 2 x 2 grid: r = 2, c = 1 -> rows 0, 1, col 1 -> cells 1, 3 -> tokens 9, 11
+    assert uniform_tokens(three, 2).tolist() == [9, 11]
+    with pytest.raises(RuntimeError):
+        thumbnail_layout(2, 8)  # 1 tile + thumbnail: the processor never makes it
+    with pytest.raises(RuntimeError):
+        thumbnail_layout(2, 6)  # not a whole number of tiles
