@@ -14,7 +14,7 @@ from .params import Choices, IntList, threads_option
 @click.command("capture")
 @threads_option
 @click.option("--model", default=None, help="Local path or hub id of a checkpoint of a supported class (LLaVA-1.5, LLaVA-NeXT, "
-              "LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL; README lists them) [default: the embedded toy model in "
+              "LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, InternVL; README lists them) [default: the embedded toy model in "
               "data/toy-llava].")
 @click.option("--data", default=None, help="Question file (.jsonl, LLaVA/lmms convention) or a standard "
               "benchmark's folder/file (see --benchmark) [default: data/toy-vqa/questions.jsonl].")

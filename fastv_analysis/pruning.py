@@ -1,4 +1,4 @@
-"""FastV on an unmodified Hugging Face VLM (LLaVA, LLaVA-NeXT, OneVision, Qwen2-VL / 2.5-VL), by hooks.
+"""FastV on an unmodified Hugging Face VLM (LLaVA, LLaVA-NeXT, OneVision, Qwen2-VL / 2.5-VL, InternVL), by hooks.
 
 FastV (Chen et al., 2024): layers 0..K-1 see every token; the last prompt token's
 attention at layer K-1 ranks the image tokens; from layer K on only the ``keep`` best
