@@ -30,6 +30,12 @@ SKETCH_SEED = 0
 QUERY_BLOCK = 256  # query rows recomputed at once for the mean rows (bounds memory at O(256 x S) per head)
 
 
+def take_tokens(x: torch.Tensor, name: str, index) -> torch.Tensor:
+    """A named input restricted to some image tokens: its token dim is 1 for the sketch
+    ``[S, N, D]``, the last one for the rows ``[S, H, N]`` and the norms ``[S, N]``."""
+    return x[:, index] if name == "sketch" else x[..., index]
+
+
 def sketch_matrix(hidden_size: int, device=None) -> torch.Tensor:
     """The fixed ``[D, 64]`` projection (float32): the same on every machine and run."""
     g = torch.Generator().manual_seed(SKETCH_SEED)

@@ -415,17 +415,10 @@ class _Cut:
     kept_mask: torch.Tensor  # [B, S]
     kept_positions: torch.Tensor  # [B, M]
     within: torch.Tensor  # [B, M] indices into the previous cut's kept_positions
-    selection: strategies.Selection
 
 
 _ACTIVE: "weakref.WeakKeyDictionary[nn.Module, FastVModel]" = weakref.WeakKeyDictionary()
 """model -> its live FastVModel: two sets of FastV hooks on one model would both fire."""
-
-
-def _tokens(x: torch.Tensor, name: str, index) -> torch.Tensor:
-    """A named input restricted to some image tokens (its token dim: 1 for the sketch
-    ``[B, N, D]``, the last one otherwise)."""
-    return x[:, index] if name == "sketch" else x[..., index]
 
 
 class FastVModel:
@@ -585,33 +578,37 @@ class FastVModel:
                 prompt.keys = sample_keys(prompt.input_ids, prompt.attention_mask, self._pixels)
         return prompt.keys
 
-    def _select(self, prompt: _Prompt, rows: torch.Tensor,
-                inputs: Mapping[str, torch.Tensor] | None = None) -> strategies.Selection:
-        """Rank ``rows`` ``[B, H, N_max]`` with the configured method, each element over its
-        own N_b image tokens and its own grid (one call for the whole batch when every
-        element has the same N and nothing depends on the grid)."""
+    def _select(self, prompt: _Prompt, rows: torch.Tensor, inputs: Mapping[str, torch.Tensor] | None = None,
+                method: str | None = None) -> strategies.Selection:
+        """Rank ``rows`` ``[B, H, N_max]`` with ``method`` (default: the configured one, with
+        its parameters), each element over its own N_b image tokens and its own grid (one
+        call for the whole batch when every element has the same N and nothing depends on
+        the grid)."""
         config = self.fastv
-        keys = self._sample_keys(prompt) if config.method == "random" else None
+        method = method or config.method
+        params = dict(config.params) if method == config.method else {}
+        keys = self._sample_keys(prompt) if method == "random" else None
 
         def one(r, k, named=None, layout=None):
-            return strategies.select(r, config.method, config.keep, alpha=config.alpha, seed=config.seed,
-                                     sample_keys=k, inputs=named, layout=layout, **dict(config.params))
+            return strategies.select(r, method, config.keep, alpha=config.alpha, seed=config.seed,
+                                     sample_keys=k, inputs=named, layout=layout, **params)
 
-        by_grid = config.method in strategies.LAYOUT_METHODS or config.newline == "keep"
+        by_grid = method in strategies.LAYOUT_METHODS or config.newline == "keep"
         if not prompt.ragged and not by_grid:
             return one(rows, keys, inputs)
         layouts = self.adapter.token_layouts(prompt.inputs or {}, prompt.n_image.tolist()) if by_grid else None
         parts = []
         for b, n in enumerate(prompt.n_image.tolist()):
             r, k = rows[b:b + 1, :, :n], None if keys is None else keys[b:b + 1]
-            named = None if inputs is None else {name: _tokens(v[b:b + 1], name, slice(0, n))
+            named = None if inputs is None else {name: probes.take_tokens(v[b:b + 1], name, slice(0, n))
                                                  for name, v in inputs.items()}
             layout, patches = None if layouts is None else layouts[b], None
             if config.newline == "keep" and layout is not None and len(layout.newline):
                 idx, layout = layout.patches()  # rank the patch tokens only; newlines are added back
                 patches = torch.from_numpy(idx).to(rows.device)
                 r = r[..., patches]
-                named = None if named is None else {name: _tokens(v, name, patches) for name, v in named.items()}
+                named = None if named is None else {name: probes.take_tokens(v, name, patches)
+                                                    for name, v in named.items()}
             sel = one(r, k, named, layout)
             if patches is not None:
                 newline = torch.from_numpy(layouts[b].newline).to(rows.device)
@@ -638,12 +635,8 @@ class FastVModel:
         """K = 0: nothing to rank by. ``uniform`` keeps its lattice (as select does at K = 0),
         every other method a per-sample random subset of the image tokens."""
         rows = torch.zeros(prompt.image_pos.shape[0], 1, prompt.image_pos.shape[1])
-        method = self.fastv.method
-        self.fastv.method = "uniform" if method == "uniform" else "random"
-        try:
-            prompt.selection = self._select(prompt, rows)
-        finally:
-            self.fastv.method = method
+        method = "uniform" if self.fastv.method == "uniform" else "random"
+        prompt.selection = self._select(prompt, rows, method=method)
         prompt.choose(prompt.selection.indices.to(prompt.image_pos.device))
 
     def _new_prompt(self, input_ids: torch.Tensor, attention_mask=None) -> _Prompt:
@@ -707,7 +700,7 @@ class FastVModel:
         kept_mask = kept_token_mask(prompt.seq_len, image_pos, kept_image)
         positions = mask_to_positions(kept_mask)
         prompt.later.append(_Cut(stage.agg_layer, kept_image, kept_mask, positions,
-                                 torch.searchsorted(prev_pos.contiguous(), positions), sel))
+                                 torch.searchsorted(prev_pos.contiguous(), positions)))
 
     def _cut(self, prompt: _Prompt, layer: int) -> tuple[str, torch.Tensor, torch.Tensor | None, torch.Tensor, int,
                                                           torch.Tensor]:

@@ -23,6 +23,7 @@ import torch
 
 from . import stats, strategies
 from .layout import NEWLINE_POLICIES, TokenLayout, uniform_tokens
+from .probes import take_tokens
 from .store import atomic_write_json, atomic_write_parquet, open_run
 
 DEFAULT_METHODS = strategies.METHODS
@@ -126,11 +127,17 @@ def _registry_sets(attention, cfg: ScoreConfig, keeps, sample_ids, seed, tie_rto
     scores, order = ranked.double().numpy(), strategies.rank(ranked).numpy()
     head_tie = np.zeros(n_samples, dtype=bool)
     if cfg.method == "dynamic_alpha" and n_heads > 1:  # h* decides its alpha and its head: a flip moves both
-        top2 = np.sort(strategies.head_importance(attention).numpy(), axis=1)[:, -2:]
-        head_tie = (top2[:, 1] - top2[:, 0]) <= tie_rtol * np.abs(top2[:, 1])
+        head_tie = head_tie_flags(attention, tie_rtol)
     for keep in keeps:
         margin, near = boundary_gap(scores, order, keep, tie_rtol)
         yield keep, np.sort(order[:, :keep], axis=1), scores, margin, near | head_tie
+
+
+def head_tie_flags(attention: torch.Tensor, tie_rtol: float) -> np.ndarray:
+    """``[S]``: the two largest head sums are within ``tie_rtol``, so which head is h* may
+    flip at the stored precision (and with it every set that uses h*)."""
+    top2 = np.sort(strategies.head_importance(attention).numpy(), axis=1)[:, -2:]
+    return (top2[:, 1] - top2[:, 0]) <= tie_rtol * np.abs(top2[:, 1])
 
 
 def boundary_gap(scores: np.ndarray, order: np.ndarray, keep: int, rtol: float) -> tuple[np.ndarray, np.ndarray]:
@@ -170,8 +177,7 @@ def kept_sets(attention: torch.Tensor, cfg: ScoreConfig, keeps: Sequence[int], s
         cfg.method == "weighted_combination" and not math.isclose(cfg.alpha * n_heads, 1.0, abs_tol=1e-9))
     if uses_max_head and n_heads > 1:  # which head is h* can flip too: then the whole set changes
         if "head_tie" not in heads:
-            top2 = np.sort(strategies.head_importance(attention).numpy(), axis=1)[:, -2:]
-            heads["head_tie"] = (top2[:, 1] - top2[:, 0]) <= tie_rtol * np.abs(top2[:, 1])
+            heads["head_tie"] = head_tie_flags(attention, tie_rtol)
         head_tie = heads["head_tie"]
     for keep in keeps:
         if order is None:
@@ -538,7 +544,7 @@ def run_select(
                 patches, layout = layout.patches()
                 att = att[..., torch.from_numpy(patches)]
                 if inputs is not None:
-                    inputs = {k: v[:, patches] if k == "sketch" else v[..., patches] for k, v in inputs.items()}
+                    inputs = {k: take_tokens(v, k, patches) for k, v in inputs.items()}
                 objects = None if objects is None else (objects[0][:, patches], objects[1])
             kw = dict(sample_ids=ids, agg_layer=layer, layout=layout, queries=queries if layer > 0 else ("last",),
                       inputs=inputs)
