@@ -49,6 +49,7 @@ class _Group:
     sample_ids: np.ndarray  # [S] sorted
     configs: list[str]  # [C] sorted
     correct: np.ndarray  # [S, C] bool
+    units: np.ndarray  # [S] the unit of each sample (copies of one item share it)
 
 
 def _check_candidates(candidates: Sequence[str] | None) -> list[str] | None:
@@ -71,6 +72,8 @@ def _groups(predictions: pl.DataFrame, candidates: Sequence[str] | None) -> list
     there) is left out.
     """
     cands = _check_candidates(candidates)
+    unit = pl.col("unit").cast(pl.Utf8) if "unit" in predictions.columns else pl.col("sample_id").cast(pl.Utf8)
+    units = predictions.select("sample_id", unit.alias("unit")).unique("sample_id")
     pred = predictions.select("sample_id", "agg_layer", "keep", "config", pl.col("correct").cast(pl.Boolean))
     pred = pred.filter(pl.col("config") != FULL)
     if cands is not None:
@@ -85,11 +88,12 @@ def _groups(predictions: pl.DataFrame, candidates: Sequence[str] | None) -> list
         wide = g.pivot(on="config", index="sample_id", values="correct")
         if any(c not in wide.columns for c in configs):
             continue
-        wide = wide.drop_nulls(configs).sort("sample_id")
+        wide = wide.drop_nulls(configs).sort("sample_id").join(units, on="sample_id", how="left",
+                                                               maintain_order="left")
         if wide.height == 0:
             continue
         out.append(_Group(int(layer), int(keep), wide["sample_id"].to_numpy(), list(configs),
-                          wide.select(configs).to_numpy().astype(bool)))
+                          wide.select(configs).to_numpy().astype(bool), wide["unit"].to_numpy()))
     return out
 
 
@@ -127,7 +131,7 @@ def oracle_table(predictions: pl.DataFrame, candidates: Sequence[str] | None = N
     Columns: agg_layer, keep, n (samples answered by every candidate), n_candidates,
     best_single (highest accuracy, ties to the first in string order), best_single_accuracy,
     oracle_accuracy (share of samples where any candidate is correct), oracle_ci_lo /
-    oracle_ci_hi (Wilson 95 %), oracle_gain (oracle - best single), then one
+    oracle_ci_hi (95 %, Wilson with copies of one item counted as one unit), oracle_gain (oracle - best single), then one
     ``accuracy[<config>]`` column per candidate (null where that config is not a candidate
     at this layer and keep). The oracle is an upper bound, not an achievable accuracy: it
     peeks at the answers.
@@ -138,15 +142,16 @@ def oracle_table(predictions: pl.DataFrame, candidates: Sequence[str] | None = N
         counts = g.correct.sum(axis=0)
         best = _best(counts)
         any_right = int(g.correct.any(axis=1).sum())
-        lo, hi = stats.wilson_interval(any_right, n)
-        row = {"agg_layer": g.agg_layer, "keep": g.keep, "n": n, "n_candidates": len(g.configs),
+        lo, hi = stats.cluster_wilson_interval(g.correct.any(axis=1), g.units)
+        row = {"agg_layer": g.agg_layer, "keep": g.keep, "n": n, "n_units": int(np.unique(g.units).size),
+               "n_candidates": len(g.configs),
                "best_single": g.configs[best], "best_single_accuracy": counts[best] / n,
                "oracle_accuracy": any_right / n, "oracle_ci_lo": lo, "oracle_ci_hi": hi,
                "oracle_gain": (any_right - counts[best]) / n}
         row.update({f"accuracy[{c}]": counts[i] / n for i, c in enumerate(g.configs)})
         rows.append(pl.DataFrame([row]))
     if not rows:
-        return pl.DataFrame(schema={"agg_layer": pl.Int64, "keep": pl.Int64, "n": pl.Int64,
+        return pl.DataFrame(schema={"agg_layer": pl.Int64, "keep": pl.Int64, "n": pl.Int64, "n_units": pl.Int64,
                                     "n_candidates": pl.Int64, "best_single": pl.Utf8,
                                     "best_single_accuracy": pl.Float64, "oracle_accuracy": pl.Float64,
                                     "oracle_ci_lo": pl.Float64, "oracle_ci_hi": pl.Float64,
@@ -238,7 +243,8 @@ def fit_threshold_rule(x: np.ndarray, correct: np.ndarray, features: Sequence[st
 
 
 def assign_folds(sample_ids, n_folds: int, seed: int) -> np.ndarray:
-    """Fold (0 .. k-1) of each given sample id, k = min(n_folds, number of distinct ids).
+    """Fold (0 .. k-1) of each given id, k = min(n_folds, number of distinct ids). Pass
+    units (not sample ids) where samples repeat one item, so copies share a fold.
 
     The distinct ids are sorted, permuted by ``numpy.random.default_rng(seed)``, and the
     i-th of that permutation goes to fold i mod k, so folds depend on the seed and the set
@@ -271,11 +277,11 @@ def _feature_matrix(features: pl.DataFrame, feature_columns: Sequence[str] | Non
 
 
 SUMMARY_SCHEMA = {
-    "agg_layer": pl.Int64, "keep": pl.Int64, "n": pl.Int64, "n_folds": pl.Int64,
+    "agg_layer": pl.Int64, "keep": pl.Int64, "n": pl.Int64, "n_units": pl.Int64, "n_folds": pl.Int64,
     "cv_accuracy": pl.Float64, "cv_ci_lo": pl.Float64, "cv_ci_hi": pl.Float64,
     "best_single_cv_accuracy": pl.Float64, "best_single": pl.Utf8, "best_single_accuracy": pl.Float64,
     "oracle_accuracy": pl.Float64, "n_rule_only": pl.Int64, "n_best_single_only": pl.Int64,
-    "p_mcnemar": pl.Float64, "p_holm": pl.Float64,
+    "p_mcnemar": pl.Float64, "p_permutation": pl.Float64, "p_holm": pl.Float64,
     "rule": pl.Utf8, "rule_feature": pl.Utf8, "rule_threshold": pl.Float64, "rule_le": pl.Utf8,
     "rule_gt": pl.Utf8, "rule_train_accuracy": pl.Float64,
 }
@@ -283,15 +289,20 @@ SUMMARY_SCHEMA = {
 
 def choice_rule_cv(predictions: pl.DataFrame, features: pl.DataFrame, candidates: Sequence[str] | None,
                    n_folds: int = 5, seed: int = 0, *,
-                   feature_columns: Sequence[str] | None = None) -> tuple[pl.DataFrame, pl.DataFrame]:
+                   feature_columns: Sequence[str] | None = None, n_permutations: int = 199) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Cross-validated threshold rule choosing a strategy per sample from cached statistics.
 
     Per (agg_layer, keep), on the samples every candidate answered: folds from
-    :func:`assign_folds` (seed and sample ids only); for each fold a rule is fitted by
+    :func:`assign_folds` over the samples' units (a ``unit`` column of ``predictions``:
+    copies of one item, e.g. MMBench's rotations or MME's two questions per image, share
+    a fold, so no rule is scored on a copy of what it was fitted on; without the column
+    every sample is its own unit); for each fold a rule is fitted by
     :func:`fit_threshold_rule` on the other folds and applied to it, so every sample's
     choice comes from a rule that never saw it. The per-fold best single strategy (the
-    constant rule, fitted on the same training folds) is the honest baseline: the exact
-    McNemar test compares the two on the same held-out samples. A sample whose feature is
+    constant rule, fitted on the same training folds) is the honest baseline: an exact
+    paired test compares the two on the same held-out samples (McNemar's when every unit
+    is one sample; with copies the sign-flip test over units,
+    :func:`fastv_analysis.stats.paired_unit_test`, which reduces to it). A sample whose feature is
     unknown (NaN, null, infinite, or no row in ``features``) gets its fold's best single.
 
     candidates: None = every config but ``full``; ``full`` in the list is an error.
@@ -299,12 +310,17 @@ def choice_rule_cv(predictions: pl.DataFrame, features: pl.DataFrame, candidates
     to leave out e.g. ``max_head``, a head index, not a quantity).
 
     Returns (summary, per_sample).
-    summary, one row per (agg_layer, keep): n, n_folds, cv_accuracy with Wilson 95 %
-    cv_ci_lo / cv_ci_hi, best_single_cv_accuracy (best single chosen inside each training
+    summary, one row per (agg_layer, keep): n, n_units, n_folds, cv_accuracy with its
+    95 % cluster-aware Wilson cv_ci_lo / cv_ci_hi, best_single_cv_accuracy (best single chosen inside each training
     fold, scored on its held-out fold), best_single and best_single_accuracy (chosen and
     scored on ALL data: optimistic, for reference), oracle_accuracy (upper bound),
-    n_rule_only / n_best_single_only (discordant pairs), p_mcnemar (exact, rule vs per-fold
-    best single), p_holm (Holm over all rows), and the rule fitted on all data: rule (text),
+    n_rule_only / n_best_single_only (discordant pairs), p_mcnemar (the exact paired test,
+    rule vs per-fold best single: descriptive, since cross-validated choices share training
+    data and are not independent, which makes it anti-conservative even without copies),
+    p_permutation (one-sided: does the rule gain more over the per-fold best single than
+    it does when the statistics are shuffled across units, re-running the whole
+    cross-validation each time: valid whatever the folds share), p_holm (Holm of
+    p_permutation over all rows), and the rule fitted on all data: rule (text),
     rule_feature, rule_threshold, rule_le, rule_gt (null for a constant rule),
     rule_train_accuracy (in-sample, optimistic).
     per_sample: sample_id, agg_layer, keep, fold, chosen, correct, fold_best_single,
@@ -319,31 +335,26 @@ def choice_rule_cv(predictions: pl.DataFrame, features: pl.DataFrame, candidates
         ids = pl.DataFrame({"sample_id": g.sample_ids}).cast({"sample_id": feat.schema["sample_id"]})
         x = ids.join(feat.filter(pl.col("agg_layer") == g.agg_layer).drop("agg_layer"), on="sample_id",
                      how="left", maintain_order="left").select(names).fill_null(np.nan).to_numpy().astype(np.float64)
-        folds = assign_folds(g.sample_ids, n_folds, seed)
+        folds = assign_folds(g.units, n_folds, seed)
         k = int(folds.max()) + 1
-        chosen = np.empty(n, dtype=object)
-        single = np.empty(n, dtype=object)
-        for f in range(k):
-            test, train = folds == f, folds != f
-            rule = fit_threshold_rule(x[train], g.correct[train], names, g.configs)
-            chosen[test] = rule.choose(x[test], names)
-            single[test] = rule.fallback
-        col = {c: i for i, c in enumerate(g.configs)}
-        rows = np.arange(n)
-        ok = g.correct[rows, [col[c] for c in chosen]]
-        ok_single = g.correct[rows, [col[c] for c in single]]
+        chosen, single = _cross_validate(x, g, folds, names)
+        ok, ok_single = _outcomes(g, chosen), _outcomes(g, single)
         counts = g.correct.sum(axis=0)
         best = _best(counts)
         full_rule = fit_threshold_rule(x, g.correct, names, g.configs)
-        lo, hi = stats.wilson_interval(int(ok.sum()), n)
+        lo, hi = stats.cluster_wilson_interval(ok, g.units)
         summary.append({
-            "agg_layer": g.agg_layer, "keep": g.keep, "n": n, "n_folds": k,
+            "agg_layer": g.agg_layer, "keep": g.keep, "n": n, "n_units": int(np.unique(g.units).size),
+            "n_folds": k,
             "cv_accuracy": float(ok.mean()), "cv_ci_lo": lo, "cv_ci_hi": hi,
             "best_single_cv_accuracy": float(ok_single.mean()),
             "best_single": g.configs[best], "best_single_accuracy": float(counts[best] / n),
             "oracle_accuracy": float(g.correct.any(axis=1).mean()),
             "n_rule_only": int(np.sum(ok & ~ok_single)), "n_best_single_only": int(np.sum(~ok & ok_single)),
-            "p_mcnemar": stats.mcnemar_exact(ok, ok_single), "p_holm": None,
+            "p_mcnemar": stats.paired_unit_test(ok, ok_single, g.units),
+            "p_permutation": _permutation_p(x, g, folds, names, int(ok.sum() - ok_single.sum()), n_permutations,
+                                            seed),
+            "p_holm": None,
             "rule": full_rule.text, "rule_feature": full_rule.feature, "rule_threshold": full_rule.threshold,
             "rule_le": full_rule.le, "rule_gt": full_rule.gt, "rule_train_accuracy": full_rule.train_correct / n,
         })
@@ -353,8 +364,53 @@ def choice_rule_cv(predictions: pl.DataFrame, features: pl.DataFrame, candidates
             "correct": ok, "fold_best_single": single.astype(str), "fold_best_single_correct": ok_single,
         }))
     out = pl.DataFrame(summary, schema=SUMMARY_SCHEMA)
-    out = out.with_columns(pl.Series("p_holm", stats.holm(out["p_mcnemar"].to_numpy()), dtype=pl.Float64))
+    out = out.with_columns(pl.Series("p_holm", stats.holm(out["p_permutation"].to_numpy()), dtype=pl.Float64))
     per = pl.concat(per_sample) if per_sample else pl.DataFrame(schema={
         "sample_id": predictions.schema["sample_id"], "agg_layer": pl.Int64, "keep": pl.Int64, "fold": pl.Int64,
         "chosen": pl.Utf8, "correct": pl.Boolean, "fold_best_single": pl.Utf8, "fold_best_single_correct": pl.Boolean})
     return out, per
+
+
+def _cross_validate(x: np.ndarray, g: _Group, folds: np.ndarray, names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(chosen config, the training folds' best single) per sample, each from a rule fitted
+    without the sample's fold."""
+    chosen = np.empty(x.shape[0], dtype=object)
+    single = np.empty(x.shape[0], dtype=object)
+    for f in range(int(folds.max()) + 1):
+        test, train = folds == f, folds != f
+        rule = fit_threshold_rule(x[train], g.correct[train], names, g.configs)
+        chosen[test] = rule.choose(x[test], names)
+        single[test] = rule.fallback
+    return chosen, single
+
+
+def _outcomes(g: _Group, chosen: np.ndarray) -> np.ndarray:
+    col = {c: i for i, c in enumerate(g.configs)}
+    return g.correct[np.arange(chosen.size), [col[c] for c in chosen]]
+
+
+def unit_permutation(units: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Row order that gives each unit the rows of another unit with as many rows (units
+    permuted within each size class, rows kept in their order): shuffles statistics
+    between items while copies of one item stay together."""
+    codes = stats.unit_codes(units)
+    rows = [np.flatnonzero(codes == u) for u in range(int(codes.max()) + 1)]
+    order = np.arange(codes.size)
+    sizes = np.array([r.size for r in rows])
+    for size in np.unique(sizes):
+        same = np.flatnonzero(sizes == size)
+        for u, v in zip(same, same[rng.permutation(same.size)]):
+            order[rows[u]] = rows[v]
+    return order
+
+
+def _permutation_p(x: np.ndarray, g: _Group, folds: np.ndarray, names: Sequence[str], gain: int,
+                   n_permutations: int, seed: int) -> float:
+    """One-sided p of the rule's held-out gain over the per-fold best single: the share of
+    unit-level shuffles of the statistics (whole cross-validation re-run) that gain as much."""
+    rng = np.random.default_rng([seed, g.agg_layer, g.keep])
+    hits = 0
+    for _ in range(n_permutations):
+        chosen, single = _cross_validate(x[unit_permutation(g.units, rng)], g, folds, names)
+        hits += int(_outcomes(g, chosen).sum() - _outcomes(g, single).sum()) >= gain
+    return (1 + hits) / (1 + n_permutations)

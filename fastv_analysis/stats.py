@@ -190,6 +190,85 @@ def mcnemar_exact(a: np.ndarray, b: np.ndarray) -> float:
     return float(sps.binomtest(only_a, only_a + only_b, 0.5).pvalue)
 
 
+def unit_codes(units) -> np.ndarray:
+    """Dense integer code (0..U-1, in sorted order of the labels) of each row's unit; None
+    means every row is its own unit."""
+    return np.unique(np.asarray(units, dtype=object).astype(str), return_inverse=True)[1].ravel()
+
+
+def cluster_wilson_interval(scores: np.ndarray, units=None, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson interval of a mean of 0/1 scores whose rows come in units (copies of one item).
+
+    Copies of one item are not independent samples, so the interval uses Kish's effective
+    sample size ``n_eff = p (1 - p) / v``, where ``v = sum_u (y_u - p m_u)^2 / n^2`` is the
+    cluster-robust (linearisation) variance of the mean (``y_u`` the unit's correct count,
+    ``m_u`` its rows, ``n`` all rows), capped at n: copies never count as more evidence
+    than independent samples. With every unit a single row ``v = p (1 - p) / n``, so
+    ``n_eff = n`` and this is the plain Wilson interval. When p is 0 or 1 (``v = 0``) the
+    number of units is used. Returns (lo, hi) as fractions.
+    """
+    y = np.asarray(scores, dtype=np.float64)
+    n = y.size
+    if n == 0:
+        return (math.nan, math.nan)
+    if units is None:
+        return wilson_interval(int(round(y.sum())), n, confidence)
+    code = unit_codes(units)
+    n_units = int(code.max()) + 1
+    p = float(y.mean())
+    resid = np.bincount(code, weights=y - p, minlength=n_units)
+    v = float(np.sum(resid ** 2)) / n ** 2
+    n_eff = min(float(n), p * (1 - p) / v) if v > 0 else float(n_units)
+    z = float(sps.norm.ppf(0.5 + confidence / 2))
+    centre = (p + z * z / (2 * n_eff)) / (1 + z * z / n_eff)
+    half = z / (1 + z * z / n_eff) * math.sqrt(p * (1 - p) / n_eff + z * z / (4 * n_eff ** 2))
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def paired_unit_test(a: np.ndarray, b: np.ndarray, units=None) -> float:
+    """Exact two-sided paired test of two 0/1 vectors (one pair per row) whose rows come
+    in units: the sign-flip (randomisation) test on the units' summed differences.
+
+    Per unit ``d_u = sum(a - b)`` over its rows; under H0 (within a unit the two methods
+    are exchangeable) every ``d_u`` is as likely as ``-d_u``, independently across units,
+    so ``T = sum_u d_u`` has the exact distribution of ``sum_u +-|d_u|``: a convolution of
+    binomials, one per distinct ``|d_u|`` (computed exactly, no sampling).
+    p = P(|T| >= |T_obs|). With every unit a single row, ``d_u`` is +-1 on the discordant
+    pairs and this IS the exact McNemar test (:func:`mcnemar_exact`); with copies of one
+    item it does not count them as independent evidence.
+    """
+    a = np.asarray(a, dtype=np.int64)
+    b = np.asarray(b, dtype=np.int64)
+    if units is None:
+        return mcnemar_exact(a.astype(bool), b.astype(bool))
+    signed = np.bincount(unit_codes(units), weights=a - b).round().astype(np.int64)
+    d = np.abs(signed[signed != 0])
+    if d.size == 0:
+        return 1.0
+    values, counts = np.unique(d, return_counts=True)
+    if values.size == 1 and values[0] == 1:  # McNemar's binomial on the discordant units
+        return float(sps.binomtest(int(np.sum(signed > 0)), int(d.size), 0.5).pvalue)
+    total = int(d.sum())
+    t_obs = abs(int(signed.sum()))
+    dist = np.zeros(2 * total + 1)  # index t + total
+    order = np.argsort(-counts * values)  # the widest factor first, placed directly
+    v, k = int(values[order[0]]), int(counts[order[0]])
+    x = np.arange(k + 1)
+    dist[total + v * (2 * x - k)] = sps.binom.pmf(x, k, 0.5)
+    for j in order[1:]:
+        v, k = int(values[j]), int(counts[j])
+        new = np.zeros_like(dist)
+        for xi, w in enumerate(sps.binom.pmf(np.arange(k + 1), k, 0.5)):
+            shift = v * (2 * xi - k)
+            if shift >= 0:
+                new[shift:] += w * dist[:dist.size - shift]
+            else:
+                new[:shift] += w * dist[-shift:]
+        dist = new
+    t = np.abs(np.arange(-total, total + 1))
+    return float(min(1.0, dist[t >= t_obs].sum()))
+
+
 def _finite_family(p) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(all p as float array, positions of the non-NaN family, their p-values)."""
     p = np.asarray(p, dtype=np.float64)

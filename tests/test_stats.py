@@ -388,3 +388,55 @@ def test_permutation_test_sees_no_within_stratum_variation_in_a_repeated_float()
     y = np.array([1.0, 0.0, 1.0, 0.0, 1.0, 1.0])
     res = stats.within_sample_permutation_test(x, y, np.array([0, 0, 0, 1, 1, 1]), n_permutations=50)
     assert math.isnan(res["r"]) and math.isnan(res["p_value"])
+
+
+# ----------------------------------------------------------------------------------------
+# Copies of one item as one unit (issue 19.2)
+# ----------------------------------------------------------------------------------------
+
+
+def test_paired_unit_test_is_mcnemar_when_every_unit_is_one_sample():
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        n = int(rng.integers(1, 40))
+        a, b = rng.random(n) < 0.6, rng.random(n) < 0.5
+        assert stats.paired_unit_test(a, b, np.arange(n)) == pytest.approx(stats.mcnemar_exact(a, b), abs=1e-12)
+
+
+def test_paired_unit_test_equals_enumerating_every_sign_flip_of_the_units():
+    # Units u0: rows (1,0),(1,0) -> d = +2; u1: (1,0),(0,1) -> 0; u2: (1,0) -> +1; u3: (0,1) -> -1.
+    # T_obs = 2. The 8 sign patterns of (2, 1, 1): sums 4, 2, 2, 0, 0, -2, -2, -4 -> |T| >= 2 in
+    # 6 of 8: p = 0.75. McNemar on the rows (4 vs 2 discordant) would say 0.6875.
+    a = np.array([1, 1, 1, 0, 1, 0])
+    b = np.array([0, 0, 0, 1, 0, 1])
+    units = ["u0", "u0", "u1", "u1", "u2", "u3"]
+    assert stats.paired_unit_test(a, b, units) == pytest.approx(0.75)
+    rng = np.random.default_rng(5)
+    for _ in range(100):  # brute force over all 2^U sign patterns
+        n = int(rng.integers(2, 16))
+        units = rng.integers(0, 6, n)
+        a, b = rng.random(n) < 0.6, rng.random(n) < 0.4
+        d = np.bincount(np.unique(units, return_inverse=True)[1], weights=a.astype(int) - b.astype(int))
+        signs = np.array(list(itertools.product([-1, 1], repeat=d.size)))
+        expected = np.mean(np.abs(signs @ d) >= abs(d.sum()) - 1e-9)
+        assert stats.paired_unit_test(a, b, units) == pytest.approx(expected, abs=1e-12)
+
+
+def test_cluster_wilson_is_wilson_for_single_samples_and_wider_for_copies():
+    y = np.array([1] * 30 + [0] * 10)
+    assert stats.cluster_wilson_interval(y, np.arange(40)) == pytest.approx(stats.wilson_interval(30, 40))
+    # The same 40 answers as 10 items x 4 identical copies: the cluster-robust variance is
+    # sum_u (y_u - p m_u)^2 / n^2 = (7.5 * 1^2 + 2.5 * 3^2) / 1600 = 30 / 1600, so
+    # n_eff = 0.75 * 0.25 / (30 / 1600) = 10: the Wilson interval of 7.5 / 10.
+    units = np.repeat(np.arange(10), 4)
+    y4 = np.repeat([1] * 7 + [0] * 2 + [1], 4)[:40].astype(float)
+    y4[-4:] = [1, 1, 0, 0]  # one item split 2/2 so p = 0.75 exactly: 7*4 + 2 = 30
+    p = y4.mean()
+    v = sum((y4[units == u].sum() - p * 4) ** 2 for u in range(10)) / 40 ** 2
+    n_eff = p * (1 - p) / v
+    z = 1.959963984540054
+    centre = (p + z * z / (2 * n_eff)) / (1 + z * z / n_eff)
+    half = z / (1 + z * z / n_eff) * math.sqrt(p * (1 - p) / n_eff + z * z / (4 * n_eff ** 2))
+    assert stats.cluster_wilson_interval(y4, units) == pytest.approx((centre - half, centre + half))
+    lo, hi = stats.cluster_wilson_interval(y4, units)
+    assert hi - lo > np.subtract(*stats.wilson_interval(30, 40)[::-1])
