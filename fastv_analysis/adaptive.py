@@ -335,7 +335,7 @@ def choice_rule_cv(predictions: pl.DataFrame, features: pl.DataFrame, candidates
         ids = pl.DataFrame({"sample_id": g.sample_ids}).cast({"sample_id": feat.schema["sample_id"]})
         x = ids.join(feat.filter(pl.col("agg_layer") == g.agg_layer).drop("agg_layer"), on="sample_id",
                      how="left", maintain_order="left").select(names).fill_null(np.nan).to_numpy().astype(np.float64)
-        folds = assign_folds(g.units, n_folds, seed)
+        folds = assign_folds(stats.unit_codes(g.units), n_folds, seed)
         k = int(folds.max()) + 1
         chosen, single = _cross_validate(x, g, folds, names)
         ok, ok_single = _outcomes(g, chosen), _outcomes(g, single)

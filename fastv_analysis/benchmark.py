@@ -51,6 +51,14 @@ def question_group(question: Question) -> str | None:
     return None
 
 
+def sample_unit(question: Question) -> str:
+    """The independent unit a sample belongs to, for folds, intervals and paired tests:
+    the benchmark's own grouping where it has one (MMBench's rotations of one question,
+    MME's image), else the image (POPE's three splits and VQAv2 / GQA / TextVQA's several
+    questions ask about one image; so do the toy's two questions per scene)."""
+    return question_group(question) or f"image:{question.image}"
+
+
 def _units(questions: Sequence[Question]) -> list[list[int]]:
     """Question indices in whole groups (first-appearance order); an ungrouped question alone."""
     units: dict[object, list[int]] = {}
@@ -117,46 +125,59 @@ def score_answers(benchmark: str, questions: Sequence[Question], answers: dict[s
     return result.per_question, result
 
 
-def headline_interval(result, per_question: pl.DataFrame, n_boot: int = 200, seed: int = 0) -> tuple:
-    """95% interval of a benchmark's headline.
+def headline_interval(result, per_question: pl.DataFrame, n_boot: int = 200, seed: int = 0,
+                      units: dict | None = None) -> tuple:
+    """95% interval of a benchmark's headline; ``units``: question_id -> its unit
+    (:func:`sample_unit`), so copies of one item (POPE's splits over one image, MME's two
+    questions per image, several questions per image) count once; None: each question alone.
 
     A headline that is the mean of per-question scores (accuracy, soft VQA accuracy):
-    Wilson for 0/1 scores, Student t for soft ones. POPE's mean F1: a bootstrap over
-    questions, resampled within each split. Others (MME's acc+ pairs, MMBench's circular
-    groups): None, as a question-level resample would break the pairs they score.
+    Wilson with the cluster-robust effective n for 0/1 scores
+    (:func:`fastv_analysis.stats.cluster_wilson_interval`), Student t with the
+    cluster-robust (CR1) standard error and units - 1 degrees of freedom for soft ones —
+    both the plain intervals when every unit is one question. POPE's mean F1: a bootstrap
+    over units (a drawn image brings its questions in every split), in a fixed order with a
+    fixed seed, so equal answers always give equal intervals. Others (MME's acc+ pairs,
+    MMBench's circular groups): None.
     """
     from scipy import stats as sps
 
-    from .stats import wilson_interval
+    from .stats import cluster_wilson_interval, unit_codes
 
     name, value = result.headline
+    per_question = per_question.sort("question_id")  # the same interval whatever the row order
     scores = per_question["score"].to_numpy()
+    qids = per_question["question_id"].to_list()
+    code = unit_codes([units.get(q, q) for q in qids] if units else qids) if len(qids) else np.zeros(0, int)
     if len(scores) and math.isclose(value, 100 * scores.mean(), abs_tol=1e-6):
         if np.all((scores == 0) | (scores == 1)):
-            lo, hi = wilson_interval(int(scores.sum()), len(scores))
+            lo, hi = cluster_wilson_interval(scores, code)
             return 100 * lo, 100 * hi
-        half = sps.t.ppf(0.975, len(scores) - 1) * scores.std(ddof=1) / math.sqrt(len(scores))
+        n_units = int(code.max()) + 1
+        resid = np.bincount(code, weights=scores - scores.mean(), minlength=n_units)
+        se = math.sqrt(n_units / max(n_units - 1, 1) * float(np.sum(resid ** 2))) / len(scores)
+        half = sps.t.ppf(0.975, max(n_units - 1, 1)) * se
         return 100 * (scores.mean() - half), 100 * (scores.mean() + half)
     if result.task == "pope" and name == "mean/f1":
-        return _pope_f1_interval(per_question, n_boot, seed)
+        return _pope_f1_interval(per_question, code, n_boot, seed)
     return None, None
 
 
-def _pope_f1_interval(per_question: pl.DataFrame, n_boot: int, seed: int) -> tuple:
-    """Bootstrap of the mean over splits of F1 (positive = yes), resampling within splits."""
+def _pope_f1_interval(per_question: pl.DataFrame, code: np.ndarray, n_boot: int, seed: int) -> tuple:
+    """Bootstrap over units of the mean over splits of F1 (positive = yes): each draw takes
+    units with replacement and every question of a drawn unit, in every split."""
+    pred_yes = (per_question["parsed"] == "yes").to_numpy()
+    label_yes = np.where(per_question["correct"].to_numpy(), pred_yes, ~pred_yes)
+    split_names = sorted(set(per_question["category"].to_list()))
+    split = np.array([split_names.index(c) for c in per_question["category"].to_list()])
+    n_units = int(code.max()) + 1
+    counts = np.zeros((3, n_units, len(split_names)))  # tp, fp, fn per unit and split
+    for i, flags in enumerate((pred_yes & label_yes, pred_yes & ~label_yes, ~pred_yes & label_yes)):
+        np.add.at(counts[i], (code, split), flags.astype(np.float64))
     rng = np.random.default_rng(seed)
-    splits = []
-    for _, g in per_question.group_by("category"):
-        pred_yes = (g["parsed"] == "yes").to_numpy()
-        label_yes = np.where(g["correct"].to_numpy(), pred_yes, ~pred_yes)
-        splits.append((pred_yes, label_yes))
-    values = []
-    for _ in range(n_boot):
-        f1s = []
-        for pred_yes, label_yes in splits:
-            idx = rng.integers(0, len(pred_yes), len(pred_yes))
-            p, y = pred_yes[idx], label_yes[idx]
-            tp, fp, fn = np.sum(p & y), np.sum(p & ~y), np.sum(~p & y)
-            f1s.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
-        values.append(100 * np.mean(f1s))
+    weights = np.stack([np.bincount(rng.integers(0, n_units, n_units), minlength=n_units) for _ in range(n_boot)])
+    tp, fp, fn = (weights @ counts[i] for i in range(3))  # [n_boot, splits]
+    denom = 2 * tp + fp + fn
+    f1 = np.where(tp > 0, 2 * tp / np.where(denom > 0, denom, 1), 0.0)
+    values = 100 * f1.mean(axis=1)
     return float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))

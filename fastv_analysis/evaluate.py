@@ -117,9 +117,10 @@ def schedule_text(stages: list[tuple[int, int, str]]) -> str:
 def with_schedule(selections: pl.DataFrame, then: list[tuple] | None) -> pl.DataFrame:
     """``selections`` plus, for every row with a kept set, the same first cut followed by the
     ``then`` stages (ranked online by the pruned model, so eval gives their exact answer);
-    column ``stages`` (JSON ``[[K, keep, method], ...]``, ``[]`` for one cut) and labels /
-    selection ids that carry the schedule."""
-    out = selections.with_columns(pl.lit("[]").alias("stages"))
+    column ``stages`` (JSON ``[[K, keep, method], ...]``, ``[]`` for one cut), labels /
+    selection ids that carry the schedule, and ``base_config``: the label of the first cut
+    (the configuration itself for one cut)."""
+    out = selections.with_columns(pl.lit("[]").alias("stages"), pl.col("config").alias("base_config"))
     if not then:
         return out
     rows = []
@@ -247,15 +248,30 @@ def time_configurations(loaded, prepared, rows: pl.DataFrame, max_new_tokens: in
     return out
 
 
-def _paired_p(g: pl.DataFrame, ref: pl.DataFrame) -> float | None:
-    """Exact McNemar p of a configuration against a reference on the samples both answered."""
-    if ref.height == 0:
-        return None
-    merged = g.join(ref.select("sample_id", pl.col("correct").alias("ref")), on="sample_id")
-    return stats.mcnemar_exact(merged["correct"].to_numpy(), merged["ref"].to_numpy())
+def _pairs(g: pl.DataFrame, ref: pl.DataFrame, what: str) -> pl.DataFrame:
+    """``g``'s rows joined with the reference configuration's ``correct`` (``ref``) on
+    sample_id: one pair per sample, or an error naming the reference that repeats one."""
+    dup = ref.group_by("sample_id").len().filter(pl.col("len") > 1)
+    if dup.height:
+        raise ValueError(f"the {what} reference has {dup['len'][0]} rows for sample {dup['sample_id'][0]}: "
+                         f"a paired test needs exactly one")
+    return g.join(ref.select("sample_id", pl.col("correct").alias("ref")), on="sample_id")
 
 
-P_COLUMNS = ("mcnemar_p_vs_full", "mcnemar_p_vs_avg", "mcnemar_p_vs_random")
+def _paired_tests(g: pl.DataFrame, ref: pl.DataFrame | None, what: str) -> tuple[float | None, float | None, pl.DataFrame]:
+    """(exact McNemar p, the unit-level test's p, the pairs) of a configuration against a
+    reference configuration on the samples both answered; Nones when there is no reference."""
+    if ref is None or ref.height == 0:
+        return None, None, g.clear()
+    pairs = _pairs(g, ref, what)
+    if pairs.height == 0:
+        return None, None, pairs
+    a, b = pairs["correct"].to_numpy(), pairs["ref"].to_numpy()
+    return stats.mcnemar_exact(a, b), stats.paired_unit_test(a, b, pairs["unit"].to_numpy()), pairs
+
+
+P_COLUMNS = ("mcnemar_p_vs_full", "mcnemar_p_vs_avg", "mcnemar_p_vs_random",
+             "unit_p_vs_full", "unit_p_vs_avg", "unit_p_vs_random")
 CONTROL = "random"
 """The control every strategy must beat: the per-sample random subset at the same keep."""
 
@@ -275,28 +291,59 @@ def with_adjusted(frame: pl.DataFrame, columns) -> pl.DataFrame:
     return out
 
 
+def with_units(pred: pl.DataFrame) -> pl.DataFrame:
+    """``pred`` with a ``unit`` column: as given, or every sample its own unit."""
+    return pred if "unit" in pred.columns else pred.with_columns(pl.col("sample_id").cast(pl.Utf8).alias("unit"))
+
+
+def _references(layer: pl.DataFrame, row: dict) -> dict[str, pl.DataFrame | None]:
+    """The reference configurations of one configuration, by configuration id: ``full`` at
+    its layer, and the plain ``avg_all_heads`` and ``random`` configurations at its layer and
+    keep; None where it is that reference itself (or ``full``)."""
+    config = row["config"]
+    same_keep = layer.filter(pl.col("keep") == row["keep"])
+    return {"full": None if config == FULL else layer.filter(pl.col("config") == FULL),
+            "avg": None if config in (REFERENCE, FULL) else same_keep.filter(pl.col("config") == REFERENCE),
+            "random": None if config in (CONTROL, FULL) else same_keep.filter(pl.col("config") == CONTROL)}
+
+
+def _accuracy_row(g: pl.DataFrame, layer: pl.DataFrame, row: dict) -> dict:
+    """Accuracy, its interval and the paired tests of one configuration (``g``: its rows)."""
+    correct = g["correct"].to_numpy()
+    lo, hi = stats.cluster_wilson_interval(correct, g["unit"].to_numpy())
+    out = {"n": len(correct), "n_units": g["unit"].n_unique(), "accuracy": float(correct.mean()),
+           "ci_lo": lo, "ci_hi": hi}
+    for name, ref in _references(layer, row).items():
+        p, p_unit, pairs = _paired_tests(g, ref, name)
+        out[f"mcnemar_p_vs_{name}"], out[f"unit_p_vs_{name}"] = p, p_unit
+        delta = float(pairs["correct"].mean() - pairs["ref"].mean()) if pairs.height else None
+        if name == "full":
+            out["full_accuracy"] = float(pairs["ref"].mean()) if pairs.height else None
+            out["delta_vs_full"] = delta
+        elif name == "random":
+            out["delta_vs_random"] = delta
+    if row["config"] == FULL:
+        out["full_accuracy"], out["delta_vs_full"] = out["accuracy"], 0.0
+    return out
+
+
 def accuracy_table(pred: pl.DataFrame, timing: pl.DataFrame, model_dims: dict,
                    config_timing: pl.DataFrame | None = None) -> pl.DataFrame:
-    """Per configuration: accuracy with its Wilson 95% interval, change vs the ``full``
-    control, exact McNemar p vs ``full`` and vs avg_all_heads at the same keep and layer
-    (with Holm and BH columns over the table), FLOPs and timings."""
+    """Per configuration: accuracy with its 95 % interval (Wilson; copies of one item count
+    as one unit, :func:`fastv_analysis.stats.cluster_wilson_interval`), n samples and
+    n_units, the change vs the ``full`` control, and paired tests against three reference
+    configurations joined by configuration id — ``full`` (same layer), the plain
+    ``avg_all_heads`` and ``random`` (same layer and keep) — each from exactly one pair per
+    sample: the exact McNemar p (``mcnemar_p_vs_*``: samples as independent) and the exact
+    sign-flip test over units (``unit_p_vs_*``: the same p when every unit is one sample),
+    with Holm and BH columns over the table; FLOPs and timings."""
+    pred = with_units(pred)
     rows = []
     keys = ["agg_layer", "config", "method", "alpha", "keep"]
     for key, g in pred.group_by(keys, maintain_order=True):
         row = dict(zip(keys, key))
         g = g.sort("sample_id")
-        correct = g["correct"].to_numpy()
-        n = len(correct)
-        lo, hi = stats.wilson_interval(int(correct.sum()), n)
         layer = pred.filter(pl.col("agg_layer") == row["agg_layer"])
-        full_rows = layer.filter(pl.col("method") == FULL).join(g.select("sample_id"), on="sample_id")
-        full = full_rows["correct"].to_numpy()
-        ref = layer.filter(pl.col("keep") == row["keep"], pl.col("method") == REFERENCE)
-        control = layer.filter(pl.col("keep") == row["keep"], pl.col("config") == CONTROL)
-        p_full = _paired_p(g, full_rows) if row["method"] != FULL else None
-        p_avg = _paired_p(g, ref) if row["method"] not in (REFERENCE, FULL) else None
-        p_random = _paired_p(g, control) if row["config"] not in (CONTROL, FULL) else None
-        ctrl = control.join(g.select("sample_id"), on="sample_id")["correct"].to_numpy()
         n_tokens = int(g["prompt_tokens"].mean())
         n_image = int(round(float(g["n_image_tokens"].mean())))  # anyres models: N varies by image
         # image tokens the model really kept: the full control all of each sample's, and a
@@ -304,24 +351,24 @@ def accuracy_table(pred: pl.DataFrame, timing: pl.DataFrame, model_dims: dict,
         keep = min(int(round(float(g["n_kept"].mean()))) if "n_kept" in g.columns else int(row["keep"]), n_image)
         stages = [(k, kp) for k, kp, _ in json.loads(g["stages"][0])] if "stages" in g.columns else []
         t = timing.filter(pl.col("agg_layer") == row["agg_layer"], pl.col("keep") == row["keep"])
-        own = _config_times(config_timing, row)
         rows.append({
-            **row, "n": n, "accuracy": float(correct.mean()), "ci_lo": lo, "ci_hi": hi,
-            "full_accuracy": float(full.mean()) if len(full) else None,
-            "delta_vs_full": float(correct.mean() - full.mean()) if len(full) else None,
-            "mcnemar_p_vs_full": p_full, "mcnemar_p_vs_avg": p_avg, "mcnemar_p_vs_random": p_random,
-            "delta_vs_random": float(correct.mean() - ctrl.mean()) if len(ctrl) and row["config"] != FULL else None,
+            **row, **_accuracy_row(g, layer, row),
             **{name: flops_mod.flops_ratio(n_tokens, n_image, keep, model_dims["num_layers"], int(row["agg_layer"]),
                                            model_dims["hidden"], model_dims["intermediate"], stages, matrices)
                for name, matrices in (("flops_ratio", 2), ("flops_ratio_3mlp", 3))},
             "equivalent_image_tokens": flops_mod.equivalent_image_tokens(n_image, keep,
                                                                          model_dims["num_layers"],
                                                                          int(row["agg_layer"]), stages),
-            **own,
+            **_config_times(config_timing, row),
             "batched_prefill_ms_per_set": 1e3 * float(t["prefill_seconds"].sum() / max(t["n_sets"].sum(), 1)),
             "batched_decode_ms_per_token": 1e3 * float(t["decode_seconds"].sum() / max(t["decode_tokens"].sum(), 1)),
         })
-    table = pl.DataFrame(rows, infer_schema_length=None, schema_overrides={p: pl.Float64 for p in P_COLUMNS})
+    first = ["agg_layer", "config", "method", "alpha", "keep", "n", "n_units", "accuracy", "ci_lo", "ci_hi",
+             "full_accuracy", "delta_vs_full", "delta_vs_random", *P_COLUMNS]
+    table = pl.DataFrame(rows, infer_schema_length=None,
+                         schema_overrides={c: pl.Float64 for c in (*P_COLUMNS, "full_accuracy", "delta_vs_full",
+                                                                   "delta_vs_random")})
+    table = table.select(*first, *[c for c in table.columns if c not in first])
     return with_adjusted(table, P_COLUMNS).sort(["agg_layer", "keep", "method", "alpha"],
                                                 descending=[False, True, False, False], nulls_last=True)
 
@@ -349,13 +396,14 @@ def benchmark_scores(pred: pl.DataFrame, benchmark: str | None, questions) -> tu
     if benchmark is None:  # a plain question file: exact match / option / yes-no, per sample
         return pred.with_columns(pl.col("correct").cast(pl.Float64).alias("score")), None
     scored, headlines, long = [], [], []
+    units = dict(zip(pred["question_id"].to_list(), pred["unit"].to_list())) if "unit" in pred.columns else None
     for key, g in pred.group_by(CONFIG_KEYS, maintain_order=True):
         answers = dict(zip(g["question_id"].to_list(), g["prediction"].to_list()))
         per_question, result = score_answers(benchmark, questions, answers)
         scored.append(g.drop("correct", "score", strict=False).join(
             per_question.select("question_id", "score", "correct"), on="question_id", how="left"))
         if result is not None:
-            lo, hi = headline_interval(result, per_question)
+            lo, hi = headline_interval(result, per_question, units=units)
             headlines.append({**dict(zip(CONFIG_KEYS, key)), "benchmark": benchmark, "metric": result.headline[0],
                               "metric_value": result.headline[1], "metric_ci_lo": lo, "metric_ci_hi": hi})
             long.append(result.long.with_columns(*(pl.lit(v).alias(k) for k, v in zip(CONFIG_KEYS, key))))
@@ -413,21 +461,24 @@ def _config_times(config_timing: pl.DataFrame | None, row: dict) -> dict:
 
 
 def statistics_frame(pred: pl.DataFrame, run_dir: Path) -> pl.DataFrame:
-    """Predictions joined with each selection's statistics (overlap with avg_all_heads,
-    head statistics, spatial statistics)."""
+    """Predictions joined with each selection's statistics (overlap with the plain
+    avg_all_heads configuration's set at the same sample, layer and keep — measured for
+    every configuration, query variants included; a schedule's first cut for a schedule;
+    1.0 for that configuration itself — head statistics, spatial statistics)."""
     sel_dir = run_dir / "select"
     overlap = pl.read_parquet(sel_dir / "overlap.parquet")
     vs_avg = pl.concat([
-        overlap.filter(pl.col("config_a") == "avg_all_heads").select(
-            "sample_id", "agg_layer", "keep", pl.col("config_b").alias("config"), pl.col("jaccard")),
-        overlap.filter(pl.col("config_b") == "avg_all_heads").select(
-            "sample_id", "agg_layer", "keep", pl.col("config_a").alias("config"), pl.col("jaccard")),
+        overlap.filter(pl.col("config_a") == REFERENCE).select(
+            "sample_id", "agg_layer", "keep", pl.col("config_b").alias("base_config"), pl.col("jaccard")),
+        overlap.filter(pl.col("config_b") == REFERENCE).select(
+            "sample_id", "agg_layer", "keep", pl.col("config_a").alias("base_config"), pl.col("jaccard")),
     ]).rename({"jaccard": "jaccard_vs_avg"})
     heads = pl.read_parquet(sel_dir / "heads.parquet").select("sample_id", "agg_layer", "max_head_share",
                                                                 "head_entropy")
-    out = pred.join(vs_avg, on=["sample_id", "agg_layer", "keep", "config"], how="left")
+    out = pred if "base_config" in pred.columns else pred.with_columns(pl.col("config").alias("base_config"))
+    out = out.join(vs_avg, on=["sample_id", "agg_layer", "keep", "base_config"], how="left")
     out = out.with_columns(
-        pl.when(pl.col("method") == "avg_all_heads").then(1.0).otherwise(pl.col("jaccard_vs_avg")).alias(
+        pl.when(pl.col("base_config") == REFERENCE).then(1.0).otherwise(pl.col("jaccard_vs_avg")).alias(
             "jaccard_vs_avg"))
     return out.join(heads, on=["sample_id", "agg_layer"], how="left")
 
@@ -465,42 +516,53 @@ def relations_table(frame: pl.DataFrame, n_permutations: int = 2000, seed: int =
     so a sample counted in 24 configurations is one sample and keep cannot confound it.
     Statistics that are properties of the sample (head statistics) do not vary within a
     stratum and get no pooled test. Each scope is its own family for ``p_holm``/``p_bh``.
+
+    Copies of one item (a ``unit`` column: MME's two questions per image, MMBench's
+    rotations, several questions per image) are one unit: a configuration's Spearman test
+    runs on the units' mean statistic and mean outcome (``n_units`` of them), and the pooled
+    permutation shuffles every copy of a unit alike.
     """
     from scipy.stats import spearmanr
 
     per_config = []
-    scored = frame.filter(pl.col("method") != FULL)
+    scored = with_units(frame.filter(pl.col("method") != FULL))
     outcome = "score" if "score" in frame.columns else "correct"  # soft where the metric is soft
     for (config, layer, keep), g in scored.group_by(["config", "agg_layer", "keep"], maintain_order=True):
         correct = g[outcome].cast(pl.Float64).to_numpy()
         for stat in STATISTICS:
             x = g[stat].cast(pl.Float64).fill_null(np.nan).to_numpy()
             ok = ~np.isnan(x)
+            units = g.filter(pl.Series(ok)).group_by("unit", maintain_order=True).agg(
+                pl.col(stat).cast(pl.Float64).mean(), pl.col(outcome).cast(pl.Float64).mean())
+            ux, uy = units[stat].to_numpy(), units[outcome].to_numpy()
             rho = p = None
-            if ok.sum() >= 3 and np.ptp(x[ok]) > 0 and np.ptp(correct[ok]) > 0:
-                res = spearmanr(x[ok], correct[ok])
+            if ux.size >= 3 and np.ptp(ux) > 0 and np.ptp(uy) > 0:
+                res = spearmanr(ux, uy)
                 rho, p = float(res.statistic), float(res.pvalue)
             qs = stats.quantile_accuracy(x[ok], correct[ok], QUANTILES)
             per_config.append({"scope": "configuration", "config": config, "agg_layer": layer, "keep": keep,
-                               "statistic": stat, "n": int(ok.sum()), "n_strata": None, "spearman_rho": rho,
-                               "r_within": None, "p_value": p,
+                               "statistic": stat, "n": int(ok.sum()), "n_units": int(ux.size), "n_strata": None,
+                               "spearman_rho": rho, "r_within": None, "p_value": p,
                                **{f"accuracy_q{i + 1}": v for i, v in enumerate(qs)}})
     pooled = []
-    pruned = scored.filter(pl.col("method") != REFERENCE)
+    pruned = scored.filter(pl.col("config") != REFERENCE)
     if pruned.height:
         strata = pruned.select(pl.struct("sample_id", "agg_layer", "keep").rank("dense")).to_series().to_numpy()
+        blocks = pruned.select(pl.struct("unit", "agg_layer", "keep").rank("dense")).to_series().to_numpy()
         correct = pruned[outcome].cast(pl.Float64).to_numpy()
         for stat in STATISTICS:
             x = pruned[stat].cast(pl.Float64).fill_null(np.nan).to_numpy()
-            res = stats.within_sample_permutation_test(x, correct, strata, n_permutations=n_permutations, seed=seed)
+            res = stats.within_sample_permutation_test(x, correct, strata, n_permutations=n_permutations, seed=seed,
+                                                       blocks=blocks, slots=pruned["config"].to_numpy())
             r = None if res["r"] is None or not np.isfinite(res["r"]) else float(res["r"])
             p = None if r is None or res["p_value"] is None or not np.isfinite(res["p_value"]) else float(res["p_value"])
             pooled.append({"scope": "within_sample", "config": "pooled", "agg_layer": None, "keep": None,
-                           "statistic": stat, "n": int(res["n"]), "n_strata": int(res["n_strata"]),
+                           "statistic": stat, "n": int(res["n"]), "n_units": pruned["unit"].n_unique(),
+                           "n_strata": int(res["n_strata"]),
                            "spearman_rho": None, "r_within": r, "p_value": p,
                            **{f"accuracy_q{i + 1}": None for i in range(QUANTILES)}})
     schema = {"scope": pl.Utf8, "config": pl.Utf8, "agg_layer": pl.Int64, "keep": pl.Int64, "statistic": pl.Utf8,
-              "n": pl.Int64, "n_strata": pl.Int64, "spearman_rho": pl.Float64, "r_within": pl.Float64,
+              "n": pl.Int64, "n_units": pl.Int64, "n_strata": pl.Int64, "spearman_rho": pl.Float64, "r_within": pl.Float64,
               "p_value": pl.Float64, **{f"accuracy_q{i + 1}": pl.Float64 for i in range(QUANTILES)}}
     frames = [with_adjusted(pl.DataFrame(rows, schema=schema), ["p_value"]) for rows in (per_config, pooled) if rows]
     out = pl.concat(frames) if frames else with_adjusted(pl.DataFrame(schema=schema), ["p_value"])
@@ -565,7 +627,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True, command: list[str] | None =
 
     from .adapters import get_adapter
     from .capture import BadSample, CaptureConfig, _distributed, prepare
-    from .benchmark import complete_groups, questions_fingerprint, run_questions
+    from .benchmark import complete_groups, questions_fingerprint, run_questions, sample_unit
     from .loading import load_model
     from .provenance import file_sha256, fingerprint, select_fingerprint, stale_stages, versions
     from .scoring import is_correct
@@ -670,7 +732,9 @@ def run_eval(cfg: EvalConfig, progress: bool = True, command: list[str] | None =
         .join(run.samples.select("sample_id", "question_id", "category", "answer", "prompt_tokens", "n_image_tokens"),
               on="sample_id", how="left")
     )
-    pred = sorted_predictions(pred)
+    units = pl.DataFrame({"sample_id": sample_ids, "unit": [sample_unit(questions[i]) for i in sample_ids]},
+                         schema={"sample_id": pred.schema["sample_id"], "unit": pl.Utf8})
+    pred = sorted_predictions(pred.join(units, on="sample_id", how="left"))
     if pred.filter(pl.col("method") == FULL)["keep"].n_unique() > 1:  # anyres: one full control, keep = max N
         pred = pred.with_columns(pl.when(pl.col("method") == FULL).then(pl.col("keep").max().over("agg_layer"))
                                  .otherwise(pl.col("keep")).alias("keep"))

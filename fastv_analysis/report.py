@@ -856,10 +856,19 @@ def _sci(col: str) -> pl.Expr:
     return pl.col(col).map_elements(lambda p: f"{p:.2e}", return_dtype=pl.Utf8).fill_null("").alias(col)
 
 
+def paired_p(accuracy: pl.DataFrame, reference: str) -> str:
+    """The p column a table shows against ``reference`` (full / avg / random): the exact
+    test over units (copies of one item count once; McNemar's p when every unit is one
+    sample), or McNemar's where eval predates it."""
+    unit = f"unit_p_vs_{reference}"
+    return unit if unit in accuracy.columns else f"mcnemar_p_vs_{reference}"
+
+
 def main_numbers(accuracy: pl.DataFrame) -> pl.DataFrame:
     """The headline table: accuracy per method and keep (weighted at its alpha nearest 0.5),
-    its interval, the change vs the full control, exact McNemar p-values vs full and vs
-    avg_all_heads with their Holm adjustment over the whole table, and FLOPs."""
+    its interval, n samples and n units, the change vs the full control, exact paired
+    p-values (:func:`paired_p`) vs full and vs avg_all_heads with their Holm adjustment over
+    the whole table, and FLOPs."""
     alpha = _primary_alpha(accuracy)
     acc = accuracy.filter(_primary_only(alpha))
     benchmark = []
@@ -867,12 +876,14 @@ def main_numbers(accuracy: pl.DataFrame) -> pl.DataFrame:
         ci = pl.format("[{}, {}]", pl.col("metric_ci_lo").round(1), pl.col("metric_ci_hi").round(1))
         benchmark = [pl.col("metric"), pl.col("metric_value").cast(pl.Float64).round(2),
                      pl.when(pl.col("metric_ci_lo").is_not_null()).then(ci).otherwise(pl.lit("")).alias("metric_ci")]
-    return acc.select("agg_layer", "keep", "config", "n", *benchmark,
+    p_full, p_avg = paired_p(accuracy, "full"), paired_p(accuracy, "avg")
+    units = ["n_units"] if "n_units" in acc.columns else []
+    return acc.select("agg_layer", "keep", "config", "n", *units, *benchmark,
                       (pl.col("accuracy") * 100).round(1).alias("accuracy_%"),
                       (pl.col("ci_lo") * 100).round(1).alias("ci_lo_%"), (pl.col("ci_hi") * 100).round(1).alias("ci_hi_%"),
                       (pl.col("delta_vs_full") * 100).round(1).alias("delta_vs_full_pts"),
-                      _sci("mcnemar_p_vs_full"), _sci("mcnemar_p_vs_full_holm"), _sci("mcnemar_p_vs_avg"),
-                      _sci("mcnemar_p_vs_avg_holm"), pl.col("flops_ratio").round(3),
+                      _sci(p_full), _sci(f"{p_full}_holm"), _sci(p_avg), _sci(f"{p_avg}_holm"),
+                      pl.col("flops_ratio").round(3),
                       pl.col("prefill_speedup_vs_full").cast(pl.Float64).round(2)).sort(
         ["agg_layer", "keep", "config"], descending=[False, True, False])
 
@@ -1602,20 +1613,23 @@ def beats_random(accuracy: pl.DataFrame, level: float = SIGNIFICANCE) -> pl.Data
     test of that column), and ``holm_<level>``: "better" / "worse" where Holm < ``level``.
     Sorted by layer, keep (largest first) and change (best first). None when eval predates
     the comparison."""
-    need = ("delta_vs_random", "mcnemar_p_vs_random", "mcnemar_p_vs_random_holm")
-    if accuracy is None or any(c not in accuracy.columns for c in need):
+    if accuracy is None:
+        return None
+    p = paired_p(accuracy, "random")
+    need = ("delta_vs_random", p, f"{p}_holm")
+    if any(c not in accuracy.columns for c in need):
         return None
     rnd = accuracy.filter(pl.col("config") == "random").select(
         "agg_layer", "keep", (100 * pl.col("accuracy")).alias("random_%"))
     acc = accuracy.filter(~pl.col("method").is_in(["random", "full"]), pl.col("keep") > 0)
-    verdict = (pl.when(pl.col("mcnemar_p_vs_random_holm") < level)
+    verdict = (pl.when(pl.col(f"{p}_holm") < level)
                .then(pl.when(pl.col("delta_vs_random") > 0).then(pl.lit("better")).otherwise(pl.lit("worse")))
                .otherwise(pl.lit("")).alias(f"holm_{level:g}"))
     return (acc.join(rnd, on=["agg_layer", "keep"], how="left")
-            .select("agg_layer", "keep", "config", "n", (100 * pl.col("accuracy")).round(1).alias("accuracy_%"),
-                    pl.col("random_%").round(1),
+            .select("agg_layer", "keep", "config", "n", *(["n_units"] if "n_units" in acc.columns else []),
+                    (100 * pl.col("accuracy")).round(1).alias("accuracy_%"), pl.col("random_%").round(1),
                     (100 * pl.col("delta_vs_random")).round(1).alias("delta_vs_random_pts"),
-                    "mcnemar_p_vs_random", "mcnemar_p_vs_random_holm", verdict)
+                    pl.col(p).alias("p_vs_random"), pl.col(f"{p}_holm").alias("p_vs_random_holm"), verdict)
             .sort(["agg_layer", "keep", "delta_vs_random_pts", "config"], descending=[False, True, True, False],
                   nulls_last=True))
 
@@ -1626,7 +1640,9 @@ def beats_random_summary(table: pl.DataFrame | None, level: float = SIGNIFICANCE
     if table is None:
         return "No comparison with random: eval has not run, or predates it (re-run eval)."
     col = f"holm_{level:g}"
-    tested = table.filter(pl.col("mcnemar_p_vs_random").is_not_null()).height
+    tested = table.filter(pl.col("p_vs_random").is_not_null()).height
+    units = "n_units" in table.columns and (table["n_units"] < table["n"]).any()
+    test = ("exact paired test over units: copies of one item count once" if units else "exact McNemar")
     parts = []
     for kind in ("better", "worse"):
         hits = table.filter(pl.col(col) == kind)
@@ -1634,13 +1650,13 @@ def beats_random_summary(table: pl.DataFrame | None, level: float = SIGNIFICANCE
                  for r in hits.head(max_named).iter_rows(named=True)]
         more = f", and {hits.height - max_named} more" if hits.height > max_named else ""
         parts.append(f"{hits.height} {kind}" + (f" ({'; '.join(names)}{more})" if names else ""))
-    return (f"Against random at the same keep (exact McNemar, Holm-adjusted over {tested} tests): "
+    return (f"Against random at the same keep ({test}, Holm-adjusted over {tested} tests): "
             f"{parts[0]}, {parts[1]} at Holm p < {level:g}; the rest are indistinguishable from random here.")
 
 
 def beats_random_view(table: pl.DataFrame) -> pl.DataFrame:
     """:func:`beats_random` with its p-values as text in scientific notation, for display."""
-    return table.with_columns(_sci("mcnemar_p_vs_random"), _sci("mcnemar_p_vs_random_holm"))
+    return table.with_columns(_sci("p_vs_random"), _sci("p_vs_random_holm"))
 
 
 # -- 6. adaptive choice ---------------------------------------------------------------------
@@ -1662,14 +1678,17 @@ def oracle_view(oracle: pl.DataFrame) -> pl.DataFrame:
 def adaptive_view(adaptive: pl.DataFrame) -> pl.DataFrame:
     """The cross-validated rule for reading: its accuracy on held-out folds (95% interval) next
     to the per-fold best single strategy's (chosen on the training folds too), the samples
-    only one of them answers, the exact McNemar p and its Holm adjustment, and the rule fitted
-    on all samples with its training accuracy (the rule text, e.g. "x <= t ? a : b")."""
+    only one of them answers, the permutation p of the rule's gain (the whole cross-validation
+    re-run with the statistics shuffled between units) and its Holm adjustment, and the rule
+    fitted on all samples with its training accuracy (the rule text, e.g. "x <= t ? a : b")."""
     ci = pl.format("[{}, {}]", (100 * pl.col("cv_ci_lo")).round(1), (100 * pl.col("cv_ci_hi")).round(1))
+    p = "p_permutation" if "p_permutation" in adaptive.columns else "p_mcnemar"  # an older eval: McNemar
+    units = ["n_units"] if "n_units" in adaptive.columns else []
     return adaptive.select(
-        "agg_layer", "keep", "n", "n_folds", (100 * pl.col("cv_accuracy")).round(1).alias("rule_cv_%"),
+        "agg_layer", "keep", "n", *units, "n_folds", (100 * pl.col("cv_accuracy")).round(1).alias("rule_cv_%"),
         ci.alias("rule_cv_95%"), (100 * pl.col("best_single_cv_accuracy")).round(1).alias("best_single_cv_%"),
         (100 * (pl.col("cv_accuracy") - pl.col("best_single_cv_accuracy"))).round(1).alias("rule_gain_pts"),
-        "n_rule_only", "n_best_single_only", _sci("p_mcnemar"), _sci("p_holm"), "rule",
+        "n_rule_only", "n_best_single_only", _sci(p), _sci("p_holm"), "rule",
         (100 * pl.col("rule_train_accuracy")).round(1).alias("rule_train_%")).sort(
         ["agg_layer", "keep"], descending=[False, True])
 

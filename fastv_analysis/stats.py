@@ -191,9 +191,13 @@ def mcnemar_exact(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def unit_codes(units) -> np.ndarray:
-    """Dense integer code (0..U-1, in sorted order of the labels) of each row's unit; None
-    means every row is its own unit."""
-    return np.unique(np.asarray(units, dtype=object).astype(str), return_inverse=True)[1].ravel()
+    """Dense integer code (0..U-1, in order of first appearance, so the labels' spelling,
+    e.g. an image's absolute path, never changes a result) of each row's unit."""
+    _, first, inverse = np.unique(np.asarray(units, dtype=object).astype(str), return_index=True,
+                                  return_inverse=True)
+    rank = np.empty(first.size, dtype=np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(first.size)
+    return rank[inverse.ravel()]
 
 
 def cluster_wilson_interval(scores: np.ndarray, units=None, confidence: float = 0.95) -> tuple[float, float]:
@@ -353,7 +357,8 @@ def _varies(values: np.ndarray, code: np.ndarray, n_codes: int) -> np.ndarray:
 
 
 def within_sample_permutation_test(x: np.ndarray, y: np.ndarray, strata: np.ndarray,
-                                   n_permutations: int = 2000, seed: int = 0) -> dict:
+                                   n_permutations: int = 2000, seed: int = 0, *,
+                                   blocks: np.ndarray | None = None, slots: np.ndarray | None = None) -> dict:
     """Within-stratum association of x and y with a stratified permutation p-value.
 
     Why: in the pooled table every sample appears in many configurations (pseudo-
@@ -374,6 +379,12 @@ def within_sample_permutation_test(x: np.ndarray, y: np.ndarray, strata: np.ndar
     one-row strata) leave T unchanged under every permutation; the random draws cover only
     strata where both vary, so adding such rows changes neither r nor p for a given seed.
 
+    ``blocks`` / ``slots`` (optional, per row): strata whose rows are not independent of
+    each other (copies of one item: the same block) get the same permutation — the row in
+    slot s (e.g. a configuration) of every stratum of a block goes where slot s of the
+    others goes — so copies are shuffled as one unit and do not count as independent
+    evidence. Without them every stratum is permuted independently.
+
     Returns r, p_value, n (rows after dropping NaN) and n_strata (strata with >= 2 rows
     and any variation in x or y, i.e. those entering r's denominators).
     """
@@ -384,6 +395,9 @@ def within_sample_permutation_test(x: np.ndarray, y: np.ndarray, strata: np.ndar
         raise ValueError("x, y and strata must have the same length")
     ok = ~(np.isnan(x) | np.isnan(y))
     x, y, strata = x[ok], y[ok], strata[ok]
+    shared = None
+    if blocks is not None:
+        shared = (unit_codes(np.asarray(blocks)[ok]), unit_codes(np.asarray(slots)[ok]))
     n = int(x.size)
     result = {"r": math.nan, "p_value": math.nan, "n": n, "n_strata": 0}
     if n == 0:
@@ -414,6 +428,9 @@ def within_sample_permutation_test(x: np.ndarray, y: np.ndarray, strata: np.ndar
     both = (x_var & y_var)[code]
     xs, ys, cs = xc[both], yc[both], code[both]
     base = np.argsort(cs, kind="stable")  # rows grouped by stratum
+    if shared is not None:
+        block, slot = shared[0][both][base], shared[1][both][base]
+        n_blocks, n_slots = int(shared[0].max()) + 1, int(shared[1].max()) + 1
     xs_base, ys_base = xs[base], ys[base]
     offset = cs[base].astype(np.float64)  # stratum code per grouped position (ascending)
     rng = np.random.default_rng(seed)
@@ -426,7 +443,11 @@ def within_sample_permutation_test(x: np.ndarray, y: np.ndarray, strata: np.ndar
         # strata in their blocks and orders rows randomly inside each: position i of the
         # shuffled order holds a random row of the same stratum as position i of ``base``.
         # Same result as lexsort((keys, code)), several times faster.
-        order = np.argsort(offset + 0.5 * rng.random((b, xs.size)), axis=-1)
+        if shared is None:
+            keys = rng.random((b, xs.size))
+        else:  # one key per (block, slot): every stratum of a block is shuffled alike
+            keys = rng.random((b, n_blocks, n_slots))[:, block, slot]
+        order = np.argsort(offset + 0.5 * keys, axis=-1)
         t_perm = xs_base[order] @ ys_base
         hits += int(np.sum(np.abs(t_perm) >= threshold))
         done += b

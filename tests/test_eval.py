@@ -3,6 +3,7 @@
 import json
 import shutil
 
+import numpy as np
 import polars as pl
 import pytest
 import torch
@@ -332,3 +333,67 @@ def test_eval_configs_flag_answers_only_those_selection_labels(selected_run, tmp
     assert set(pred["config"].unique()) == {"avg_all_heads", "random", "full"}
     assert main(["eval", str(run), "--configs", "avg_all_heads@text_mean", "--quiet"]) != 0
     assert "--configs avg_all_heads@text_mean: not in" in capsys.readouterr().err
+
+
+def test_every_configuration_is_paired_once_per_sample_with_each_reference_by_configuration_id():
+    # Query variants and schedules keep their base method's name (avg_all_heads): joining the
+    # references by method gave each sample two or three reference rows (and no p vs
+    # avg_all_heads at all for the variants). Every p here is scipy's exact binomial test on
+    # the discordant pairs of one (configuration, reference) pair per sample.
+    from scipy.stats import binomtest
+
+    from fastv_analysis.evaluate import accuracy_table
+
+    rng = np.random.default_rng(4)
+    n = 40
+    configs = {"full": ("full", 16), "avg_all_heads": ("avg_all_heads", 8),
+               "avg_all_heads@text_mean": ("avg_all_heads", 8), "avg_all_heads@all_mean": ("avg_all_heads", 8),
+               "avg_all_heads then max_head K=4 keep 4": ("avg_all_heads", 8), "random": ("random", 8),
+               "max_head": ("max_head", 8)}
+    truth = {c: rng.random(n) < p for c, p in zip(configs, (0.9, 0.4, 0.6, 0.5, 0.3, 0.7, 0.5))}
+    rows = [{"sample_id": sid, "agg_layer": 2, "method": m, "config": c, "alpha": None, "keep": keep,
+             "correct": bool(truth[c][sid]), "prompt_tokens": 30, "n_image_tokens": 16, "unit": f"img{sid // 2}"}
+            for c, (m, keep) in configs.items() for sid in range(n)]
+    pred = pl.DataFrame(rows, schema_overrides={"alpha": pl.Float64})
+    timing = pl.DataFrame({"agg_layer": [2, 2], "keep": [16, 8], "n_sets": [1, 6], "prefill_seconds": [0.1, 0.1],
+                           "decode_seconds": [0.1, 0.1], "decode_tokens": [1, 2]})
+    acc = accuracy_table(pred, timing, {"num_layers": 4, "hidden": 32, "intermediate": 64})
+    assert acc.height == len(configs)
+
+    def exact(a, b):
+        only_a, only_b = int(np.sum(a & ~b)), int(np.sum(~a & b))
+        return 1.0 if only_a + only_b == 0 else binomtest(only_a, only_a + only_b, 0.5).pvalue
+
+    for row in acc.iter_rows(named=True):
+        c = row["config"]
+        assert row["n"] == n and row["n_units"] == n // 2
+        for ref, col in (("full", "vs_full"), ("avg_all_heads", "vs_avg"), ("random", "vs_random")):
+            if c == ref or c == "full":
+                assert row[f"mcnemar_p_{col}"] is None, (c, ref)
+                continue
+            assert row[f"mcnemar_p_{col}"] == pytest.approx(exact(truth[c], truth[ref]), rel=1e-12), (c, ref)
+            # the unit-level test sums each image's two questions: never the per-question p here
+            d = (truth[c].astype(int) - truth[ref].astype(int)).reshape(-1, 2).sum(1)
+            assert row[f"unit_p_{col}"] == pytest.approx(stats_unit_p(d), rel=1e-9), (c, ref)
+        if c != "full":
+            assert row["delta_vs_random"] == (None if c == "random" else pytest.approx(
+                truth[c].mean() - truth["random"].mean()))
+
+
+def stats_unit_p(d):
+    """Exact sign-flip p of unit sums d, counting the 2^k sign patterns of the non-zero ones
+    (by their sums, with integer counts; not through the code under test)."""
+    from collections import Counter
+
+    nz = d[d != 0]
+    if nz.size == 0:
+        return 1.0
+    dist = Counter({0: 1})
+    for v in nz:
+        nxt = Counter()
+        for t, w in dist.items():
+            nxt[t + v] += w
+            nxt[t - v] += w
+        dist = nxt
+    total = 2 ** nz.size
+    return sum(w for t, w in dist.items() if abs(t) >= abs(nz.sum())) / total

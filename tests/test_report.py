@@ -589,3 +589,18 @@ def test_older_figures_show_plain_configurations_not_query_variants_or_schedules
     }, schema_overrides={"alpha": pl.Float64})
     kept = frame.filter(_primary_only(0.5))["config"].to_list()
     assert kept == ["avg_all_heads", "weighted_combination(alpha=0.5)"]
+
+
+def test_beats_random_judges_by_the_test_over_units_when_items_repeat():
+    # Two questions per image: McNemar counting both as independent says "better" (Holm 0.004),
+    # the test over images does not (0.2): the verdict and the summary follow the units.
+    row = {"agg_layer": 2, "config": "x", "method": "x", "keep": 16, "n": 40, "n_units": 20, "accuracy": 0.9,
+           "delta_vs_random": 0.4, "mcnemar_p_vs_random": 0.001, "mcnemar_p_vs_random_holm": 0.004,
+           "unit_p_vs_random": 0.1, "unit_p_vs_random_holm": 0.2}
+    rnd = {**row, "config": "random", "method": "random", "accuracy": 0.5, "delta_vs_random": None,
+           "mcnemar_p_vs_random": None, "mcnemar_p_vs_random_holm": None, "unit_p_vs_random": None,
+           "unit_p_vs_random_holm": None}
+    table = report.beats_random(pl.DataFrame([row, rnd]))
+    assert table["holm_0.05"].to_list() == [""] and table["p_vs_random_holm"].to_list() == [0.2]
+    assert table["n_units"].to_list() == [20]
+    assert "copies of one item count once" in report.beats_random_summary(table)
