@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from fastv_analysis.tasks import TASKS
+from fastv_analysis.tasks.lmms_eval_rules import RULES, with_rules
 
 
 @click.command("score")
@@ -20,10 +21,14 @@ from fastv_analysis.tasks import TASKS
               help="Answers, one JSON object a line with question_id and text (LLaVA's answers file).")
 @click.option("--allow-missing", is_flag=True,
               help="Score only the answered questions instead of refusing when some have no answer.")
+@click.option("--rules", type=click.Choice(list(RULES)), default="official", show_default=True,
+              help="Scoring rules: the official scripts', or lmms-eval's task utils (v0.7.2), which many "
+                   "papers quote; README says what changes per benchmark.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the metrics as JSON here.")
-def score_cmd(benchmark, data, answers, allow_missing, out):
-    """Score ANSWERS on a standard benchmark the official way and print its metrics, headline first.
+def score_cmd(benchmark, data, answers, allow_missing, rules, out):
+    """Score ANSWERS on a standard benchmark the official way (or lmms-eval's, with --rules lmms-eval)
+    and print its metrics, headline first.
 
     Benchmarks: scienceqa_img, pope, mme, gqa, textvqa, vqav2, mmbench. Metrics are
     percentages (MME: points). Images are not needed for scoring.
@@ -37,7 +42,7 @@ def score_cmd(benchmark, data, answers, allow_missing, out):
         benchmark = detect(data)
         if benchmark is None:
             raise ValueError(f"cannot tell the benchmark from {data}; pass --benchmark ({', '.join(TASKS)})")
-    task = get_task(benchmark)
+    task = with_rules(get_task(benchmark), rules)
     questions = task.read(data, check_images=False)
     result = task.score(questions, read_answers(answers, questions), missing="skip" if allow_missing else "error")
     name, value = result.headline
@@ -48,6 +53,6 @@ def score_cmd(benchmark, data, answers, allow_missing, out):
             count = metric in ("n", "tp", "fp", "tn", "fn") or metric.startswith("n_")
             click.echo(f"  {key:<44} {'nan' if math.isnan(v) else f'{v:.0f}' if count else f'{v:.2f}'}")
     if out is not None:
-        payload = result.to_json() | {"data": str(data), "answers": str(answers)}
+        payload = result.to_json() | {"rules": rules, "data": str(data), "answers": str(answers)}
         atomic_write_bytes(out, (json.dumps(payload, indent=2) + "\n").encode())  # temp name + rename; headline first
         click.echo(f"-> {out}")
