@@ -179,3 +179,57 @@ def write_questions(folder, n=5, broken=None):
     from fastv_analysis.testing import write_random_questions
 
     return write_random_questions(folder, n, broken=broken)
+
+
+def assert_one_pair_per_sample(pred, acc) -> int:
+    """Every McNemar p of ``acc`` (accuracy.parquet) equals scipy's exact binomial test on
+    one (configuration, reference) pair per sample of ``pred`` (predictions.parquet),
+    references joined by configuration id: ``full`` at the layer, the plain
+    ``avg_all_heads`` and ``random`` at the layer and keep. Returns how many p were checked."""
+    import polars as pl
+    from scipy.stats import binomtest
+
+    checked = 0
+    for row in acc.iter_rows(named=True):
+        mine = pred.filter(pl.col("agg_layer") == row["agg_layer"], pl.col("config") == row["config"],
+                           pl.col("keep") == row["keep"])
+        assert mine["sample_id"].n_unique() == mine.height == row["n"]
+        for ref, col in (("full", "vs_full"), ("avg_all_heads", "vs_avg"), ("random", "vs_random")):
+            other = pred.filter(pl.col("agg_layer") == row["agg_layer"], pl.col("config") == ref)
+            if ref != "full":
+                other = other.filter(pl.col("keep") == row["keep"])
+            if row["config"] in (ref, "full") or other.height == 0:
+                assert row[f"mcnemar_p_{col}"] is None
+                continue
+            assert other["sample_id"].n_unique() == other.height  # one reference row per sample
+            pairs = mine.join(other.select("sample_id", pl.col("correct").alias("ref")), on="sample_id")
+            a, b = pairs["correct"].to_numpy(), pairs["ref"].to_numpy()
+            only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
+            expected = 1.0 if only_a + only_b == 0 else binomtest(only_a, only_a + only_b, 0.5).pvalue
+            assert row[f"mcnemar_p_{col}"] == pytest.approx(expected, rel=1e-12), (row["config"], ref)
+            checked += 1
+    return checked
+
+
+TIMING_FILES = ("timing.parquet", "config_timing.parquet")
+
+
+def assert_same_tables(eval_a, eval_b) -> list[str]:
+    """Every parquet table of two eval folders is identical but for measured times (the
+    timing files and the accuracy table's timing columns). Returns the files compared."""
+    import polars as pl
+    from polars.testing import assert_frame_equal
+
+    from fastv_analysis.evaluate import TIMING_COLUMNS
+
+    timed = {*TIMING_COLUMNS, "timing_n", "batched_prefill_ms_per_set", "batched_decode_ms_per_token"}
+    names = sorted(p.name for p in eval_a.glob("*.parquet") if p.name not in TIMING_FILES)
+    assert names == sorted(p.name for p in eval_b.glob("*.parquet") if p.name not in TIMING_FILES)
+    for name in names:
+        a, b = pl.read_parquet(eval_a / name), pl.read_parquet(eval_b / name)
+        a, b = a.drop(*(timed & set(a.columns))), b.drop(*(timed & set(b.columns)))
+        assert_frame_equal(a, b, check_exact=True), name
+    answers = sorted(p.name for p in (eval_a / "answers").glob("*.jsonl"))
+    for name in answers:
+        assert (eval_a / "answers" / name).read_text() == (eval_b / "answers" / name).read_text(), name
+    return names

@@ -49,6 +49,30 @@ def test_benchmark_run_end_to_end(tiny_model, tmp_path, make, name, headline, ca
     assert headline in html  # the benchmark's metric per configuration is in the main table
 
 
+def test_evaluating_twice_gives_identical_tables(tiny_model, tmp_path):
+    # POPE's mean-F1 interval came from a bootstrap iterating group_by("category") in no fixed
+    # order: two evals of the same selections printed different intervals.
+    import shutil
+
+    from conftest import assert_same_tables
+
+    data = make_pope(tmp_path)
+    run = tmp_path / "run"
+    assert main(["capture", "--model", str(tiny_model), "--data", str(data), "--out", str(run),
+                 "--max-new-tokens", "3", "--quiet"]) == 0
+    assert main(["select", str(run), "--keep", "64,8", "--methods", "avg_all_heads,random", "--quiet"]) == 0
+    assert main(["eval", str(run), "--timing-samples", "1", "--quiet"]) == 0
+    first = tmp_path / "first"
+    shutil.copytree(run / "eval", first)
+    for _ in range(2):  # again from scratch (no cached parts), then from the cached parts
+        shutil.rmtree(run / "eval")
+        if _ == 0:
+            shutil.rmtree(run / ".eval-parts")
+        assert main(["eval", str(run), "--timing-samples", "1", "--quiet"]) == 0
+        assert "accuracy.parquet" in assert_same_tables(first, run / "eval")
+    assert pl.read_parquet(first / "accuracy.parquet")["metric_ci_lo"].is_not_null().all()
+
+
 def test_subsample_is_seeded_and_grows(tiny_model, tmp_path):
     data = make_pope(tmp_path)
     run = tmp_path / "run"

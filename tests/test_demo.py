@@ -4,6 +4,8 @@ import json
 
 import polars as pl
 
+from conftest import assert_one_pair_per_sample
+
 from fastv_analysis.cli.main import main
 
 
@@ -26,6 +28,11 @@ def test_demo_runs_every_stage_on_the_embedded_default(tmp_path, capsys):
     assert len(figures) == 14 and "attention_sinks" not in figures
     # the demo answers every strategy and FastV's other two queries
     assert {"diverse", "no_rope", "hybrid_uniform", "avg_all_heads@text_mean"} <= set(acc["config"].unique())
+    # every p from exactly one pair per sample, the query variants against avg_all_heads too
+    pred = pl.read_parquet(out / "eval" / "predictions.parquet")
+    assert assert_one_pair_per_sample(pred, acc) > 3 * acc.height - 10
+    variant = acc.filter(pl.col("config") == "avg_all_heads@text_mean", pl.col("keep") == 64).row(0, named=True)
+    assert variant["mcnemar_p_vs_avg"] is not None and variant["n_units"] == 4  # 8 questions on 4 scenes
 
 
 def test_demo_never_deletes_a_run_it_did_not_make_and_grows_with_the_limit(tmp_path, capsys):

@@ -34,3 +34,6 @@ def test_two_process_eval_equals_single_process(checkpoints, tmp_path):
     acc_cols = ["agg_layer", "config", "keep", "n", "accuracy", "delta_vs_full", "mcnemar_p_vs_full"]
     assert pl.read_parquet(run / "eval" / "accuracy.parquet").select(acc_cols).equals(
         pl.read_parquet(tmp_path / "one" / "eval" / "accuracy.parquet").select(acc_cols))
+    from conftest import assert_same_tables  # every table, not only these columns
+
+    assert_same_tables(run / "eval", tmp_path / "one" / "eval")

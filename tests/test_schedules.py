@@ -124,6 +124,11 @@ def test_eval_answers_schedules_exactly_as_online_pruning(loaded, tmp_path):
     pred = pl.read_parquet(run / "eval" / "predictions.parquet")
     staged = pred.filter(pl.col("config") == "avg_all_heads then max_head K=4 keep 32")
     assert staged.height == 3 and "full then" not in " ".join(pred["config"].unique().to_list())
+    from conftest import assert_one_pair_per_sample  # a schedule keeps its base method's name
+
+    acc = pl.read_parquet(run / "eval" / "accuracy.parquet")
+    assert assert_one_pair_per_sample(pred, acc) >= 7
+    assert acc.filter(pl.col("config") == "avg_all_heads then max_head K=4 keep 32")["mcnemar_p_vs_avg"][0] is not None
     sel = pl.read_parquet(run / "select" / "selections.parquet")
     proc = loaded.processor
     model = load_model(str(model_dir), device="cpu", dtype="float32")
