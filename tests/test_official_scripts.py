@@ -33,7 +33,7 @@ import pytest
 from fastv_analysis.cli.main import main
 from fastv_analysis.evaluate import write_answer_files
 from fastv_analysis.tasks import get_task
-from test_tasks import (GQA, MMB, POPE, POPE_ANSWERS, SQA_ANSWERS, TEXTVQA, make_gqa, make_mmbench, make_mme,
+from test_tasks import (GQA, MMB, POPE_ANSWERS, SQA_ANSWERS, TEXTVQA, make_gqa, make_mmbench, make_mme,
                         make_pope, make_scienceqa, make_textvqa, png, write_json, write_jsonl)
 
 SHORT = "\nAnswer the question using a single word or phrase."
