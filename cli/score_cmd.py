@@ -44,7 +44,8 @@ def score_cmd(benchmark, data, answers, allow_missing, rules, out):
             raise ValueError(f"cannot tell the benchmark from {data}; pass --benchmark ({', '.join(TASKS)})")
     task = with_rules(get_task(benchmark), rules)
     questions = task.read(data, check_images=False)
-    result = task.score(questions, read_answers(answers, questions), missing="skip" if allow_missing else "error")
+    given = read_answers(answers, questions)
+    result = task.score(questions, given, missing="skip" if allow_missing else "error")
     name, value = result.headline
     click.echo(f"{task.name}: {name} = {value:.2f}  ({result.per_question.height} questions; {task.title})")
     for key, v in result.metrics.items():
@@ -52,6 +53,9 @@ def score_cmd(benchmark, data, answers, allow_missing, rules, out):
             metric = key.rsplit("/", 1)[-1]
             count = metric in ("n", "tp", "fp", "tn", "fn") or metric.startswith("n_")
             click.echo(f"  {key:<44} {'nan' if math.isnan(v) else f'{v:.0f}' if count else f'{v:.2f}'}")
+    note = task.order_note(questions, list(given)) if task.order_note else None
+    if note:
+        click.echo(note)
     if out is not None:
         payload = result.to_json() | {"rules": rules, "data": str(data), "answers": str(answers)}
         atomic_write_bytes(out, (json.dumps(payload, indent=2) + "\n").encode())  # temp name + rename; headline first

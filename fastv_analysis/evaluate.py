@@ -414,10 +414,15 @@ def benchmark_scores(pred: pl.DataFrame, benchmark: str | None, questions) -> tu
 
 
 def write_answer_files(pred: pl.DataFrame, questions, folder: Path, model_id: str) -> None:
-    """One answers file per configuration in LLaVA's format (question_id, prompt, text,
-    answer_id, model_id, metadata), so the benchmark's official scripts can score it too."""
+    """One answers file per configuration, each line as LLaVA's ``llava/eval/model_vqa*.py``
+    write it (question_id with the question file's own type, prompt where the official
+    script looks for it, text, answer_id, model_id, metadata, and a benchmark's extra fields:
+    :func:`fastv_analysis.tasks.answer_record`), in question-file order, so the benchmark's
+    official scripts score it too."""
     import hashlib
     import re
+
+    from .tasks import answer_record
 
     folder.mkdir(parents=True, exist_ok=True)
     by_id = {q.question_id: q for q in questions}
@@ -426,11 +431,12 @@ def write_answer_files(pred: pl.DataFrame, questions, folder: Path, model_id: st
         lines = []
         for qid, text in g.sort("sample_id").select("question_id", "prediction").iter_rows():
             q = by_id.get(qid)
-            llava_id = q.meta.get("llava_question_id", qid) if q is not None else qid
-            lines.append(json.dumps({"question_id": llava_id, "prompt": q.text if q is not None else "", "text": text,
+            record = answer_record(q) if q is not None else {"question_id": qid, "prompt": ""}
+            lines.append(json.dumps({"question_id": record.pop("question_id"), "prompt": record.pop("prompt"),
+                                     "text": text,
                                      "answer_id": hashlib.blake2b(f"{name}/{qid}".encode(), digest_size=8).hexdigest(),
                                      "model_id": model_id, "metadata": {"agg_layer": layer, "config": config,
-                                                                        "keep": keep}}))
+                                                                        "keep": keep}, **record}))
         atomic_write_bytes(folder / f"{name}.jsonl", ("\n".join(lines) + "\n").encode())
 
 

@@ -18,7 +18,7 @@ from fastv_analysis.tasks import TASKS, detect, get_task, read_answers
 from fastv_analysis.tasks.mmbench import match_option
 from fastv_analysis.tasks.pope import parse_yes_no as pope_yes_no
 from fastv_analysis.tasks.scienceqa import parse_letter
-from fastv_analysis.tasks.vqa_accuracy import normalize_answer, soft_accuracy
+from fastv_analysis.tasks.vqa_accuracy import normalize_answer, soft_accuracy, vqav2_accuracy
 
 SHORT = "\nAnswer the question using a single word or phrase."
 LETTER = "\nAnswer with the option's letter from the given choices directly."
@@ -346,7 +346,8 @@ def make_gqa(root: Path) -> Path:
                  for k in GQA])
     write_json(base / "data" / "testdev_balanced_questions.json",
                {k: {"imageId": f"n{k}", "question": f"Question {k}?", "answer": a, "isBalanced": True,
-                    "types": {"structural": s, "semantic": sem, "detailed": "x"}}
+                    "types": {"structural": s, "semantic": sem, "detailed": "x"}, "semantic": [],  # GQA's own eval.py
+                    "groups": {"global": a if s == "query" else None, "local": f"{s}-{sem}"}}  # reads these two
                 for k, (a, s, sem, _, _) in GQA.items()})
     for k in GQA:
         png(base / "data" / "images" / f"n{k}.jpg")
@@ -386,6 +387,19 @@ def test_vqa_normalisation_and_soft_accuracy():
         assert soft_accuracy("a", ["a"] * c + ["b"] * (10 - c)) == pytest.approx(expected)
     with pytest.raises(ValueError, match="ten human answers"):
         soft_accuracy("a", ["a"] * 9)
+
+
+def test_vqav2_rule_is_vqaeval_on_the_uploaded_answer():
+    """EvalAI processing on the prediction only; humans raw when unanimous, else vqaEval's own steps
+    (the values vqaEval.py printed for these answers: tests/test_official_scripts.py)."""
+    assert vqav2_accuracy("t-shirt", ["t-shirt"] * 10) == 0.0                 # uploaded "t shirt"
+    assert soft_accuracy("t-shirt", ["t-shirt"] * 10) == 1.0                  # TextVQA's m4c rule: both sides
+    assert vqav2_accuracy("McDonald's", ["mcdonald's"] * 4 + ["burger king"] * 6) == 0.0   # "mcdonald 's"
+    assert vqav2_accuracy("none", ["none"] * 10) == 0.0                       # uploaded "0", humans raw
+    assert vqav2_accuracy("Coca-Cola", ["coca-cola"] * 3 + ["coke"] * 7) == pytest.approx(0.9)
+    assert vqav2_accuracy("1,000", ["1,000"] * 4 + ["1000"] * 6) == 1.0
+    with pytest.raises(ValueError, match="ten human answers"):
+        vqav2_accuracy("a", ["a"] * 9)
 
 
 TEXTVQA = [  # (question_id, image, question, prompt form, human answers, prediction, expected score)
@@ -500,18 +514,18 @@ MMB = [
 ]
 
 
-def make_mmbench(root: Path) -> Path:
+def make_mmbench(root: Path, rows=MMB) -> Path:
     header = ["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "source", "l2-category",
               "comment", "split", "image"]
     lines = ["\t".join(header)]
-    for k, (index, question, hint, options, answer, category, _, _) in enumerate(MMB):
+    for k, (index, question, hint, options, answer, category, _, _) in enumerate(rows):
         opts = options + [""] * (4 - len(options))
         lines.append("\t".join([str(index), question, hint, *opts, answer, category, "src", "perception", "",
-                                "dev", _b64_png((k * 20, 0, 0))]))
+                                "dev", _b64_png((k * 20 % 250, 0, 0))]))
     path = root / "mmbench" / "mmbench_dev_20230712.tsv"
     path.parent.mkdir(parents=True)
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    write_jsonl(root / "mmbench_answers.jsonl", [{"question_id": r[0], "round_id": 0, "text": r[6]} for r in MMB])
+    write_jsonl(root / "mmbench_answers.jsonl", [{"question_id": r[0], "round_id": 0, "text": r[6]} for r in rows])
     return path
 
 
@@ -521,6 +535,12 @@ def test_mmbench_matching():
     assert match_option("A or B", opts) is None            # two letters, no option text
     assert match_option("a dog", opts) == "B"              # lower-case "a" is no letter; "dog" is option B
     assert match_option("D", opts) is None                 # no option D
+    # VLMEvalKit @ aca64dbb can_infer, run on these answers: a refusal and a standalone "Z" are Z (wrong),
+    # never an option read from the text; an API failure message is no letter, but text matching still runs
+    assert match_option("Z. cat", opts) == "Z"
+    assert match_option("Cannot determine the answer, maybe a cat", opts) == "Z"
+    assert match_option("Failed to obtain answer via API: cat", opts) == "A"
+    assert match_option("cat or dog", opts) is None        # two option texts
 
 
 def test_mmbench_decodes_images_and_scores_circular(tmp_path):
@@ -631,6 +651,29 @@ def test_score_cli_reproduces_hand_metrics(tmp_path, capsys, name, make, extra, 
     printed = capsys.readouterr().out.splitlines()
     assert printed[0].startswith(f"{name}: {got['headline']['name']} = {got['headline']['value']:.2f}")
     assert not list(tmp_path.glob(".metrics.json.tmp*"))
+
+
+def test_score_notes_when_official_positional_pairing_differs(tmp_path, capsys):
+    """POPE's eval_pope.py zips a split's answers with its labels by position; MME's calculation.py
+    takes a subtask's lines two by two: a reordered answers file gets one line saying so."""
+    data = make_pope(tmp_path)   # its answers file is in reverse order
+    assert main(["score", "--data", str(data), "--answers", str(tmp_path / "pope_answers.jsonl")]) == 0
+    notes = [x for x in capsys.readouterr().out.splitlines() if x.startswith("note:")]
+    assert len(notes) == 1 and "eval_pope.py pairs answers with labels by position" in notes[0]
+    ordered = write_jsonl(tmp_path / "ordered.jsonl", [{"question_id": qid, "text": POPE_ANSWERS[qid]}
+                                                       for qid, *_ in POPE])
+    assert main(["score", "--data", str(data), "--answers", str(ordered)]) == 0
+    assert "note:" not in capsys.readouterr().out
+    mme = make_mme(tmp_path)
+    lines = (tmp_path / "mme_answers.jsonl").read_text().splitlines()
+    swapped = write_jsonl(tmp_path / "mme_swapped.jsonl", [json.loads(x) for x in [lines[1], lines[2], lines[0]]
+                                                           + lines[3:]])
+    assert main(["score", "--benchmark", "mme", "--data", str(mme), "--answers", str(swapped)]) == 0
+    notes = [x for x in capsys.readouterr().out.splitlines() if x.startswith("note:")]
+    assert len(notes) == 1 and "subtask 'existence'" in notes[0] and "calculation.py pairs lines" in notes[0]
+    assert main(["score", "--benchmark", "mme", "--data", str(mme), "--answers",
+                 str(tmp_path / "mme_answers.jsonl")]) == 0
+    assert "note:" not in capsys.readouterr().out
 
 
 def test_score_cli_errors_are_one_line(tmp_path, capsys):

@@ -20,11 +20,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import gqa, mmbench, mme, pope, scienceqa, textvqa, vqav2
-from .base import Task, TaskScore, read_answers
+from .base import Task, TaskScore, answer_record, read_answers
 
 TASKS: dict[str, Task] = {m.TASK.name: m.TASK for m in (scienceqa, pope, mme, gqa, textvqa, vqav2, mmbench)}
 
-__all__ = ["TASKS", "Task", "TaskScore", "detect", "get_task", "read_answers"]
+__all__ = ["TASKS", "Task", "TaskScore", "answer_record", "detect", "get_task", "read_answers"]
 
 
 def get_task(name: str) -> Task:

@@ -201,6 +201,22 @@ def read_answers(path: str | Path, questions: Sequence[Question] | None = None) 
     return out
 
 
+def answer_record(question: Question) -> dict:
+    """``question_id`` and ``prompt`` as LLaVA's ``llava/eval/model_vqa*.py`` write them in an
+    answers file, plus the benchmark's extra fields, so the official scripts read our files.
+
+    ``question_id`` keeps the question file's own value and JSON type
+    (``meta["llava_question_id"]``: POPE's and VQAv2's ints, MMBench's TSV ``index``, MME's
+    and TextVQA's shared ids); ``prompt`` is ``meta["llava_prompt"]`` where the script writes
+    something other than the question text (ScienceQA: "<image>\\n" first, which
+    ``eval_science_qa.py`` counts; MMBench: without the answer suffix); ``meta["llava_fields"]``
+    adds fields such as MMBench's ``round_id``, ``options``, ``option_char``.
+    """
+    meta = question.meta
+    return {"question_id": meta.get("llava_question_id", question.question_id),
+            "prompt": meta.get("llava_prompt", question.text), **meta.get("llava_fields", {})}
+
+
 # ---------------------------------------------------------------------------------------
 # Task
 # ---------------------------------------------------------------------------------------
@@ -213,7 +229,10 @@ class Task:
     files are wanted; ``read`` then checks they exist) and
     ``scorer(questions, answers) -> TaskScore`` are the module's pure functions; ``markers``
     are the names of files (or folders) that identify the layout for :func:`detect` and
-    that ``read`` accepts as ``path`` besides the benchmark folder.
+    that ``read`` accepts as ``path`` besides the benchmark folder. ``order_note(questions,
+    answer ids in file order) -> str | None``: where the official script pairs answers by
+    position (POPE, MME), the one line saying that this answers file's order would make it
+    give another number than this module's pairing by question id.
     """
 
     name: str
@@ -222,6 +241,7 @@ class Task:
     reader: Callable[..., list[Question]]
     scorer: Callable[[list[Question], dict[str, str]], TaskScore]
     markers: tuple[str, ...] = field(default=())
+    order_note: Callable[[list[Question], list[str]], str | None] | None = None
 
     def read(self, path: str | Path, image_root: str | Path | None = None, limit: int | None = None,
              *, check_images: bool = True) -> list[Question]:

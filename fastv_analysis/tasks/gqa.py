@@ -43,7 +43,8 @@ def read(path: Path, image_root: Path | None, limit: int | None, check: bool) ->
         types = ref.get("types") or {}
         out.append(Question(question_id=qid, image=root / str(obj["image"]), text=str(obj["text"]),
                             answer=str(ref["answer"]), category=str(types.get("structural") or ""),
-                            meta={"semantic": str(types.get("semantic") or "")}))
+                            meta={"semantic": str(types.get("semantic") or ""),
+                                  "llava_question_id": obj["question_id"]}))
         if limit is not None and len(out) >= limit:
             break
     return out

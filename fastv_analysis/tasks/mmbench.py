@@ -11,11 +11,18 @@ format from the base64 header), so capture opens them as paths; files already th
 
 Prompt: hint (when not empty) + "\\n" + question, then "\\nA. opt" per option up to the first
 empty one, then "\\nAnswer with the option's letter from the given choices directly."
-Matching (VLMEvalKit ``can_infer``): replace ``.()[],:;!*#{}`` by spaces and split; exactly
-one option letter among the words -> that option; else exactly one option text (lower-cased)
-inside the lower-cased answer -> that option; else no match (wrong - VLMEvalKit would then
-ask a GPT judge, which offline is not available). Single pass: accuracy over the rows with
-index < 1e6; circular: a question counts only if every row of its group is right.
+Matching: VLMEvalKit's exact matching (``vlmeval/utils/matching_util.py`` ``can_infer`` at
+commit aca64dbb, 2025-04-08; the same rules from 98e3733f, 2024-02-04, to 2025-08-04), in order:
+an answer holding "Failed to obtain answer via API" is no option; one holding a refusal
+("Cannot determine the answer", "I can't process this file.", "I'm sorry, but without the
+image provided", "Sorry, I can't help with images of people yet.") is Z (wrong); else
+``.()[],:;!*#{}`` become spaces and the answer is split into words: exactly one option letter
+among them -> that option; none, but a standalone "Z" -> Z (wrong: "Z. cat" is not A);
+otherwise (no option read, not Z) exactly one option text (lower-cased) inside the
+lower-cased answer -> that option; else no match (wrong - VLMEvalKit would then ask a GPT
+judge, which offline is not available; ``exact_matching`` counts it wrong). Single pass:
+accuracy over the rows with index < 1e6; circular (``mcq_circular_eval``): a question counts
+only if every row of its group matches its answer.
 """
 
 from __future__ import annotations
@@ -97,17 +104,28 @@ def read(path: Path, image_root: Path | None, limit: int | None, check: bool) ->
                 tmp = image.with_name(f".{image.name}.tmp-{os.getpid()}")
                 tmp.write_bytes(data)
                 os.replace(tmp, image)
+            letters = list(LETTERS[:len(options)])
             out.append(Question(question_id=str(index), image=image, text=f"{text}\n{LETTER_ANSWER}", answer=answer,
                                 category=str(row.get("category") or ""), choices=options,
-                                meta={"group": index % ROTATION, "l2_category": str(row.get("l2-category") or "")}))
+                                meta={"group": index % ROTATION, "l2_category": str(row.get("l2-category") or ""),
+                                      "llava_question_id": index, "llava_prompt": text,
+                                      "llava_fields": {"round_id": 0, "options": options, "option_char": letters}}))
             if limit is not None and len(out) >= limit:
                 break
     return out
 
 
-def match_option(text: str, options: list[str]) -> str | None:
-    """The option letter VLMEvalKit's rule-based matching reads from a model text, or None."""
-    letters = LETTERS[:len(options)]
+REFUSALS = ("Sorry, I can't help with images of people yet.", "I can't process this file.",
+            "I'm sorry, but without the image provided", "Cannot determine the answer")
+API_FAILURE = "Failed to obtain answer via API"
+
+
+def _infer_option(text: str, letters: tuple[str, ...]) -> str | None:
+    """VLMEvalKit's ``can_infer_option``: an option letter, "Z" (refusal / standalone Z), or None."""
+    if API_FAILURE in text:
+        return None
+    if any(refusal in text for refusal in REFUSALS):
+        return "Z"
     cleaned = text
     for c in ".()[],:;!*#{}":
         cleaned = cleaned.replace(c, " ")
@@ -115,8 +133,18 @@ def match_option(text: str, options: list[str]) -> str | None:
     found = [letter for letter in letters if letter in words]
     if len(found) == 1:
         return found[0]
+    return "Z" if not found and "Z" in words else None
+
+
+def match_option(text: str, options: list[str]) -> str | None:
+    """The letter VLMEvalKit's ``can_infer`` reads from a model text ("Z": refused, which is
+    wrong), or None (module docstring)."""
+    letters = LETTERS[:len(options)]
+    letter = _infer_option(text, letters)
+    if letter:
+        return letter
     lower = text.lower()
-    found = [letter for letter, option in zip(letters, options) if option.lower() in lower]
+    found = [letter for letter, option in zip(letters, options) if str(option).lower() in lower]
     return found[0] if len(found) == 1 else None
 
 
@@ -137,7 +165,8 @@ def score(questions: list[Question], answers: dict[str, str]):
     metrics = [("circular_accuracy", "", percent([c["score"] for c in circular])),
                ("accuracy", "", percent([r["score"] for r in single])),
                ("n_questions", "", len(groups)), ("n_rows", "", len(rows)),
-               ("n_unmatched", "", sum(r["parsed"] == "" for r in rows))]
+               ("n_unmatched", "", sum(r["parsed"] == "" for r in rows)),
+               ("n_refused", "", sum(r["parsed"] == "Z" for r in rows))]
     for key, prefix in (("category", ""), ("l2", "l2:")):
         for name in dict.fromkeys(c[key] for c in circular if c[key]):
             metrics.append(("circular_accuracy", prefix + name,

@@ -100,10 +100,27 @@ def read(path: Path, image_root: Path | None, limit: int | None, check: bool) ->
         if not image.exists() and (root / subtask / "images" / image.name).exists():
             image = root / subtask / "images" / image.name
         out.append(Question(question_id=f"{qid}#{line}", image=image, text=str(obj["text"]), answer=answer,
-                            category=subtask, meta={"llava_question_id": qid, "image_key": f"{subtask}/{file}"}))
+                            category=subtask,
+                            meta={"llava_question_id": obj["question_id"], "image_key": f"{subtask}/{file}"}))
         if limit is not None and len(out) >= limit:
             break
     return out
+
+
+def order_note(questions: list[Question], answer_ids: list[str]) -> str | None:
+    """One line when MME's ``calculation.py`` would pair other lines for acc+: after LLaVA's
+    converter it takes each subtask's answers two by two, in answers-file order."""
+    by_id = {q.question_id: q for q in questions}
+    lines: dict[str, list[str]] = {}
+    for qid in answer_ids:
+        lines.setdefault(by_id[qid].category, []).append(by_id[qid].meta.get("image_key", qid))
+    for subtask, images in lines.items():
+        pairs = [images[i:i + 2] for i in range(0, len(images), 2)]
+        if any(len(p) != 2 or p[0] != p[1] for p in pairs):
+            return (f"note: in subtask {subtask!r} the answers file does not hold each image's two questions on "
+                    f"consecutive lines; MME's calculation.py pairs lines by position and would give another "
+                    f"number (this score pairs them by image)")
+    return None
 
 
 def score(questions: list[Question], answers: dict[str, str]):
@@ -133,4 +150,4 @@ def score(questions: list[Question], answers: dict[str, str]):
 
 
 TASK = Task("mme", "MME (perception and cognition)", "perception", read, score,
-            markers=("llava_mme.jsonl", RELEASE))
+            markers=("llava_mme.jsonl", RELEASE), order_note=order_note)

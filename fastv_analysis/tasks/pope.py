@@ -75,10 +75,29 @@ def read(path: Path, image_root: Path | None, limit: int | None, check: bool) ->
             raise ValueError(f"{where}: labels out of step: question ids {label['question_id']} "
                              f"and {obj['question_id']} differ")
         out.append(Question(question_id=str(obj["question_id"]), image=root / str(obj["image"]),
-                            text=str(obj["text"]), answer=label["label"], category=split))
+                            text=str(obj["text"]), answer=label["label"], category=split,
+                            meta={"llava_question_id": obj["question_id"]}))
         if limit is not None and len(out) >= limit:
             break
     return out
+
+
+def order_note(questions: list[Question], answer_ids: list[str]) -> str | None:
+    """One line when LLaVA's ``eval_pope.py`` would pair some answer with another label: it
+    zips a split's answers, in answers-file order, with the split's label lines."""
+    by_id = {q.question_id: q for q in questions}
+    in_split: dict[str, list[Question]] = {}
+    for q in questions:
+        in_split.setdefault(q.category, []).append(q)
+    seen: dict[str, int] = {}
+    for line, qid in enumerate(answer_ids, start=1):
+        q = by_id[qid]
+        k = seen[q.category] = seen.get(q.category, -1) + 1
+        if in_split[q.category][k].answer != q.answer:
+            return (f"note: answer {line} (question {qid}) is not where llava_pope_test.jsonl has it within split "
+                    f"{q.category!r}; LLaVA's eval_pope.py pairs answers with labels by position and would give "
+                    f"another number (this score pairs them by question id)")
+    return None
 
 
 def _ratio(a: int, b: int) -> float:
@@ -111,4 +130,4 @@ def score(questions: list[Question], answers: dict[str, str]):
 
 
 TASK = Task("pope", "POPE (COCO: adversarial, popular, random)", "mean/f1", read, score,
-            markers=("llava_pope_test.jsonl",))
+            markers=("llava_pope_test.jsonl",), order_note=order_note)

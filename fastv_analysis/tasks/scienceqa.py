@@ -75,7 +75,8 @@ def read(path: Path, image_root: Path | None, limit: int | None, check: bool) ->
         text = str(entry["conversations"][0]["value"]).replace("<image>", "").strip() + "\n" + LETTER_ANSWER
         out.append(Question(question_id=pid, image=root / entry["image"], text=text, answer=prob["answer"],
                             category=str(prob.get("subject") or ""), choices=choices,
-                            meta={"skip_answer_ids": text_only}))
+                            meta={"skip_answer_ids": text_only, "llava_question_id": entry["id"],
+                                  "llava_prompt": f"<image>\n{text}"}))
         if limit is not None and len(out) >= limit:
             break
     return out

@@ -67,20 +67,21 @@ def read(path: Path, image_root: Path | None, limit: int | None, check: bool) ->
             raise ValueError(f"{ann_file}: question {ann.get('question_id')} has {len(human)} answers, not 10")
         out.append(Question(question_id=str(ann["question_id"]), image=root / str(obj["image"]),
                             text=str(obj["text"]), answer=Counter(human).most_common(1)[0][0],
-                            meta={"llava_question_id": str(obj["question_id"]), "answers": human}))
+                            meta={"llava_question_id": obj["question_id"], "answers": human}))
         if limit is not None and len(out) >= limit:
             break
     return out
 
 
-def score_vqa(task: str, questions: list[Question], answers: dict[str, str]):
-    """Soft VQA accuracy per question, overall and per category (shared with VQAv2).
+def score_vqa(task: str, questions: list[Question], answers: dict[str, str], accuracy=soft_accuracy):
+    """Soft VQA accuracy per question by ``accuracy(prediction, ten human answers)``, overall
+    and per category (shared with VQAv2, which passes its own official rule).
 
     ``correct`` is the VQA paper's "counted right": at least 3 of the 10 humans gave the
     answer (score >= 0.9); ``score`` keeps the soft value."""
     rows = []
     for q in questions:
-        value = soft_accuracy(answers[q.question_id], q.meta["answers"])
+        value = accuracy(answers[q.question_id], q.meta["answers"])
         rows.append({"question_id": q.question_id, "category": q.category, "score": value,
                      "correct": value >= 0.9 - 1e-9, "parsed": normalize_answer(answers[q.question_id])})
     metrics = [("accuracy", "", percent([r["score"] for r in rows])), ("n", "", len(rows))]

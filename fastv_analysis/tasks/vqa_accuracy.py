@@ -13,6 +13,18 @@ a/an/the dropped, the standard contraction table applied ("dont" -> "don't").
 Soft accuracy of a prediction: for each of the ten human answers left out in turn,
 min(1, matches among the other nine / 3); the mean of the ten. With c of the ten equal to
 the prediction: c=0 -> 0, 1 -> 0.3, 2 -> 0.6, 3 -> 0.9, >=4 -> 1.
+
+Two pipelines use it, and they normalise differently:
+
+- TextVQA (:func:`soft_accuracy`, LLaVA's ``m4c_evaluator.TextVQAAccuracyEvaluator``): the
+  EvalAI processor on the prediction *and* on every human answer.
+- VQAv2 (:func:`vqav2_accuracy`): LLaVA's ``scripts/convert_vqav2_for_submission.py`` runs
+  the EvalAI processor on the prediction only; the official evaluator (GT-Vision-Lab/VQA
+  ``PythonEvaluationTools/vqaEvaluation/vqaEval.py``) then strips "\n"/"\t" on both sides and,
+  only when the ten human answers are not all identical, applies its own punctuation and
+  digit/article steps (no lower-casing before them, no "'s" split, a comma rule that needs
+  exactly one comma between digits) to the humans and to the uploaded answer. Ten identical
+  human answers stay raw: "t-shirt" x 10 against an uploaded "t shirt" scores 0.
 """
 
 from __future__ import annotations
@@ -26,6 +38,7 @@ _ARTICLES = {"a", "an", "the"}
 _PUNCTUATION = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",",
                 "?", "!"]
 _DIGIT_COMMA = re.compile(r"(?<=\d)(,)+(?=\d)")
+_VQAEVAL_DIGIT_COMMA = re.compile(r"(\d)(,)(\d)")  # vqaEval's commaStrip: exactly one comma
 _PERIOD = re.compile(r"\.(?!\d)")
 
 # The standard VQA contraction table: "written form -> canonical form", one pair a line.
@@ -55,9 +68,9 @@ you'dve you'd've|youll you'll|youre you're|youve you've
 _CONTRACTIONS = dict(pair.split(" ") for pair in _CONTRACTION_TABLE.replace("\n", "|").split("|") if pair.strip())
 
 
-def _punctuation(text: str) -> str:
+def _punctuation(text: str, digit_comma_pattern: re.Pattern = _DIGIT_COMMA) -> str:
     out = text
-    digit_comma = _DIGIT_COMMA.search(text) is not None
+    digit_comma = digit_comma_pattern.search(text) is not None
     for p in _PUNCTUATION:
         touches_space = (p + " ") in text or (" " + p) in text
         out = out.replace(p, "" if touches_space or digit_comma else " ")
@@ -83,6 +96,31 @@ def soft_accuracy(prediction: str, human_answers: list[str]) -> float:
     if len(human_answers) != 10:
         raise ValueError(f"VQA accuracy needs ten human answers, got {len(human_answers)}")
     pred = normalize_answer(prediction)
-    count = sum(normalize_answer(a) == pred for a in human_answers)
+    return _leave_one_out(sum(normalize_answer(a) == pred for a in human_answers))
+
+
+def _leave_one_out(count: int) -> float:
+    """Mean over the ten leave-one-out subsets of min(1, matches / 3), ``count`` of ten equal."""
     # leaving out one of the `count` equal answers leaves count-1 matches, any other leaves count
     return (count * min(1.0, (count - 1) / 3) + (10 - count) * min(1.0, count / 3)) / 10 if count else 0.0
+
+
+def vqaeval_process(text: str) -> str:
+    """vqaEval.py's ``processPunctuation`` then ``processDigitArticle`` (module docstring)."""
+    return _digits_articles(_punctuation(text, _VQAEVAL_DIGIT_COMMA))
+
+
+def vqav2_accuracy(prediction: str, human_answers: list[str]) -> float:
+    """VQAv2 accuracy of a raw model answer as LLaVA uploads it and vqaEval.py scores it."""
+    if len(human_answers) != 10:
+        raise ValueError(f"VQA accuracy needs ten human answers, got {len(human_answers)}")
+
+    def spaces(t: str) -> str:
+        return t.replace("\n", " ").replace("\t", " ").strip()
+
+    uploaded = spaces(normalize_answer(prediction))
+    humans = [spaces(str(a)) for a in human_answers]
+    if len(set(humans)) > 1:
+        humans = [vqaeval_process(a) for a in humans]
+        uploaded = vqaeval_process(uploaded)
+    return _leave_one_out(sum(a == uploaded for a in humans))

@@ -10,9 +10,11 @@ On disk (the VQA release)::
 
 Prompt: the question + "\\n" + "Answer the question using a single word or phrase." (LLaVA's
 short-answer convention, as in its ``llava_vqav2_mscoco_test-dev2015.jsonl``). Metric: the
-VQA soft accuracy with the EvalAI normalisation on both sides (:mod:`.vqa_accuracy`; LLaVA
-normalises its predictions with the same processor before uploading, and the annotations'
-answers are already normalised), overall and per answer type (yes/no, number, other).
+official pipeline's VQA accuracy (:func:`.vqa_accuracy.vqav2_accuracy`): LLaVA's
+``convert_vqav2_for_submission.py`` applies the EvalAI processor to the prediction only, and
+GT-Vision-Lab/VQA's ``vqaEval.py`` compares it with the ten human answers - raw when all ten
+are identical, else after its punctuation and digit/article steps. Overall and per answer
+type (yes/no, number, other), as vqaEval prints them (it rounds to 2 decimals; this does not).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from fastv_analysis.data import Question
 
 from .base import SHORT_ANSWER, Task, find, load_json
 from .textvqa import score_vqa
+from .vqa_accuracy import vqav2_accuracy
 
 QUESTIONS = "v2_OpenEnded_mscoco_val2014_questions.json"
 ANNOTATIONS = "v2_mscoco_val2014_annotations.json"
@@ -52,14 +55,15 @@ def read(path: Path, image_root: Path | None, limit: int | None, check: bool) ->
         out.append(Question(question_id=qid, image=root / f"COCO_val2014_{int(q['image_id']):012d}.jpg",
                             text=f"{q['question']}\n{SHORT_ANSWER}", answer=str(ann.get("multiple_choice_answer", "")),
                             category=str(ann.get("answer_type", "")),
-                            meta={"answers": human, "question_type": str(ann.get("question_type", ""))}))
+                            meta={"answers": human, "question_type": str(ann.get("question_type", "")),
+                                  "llava_question_id": q.get("question_id")}))
         if limit is not None and len(out) >= limit:
             break
     return out
 
 
 def score(questions: list[Question], answers: dict[str, str]):
-    return score_vqa("vqav2", questions, answers)
+    return score_vqa("vqav2", questions, answers, vqav2_accuracy)
 
 
 TASK = Task("vqav2", "VQAv2 val2014 (offline)", "accuracy", read, score, markers=(QUESTIONS, ANNOTATIONS))
