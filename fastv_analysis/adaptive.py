@@ -45,7 +45,7 @@ KEYS = ("sample_id", "agg_layer")
 @dataclass(frozen=True)
 class _Group:
     agg_layer: int
-    keep: int
+    keep: int | None  # None: a --keep-ratio's configurations
     sample_ids: np.ndarray  # [S] sorted
     configs: list[str]  # [C] sorted
     correct: np.ndarray  # [S, C] bool
@@ -80,7 +80,9 @@ def _groups(predictions: pl.DataFrame, candidates: Sequence[str] | None) -> list
         raise ValueError(f"predictions has {dup.height} repeated (sample_id, agg_layer, keep, config) rows, "
                          f"e.g. {dup.row(0, named=True)}")
     out = []
-    for (layer, keep), g in sorted(pred.group_by("agg_layer", "keep"), key=lambda item: item[0]):
+    # keep null: a --keep-ratio's configurations (each sample its own count), one group per layer
+    for (layer, keep), g in sorted(pred.group_by("agg_layer", "keep"),
+                                   key=lambda item: (item[0][0], item[0][1] is None, item[0][1] or 0)):
         configs = cands if cands is not None else sorted(g["config"].unique().to_list())
         wide = g.pivot(on="config", index="sample_id", values="correct")
         if any(c not in wide.columns for c in configs):
@@ -88,7 +90,7 @@ def _groups(predictions: pl.DataFrame, candidates: Sequence[str] | None) -> list
         wide = wide.drop_nulls(configs).sort("sample_id")
         if wide.height == 0:
             continue
-        out.append(_Group(int(layer), int(keep), wide["sample_id"].to_numpy(), list(configs),
+        out.append(_Group(int(layer), None if keep is None else int(keep), wide["sample_id"].to_numpy(), list(configs),
                           wide.select(configs).to_numpy().astype(bool)))
     return out
 
@@ -349,7 +351,7 @@ def choice_rule_cv(predictions: pl.DataFrame, features: pl.DataFrame, candidates
         })
         per_sample.append(pl.DataFrame({
             "sample_id": g.sample_ids, "agg_layer": np.full(n, g.agg_layer, dtype=np.int64),
-            "keep": np.full(n, g.keep, dtype=np.int64), "fold": folds, "chosen": chosen.astype(str),
+            "keep": pl.Series([g.keep] * n, dtype=pl.Int64), "fold": folds, "chosen": chosen.astype(str),
             "correct": ok, "fold_best_single": single.astype(str), "fold_best_single_correct": ok_single,
         }))
     out = pl.DataFrame(summary, schema=SUMMARY_SCHEMA)

@@ -58,6 +58,7 @@ class EvalConfig:
     model: str | None = None
     batch_size: int = 64
     configs: list[str] | None = None  # selection labels ("avg_all_heads@text_mean", ...) to answer; None = all
+    keep_ratios: list[float] | None = None  # select --keep-ratio configurations to answer (with keeps: counts)
     then: list[tuple] | None = None  # schedule stages (K, keep count or fraction of the previous cut, method)
 
 
@@ -71,7 +72,7 @@ def configurations(selections: pl.DataFrame, cfg: EvalConfig, complete=None) -> 
                              f"(selected layers: {sorted(out['agg_layer'].unique().to_list())})")
         out = out.filter(pl.col("agg_layer").is_in(cfg.agg_layers))
     where = f"{cfg.run}/select/selections.parquet"
-    for flag, column, asked in (("--methods", "method", cfg.methods), ("--keep", "keep", cfg.keeps),
+    for flag, column, asked in (("--methods", "method", cfg.methods),
                                 ("--alphas", "alpha", [float(a) for a in cfg.alphas or []])):
         present = set(out[column].drop_nulls().unique().to_list())
         missing = [a for a in asked or [] if a not in present]
@@ -88,8 +89,7 @@ def configurations(selections: pl.DataFrame, cfg: EvalConfig, complete=None) -> 
         out = out.filter(pl.col("config").is_in(cfg.configs))
     if cfg.alphas:
         out = out.filter(pl.col("alpha").is_null() | pl.col("alpha").is_in([float(a) for a in cfg.alphas]))
-    if cfg.keeps:
-        out = out.filter(pl.col("keep").is_in(cfg.keeps))
+    out = by_budget(out, cfg, where)
     if cfg.limit:
         available = out["sample_id"].unique().sort().to_list()
         first = available[: cfg.limit]
@@ -99,6 +99,31 @@ def configurations(selections: pl.DataFrame, cfg: EvalConfig, complete=None) -> 
     if out.height == 0:
         raise ValueError(f"no configuration of {cfg.run}/select/selections.parquet matches the given flags")
     return out
+
+
+def by_budget(selections: pl.DataFrame, cfg: EvalConfig, where: str) -> pl.DataFrame:
+    """The rows of the ``--keep`` counts and ``--keep-ratio`` ratios asked (every row when neither
+    is): a ratio's rows keep each sample's own count, so ``--keep`` never picks them."""
+    ratio = pl.col("ratio") if "ratio" in selections.columns else pl.lit(None, dtype=pl.Float64)
+    if not cfg.keeps and not cfg.keep_ratios:
+        return selections
+    for flag, column, asked in (("--keep", "keep", cfg.keeps), ("--keep-ratio", "ratio", cfg.keep_ratios)):
+        kind = selections.filter(ratio.is_null() if column == "keep" else ratio.is_not_null())
+        present = set(kind[column].unique().to_list()) if kind.height else set()
+        missing = [a for a in asked or [] if a not in present]
+        if missing:
+            raise ValueError(f"{flag} {', '.join(f'{a:g}' for a in missing)}: not in {where} "
+                             f"(there: {', '.join(f'{a:g}' for a in sorted(present)) or 'none'})")
+    return selections.filter((ratio.is_null() & pl.col("keep").is_in(cfg.keeps or []))
+                             | ratio.is_in([float(r) for r in cfg.keep_ratios or []]))
+
+
+def ratio_rows_keep_null(pred: pl.DataFrame) -> pl.DataFrame:
+    """A ``--keep-ratio`` configuration is one configuration whatever each sample kept (its count
+    stays in ``n_kept``): ``keep`` null in the tables, the ratio in its label and ``ratio``."""
+    if "ratio" not in pred.columns:
+        return pred
+    return pred.with_columns(pl.when(pl.col("ratio").is_null()).then(pl.col("keep")).alias("keep"))
 
 
 def stage_spec(stage: tuple, keep: int) -> tuple[int, int, str]:
@@ -241,7 +266,8 @@ def time_configurations(loaded, prepared, rows: pl.DataFrame, max_new_tokens: in
         for i in rng.permutation(len(configs)):
             row = configs[i]
             tokens, t0, t1, t2 = run(row)
-            out.append({"agg_layer": int(row["agg_layer"]), "config": row["config"], "keep": int(row["keep"]),
+            keep = None if row.get("ratio") is not None else int(row["keep"])  # see ratio_rows_keep_null
+            out.append({"agg_layer": int(row["agg_layer"]), "config": row["config"], "keep": keep,
                         "repeat": rep, "prefill_seconds": t1 - t0, "decode_seconds": t2 - t1,
                         "decode_tokens": int(tokens.shape[1])})
     return out
@@ -396,7 +422,7 @@ def _config_times(config_timing: pl.DataFrame | None, row: dict) -> dict:
     keys = ["sample_id", "repeat"]
     layer = config_timing.filter(pl.col("agg_layer") == row["agg_layer"])
     mine = layer.filter(pl.col("config") == row["config"],
-                        (pl.col("keep") == row["keep"]) | (pl.col("config") == FULL))  # full: keep = each N
+                        pl.col("keep").eq_missing(row["keep"]) | (pl.col("config") == FULL))  # full: keep = each N
     if mine.height == 0:
         return empty
     prefill = 1e3 * mine["prefill_seconds"].to_numpy()
@@ -670,7 +696,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True, command: list[str] | None =
         .join(run.samples.select("sample_id", "question_id", "category", "answer", "prompt_tokens", "n_image_tokens"),
               on="sample_id", how="left")
     )
-    pred = sorted_predictions(pred)
+    pred = ratio_rows_keep_null(sorted_predictions(pred))
     if pred.filter(pl.col("method") == FULL)["keep"].n_unique() > 1:  # anyres: one full control, keep = max N
         pred = pred.with_columns(pl.when(pl.col("method") == FULL).then(pl.col("keep").max().over("agg_layer"))
                                  .otherwise(pl.col("keep")).alias("keep"))
