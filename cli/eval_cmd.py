@@ -23,7 +23,13 @@ from fastv_analysis.strategies import ALL_METHODS
               help="Also answer every configuration as the first cut of a per-layer schedule: then at layer K keep "
                    "KEEP of what the previous cut kept (a count, or a fraction like 0.5), ranked by METHOD "
                    "(default avg_all_heads) on the pruned model's layer K-1 attention, e.g. 4:0.5:max_head.")
-@click.option("--keep", "keeps", type=IntList(), default=None, help="Only these keep counts.")
+@click.option("--keep", "keeps", type=IntList(), default=None,
+              help="Only these select --keep counts (never a --keep-ratio configuration, whose count is each "
+                   "sample's own).")
+@click.option("--keep-ratio", "keep_ratios", type=FloatGrid(), default=None,
+              help="Only these select --keep-ratio configurations: each sample keeps ratio x its own N image tokens "
+                   "(rounded half up), so one ratio is one configuration, '<config> ratio <r>', with keep null in the "
+                   "tables (each sample's count in predictions' n_kept). With --keep, both kinds are answered.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=None,
               help="Answer length [default: the capture's].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
@@ -41,7 +47,7 @@ from fastv_analysis.strategies import ALL_METHODS
               help="Timed passes per sample after one warm-up pass, each over every configuration in a fresh "
                    "seeded order; accuracy.parquet reports medians and quartiles.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def eval_cmd(run, agg_layers, methods, configs, alphas, then, keeps, max_new_tokens, batch_size, limit, device,
+def eval_cmd(run, agg_layers, methods, configs, alphas, then, keeps, keep_ratios, max_new_tokens, batch_size, limit, device,
              dtype, compare_mask, timing_samples, timing_repeats, quiet):
     """Evaluate every selected configuration of RUN with the pruned model, replaying the
     kept sets of RUN/select/selections.parquet (so capture, select and eval agree token for
@@ -69,7 +75,7 @@ def eval_cmd(run, agg_layers, methods, configs, alphas, then, keeps, max_new_tok
                 raise click.BadParameter(f"{part!r}: expected K:KEEP[:METHOD]", param_hint="--then") from None
             stages.append((k, amount, *(bits[2:3] or ["avg_all_heads"])))
     cfg = EvalConfig(run=run, agg_layers=agg_layers, methods=methods, configs=configs, then=stages, alphas=alphas,
-                     keeps=keeps,
+                     keeps=keeps, keep_ratios=keep_ratios,
                      max_new_tokens=max_new_tokens, device=device, dtype=dtype, limit=limit, batch_size=batch_size,
                      timing_samples=timing_samples, timing_repeats=timing_repeats, compare_mask=compare_mask)
     info = run_eval(cfg, progress=not quiet, command=sys.argv)

@@ -28,7 +28,10 @@ from .params import Choices, FloatGrid, IntList, threads_option
 @click.option("--keep", "keeps", type=IntList(), default="288,192,128,64", show_default=True,
               help="Comma list of image-token counts to keep (0 keeps none).")
 @click.option("--keep-ratio", "keep_ratios", type=FloatGrid(), default="", show_default=False,
-              help="Also keep these fractions of the image tokens, e.g. 0.5,0.25 (rounded to a count).")
+              help="Also keep these fractions of each sample's own image tokens, e.g. 0.5,0.25: a sample of N "
+                   "tokens keeps ratio x N rounded half up (images of different sizes keep different counts). "
+                   "Each ratio is its own configuration, named '<config> ratio <r>' (keep = that sample's count); "
+                   "eval answers and reports it as one configuration (keep null in its tables).")
 @click.option("--agg-layer", "agg_layers", type=IntList(), default=None,
               help="Aggregation layer(s) K to replay; default: every layer captured in RUN.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the random control.")
@@ -57,4 +60,6 @@ def select_cmd(run, methods, queries, alphas, keeps, keep_ratios, agg_layers, se
                       chunk_size=chunk_size, progress=not quiet, command=sys.argv, newline=newline,
                       queries=queries)
     click.echo(f"select: {info['n_samples']} samples x {info['n_configurations']} configurations "
-               f"(layers {info['agg_layers']}, keeps {info['keeps']}) in {info['seconds']:.1f}s -> {run}/select/")
+               f"(layers {info['agg_layers']}, keeps {info['keeps']}"
+               + (f", ratios {info['keep_ratios']} of each sample's N" if info["keep_ratios"] else "")
+               + f") in {info['seconds']:.1f}s -> {run}/select/")

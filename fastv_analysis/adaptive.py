@@ -45,11 +45,12 @@ KEYS = ("sample_id", "agg_layer")
 @dataclass(frozen=True)
 class _Group:
     agg_layer: int
-    keep: int
+    keep: int | None  # None: a --keep-ratio's configurations
     sample_ids: np.ndarray  # [S] sorted
     configs: list[str]  # [C] sorted
     correct: np.ndarray  # [S, C] bool
     units: np.ndarray  # [S] the unit of each sample (copies of one item share it)
+    ratio: float | None = None  # a --keep-ratio's budget (keep is None then)
 
 
 def _check_candidates(candidates: Sequence[str] | None) -> list[str] | None:
@@ -74,7 +75,8 @@ def _groups(predictions: pl.DataFrame, candidates: Sequence[str] | None) -> list
     cands = _check_candidates(candidates)
     unit = pl.col("unit").cast(pl.Utf8) if "unit" in predictions.columns else pl.col("sample_id").cast(pl.Utf8)
     units = predictions.select("sample_id", unit.alias("unit")).unique("sample_id")
-    pred = predictions.select("sample_id", "agg_layer", "keep", "config", pl.col("correct").cast(pl.Boolean))
+    ratio = pl.col("ratio") if "ratio" in predictions.columns else pl.lit(None, dtype=pl.Float64).alias("ratio")
+    pred = predictions.select("sample_id", "agg_layer", "keep", ratio, "config", pl.col("correct").cast(pl.Boolean))
     pred = pred.filter(pl.col("config") != FULL)
     if cands is not None:
         pred = pred.filter(pl.col("config").is_in(cands))
@@ -83,7 +85,10 @@ def _groups(predictions: pl.DataFrame, candidates: Sequence[str] | None) -> list
         raise ValueError(f"predictions has {dup.height} repeated (sample_id, agg_layer, keep, config) rows, "
                          f"e.g. {dup.row(0, named=True)}")
     out = []
-    for (layer, keep), g in sorted(pred.group_by("agg_layer", "keep"), key=lambda item: item[0]):
+    # keep null: a --keep-ratio's configurations (each sample its own count), one group per layer
+    for (layer, keep, ratio), g in sorted(pred.group_by("agg_layer", "keep", "ratio"),
+                                          key=lambda item: (item[0][0], item[0][1] is None, item[0][1] or 0,
+                                                            item[0][2] or 0.0)):
         configs = cands if cands is not None else sorted(g["config"].unique().to_list())
         wide = g.pivot(on="config", index="sample_id", values="correct")
         if any(c not in wide.columns for c in configs):
@@ -92,8 +97,9 @@ def _groups(predictions: pl.DataFrame, candidates: Sequence[str] | None) -> list
                                                                maintain_order="left")
         if wide.height == 0:
             continue
-        out.append(_Group(int(layer), int(keep), wide["sample_id"].to_numpy(), list(configs),
-                          wide.select(configs).to_numpy().astype(bool), wide["unit"].to_numpy()))
+        out.append(_Group(int(layer), None if keep is None else int(keep), wide["sample_id"].to_numpy(),
+                          list(configs), wide.select(configs).to_numpy().astype(bool), wide["unit"].to_numpy(),
+                          None if ratio is None else float(ratio)))
     return out
 
 
@@ -143,7 +149,7 @@ def oracle_table(predictions: pl.DataFrame, candidates: Sequence[str] | None = N
         best = _best(counts)
         any_right = int(g.correct.any(axis=1).sum())
         lo, hi = stats.cluster_wilson_interval(g.correct.any(axis=1), g.units)
-        row = {"agg_layer": g.agg_layer, "keep": g.keep, "n": n, "n_units": int(np.unique(g.units).size),
+        row = {"agg_layer": g.agg_layer, "keep": g.keep, "ratio": g.ratio, "n": n, "n_units": int(np.unique(g.units).size),
                "n_candidates": len(g.configs),
                "best_single": g.configs[best], "best_single_accuracy": counts[best] / n,
                "oracle_accuracy": any_right / n, "oracle_ci_lo": lo, "oracle_ci_hi": hi,
@@ -151,7 +157,8 @@ def oracle_table(predictions: pl.DataFrame, candidates: Sequence[str] | None = N
         row.update({f"accuracy[{c}]": counts[i] / n for i, c in enumerate(g.configs)})
         rows.append(pl.DataFrame([row]))
     if not rows:
-        return pl.DataFrame(schema={"agg_layer": pl.Int64, "keep": pl.Int64, "n": pl.Int64, "n_units": pl.Int64,
+        return pl.DataFrame(schema={"agg_layer": pl.Int64, "keep": pl.Int64, "ratio": pl.Float64, "n": pl.Int64,
+                                    "n_units": pl.Int64,
                                     "n_candidates": pl.Int64, "best_single": pl.Utf8,
                                     "best_single_accuracy": pl.Float64, "oracle_accuracy": pl.Float64,
                                     "oracle_ci_lo": pl.Float64, "oracle_ci_hi": pl.Float64,
@@ -277,7 +284,8 @@ def _feature_matrix(features: pl.DataFrame, feature_columns: Sequence[str] | Non
 
 
 SUMMARY_SCHEMA = {
-    "agg_layer": pl.Int64, "keep": pl.Int64, "n": pl.Int64, "n_units": pl.Int64, "n_folds": pl.Int64,
+    "agg_layer": pl.Int64, "keep": pl.Int64, "ratio": pl.Float64, "n": pl.Int64, "n_units": pl.Int64,
+    "n_folds": pl.Int64,
     "cv_accuracy": pl.Float64, "cv_ci_lo": pl.Float64, "cv_ci_hi": pl.Float64,
     "best_single_cv_accuracy": pl.Float64, "best_single": pl.Utf8, "best_single_accuracy": pl.Float64,
     "oracle_accuracy": pl.Float64, "n_rule_only": pl.Int64, "n_best_single_only": pl.Int64,
@@ -344,7 +352,7 @@ def choice_rule_cv(predictions: pl.DataFrame, features: pl.DataFrame, candidates
         full_rule = fit_threshold_rule(x, g.correct, names, g.configs)
         lo, hi = stats.cluster_wilson_interval(ok, g.units)
         summary.append({
-            "agg_layer": g.agg_layer, "keep": g.keep, "n": n, "n_units": int(np.unique(g.units).size),
+            "agg_layer": g.agg_layer, "keep": g.keep, "ratio": g.ratio, "n": n, "n_units": int(np.unique(g.units).size),
             "n_folds": k,
             "cv_accuracy": float(ok.mean()), "cv_ci_lo": lo, "cv_ci_hi": hi,
             "best_single_cv_accuracy": float(ok_single.mean()),
@@ -360,7 +368,7 @@ def choice_rule_cv(predictions: pl.DataFrame, features: pl.DataFrame, candidates
         })
         per_sample.append(pl.DataFrame({
             "sample_id": g.sample_ids, "agg_layer": np.full(n, g.agg_layer, dtype=np.int64),
-            "keep": np.full(n, g.keep, dtype=np.int64), "fold": folds, "chosen": chosen.astype(str),
+            "keep": pl.Series([g.keep] * n, dtype=pl.Int64), "fold": folds, "chosen": chosen.astype(str),
             "correct": ok, "fold_best_single": single.astype(str), "fold_best_single_correct": ok_single,
         }))
     out = pl.DataFrame(summary, schema=SUMMARY_SCHEMA)
@@ -408,7 +416,8 @@ def _permutation_p(x: np.ndarray, g: _Group, folds: np.ndarray, names: Sequence[
                    n_permutations: int, seed: int) -> float:
     """One-sided p of the rule's held-out gain over the per-fold best single: the share of
     unit-level shuffles of the statistics (whole cross-validation re-run) that gain as much."""
-    rng = np.random.default_rng([seed, g.agg_layer, g.keep])
+    rng = np.random.default_rng([seed, g.agg_layer, 0 if g.keep is None else g.keep + 1,
+                                 int(round(1e6 * (g.ratio or 0.0)))])
     hits = 0
     for _ in range(n_permutations):
         chosen, single = _cross_validate(x[unit_permutation(g.units, rng)], g, folds, names)

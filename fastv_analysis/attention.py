@@ -76,6 +76,7 @@ class AttentionRecorder:
 
     def __init__(self, model: nn.Module, layers: Sequence[int], query_positions: QueryPositions = "last"):
         self.adapter = get_adapter(model)
+        self.adapter.check_attention_implementation()  # rows are recomputed from the layers' 4D mask
         self.layers = [int(i) for i in layers]
         bad = [i for i in self.layers if not 0 <= i < self.adapter.num_layers]
         if bad:

@@ -58,6 +58,7 @@ class EvalConfig:
     model: str | None = None
     batch_size: int = 64
     configs: list[str] | None = None  # selection labels ("avg_all_heads@text_mean", ...) to answer; None = all
+    keep_ratios: list[float] | None = None  # select --keep-ratio configurations to answer (with keeps: counts)
     then: list[tuple] | None = None  # schedule stages (K, keep count or fraction of the previous cut, method)
 
 
@@ -71,7 +72,7 @@ def configurations(selections: pl.DataFrame, cfg: EvalConfig, complete=None) -> 
                              f"(selected layers: {sorted(out['agg_layer'].unique().to_list())})")
         out = out.filter(pl.col("agg_layer").is_in(cfg.agg_layers))
     where = f"{cfg.run}/select/selections.parquet"
-    for flag, column, asked in (("--methods", "method", cfg.methods), ("--keep", "keep", cfg.keeps),
+    for flag, column, asked in (("--methods", "method", cfg.methods),
                                 ("--alphas", "alpha", [float(a) for a in cfg.alphas or []])):
         present = set(out[column].drop_nulls().unique().to_list())
         missing = [a for a in asked or [] if a not in present]
@@ -88,8 +89,7 @@ def configurations(selections: pl.DataFrame, cfg: EvalConfig, complete=None) -> 
         out = out.filter(pl.col("config").is_in(cfg.configs))
     if cfg.alphas:
         out = out.filter(pl.col("alpha").is_null() | pl.col("alpha").is_in([float(a) for a in cfg.alphas]))
-    if cfg.keeps:
-        out = out.filter(pl.col("keep").is_in(cfg.keeps))
+    out = by_budget(out, cfg, where)
     if cfg.limit:
         available = out["sample_id"].unique().sort().to_list()
         first = available[: cfg.limit]
@@ -99,6 +99,31 @@ def configurations(selections: pl.DataFrame, cfg: EvalConfig, complete=None) -> 
     if out.height == 0:
         raise ValueError(f"no configuration of {cfg.run}/select/selections.parquet matches the given flags")
     return out
+
+
+def by_budget(selections: pl.DataFrame, cfg: EvalConfig, where: str) -> pl.DataFrame:
+    """The rows of the ``--keep`` counts and ``--keep-ratio`` ratios asked (every row when neither
+    is): a ratio's rows keep each sample's own count, so ``--keep`` never picks them."""
+    ratio = pl.col("ratio") if "ratio" in selections.columns else pl.lit(None, dtype=pl.Float64)
+    if not cfg.keeps and not cfg.keep_ratios:
+        return selections
+    for flag, column, asked in (("--keep", "keep", cfg.keeps), ("--keep-ratio", "ratio", cfg.keep_ratios)):
+        kind = selections.filter(ratio.is_null() if column == "keep" else ratio.is_not_null())
+        present = set(kind[column].unique().to_list()) if kind.height else set()
+        missing = [a for a in asked or [] if a not in present]
+        if missing:
+            raise ValueError(f"{flag} {', '.join(f'{a:g}' for a in missing)}: not in {where} "
+                             f"(there: {', '.join(f'{a:g}' for a in sorted(present)) or 'none'})")
+    return selections.filter((ratio.is_null() & pl.col("keep").is_in(cfg.keeps or []))
+                             | ratio.is_in([float(r) for r in cfg.keep_ratios or []]))
+
+
+def ratio_rows_keep_null(pred: pl.DataFrame) -> pl.DataFrame:
+    """A ``--keep-ratio`` configuration is one configuration whatever each sample kept (its count
+    stays in ``n_kept``): ``keep`` null in the tables, the ratio in its label and ``ratio``."""
+    if "ratio" not in pred.columns:
+        return pred
+    return pred.with_columns(pl.when(pl.col("ratio").is_null()).then(pl.col("keep")).alias("keep"))
 
 
 def stage_spec(stage: tuple, keep: int) -> tuple[int, int, str]:
@@ -242,7 +267,8 @@ def time_configurations(loaded, prepared, rows: pl.DataFrame, max_new_tokens: in
         for i in rng.permutation(len(configs)):
             row = configs[i]
             tokens, t0, t1, t2 = run(row)
-            out.append({"agg_layer": int(row["agg_layer"]), "config": row["config"], "keep": int(row["keep"]),
+            keep = None if row.get("ratio") is not None else int(row["keep"])  # see ratio_rows_keep_null
+            out.append({"agg_layer": int(row["agg_layer"]), "config": row["config"], "keep": keep,
                         "repeat": rep, "prefill_seconds": t1 - t0, "decode_seconds": t2 - t1,
                         "decode_tokens": int(tokens.shape[1])})
     return out
@@ -296,15 +322,26 @@ def with_units(pred: pl.DataFrame) -> pl.DataFrame:
     return pred if "unit" in pred.columns else pred.with_columns(pl.col("sample_id").cast(pl.Utf8).alias("unit"))
 
 
+def reference_label(name: str, ratio: float | None) -> str:
+    """A reference configuration's id at a budget: ``avg_all_heads``, or at a ``--keep-ratio``
+    ``avg_all_heads ratio 0.25``."""
+    from .select import ratio_label
+
+    return name if ratio is None else ratio_label(name, ratio)
+
+
 def _references(layer: pl.DataFrame, row: dict) -> dict[str, pl.DataFrame | None]:
     """The reference configurations of one configuration, by configuration id: ``full`` at
     its layer, and the plain ``avg_all_heads`` and ``random`` configurations at its layer and
-    keep; None where it is that reference itself (or ``full``)."""
-    config = row["config"]
-    same_keep = layer.filter(pl.col("keep") == row["keep"])
+    budget (keep, or keep ratio); None where it is that reference itself (or ``full``)."""
+    config, ratio = row["config"], row.get("ratio")
+    same = layer.filter(pl.col("keep").eq_missing(row["keep"]))
+    if "ratio" in layer.columns:
+        same = same.filter(pl.col("ratio").eq_missing(ratio))
+    avg, rnd = reference_label(REFERENCE, ratio), reference_label(CONTROL, ratio)
     return {"full": None if config == FULL else layer.filter(pl.col("config") == FULL),
-            "avg": None if config in (REFERENCE, FULL) else same_keep.filter(pl.col("config") == REFERENCE),
-            "random": None if config in (CONTROL, FULL) else same_keep.filter(pl.col("config") == CONTROL)}
+            "avg": None if config in (avg, FULL) else same.filter(pl.col("config") == avg),
+            "random": None if config in (rnd, FULL) else same.filter(pl.col("config") == rnd)}
 
 
 def _accuracy_row(g: pl.DataFrame, layer: pl.DataFrame, row: dict) -> dict:
@@ -339,7 +376,7 @@ def accuracy_table(pred: pl.DataFrame, timing: pl.DataFrame, model_dims: dict,
     with Holm and BH columns over the table; FLOPs and timings."""
     pred = with_units(pred)
     rows = []
-    keys = ["agg_layer", "config", "method", "alpha", "keep"]
+    keys = ["agg_layer", "config", "method", "alpha", "keep", *(["ratio"] if "ratio" in pred.columns else [])]
     for key, g in pred.group_by(keys, maintain_order=True):
         row = dict(zip(keys, key))
         g = g.sort("sample_id")
@@ -350,7 +387,7 @@ def accuracy_table(pred: pl.DataFrame, timing: pl.DataFrame, model_dims: dict,
         # --newline-tokens keep selection its newline tokens on top of the budget
         keep = min(int(round(float(g["n_kept"].mean()))) if "n_kept" in g.columns else int(row["keep"]), n_image)
         stages = [(k, kp) for k, kp, _ in json.loads(g["stages"][0])] if "stages" in g.columns else []
-        t = timing.filter(pl.col("agg_layer") == row["agg_layer"], pl.col("keep") == row["keep"])
+        t = timing.filter(pl.col("agg_layer") == row["agg_layer"], pl.col("keep").eq_missing(row["keep"]))
         rows.append({
             **row, **_accuracy_row(g, layer, row),
             **{name: flops_mod.flops_ratio(n_tokens, n_image, keep, model_dims["num_layers"], int(row["agg_layer"]),
@@ -450,7 +487,7 @@ def _config_times(config_timing: pl.DataFrame | None, row: dict) -> dict:
     keys = ["sample_id", "repeat"]
     layer = config_timing.filter(pl.col("agg_layer") == row["agg_layer"])
     mine = layer.filter(pl.col("config") == row["config"],
-                        (pl.col("keep") == row["keep"]) | (pl.col("config") == FULL))  # full: keep = each N
+                        pl.col("keep").eq_missing(row["keep"]) | (pl.col("config") == FULL))  # full: keep = each N
     if mine.height == 0:
         return empty
     prefill = 1e3 * mine["prefill_seconds"].to_numpy()
@@ -466,6 +503,25 @@ def _config_times(config_timing: pl.DataFrame | None, row: dict) -> dict:
     }
 
 
+def _budget(frame: pl.DataFrame) -> pl.Expr:
+    """A row's budget as one join key: its keep count, or its ``--keep-ratio`` (whose rows
+    keep each sample's own count)."""
+    keep = pl.lit("keep ") + pl.col("keep").cast(pl.Utf8)
+    if "ratio" not in frame.columns:
+        return keep.alias("budget")
+    return pl.when(pl.col("ratio").is_null()).then(keep).otherwise(
+        pl.lit("ratio ") + pl.col("ratio").cast(pl.Utf8)).alias("budget")
+
+
+def _reference_at_budget(frame: pl.DataFrame) -> pl.Expr:
+    """Per row, the plain avg_all_heads configuration's id at the row's budget
+    (:func:`reference_label`)."""
+    if "ratio" not in frame.columns:
+        return pl.lit(REFERENCE)
+    return pl.when(pl.col("ratio").is_null()).then(pl.lit(REFERENCE)).otherwise(
+        pl.col("ratio").map_elements(lambda r: reference_label(REFERENCE, r), return_dtype=pl.Utf8))
+
+
 def statistics_frame(pred: pl.DataFrame, run_dir: Path) -> pl.DataFrame:
     """Predictions joined with each selection's statistics (overlap with the plain
     avg_all_heads configuration's set at the same sample, layer and keep — measured for
@@ -473,19 +529,21 @@ def statistics_frame(pred: pl.DataFrame, run_dir: Path) -> pl.DataFrame:
     1.0 for that configuration itself — head statistics, spatial statistics)."""
     sel_dir = run_dir / "select"
     overlap = pl.read_parquet(sel_dir / "overlap.parquet")
+    overlap = overlap.with_columns(_budget(overlap))
+    ref = _reference_at_budget(overlap)
     vs_avg = pl.concat([
-        overlap.filter(pl.col("config_a") == REFERENCE).select(
-            "sample_id", "agg_layer", "keep", pl.col("config_b").alias("base_config"), pl.col("jaccard")),
-        overlap.filter(pl.col("config_b") == REFERENCE).select(
-            "sample_id", "agg_layer", "keep", pl.col("config_a").alias("base_config"), pl.col("jaccard")),
+        overlap.filter(pl.col("config_a") == ref).select(
+            "sample_id", "agg_layer", "budget", pl.col("config_b").alias("base_config"), pl.col("jaccard")),
+        overlap.filter(pl.col("config_b") == ref).select(
+            "sample_id", "agg_layer", "budget", pl.col("config_a").alias("base_config"), pl.col("jaccard")),
     ]).rename({"jaccard": "jaccard_vs_avg"})
     heads = pl.read_parquet(sel_dir / "heads.parquet").select("sample_id", "agg_layer", "max_head_share",
                                                                 "head_entropy")
     out = pred if "base_config" in pred.columns else pred.with_columns(pl.col("config").alias("base_config"))
-    out = out.join(vs_avg, on=["sample_id", "agg_layer", "keep", "base_config"], how="left")
-    out = out.with_columns(
-        pl.when(pl.col("base_config") == REFERENCE).then(1.0).otherwise(pl.col("jaccard_vs_avg")).alias(
-            "jaccard_vs_avg"))
+    out = out.with_columns(_budget(out)).join(vs_avg, on=["sample_id", "agg_layer", "budget", "base_config"],
+                                               how="left").drop("budget")
+    is_ref = pl.col("base_config") == _reference_at_budget(out)
+    out = out.with_columns(pl.when(is_ref).then(1.0).otherwise(pl.col("jaccard_vs_avg")).alias("jaccard_vs_avg"))
     return out.join(heads, on=["sample_id", "agg_layer"], how="left")
 
 
@@ -740,7 +798,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True, command: list[str] | None =
     )
     units = pl.DataFrame({"sample_id": sample_ids, "unit": [sample_unit(questions[i]) for i in sample_ids]},
                          schema={"sample_id": pred.schema["sample_id"], "unit": pl.Utf8})
-    pred = sorted_predictions(pred.join(units, on="sample_id", how="left"))
+    pred = ratio_rows_keep_null(sorted_predictions(pred.join(units, on="sample_id", how="left")))
     if pred.filter(pl.col("method") == FULL)["keep"].n_unique() > 1:  # anyres: one full control, keep = max N
         pred = pred.with_columns(pl.when(pl.col("method") == FULL).then(pl.col("keep").max().over("agg_layer"))
                                  .otherwise(pl.col("keep")).alias("keep"))

@@ -434,6 +434,7 @@ class FastVModel:
     def __init__(self, model: nn.Module, config: FastVConfig):
         self.model = model
         self.adapter: Adapter = get_adapter(model)
+        self.adapter.check_attention_implementation()
         self.fastv = config
         config.validate(self.adapter.num_layers)
         if _ACTIVE.get(model) is not None:
@@ -441,6 +442,7 @@ class FastVModel:
                              "(switch settings through .fastv instead of stacking wrappers)")
         self.prompt: _Prompt | None = None
         self.phase: str | None = None  # "prefill" | "decode" | None for the running forward
+        self._positions_given = False  # whether the running forward's caller passed position ids
         self._memo: dict = {}
         self._pixels: torch.Tensor | None = None  # what the vision tower last encoded
         self._handles: list = []
@@ -543,6 +545,7 @@ class FastVModel:
         config = self.fastv
         call = self.adapter.model_call(args, kwargs)
         input_ids, cache = call.input_ids, call.cache
+        self._positions_given = call.position_ids is not None
         if self.prompt is not None and self.prompt.owns(cache) and cache.get_seq_length() > 0:
             self.phase = "decode"  # continues as its prefill decided, whatever .fastv says now
             return None
@@ -555,6 +558,7 @@ class FastVModel:
         if config.image_start is None and not (input_ids == self.adapter.image_token_id).any():
             self.prompt = None
             return None
+        self.adapter.check_attention_implementation()  # set_attn_implementation may have switched it
         self.prompt = self._new_prompt(input_ids, call.attention_mask)
         self.prompt.inputs = kwargs
         self.phase = "prefill"
@@ -868,10 +872,10 @@ class FastVModel:
         elif fillers is not None:
             raise adapter.missing("an attention mask while decoding a batch of different image sizes", "the text decoder")
         new_ids = None
-        if position_ids is None:
+        if not self._positions_given:  # the model counts from its cache, which holds only the kept tokens
             generated = call.cache.get_seq_length() - kept.shape[1]
             device = embeds.device if embeds is not None else kept.device
-            new_ids = adapter.step_position_ids(prompt.seq_len + generated, q_len, device)
+            new_ids = adapter.step_position_ids(prompt.seq_len + generated, q_len, kept.shape[0], mask2d, device)
         return adapter.with_decoder_call(args, kwargs, DecoderCall(None, None, new_mask, new_ids, call.cache))
 
 

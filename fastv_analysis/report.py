@@ -109,9 +109,12 @@ def _primary_alpha(accuracy: pl.DataFrame) -> float | None:
     return min(alphas, key=lambda a: abs(a - 0.5))
 
 
-PLAIN = ~pl.col("config").str.contains("@", literal=True) & ~pl.col("config").str.contains(" then ", literal=True)
-"""Configurations on the last token's rows with one cut: the query variants (``@text_mean``)
-and schedules (``... then ...``) share their method name and have sections of their own."""
+PLAIN = (~pl.col("config").str.contains("@", literal=True) & ~pl.col("config").str.contains(" then ", literal=True)
+         & ~pl.col("config").str.contains(" ratio ", literal=True))
+"""Configurations on the last token's rows with one cut of a --keep count: the query variants
+(``@text_mean``) and schedules (``... then ...``) share their method name and have sections of
+their own; a --keep-ratio's (``... ratio 0.25``) has no single count to sit on a keep axis (its
+rows are in the tables, keep null, and in the overlap heatmap)."""
 
 
 def _primary_only(alpha: float | None) -> pl.Expr:
@@ -372,34 +375,81 @@ def n_image_tokens(tables: "RunTables") -> int | None:
     return None
 
 
-def plot_overlap_heatmap(overlap_summary: pl.DataFrame, agg_layer: int | None = None, max_configs: int = 8,
-                         n_tokens: int | None = None):
-    """Mean Jaccard overlap between configurations' kept sets, one panel per keep. The level two
-    random subsets reach by chance (:func:`chance_jaccard`, needs ``n_tokens``) is in each
-    panel's title, marked on its colour bar, and is the white centre of its diverging colour
-    scale (red: more overlap than chance, blue: less)."""
-    import seaborn as sns
+def mean_chance_jaccard(n_tokens, keep=None, ratio: float | None = None) -> float:
+    """The chance Jaccard of a run whose samples have different N: the mean over samples of
+    :func:`chance_jaccard` of two random k_b-subsets of their own N_b (``n_tokens``: one N per
+    sample, or one N for all), with k_b = ``keep``, or a ``ratio`` of N_b as select rounds it."""
+    from .select import ratio_keep
 
-    layer = agg_layer if agg_layer is not None else overlap_summary["agg_layer"].min()
-    ov = overlap_summary.filter(pl.col("agg_layer") == layer)
-    configs = [c for c in dict.fromkeys(ov["config_a"].to_list() + ov["config_b"].to_list())
+    counts = pl.DataFrame({"n": np.atleast_1d(np.asarray(n_tokens, dtype=np.int64))}).group_by("n").len()
+    total = 0.0
+    for n, weight in counts.iter_rows():
+        k = ratio_keep(ratio, n) if ratio is not None else int(keep)
+        total += weight * chance_jaccard(n, k)
+    return total / counts["len"].sum()
+
+
+def _overlap_panels(ov: pl.DataFrame) -> list[tuple[int | None, float | None]]:
+    """``(keep, ratio)`` of each heatmap panel: the --keep counts (descending), then the ratios."""
+    ratio = pl.col("ratio") if "ratio" in ov.columns else pl.lit(None, dtype=pl.Float64)
+    counts = sorted(ov.filter(ratio.is_null())["keep"].unique().to_list(), reverse=True)
+    ratios = sorted(ov.filter(ratio.is_not_null())["ratio"].unique().to_list(), reverse=True) \
+        if "ratio" in ov.columns else []
+    return [(k, None) for k in counts] + [(None, r) for r in ratios]
+
+
+def _panel_configs(d: pl.DataFrame, max_configs: int) -> list[str]:
+    configs = [c for c in dict.fromkeys(d["config_a"].to_list() + d["config_b"].to_list())
                if "@" not in c]  # query variants: the query-choice section
     if len(configs) > max_configs:  # keep the single methods and a few alphas readable
         wc = [c for c in configs if c.startswith("weighted")]
         room = max(2, max_configs - (len(configs) - len(wc)))  # the newer strategies take room too
         keep_wc = wc[:: max(1, math.ceil(len(wc) / room))]
         configs = [c for c in configs if not c.startswith("weighted") or c in keep_wc]
-    keeps = sorted(ov["keep"].unique().to_list(), reverse=True)
-    fig, axes = _figure(width=5.8 * len(keeps), height=5.0, ncols=len(keeps))
-    for ax, keep in zip(axes[0], keeps):
+    return configs
+
+
+def _budget_title(keep: int | None, ratio: float | None, n_tokens) -> str:
+    """``keep 64 of 576`` / ``keep 64 of N = 256-1280`` / ``keep 0.25 x N (64-320 of 256-1280)``."""
+    from .select import ratio_keep
+
+    ns = sorted({int(n) for n in np.atleast_1d(n_tokens)}) if n_tokens is not None else []
+    of = "" if not ns else f" of {ns[0]}" if len(ns) == 1 else f" of N = {ns[0]}-{ns[-1]}"
+    if ratio is None:
+        return f"keep {keep}{of}"
+    if not ns:
+        return f"keep {ratio:g} x N"
+    ks = [ratio_keep(ratio, n) for n in ns]
+    return f"keep {ratio:g} x N ({ks[0]}{of})" if len(ns) == 1 else \
+        f"keep {ratio:g} x N ({ks[0]}-{ks[-1]} of {ns[0]}-{ns[-1]})"
+
+
+def plot_overlap_heatmap(overlap_summary: pl.DataFrame, agg_layer: int | None = None, max_configs: int = 8,
+                         n_tokens=None):
+    """Mean Jaccard overlap between configurations' kept sets, one panel per keep (and per
+    ``--keep-ratio``). The level two random subsets reach by chance is in each panel's title,
+    marked on its colour bar, and is the white centre of its diverging colour scale (red: more
+    overlap than chance, blue: less). ``n_tokens``: each sample's N (or one N); with images of
+    different sizes the chance level is the mean over samples of each one's own
+    (:func:`mean_chance_jaccard`), since the mean Jaccard is a mean over samples too."""
+    import seaborn as sns
+
+    layer = agg_layer if agg_layer is not None else overlap_summary["agg_layer"].min()
+    ov = overlap_summary.filter(pl.col("agg_layer") == layer)
+    panels = _overlap_panels(ov)
+    mixed = n_tokens is not None and len({int(n) for n in np.atleast_1d(n_tokens)}) > 1
+    fig, axes = _figure(width=5.8 * len(panels), height=5.0, ncols=len(panels))
+    for ax, (keep, ratio) in zip(axes[0], panels):
+        d = ov.filter(pl.col("keep") == keep) if ratio is None else ov.filter(pl.col("ratio") == ratio)
+        configs = _panel_configs(d, max_configs)
         m = np.eye(len(configs))
-        d = ov.filter(pl.col("keep") == keep)
         idx = {c: i for i, c in enumerate(configs)}
         for a, b, j in d.select("config_a", "config_b", "jaccard_mean").iter_rows():
             if a in idx and b in idx:
                 m[idx[a], idx[b]] = m[idx[b], idx[a]] = j
-        labels = [_method_label(c) for c in configs]
-        chance = chance_jaccard(n_tokens, keep) if n_tokens else float("nan")
+        suffix = "" if ratio is None else f" ratio {ratio:g}"
+        labels = [_method_label(c.removesuffix(suffix)) for c in configs]
+        chance = mean_chance_jaccard(n_tokens, keep, ratio) if n_tokens is not None else float("nan")
         at_chance = 0 < chance < 1
         if at_chance:  # diverging around chance: white = what two random subsets share, red above, blue below
             from matplotlib.colors import TwoSlopeNorm
@@ -409,13 +459,14 @@ def plot_overlap_heatmap(overlap_summary: pl.DataFrame, agg_layer: int | None = 
             style = {"cmap": "mako", "vmin": 0, "vmax": 1}
         sns.heatmap(m, ax=ax, annot=len(configs) <= 8, fmt=".2f", xticklabels=labels, yticklabels=labels,
                     cbar_kws={"label": "mean Jaccard"}, annot_kws={"size": 7}, **style)
+        title = _budget_title(keep, ratio, n_tokens)
         if at_chance:
             cbar = ax.collections[0].colorbar
             cbar.set_ticks([0, chance, 0.5, 1], labels=["0", f"chance {chance:.3f}", "0.5", "1"], fontsize=8)
             cbar.ax.axhline(chance, color="black", linewidth=1.5)
-            ax.set_title(f"keep {keep} of {n_tokens}: chance Jaccard {chance:.3f} (white)", fontsize=10)
-        else:
-            ax.set_title(f"keep {keep}", fontsize=10)
+            title += (f":\nmean over samples of each one's chance Jaccard {chance:.3f} (white)" if mixed
+                      else f": chance Jaccard {chance:.3f} (white)")
+        ax.set_title(title, fontsize=10)
         ax.set_xlabel("configuration")
         ax.set_ylabel("configuration")
         ax.tick_params(axis="x", labelrotation=60, labelsize=7)
@@ -424,6 +475,13 @@ def plot_overlap_heatmap(overlap_summary: pl.DataFrame, agg_layer: int | None = 
                  "red above, blue below")
     fig.tight_layout()
     return fig
+
+
+def sample_token_counts(tables: "RunTables") -> list[int] | None:
+    """Each captured sample's N (anyres and dynamic resolution: N varies by image)."""
+    if tables.samples is not None and "n_image_tokens" in tables.samples.columns and tables.samples.height:
+        return [int(n) for n in tables.samples["n_image_tokens"].to_list()]
+    return n_image_tokens(tables)
 
 
 def plot_head_statistics(heads: pl.DataFrame, num_heads: int | None = None):
@@ -970,7 +1028,7 @@ FIGURES = {
     "accuracy_vs_alpha": lambda t: plot_accuracy_vs_alpha(t.accuracy, t.num_heads),
     "category_accuracy": lambda t: plot_category_accuracy(t.predictions),
     "cost": lambda t: plot_cost(t.accuracy),
-    "overlap_heatmap": lambda t: plot_overlap_heatmap(t.overlap_summary, n_tokens=n_image_tokens(t)),
+    "overlap_heatmap": lambda t: plot_overlap_heatmap(t.overlap_summary, n_tokens=sample_token_counts(t)),
     "head_statistics": lambda t: plot_head_statistics(t.heads, t.num_heads),
     "keep_frequency": _on_grid_figure(lambda t: plot_keep_frequency(t.selections)),
     "examples": _on_grid_figure(lambda t: plot_examples(t.selections, t.samples, predictions=t.predictions,

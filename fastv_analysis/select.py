@@ -350,7 +350,8 @@ def heads(attention: torch.Tensor, *, sample_ids: Sequence[int] | None = None, a
 
 
 def summarize_overlap(overlap_frame: pl.DataFrame | pl.LazyFrame) -> pl.DataFrame:
-    """Mean and 95% t interval over samples of each pair's agreement, per layer and keep.
+    """Mean and 95% t interval over samples of each pair's agreement, per layer and keep (a
+    ``--keep-ratio``'s rows per ratio, with ``keep`` null: each sample kept its own count).
 
     Lazy aggregation (mean, std, count per group), so a run's whole overlap table never
     has to sit in memory; NaN correlations (constant or ``uniform`` scores) are left out.
@@ -358,7 +359,10 @@ def summarize_overlap(overlap_frame: pl.DataFrame | pl.LazyFrame) -> pl.DataFram
     from scipy.stats import t as student_t
 
     lazy = overlap_frame.lazy()
-    keys = [c for c in ("agg_layer", "keep", "config_a", "config_b") if c in lazy.collect_schema().names()]
+    names = lazy.collect_schema().names()
+    if "ratio" in names:  # a ratio's rows keep each sample's own count: one group per ratio, keep null
+        lazy = lazy.with_columns(pl.when(pl.col("ratio").is_null()).then(pl.col("keep")).alias("keep"))
+    keys = [c for c in ("agg_layer", "keep", "ratio", "config_a", "config_b") if c in names]
     cols = ("intersection", "jaccard", "kendall_tau", "spearman")
     aggs = [pl.len().alias("n")]
     for c in cols:
@@ -405,7 +409,8 @@ EMPTY_SCHEMAS = {
     "heads": {"sample_id": pl.Int64, "agg_layer": pl.Int64, "max_head": pl.Int64, "max_head_share": pl.Float64,
               "head_entropy": pl.Float64, "head_gini": pl.Float64},
     "overlap": {"sample_id": pl.Int64, "agg_layer": pl.Int64, "keep": pl.Int64, "config_a": pl.Utf8, "config_b": pl.Utf8,
-                "intersection": pl.Int64, "jaccard": pl.Float64, "kendall_tau": pl.Float64, "spearman": pl.Float64},
+                "intersection": pl.Int64, "jaccard": pl.Float64, "kendall_tau": pl.Float64, "spearman": pl.Float64,
+                "ratio": pl.Float64},
 }
 """Tables a select can legitimately leave empty, with the columns readers expect."""
 
@@ -454,14 +459,47 @@ def _near_tie_summary(path: Path) -> dict:
     return {f"K={r['agg_layer']} {r['config']}": round(float(r["near_tie"]), 6) for r in frame.iter_rows(named=True)}
 
 
+def ratio_keep(ratio: float, n_tokens: int) -> int:
+    """R = ratio x N rounded half up, in exact decimal arithmetic (``0.25`` of 58 is 14.5 -> 15;
+    ``0.35`` of 10 is 3.5 -> 4, which float ``0.35 * 10`` = 3.4999... would round down)."""
+    from fractions import Fraction
+
+    return math.floor(Fraction(repr(float(ratio))) * int(n_tokens) + Fraction(1, 2))
+
+
+def ratio_label(config: str, ratio: float) -> str:
+    """How a ``--keep-ratio`` configuration is named: ``avg_all_heads ratio 0.25`` (its kept
+    count is each sample's own, so the label, not ``keep``, tells the configurations apart)."""
+    return f"{config} ratio {float(ratio):g}"
+
+
 def resolve_keeps(keeps: Sequence[int], keep_ratios: Sequence[float], n_tokens: int) -> list[int]:
-    """Keep counts from explicit counts and ratios of N (rounded), deduplicated, descending.
-    ``n_tokens``: the fewest image tokens of any sample (anyres models: N varies by image)."""
-    out = [int(k) for k in keeps] + [int(round(r * n_tokens)) for r in keep_ratios]
-    for k in out:
-        if not 0 <= k <= n_tokens:
+    """Keep counts, deduplicated, descending: explicit counts (which must fit ``n_tokens``, the
+    fewest image tokens of any sample) and the counts of ``keep_ratios`` for a sample of
+    ``n_tokens`` image tokens (:func:`ratio_keep`)."""
+    for r in keep_ratios:
+        if not 0.0 <= float(r) <= 1.0:
+            raise ValueError(f"keep ratio {r:g} is outside [0, 1]")
+    for k in keeps:
+        if not 0 <= int(k) <= n_tokens:
             raise ValueError(f"keep {k} is outside 0..{n_tokens} (image tokens of the run's smallest sample)")
-    return sorted(set(out), reverse=True)
+    return sorted({int(k) for k in keeps} | {ratio_keep(r, n_tokens) for r in keep_ratios}, reverse=True)
+
+
+def with_ratios(frame: pl.DataFrame, keeps: Sequence[int], keep_ratios: Sequence[float], n_tokens: int,
+                label_columns: Sequence[str]) -> pl.DataFrame:
+    """Rows of a replay over ``resolve_keeps`` split into the ``--keep`` counts' rows (``ratio``
+    null) and, for each ratio, a copy of the rows at its count for these samples' ``n_tokens``,
+    with ``ratio`` set and the ratio in the ``label_columns`` (:func:`ratio_label`)."""
+    if not frame.width:
+        return frame
+    parts = [frame.filter(pl.col("keep").is_in([int(k) for k in keeps]))
+             .with_columns(pl.lit(None, dtype=pl.Float64).alias("ratio"))]
+    for r in keep_ratios:
+        part = frame.filter(pl.col("keep") == ratio_keep(r, n_tokens))
+        parts.append(part.with_columns(pl.lit(float(r)).alias("ratio"),
+                                       *(pl.col(c) + ratio_label("", r) for c in label_columns)))
+    return pl.concat(parts)
 
 
 def run_select(
@@ -504,9 +542,11 @@ def run_select(
         raise ValueError(f"--newline-tokens must be one of {', '.join(NEWLINE_POLICIES)}, got {newline!r}")
     layouts = sample_layouts(run.samples)
     budgets = [lay.patches()[1].n_tokens if newline == "keep" else lay.n_tokens for lay in layouts.values()]
-    n_tokens = int(min(budgets))  # keeps must fit every sample (anyres, dynamic resolution: N varies)
-    keep_list = resolve_keeps(keeps, keep_ratios, n_tokens)
-    if not keep_list:
+    n_tokens = int(min(budgets))  # keep counts must fit every sample (anyres, dynamic resolution: N varies)
+    keep_list = resolve_keeps(keeps, (), n_tokens)
+    keep_ratios = sorted({float(r) for r in keep_ratios}, reverse=True)
+    resolve_keeps((), keep_ratios, n_tokens)  # each sample keeps ratio x its own N
+    if not keep_list and not keep_ratios:
         raise ValueError("no keep counts given: pass --keep or --keep-ratio")
 
     final = run.root / "select"
@@ -548,10 +588,13 @@ def run_select(
                 objects = None if objects is None else (objects[0][:, patches], objects[1])
             kw = dict(sample_ids=ids, agg_layer=layer, layout=layout, queries=queries if layer > 0 else ("last",),
                       inputs=inputs)
-            sel = replay(att, layer_methods, alphas, keep_list, seed, tie_rtol=tie_rtol, objects=objects, **kw)
+            chunk_keeps = resolve_keeps(keep_list, keep_ratios, att.shape[-1])  # ratios of this chunk's own N
+            sel = replay(att, layer_methods, alphas, chunk_keeps, seed, tie_rtol=tie_rtol, objects=objects, **kw)
             if patches is not None:
                 sel = with_kept_tokens(sel, patches, newlines)
-            ov = overlap(att, layer_methods, alphas, keep_list, seed, **kw)
+            sel = with_ratios(sel, keep_list, keep_ratios, att.shape[-1], ["config"])
+            ov = with_ratios(overlap(att, layer_methods, alphas, chunk_keeps, seed, **kw), keep_list, keep_ratios,
+                             att.shape[-1], ["config_a", "config_b"])
             frames = [("selections", sel), ("overlap", ov)]
             if layer > 0:
                 norms = None
@@ -579,12 +622,15 @@ def run_select(
         "methods": list(methods),
         "alphas": [float(a) for a in alphas],
         "keeps": keep_list,
+        "keep_ratios": keep_ratios,
+        "keep_ratio_rule": "each sample keeps R = ratio x its own N image tokens (its patch tokens with "
+                           "--newline-tokens keep), rounded half up; configurations named '<config> ratio <r>'",
         "agg_layers": layers,
         "seed": seed,
         "chunk_size": chunk_size,
         "newline_tokens": newline,
         "n_samples": run.samples.height,
-        "n_configurations": len(configs) * len(keep_list),
+        "n_configurations": len(configs) * (len(keep_list) + len(keep_ratios)),
         "queries": list(queries),
         "tie_rtol": tie_rtol,
         "near_ties": _near_tie_summary(tmp / "selections.parquet"),

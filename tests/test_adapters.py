@@ -296,3 +296,80 @@ def test_newline_policy_keep_keeps_every_image_newline_outside_the_budget(arch, 
             online = m.last_selection_metadata["kept_indices"][0].tolist()
         assert sel.filter(pl.col("method") == method)["kept"].to_list() == [online]
     assert main(["eval", str(run), "--timing-samples", "0", "--quiet"]) == 0
+
+
+def _own_decode_loop(model, inputs, mode, cache_kwarg, steps=4, agg_layer=0):
+    """A user's decode loop: prefill, then one token at a time through ``model(...)`` with the
+    cache under ``cache_kwarg`` and neither position ids nor a mask; next-token logits per step."""
+    from transformers import DynamicCache
+
+    with torch.no_grad(), apply_fastv(model, agg_layer=agg_layer, keep=3, mode=mode, sample_ids=[0]) as m:
+        cache = DynamicCache(config=model.config.get_text_config())
+        logits = [m(**inputs, use_cache=True, **{cache_kwarg: cache}).logits[:, -1]]
+        for _ in range(steps):
+            token = logits[-1].argmax(-1, keepdim=True)
+            logits.append(m(input_ids=token, use_cache=True, **{cache_kwarg: cache}).logits[:, -1])
+    return torch.stack(logits)
+
+
+@pytest.mark.parametrize("agg_layer", [0, 2])
+@pytest.mark.parametrize("cache_kwarg", ["cache", "past_key_values"])
+def test_own_decode_loop_without_position_ids_drop_equals_mask(family, cache_kwarg, agg_layer):
+    """Decoding through model(...) without position ids: at K = 0 the drop-mode cache holds only
+    the kept tokens, and a model that counts positions from the cache length (Qwen's M-RoPE
+    offsets too) must still place each new token where mask mode does; the deprecated
+    past_key_values keyword (still accepted by 5.24) must keep the hooks on while decoding."""
+    import warnings
+
+    arch, loaded = family
+    alone = _one(_batch(loaded, arch), 1, loaded, arch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # past_key_values is deprecated in 5.24
+        out = {mode: _own_decode_loop(loaded.model, alone, mode, cache_kwarg, agg_layer=agg_layer)
+               for mode in ("drop", "mask")}
+    assert (out["drop"] - out["mask"]).abs().max() <= 1e-4
+    assert torch.equal(out["drop"], _own_decode_loop(loaded.model, alone, "drop", "cache", agg_layer=agg_layer))
+
+
+@pytest.mark.parametrize("impl", ["flash_attention_2", "flex_attention"])
+def test_apply_fastv_refuses_attention_implementations_without_a_4d_mask(family, impl, monkeypatch):
+    """flash_attention_2 hands the layers a 2D padding mask and flex_attention a BlockMask: the
+    hooks gather a 4D mask, so apply_fastv (and the recorder) refuse them in one line, also
+    when the implementation is switched after apply_fastv."""
+    arch, loaded = family
+    model = loaded.model
+    inputs = _one(_batch(loaded, arch), 0, loaded, arch)
+    text_config = get_adapter(model).language_model.config
+    monkeypatch.setattr(text_config, "_attn_implementation", impl)
+    for install in (lambda: apply_fastv(model, agg_layer=1, keep=2), lambda: AttentionRecorder(model, [1])):
+        with pytest.raises(ValueError, match=f"{arch}: the text decoder runs attn_implementation='{impl}'; "
+                                             "FastV's hooks support sdpa or eager only") as err:
+            install()
+        assert "\n" not in str(err.value)
+    monkeypatch.setattr(text_config, "_attn_implementation", "sdpa")
+    with apply_fastv(model, agg_layer=1, keep=2) as m:
+        monkeypatch.setattr(text_config, "_attn_implementation", impl)
+        with pytest.raises(ValueError, match="support sdpa or eager only"), torch.no_grad():
+            m(**inputs)
+
+
+def test_qwen_own_decode_loop_with_a_mask_answers_as_generate(family):
+    """M-RoPE decoding with the 2D mask and no position ids (which the unmodified Qwen model
+    cannot run: it derives ids for the whole mask) on the mixed, left-padded batch at K = 0:
+    the hooks place each token by the mask's running count + the prompt's rope deltas, as
+    generate does."""
+    from transformers import DynamicCache
+
+    arch, loaded = family
+    if not arch.startswith("Qwen"):
+        pytest.skip("M-RoPE families only (a Llama decoder counts from the cache, ignoring the mask)")
+    inputs = _batch(loaded, arch)
+    with torch.no_grad(), apply_fastv(loaded.model, agg_layer=0, keep=3, sample_ids=[0, 1]) as m:
+        expected = m.generate(**inputs, max_new_tokens=5, do_sample=False)[:, inputs["input_ids"].shape[1]:]
+        cache = DynamicCache(config=loaded.model.config.get_text_config())
+        out, mask, tokens = m(**inputs, use_cache=True, cache=cache), inputs["attention_mask"], []
+        for _ in range(5):
+            tokens.append(out.logits[:, -1].argmax(-1, keepdim=True))
+            mask = torch.cat([mask, torch.ones_like(tokens[-1])], dim=1)
+            out = m(input_ids=tokens[-1], attention_mask=mask, use_cache=True, cache=cache)
+    assert torch.equal(torch.cat(tokens, dim=1), expected)

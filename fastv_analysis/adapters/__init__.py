@@ -29,6 +29,7 @@ class ModelCall:
     input_ids: torch.Tensor | None
     attention_mask: torch.Tensor | None
     cache: Any
+    position_ids: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,15 @@ class DecoderCall:
     attention_mask: torch.Tensor | None
     position_ids: torch.Tensor | None
     cache: Any
+
+
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
+"""The text decoder's attention implementations the hooks support: both hand every layer a 4D
+mask (or None for plain causal), which the hooks gather along query and key dims.
+flash_attention_2 takes a 2D padding mask and flex_attention a BlockMask instead."""
+
+DEPRECATED_CACHE_KWARG = "past_key_values"
+"""transformers 5.24 renamed it to ``cache`` and still accepts it (deprecated until 5.40)."""
 
 
 def _transformers_version() -> str:
@@ -120,9 +130,31 @@ class Adapter:
                             f"{_transformers_version()}; the {type(self).__name__} knows transformers 5.23-5.24's "
                             "calling conventions (see fastv_analysis/adapters)")
 
+    def cache_of(self, kwargs: dict) -> Any:
+        """The KV cache of a call: under ``cache_kwarg``, or under the deprecated
+        ``past_key_values`` that 5.24 still renames (the new name wins when both are given,
+        as transformers' ``deprecate_kwarg`` does)."""
+        cache = kwargs.get(self.cache_kwarg)
+        if cache is None and self.cache_kwarg != DEPRECATED_CACHE_KWARG:
+            cache = kwargs.get(DEPRECATED_CACHE_KWARG)
+        return cache
+
+    def attention_implementation(self) -> str:
+        """The text decoder's attention implementation (None, as transformers does, is eager)."""
+        return getattr(self.language_model.config, "_attn_implementation", None) or "eager"
+
+    def check_attention_implementation(self) -> None:
+        """One-line ValueError unless the text decoder runs a supported implementation."""
+        impl = self.attention_implementation()
+        if impl not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"{self.architecture}: the text decoder runs attn_implementation={impl!r}; FastV's hooks "
+                             f"support {' or '.join(ATTENTION_IMPLEMENTATIONS)} only (load the model with "
+                             "attn_implementation=\"sdpa\" or call model.set_attn_implementation(\"sdpa\"))")
+
     def model_call(self, args: tuple, kwargs: dict) -> ModelCall:
         return ModelCall(input_ids=kwargs["input_ids"] if "input_ids" in kwargs else (args[0] if args else None),
-                         attention_mask=kwargs.get("attention_mask"), cache=kwargs.get(self.cache_kwarg))
+                         attention_mask=kwargs.get("attention_mask"), cache=self.cache_of(kwargs),
+                         position_ids=kwargs.get("position_ids"))
 
     def vision_pixels(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
         return args[0] if args else kwargs.get("pixel_values", kwargs.get("hidden_states"))
@@ -144,11 +176,11 @@ class Adapter:
         if hidden is None:
             raise self.missing("hidden_states", "a decoder layer")
         return LayerCall(hidden, kwargs.get("attention_mask"), kwargs.get("position_embeddings"),
-                         kwargs.get("position_ids"), kwargs.get(self.cache_kwarg))
+                         kwargs.get("position_ids"), self.cache_of(kwargs))
 
     def decoder_call(self, args: tuple, kwargs: dict) -> DecoderCall:
         return DecoderCall(kwargs.get("inputs_embeds"), kwargs.get("input_ids"), kwargs.get("attention_mask"),
-                           kwargs.get("position_ids"), kwargs.get(self.cache_kwarg))
+                           kwargs.get("position_ids"), self.cache_of(kwargs))
 
     # -- rewriting calls ---------------------------------------------------------------------
 
@@ -190,8 +222,12 @@ class Adapter:
         """The ids a text decoder derives when given none (prefill from 0)."""
         return torch.arange(seq_len, device=device).expand(batch, -1)
 
-    def step_position_ids(self, start: int, q_len: int, device) -> torch.Tensor:
-        """Ids of ``q_len`` new tokens at ``start`` (decoding after a K = 0 prefill)."""
+    def step_position_ids(self, start: int, q_len: int, batch: int, attention_mask: torch.Tensor | None,
+                          device) -> torch.Tensor:
+        """The ids the model derives for ``q_len`` new tokens called without position ids, had
+        its cache the unpruned prompt's length: ``start`` = prompt + tokens generated so far
+        (decoding after a K = 0 prefill, whose cache holds only the kept tokens). A Llama
+        decoder counts from the cache length and ignores the mask."""
         return torch.arange(start, start + q_len, device=device).unsqueeze(0)
 
     def prompt_positions(self, inputs: dict, attention_mask: torch.Tensor) -> tuple[torch.Tensor, Any]:

@@ -30,8 +30,20 @@ class QwenVLAdapter(Adapter):
     def default_position_ids(self, batch: int, seq_len: int, device) -> torch.Tensor:
         return torch.arange(seq_len, device=device).view(1, 1, -1).expand(3, batch, -1)
 
-    def step_position_ids(self, start: int, q_len: int, device) -> torch.Tensor:
-        raise self.missing("position_ids while decoding after a K = 0 prefill", "the text decoder")
+    def step_position_ids(self, start: int, q_len: int, batch: int, attention_mask: torch.Tensor | None,
+                          device) -> torch.Tensor:
+        """As the model's ``compute_3d_position_ids`` places tokens decoded without position ids
+        (text positions + the ``rope_deltas`` it kept from the unpruned prompt), with the
+        unpruned cache length ``start``; with a 2D mask, the mask's running count (as
+        ``generate``), since the model itself cannot decode one token with a full-length mask."""
+        if attention_mask is not None:
+            text = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -q_len:].to(device)
+        else:
+            text = torch.arange(start, start + q_len, device=device).expand(batch, -1)
+        deltas = self.model.model.rope_deltas
+        if deltas is not None:  # none: the model derived no M-RoPE offsets, its decoder counts from 0
+            text = text + deltas.to(device).repeat_interleave(batch // deltas.shape[0], dim=0)
+        return text[None].expand(3, -1, -1)
 
     def prompt_positions(self, inputs: dict, attention_mask: torch.Tensor) -> tuple[torch.Tensor, Any]:
         for name in ("mm_token_type_ids", "image_grid_thw"):
