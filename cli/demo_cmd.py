@@ -40,9 +40,13 @@ def demo_cmd(out, limit, agg_layer, keep, alphas, no_report, overwrite, quiet):
     capture = CaptureConfig(out=out, agg_layers=[agg_layer], limit=limit, batch_size=8, overwrite=overwrite,
                             store=list(STORE_OPTIONS))
     try:
-        run_capture(capture, progress=not quiet)
+        captured = run_capture(capture, progress=not quiet)
     except RunMismatchError as err:  # never delete a run this command did not make
         raise click.ClickException(f"{err} (demo --overwrite replaces it)") from None
+    if limit is not None and (captured["n_samples"] or 0) > limit:  # a run grows with --limit, never shrinks
+        click.echo(f"note: {out} already holds {captured['n_samples']} samples; --limit {limit} does not shrink "
+                   f"a run, so select, eval and report use all {captured['n_samples']} (--overwrite or another "
+                   f"--out for {limit})")
     click.echo("[2/4] select: replaying strategies on the cached attention")
     run_select(out, ALL_METHODS, alpha_list, keeps, agg_layers=[agg_layer], progress=not quiet, queries=QUERIES)
     # eval answers every strategy on the last token's rows, and FastV's ranking by the other

@@ -101,6 +101,8 @@ def headline(accuracy) -> str:
     if "mcnemar_p_vs_full_holm" in accuracy.columns:  # Holm over the whole table, scientific notation
         table = table.with_columns(accuracy["mcnemar_p_vs_full_holm"].map_elements(
             lambda p: f"{p:.1e}", return_dtype=pl.Utf8).fill_null("").alias("p_vs_full_holm"))
-    with pl.Config(tbl_rows=200, tbl_cols=20, tbl_width_chars=160, tbl_hide_dataframe_shape=True,
+    longest = max((len(c) for c in table["config"]), default=0)  # configuration labels print whole
+    with pl.Config(tbl_rows=200, tbl_cols=20, tbl_width_chars=max(160, 130 + longest),
+                   fmt_str_lengths=max(32, longest), tbl_hide_dataframe_shape=True,
                    tbl_hide_column_data_types=True):
         return str(table)

@@ -45,7 +45,8 @@ def score_cmd(benchmark, data, answers, allow_missing, rules, out):
     task = with_rules(get_task(benchmark), rules)
     questions = task.read(data, check_images=False)
     given = read_answers(answers, questions)
-    result = task.score(questions, given, missing="skip" if allow_missing else "error")
+    result = task.score(questions, given, missing="skip" if allow_missing else "error",
+                        skip_hint="--allow-missing scores the answered ones")
     name, value = result.headline
     click.echo(f"{task.name}: {name} = {value:.2f}  ({result.per_question.height} questions; {task.title})")
     for key, v in result.metrics.items():

@@ -20,6 +20,7 @@ import torch
 
 from .loading import DEFAULT_DATA, DEFAULT_MODEL, build_prompt, check_template, image_placeholder, load_model, \
     sync_device
+from .data import sample_name
 from .provenance import file_sha256, fingerprint, versions
 from .scoring import is_correct
 from .store import RunWriter, atomic_write_bytes, attention_key, layers_key
@@ -56,7 +57,7 @@ class BadSample(ValueError):
     def __init__(self, question, data_file, reason: str):
         self.question = question
         self.reason = reason
-        super().__init__(f"{data_file}: sample {question.question_id!r}: {reason}")
+        super().__init__(f"{data_file}: {sample_name(question.question_id)}: {reason}")
 
 
 @dataclass

@@ -33,6 +33,12 @@ class Question:
     meta: dict = field(default_factory=dict)  # per-benchmark data scoring needs (fastv_analysis.tasks)
 
 
+def sample_name(question_id, sample_id: int | None = None) -> str:
+    """How every message names a sample: its question id as the question file spells it, and
+    its sample_id (position in the run) where known, e.g. ``question toy-0001-0 (sample_id 2)``."""
+    return f"question {question_id}" + (f" (sample_id {sample_id})" if sample_id is not None else "")
+
+
 def _first(obj: dict, keys: tuple[str, ...]):
     for k in keys:
         if k in obj and obj[k] is not None:
@@ -88,6 +94,7 @@ def load_questions(path: str | Path, errors: list[dict] | None = None) -> list[Q
     if not path.exists():
         raise FileNotFoundError(f"question file {path} does not exist")
     out = []
+    first_line: dict[str, int] = {}
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
@@ -98,7 +105,12 @@ def load_questions(path: str | Path, errors: list[dict] | None = None) -> list[Q
                     obj = json.loads(line)
                 except json.JSONDecodeError as err:
                     raise ValueError(f"{where}: malformed JSON, column {err.colno}: {err.msg}") from None
-                out.append(parse_line(obj, path.parent, where))
+                question = parse_line(obj, path.parent, where)
+                if question.question_id in first_line:  # answers, runs and scores are keyed by it
+                    raise ValueError(f"{where}: question id {question.question_id} repeats line "
+                                     f"{first_line[question.question_id]}; ids must be unique")
+                first_line[question.question_id] = number
+                out.append(question)
             except ValueError as err:
                 if errors is None:
                     raise

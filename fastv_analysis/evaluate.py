@@ -279,7 +279,7 @@ def _pairs(g: pl.DataFrame, ref: pl.DataFrame, what: str) -> pl.DataFrame:
     sample_id: one pair per sample, or an error naming the reference that repeats one."""
     dup = ref.group_by("sample_id").len().filter(pl.col("len") > 1)
     if dup.height:
-        raise ValueError(f"the {what} reference has {dup['len'][0]} rows for sample {dup['sample_id'][0]}: "
+        raise ValueError(f"the {what} reference has {dup['len'][0]} rows for sample_id {dup['sample_id'][0]}: "
                          f"a paired test needs exactly one")
     return g.join(ref.select("sample_id", pl.col("correct").alias("ref")), on="sample_id")
 
@@ -852,5 +852,5 @@ def run_eval(cfg: EvalConfig, progress: bool = True, command: list[str] | None =
     tmp.rename(out_dir)
     if mask_checks and not all(c["identical"] for c in mask_checks):
         bad = [c["sample_id"] for c in mask_checks if not c["identical"]]
-        raise ValueError(f"mask and drop modes gave different answers on samples {bad} (see {out_dir}/eval.json)")
+        raise ValueError(f"mask and drop modes gave different answers on sample_ids {bad} (see {out_dir}/eval.json)")
     return {**info, "accuracy": accuracy}

@@ -263,7 +263,7 @@ class Run:
         try:
             shard, row = self._shard_of[int(sample_id)]
         except KeyError:
-            raise KeyError(f"sample {sample_id} is not in {self.root / 'samples.parquet'}") from None
+            raise KeyError(f"sample_id {sample_id} is not in {self.root / 'samples.parquet'}") from None
         if shard not in self._handles:
             self._handles[shard] = safe_open(str(self.attention_dir / f"{shard}.safetensors"), framework="pt")
         handle = self._handles[shard]

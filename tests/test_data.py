@@ -83,3 +83,17 @@ def test_out_of_range_int_answer_names_file_and_line(tmp_path, answer):
 def test_bool_answer_with_choices_is_not_an_option_index(tmp_path):
     (q,) = load_questions(_one_line(tmp_path, answer=True, choices=["x", "y"]))
     assert q.answer == "True"
+
+
+def test_a_repeated_question_id_is_refused_naming_file_line_and_id(tmp_path):
+    rows = [{"question_id": "a", "image": "x.png", "text": "q", "answer": "1"},
+            {"question_id": "b", "image": "x.png", "text": "q", "answer": "2"},
+            {"question_id": "a", "image": "y.png", "text": "q", "answer": "3"}]
+    f = tmp_path / "q.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.raises(ValueError, match=r"q\.jsonl:3: question id a repeats line 1") as info:
+        load_questions(f)
+    assert len(str(info.value).splitlines()) == 1
+    errors: list = []  # capture --skip-bad: the second one is logged and skipped
+    assert [q.answer for q in load_questions(f, errors)] == ["1", "2"]
+    assert errors[0]["line"] == 3 and "repeats line 1" in errors[0]["error"]

@@ -40,7 +40,11 @@ def test_demo_never_deletes_a_run_it_did_not_make_and_grows_with_the_limit(tmp_p
     assert main(["demo", "--out", str(out), "--limit", "3", "--no-report", "--keep", "64", "--quiet"]) == 0
     assert main(["demo", "--out", str(out), "--limit", "4", "--no-report", "--keep", "64", "--quiet"]) == 0
     assert pl.read_parquet(out / "eval" / "accuracy.parquet")["n"].unique().to_list() == [4]  # grew, 3 reused
-    capsys.readouterr()
+    assert "note:" not in capsys.readouterr().out
+    assert main(["demo", "--out", str(out), "--limit", "2", "--no-report", "--keep", "64", "--quiet"]) == 0
+    notes = [x for x in capsys.readouterr().out.splitlines() if x.startswith("note:")]
+    assert len(notes) == 1 and "already holds 4 samples; --limit 2 does not shrink a run" in notes[0]
+    assert pl.read_parquet(out / "eval" / "accuracy.parquet")["n"].unique().to_list() == [4]  # as the note says
     assert main(["demo", "--out", str(out), "--agg-layer", "3", "--limit", "4", "--no-report", "--quiet"]) != 0
     err = capsys.readouterr().err.strip()
     assert "other settings" in err and "--overwrite" in err and len(err.splitlines()) == 1

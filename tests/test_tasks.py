@@ -126,6 +126,16 @@ def test_scienceqa_reads_img_questions_and_scores(tmp_path):
     assert pq["6"]["parsed"] == "D" and pq["7"]["parsed"] == "FAILED"
 
 
+def test_scienceqa_appends_the_letter_suffix_once(tmp_path):
+    base = make_scienceqa(tmp_path)
+    entries = json.loads((base / "llava_test_CQM-A.json").read_text())
+    entries[0]["conversations"][0]["value"] = "<image>\nContext: N/A\nq1?\nA. cat\nB. dog\nC. bird" + LETTER
+    write_json(base / "llava_test_CQM-A.json", entries)
+    first, second = get_task("scienceqa_img").read(base)[:2]
+    assert first.text == "Context: N/A\nq1?\nA. cat\nB. dog\nC. bird" + LETTER   # already there: kept once
+    assert second.text.endswith("B. blue" + LETTER) and second.text.count(LETTER.strip()) == 1  # appended
+
+
 def test_scienceqa_errors(tmp_path):
     base = make_scienceqa(tmp_path)
     task = get_task("scienceqa_img")

@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 
 import polars as pl
 
-from fastv_analysis.data import Question
+from fastv_analysis.data import Question, sample_name
 
 SHORT_ANSWER = "Answer the question using a single word or phrase."  # LLaVA-1.5's short-answer suffix
 LETTER_ANSWER = "Answer with the option's letter from the given choices directly."  # its multiple-choice suffix
@@ -143,7 +143,7 @@ def need(obj: dict, keys: Sequence[str], where: str) -> None:
 def require_images(questions: list[Question]) -> None:
     for q in questions:
         if not q.image.is_file():
-            raise FileNotFoundError(f"image {q.image} of question {q.question_id} does not exist")
+            raise FileNotFoundError(f"image {q.image} of {sample_name(q.question_id)} does not exist")
 
 
 # ---------------------------------------------------------------------------------------
@@ -199,6 +199,17 @@ def read_answers(path: str | Path, questions: Sequence[Question] | None = None) 
         out[qid] = obj["text"]
         first_line[qid] = number
     return out
+
+
+def file_name(question: Question) -> str:
+    """A question as the user's files name it: the question_id its answer carries (LLaVA's
+    id), and its prompt where that id is shared (MME: one id per image) or is not ours."""
+    record = answer_record(question)
+    name = sample_name(record["question_id"])
+    if str(record["question_id"]) == question.question_id:
+        return name
+    prompt = " ".join(str(record["prompt"]).split())
+    return f"{name} (prompt {prompt[:70] + '...' if len(prompt) > 70 else prompt!r})"
 
 
 def answer_record(question: Question) -> dict:
@@ -262,11 +273,12 @@ class Task:
         return questions
 
     def score(self, questions: Sequence[Question], answers: dict[str, str], *,
-              missing: str = "error") -> TaskScore:
+              missing: str = "error", skip_hint: str = "skip them with missing='skip'") -> TaskScore:
         """Score ``answers`` (``{question_id: model text}``) on ``questions`` the benchmark's way.
 
         ``missing="error"`` (default): every question needs an answer; ``"skip"``: unanswered
-        questions are left out (metrics then carry ``n_missing``).
+        questions are left out (metrics then carry ``n_missing``). ``skip_hint`` ends the
+        error's line (the CLI names its flag).
         """
         if missing not in ("error", "skip"):
             raise ValueError(f"missing must be 'error' or 'skip', got {missing!r}")
@@ -276,8 +288,8 @@ class Task:
             raise ValueError(f"answer for unknown question_id {unknown[0]} ({len(unknown)} unknown)")
         absent = [q for q in questions if q.question_id not in answers]
         if absent and missing == "error":
-            raise ValueError(f"no answer for question {absent[0].question_id} "
-                             f"({len(absent)} of {len(questions)} unanswered; skip them with missing='skip')")
+            raise ValueError(f"no answer for {file_name(absent[0])} "
+                             f"({len(absent)} of {len(questions)} unanswered; {skip_hint})")
         asked = [q for q in questions if q.question_id in answers]
         if not asked:
             raise ValueError("no question has an answer")

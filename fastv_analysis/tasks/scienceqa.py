@@ -72,7 +72,9 @@ def read(path: Path, image_root: Path | None, limit: int | None, check: bool) ->
         choices = [str(c) for c in prob["choices"]]
         if not isinstance(prob.get("answer"), int) or not 0 <= prob["answer"] < len(choices):
             raise ValueError(f"{base / 'problems.json'}: problem {pid}: answer is not an index into its choices")
-        text = str(entry["conversations"][0]["value"]).replace("<image>", "").strip() + "\n" + LETTER_ANSWER
+        text = str(entry["conversations"][0]["value"]).replace("<image>", "").strip()
+        if not text.endswith(LETTER_ANSWER):  # LLaVA-1.5's suffix, once (some files already end with it)
+            text += "\n" + LETTER_ANSWER
         out.append(Question(question_id=pid, image=root / entry["image"], text=text, answer=prob["answer"],
                             category=str(prob.get("subject") or ""), choices=choices,
                             meta={"skip_answer_ids": text_only, "llava_question_id": entry["id"],

@@ -47,7 +47,8 @@ def read(path: Path, image_root: Path | None, limit: int | None, check: bool) ->
     for i, q in enumerate(questions["questions"]):
         qid = str(q.get("question_id"))
         if qid not in by_id:
-            raise ValueError(f"{q_file}: question {i} (id {qid}) has no annotation in {a_file}")
+            raise ValueError(f"{q_file}: question {qid} (entry {i + 1} of 'questions') has no "
+                             f"annotation in {a_file}")
         ann = by_id[qid]
         human = [str(a["answer"]) for a in ann.get("answers", [])]
         if len(human) != 10:
