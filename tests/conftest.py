@@ -192,12 +192,15 @@ def assert_one_pair_per_sample(pred, acc) -> int:
     checked = 0
     for row in acc.iter_rows(named=True):
         mine = pred.filter(pl.col("agg_layer") == row["agg_layer"], pl.col("config") == row["config"],
-                           pl.col("keep") == row["keep"])
+                           pl.col("keep").eq_missing(row["keep"]))
         assert mine["sample_id"].n_unique() == mine.height == row["n"]
+        ratio = row.get("ratio")
         for ref, col in (("full", "vs_full"), ("avg_all_heads", "vs_avg"), ("random", "vs_random")):
+            if ref != "full" and ratio is not None:
+                ref = f"{ref} ratio {ratio:g}"
             other = pred.filter(pl.col("agg_layer") == row["agg_layer"], pl.col("config") == ref)
             if ref != "full":
-                other = other.filter(pl.col("keep") == row["keep"])
+                other = other.filter(pl.col("keep").eq_missing(row["keep"]))
             if row["config"] in (ref, "full") or other.height == 0:
                 assert row[f"mcnemar_p_{col}"] is None
                 continue

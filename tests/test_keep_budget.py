@@ -112,4 +112,14 @@ def test_keep_ratio_is_each_samples_own_n_through_select_and_eval(tmp_path, caps
     acc = pl.read_parquet(run / "eval" / "accuracy.parquet").filter(pl.col("method") != "full")
     assert acc.height == 2 and acc["keep"].is_null().all() and (acc["n"] == len(SIZES)).all()
     assert acc["prefill_ms"].is_not_null().all()  # the batch-1 timing found its configuration
+    # a ratio configuration is paired with the references at the same ratio, one pair per sample
+    rnd = acc.filter(pl.col("config") == "random ratio 0.5").row(0, named=True)
+    assert rnd["mcnemar_p_vs_avg"] is not None and rnd["mcnemar_p_vs_random"] is None
+    from conftest import assert_one_pair_per_sample
+
+    assert assert_one_pair_per_sample(pl.read_parquet(run / "eval" / "predictions.parquet"),
+                                      pl.read_parquet(run / "eval" / "accuracy.parquet")) >= 3
+    rel = pl.read_parquet(run / "eval" / "relations.parquet")
+    jac = rel.filter(pl.col("statistic") == "jaccard_vs_avg", pl.col("config") == "random ratio 0.5")
+    assert jac["n"].item() == len(SIZES)  # measured for every sample at its own count
     assert main(["report", str(run)]) == 0
