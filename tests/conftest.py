@@ -214,25 +214,10 @@ def assert_one_pair_per_sample(pred, acc) -> int:
     return checked
 
 
-TIMING_FILES = ("timing.parquet", "config_timing.parquet")
-
-
 def assert_same_tables(eval_a, eval_b) -> list[str]:
-    """Every parquet table of two eval folders is identical but for measured times (the
-    timing files and the accuracy table's timing columns). Returns the files compared."""
-    import polars as pl
-    from polars.testing import assert_frame_equal
+    """Every parquet table and answers file of two eval folders is identical but for
+    measured times (:func:`fastv_analysis.compare.table_differences`). Returns the tables."""
+    from fastv_analysis.compare import table_differences, table_names
 
-    from fastv_analysis.evaluate import TIMING_COLUMNS
-
-    timed = {*TIMING_COLUMNS, "timing_n", "batched_prefill_ms_per_set", "batched_decode_ms_per_token"}
-    names = sorted(p.name for p in eval_a.glob("*.parquet") if p.name not in TIMING_FILES)
-    assert names == sorted(p.name for p in eval_b.glob("*.parquet") if p.name not in TIMING_FILES)
-    for name in names:
-        a, b = pl.read_parquet(eval_a / name), pl.read_parquet(eval_b / name)
-        a, b = a.drop(*(timed & set(a.columns))), b.drop(*(timed & set(b.columns)))
-        assert_frame_equal(a, b, check_exact=True), name
-    answers = sorted(p.name for p in (eval_a / "answers").glob("*.jsonl"))
-    for name in answers:
-        assert (eval_a / "answers" / name).read_text() == (eval_b / "answers" / name).read_text(), name
-    return names
+    assert table_differences(eval_a, eval_b, stages=("",)) == []
+    return sorted(table_names(eval_a))

@@ -1,0 +1,51 @@
+"""Whether two runs' tables say the same thing: every parquet table of each stage, the
+answers files, nothing but measured times and storage bookkeeping left out.
+
+Used by the tests (two evals, one and two processes) and by ``benchmarks/compare_runs.py``
+(a demo before and after a refactor must give identical tables).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+
+TIMING_FILES = ("timing.parquet", "config_timing.parquet")
+"""Tables of measured seconds: never equal across runs."""
+TIMED_COLUMNS = frozenset({"prefill_ms", "prefill_ms_p25", "prefill_ms_p75", "decode_ms_per_token",
+                           "prefill_speedup_vs_full", "prefill_speedup_p25", "prefill_speedup_p75", "timing_n",
+                           "batched_prefill_ms_per_set", "batched_decode_ms_per_token"})
+"""The accuracy table's columns of measured time."""
+STAGES = ("", "select", "eval")
+"""Where a run keeps its tables: the capture's samples at the top, then each stage's folder."""
+
+
+def table_names(folder: Path) -> set[str]:
+    return {p.name for p in folder.glob("*.parquet") if p.name not in TIMING_FILES} if folder.is_dir() else set()
+
+
+def table_differences(a: str | Path, b: str | Path, stages=STAGES, ignore_columns=()) -> list[str]:
+    """One line per difference between the tables of folders (or runs) ``a`` and ``b``: a
+    table only one side has, a table whose rows or columns differ (exactly, in order), an
+    answers file that differs. Empty when they say the same thing."""
+    a, b = Path(a), Path(b)
+    skip = TIMED_COLUMNS | set(ignore_columns)
+    out = []
+    for stage in stages:
+        fa, fb = a / stage, b / stage
+        names_a, names_b = table_names(fa), table_names(fb)
+        out += [f"{stage or '.'}/{n}: only in {a if n in names_a else b}" for n in sorted(names_a ^ names_b)]
+        for name in sorted(names_a & names_b):
+            ta, tb = pl.read_parquet(fa / name), pl.read_parquet(fb / name)
+            ta, tb = ta.drop(*(skip & set(ta.columns))), tb.drop(*(skip & set(tb.columns)))
+            if ta.columns != tb.columns:
+                out.append(f"{stage or '.'}/{name}: columns differ ({sorted(set(ta.columns) ^ set(tb.columns))})")
+            elif not ta.equals(tb):
+                out.append(f"{stage or '.'}/{name}: {ta.height} vs {tb.height} rows, values differ")
+        answers_a, answers_b = fa / "answers", fb / "answers"
+        for name in sorted({p.name for p in answers_a.glob("*.jsonl")} | {p.name for p in answers_b.glob("*.jsonl")}):
+            ja, jb = answers_a / name, answers_b / name
+            if not (ja.exists() and jb.exists() and ja.read_bytes() == jb.read_bytes()):
+                out.append(f"{stage or '.'}/answers/{name}: differs")
+    return out
