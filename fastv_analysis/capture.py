@@ -304,6 +304,8 @@ def run_capture(cfg: CaptureConfig, progress: bool = True, command: list[str] | 
         writer = RunWriter(cfg.out, run_config, overwrite=cfg.overwrite and rank == 0, rank=rank)
     if state is not None:
         state.wait_for_everyone()
+    for line in writer.repaired:  # damaged or missing parts, removed: their samples are captured again
+        print(f"capture: {line}", file=sys.stderr)
     try:
         info = _capture_samples(cfg, writer, questions, order, bad_lines, loaded, adapter, max_tokens, store_dtype,
                                 rank, world, state, progress)
@@ -318,6 +320,7 @@ def run_capture(cfg: CaptureConfig, progress: bool = True, command: list[str] | 
         raise ValueError(f"{cfg.data}: no sample could be captured ({info['bad']} bad"
                          f"{'; first: ' + first if first else ''})")
     info.pop("first_error", None)
+    info["repaired"] = writer.repaired
     return info
 
 

@@ -8,7 +8,7 @@ import sys
 import torch
 
 from fastv_analysis.cli.main import main
-from fastv_analysis.store import open_run
+from fastv_analysis.store import STORAGE_COLUMNS, open_run
 
 from conftest import write_questions
 
@@ -57,8 +57,9 @@ def test_two_process_capture_equals_single_process(checkpoints, tmp_path):
     assert not list((tmp_path / "dist" / "attention").glob(".*tmp*"))
 
     assert dist.samples["sample_id"].to_list() == list(range(N_SAMPLES))
-    cols = [c for c in one.samples.columns if c not in ("shard", "part_row", "capture_seconds")]
-    assert sorted(cols) == sorted(c for c in dist.samples.columns if c not in ("shard", "part_row", "capture_seconds"))
+    layout = (*STORAGE_COLUMNS, "capture_seconds")  # where and how fast, not what
+    cols = [c for c in one.samples.columns if c not in layout]
+    assert sorted(cols) == sorted(c for c in dist.samples.columns if c not in layout)
     assert dist.samples.select(cols).equals(one.samples.select(cols))
     for s in range(N_SAMPLES):
         a, b = dist.last_token_attention(s, 2), one.last_token_attention(s, 2)
