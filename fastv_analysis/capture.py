@@ -257,7 +257,8 @@ def run_capture(cfg: CaptureConfig, progress: bool = True, command: list[str] | 
     bad_lines: list[dict] = []
     cfg.benchmark = resolve_benchmark(cfg.data, cfg.benchmark)
     image_root = str(Path(cfg.out).resolve() / "benchmark-images") if cfg.benchmark == "mmbench" else None
-    questions = run_questions(cfg.data, cfg.benchmark, image_root, bad_lines if cfg.skip_bad else None)
+    questions = run_questions(cfg.data, cfg.benchmark, image_root, bad_lines if cfg.skip_bad else None,
+                              missing_images_ok=cfg.skip_bad)
     order = sample_order(questions, cfg.subsample, cfg.subsample_seed, cfg.limit)
     rank, world, state = _distributed(cfg.device)
     loaded = load_model(cfg.model, cfg.device if state is None else str(state.device), cfg.dtype)

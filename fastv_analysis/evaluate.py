@@ -635,7 +635,8 @@ def run_eval(cfg: EvalConfig, progress: bool = True, command: list[str] | None =
     image_root = run.config.get("image_root")
     if image_root and not Path(image_root).exists() and (run.root / "benchmark-images").exists():
         image_root = str(run.root / "benchmark-images")  # a moved run
-    questions = run_questions(data_file, benchmark, image_root, errors=[])  # capture's list
+    # capture's list; a sample --skip-bad skipped for its missing image is not in the run
+    questions = run_questions(data_file, benchmark, image_root, errors=[], missing_images_ok=True)
     selections = configurations(pl.read_parquet(sel_path), cfg,
                                 lambda ids, available: complete_groups(ids, questions, available))
     selections = with_schedule(with_full_control(selections, sample_layouts(run.samples)), cfg.then)
