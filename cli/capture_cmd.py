@@ -62,6 +62,7 @@ def capture_cmd(model, data, benchmark, subsample, subsample_seed, out, agg_laye
     """
     from fastv_analysis.capture import CaptureConfig, run_capture
     from fastv_analysis.loading import DEFAULT_DATA, DEFAULT_MODEL
+    from fastv_analysis.lock import run_lock
 
     cfg = CaptureConfig(model=model or DEFAULT_MODEL, data=data or DEFAULT_DATA, out=out,
                         agg_layers=list(agg_layers), queries=queries, device=device, dtype=dtype,
@@ -69,7 +70,8 @@ def capture_cmd(model, data, benchmark, subsample, subsample_seed, out, agg_laye
                         prompt_template=prompt_template, store_dtype=store_dtype, overwrite=overwrite,
                         part_size=part_size, benchmark=benchmark, subsample=subsample,
                         subsample_seed=subsample_seed, store=list(store))
-    info = run_capture(cfg, progress=not quiet, command=sys.argv)
+    with run_lock(out, "capture", device):  # one capture per run directory (a launch's ranks share it)
+        info = run_capture(cfg, progress=not quiet, command=sys.argv)
     if info["n_samples"] is not None:
         acc = "" if info["accuracy"] is None else f", full-model accuracy {info['accuracy']:.1%}"
         click.echo(f"capture: {info['captured']} new samples ({info['skipped_done']} already done, "

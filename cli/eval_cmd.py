@@ -62,6 +62,7 @@ def eval_cmd(run, agg_layers, methods, configs, alphas, then, keeps, keep_ratios
     statistics) and eval.json.
     """
     from fastv_analysis.evaluate import EvalConfig, run_eval
+    from fastv_analysis.lock import run_lock
 
     configs = [c.strip() for c in configs.split(",") if c.strip()] if configs else None
     stages = None
@@ -78,7 +79,8 @@ def eval_cmd(run, agg_layers, methods, configs, alphas, then, keeps, keep_ratios
                      keeps=keeps, keep_ratios=keep_ratios,
                      max_new_tokens=max_new_tokens, device=device, dtype=dtype, limit=limit, batch_size=batch_size,
                      timing_samples=timing_samples, timing_repeats=timing_repeats, compare_mask=compare_mask)
-    info = run_eval(cfg, progress=not quiet, command=sys.argv)
+    with run_lock(run, "eval", device):  # one eval per run directory (a launch's ranks share it)
+        info = run_eval(cfg, progress=not quiet, command=sys.argv)
     if "rank" in info:  # a non-zero process of a sharded eval: rank 0 writes the tables
         click.echo(f"eval[{info['rank']}]: {info['n_samples']} samples answered")
         return

@@ -10,6 +10,8 @@ import sys
 
 import click
 
+from fastv_analysis.lock import RunLocked
+
 from .capture_cmd import capture_cmd
 from .demo_cmd import demo_cmd
 from .eval_cmd import eval_cmd
@@ -41,7 +43,7 @@ def main(args: list[str] | None = None) -> int:
     except click.ClickException as e:
         click.echo(f"Error: {e.format_message()}", err=True)
         return e.exit_code
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except (ValueError, FileNotFoundError, KeyError, RunLocked) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         click.echo(f"Error: {msg}", err=True)
         return 2

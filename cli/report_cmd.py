@@ -22,9 +22,11 @@ def report_cmd(run, out, notebook, verbose):
     A failure prints one line (the failing cell and its error) and leaves no temporary files."""
     from pathlib import Path
 
+    from fastv_analysis.lock import run_lock
     from fastv_analysis.report import render
 
-    path = render(run, out, notebook=notebook, verbose=verbose)
+    with run_lock(run, "report"):
+        path = render(run, out, notebook=notebook, verbose=verbose)
     figures = Path(run) / "figures"
     where = f" (figures in {figures}/)" if figures.is_dir() else ""
     click.echo(f"report: {path}{where}")

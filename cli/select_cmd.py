@@ -48,6 +48,7 @@ def select_cmd(run, methods, queries, alphas, keeps, keep_ratios, agg_layers, se
     overlap_summary.parquet (agreement between configurations), heads.parquet (head
     statistics) and select.json (what was run).
     """
+    from fastv_analysis.lock import run_lock
     from fastv_analysis.select import run_select
 
     for a in alphas:
@@ -56,9 +57,10 @@ def select_cmd(run, methods, queries, alphas, keeps, keep_ratios, agg_layers, se
     for r in keep_ratios:
         if not 0.0 <= r <= 1.0:
             raise click.BadParameter(f"ratio {r:g} is outside [0, 1]", param_hint="--keep-ratio")
-    info = run_select(run, methods, alphas, keeps, keep_ratios, agg_layers, seed=seed,
-                      chunk_size=chunk_size, progress=not quiet, command=sys.argv, newline=newline,
-                      queries=queries)
+    with run_lock(run, "select"):
+        info = run_select(run, methods, alphas, keeps, keep_ratios, agg_layers, seed=seed,
+                          chunk_size=chunk_size, progress=not quiet, command=sys.argv, newline=newline,
+                          queries=queries)
     click.echo(f"select: {info['n_samples']} samples x {info['n_configurations']} configurations "
                f"(layers {info['agg_layers']}, keeps {info['keeps']}"
                + (f", ratios {info['keep_ratios']} of each sample's N" if info["keep_ratios"] else "")

@@ -32,13 +32,15 @@ def resolve_benchmark(data: str | Path, benchmark: str | None) -> str | None:
 
 
 def run_questions(data: str | Path, benchmark: str | None, image_root: str | Path | None = None,
-                  errors: list[dict] | None = None) -> list[Question]:
-    """Every question of the run's data, in a fixed order (sample_id = position)."""
+                  errors: list[dict] | None = None, missing_images_ok: bool = False) -> list[Question]:
+    """Every question of the run's data, in a fixed order (sample_id = position).
+    ``missing_images_ok`` (capture --skip-bad): a benchmark question whose image is missing
+    is kept, for capture to skip and log like any unreadable image."""
     if benchmark is None:
         return load_questions(data, errors)
     from .tasks import get_task
 
-    return get_task(benchmark).read(data, image_root=image_root)
+    return get_task(benchmark).read(data, image_root=image_root, missing_images_ok=missing_images_ok)
 
 
 def question_group(question: Question) -> str | None:

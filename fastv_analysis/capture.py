@@ -92,7 +92,31 @@ def _distributed(device: str = "auto"):
                                f"({state.distributed_type}); start with torchrun/accelerate launch and a matching "
                                "--device")
         return state.process_index, state.num_processes, state
+    _refuse_single_process_launch()
     return 0, 1, None
+
+
+SEVERAL_PROCESSES = ("torchrun --nproc_per_node N $(which fastv-analyze) ... or accelerate launch --multi_gpu "
+                     "--num_processes N $(which fastv-analyze) ... (--device cpu: CPU processes, gloo)")
+
+
+def _refuse_single_process_launch() -> None:
+    """Stop a launch that asked for several processes but started this one alone.
+
+    ``accelerate launch --cpu --num_processes N`` (and ``--num_processes N`` without
+    ``--multi_gpu`` on a machine without GPUs) runs N processes only through mpirun; without it
+    accelerate starts one process with MASTER_ADDR set and no WORLD_SIZE (accelerate 1.15), which
+    would silently do the work of N. Under mpirun no process sets WORLD_SIZE either.
+    """
+    env = os.environ
+    if "WORLD_SIZE" in env:
+        return
+    mpi = max(int(env.get(k, "1")) for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE"))
+    accelerate_alone = "ACCELERATE_USE_CPU" in env and "MASTER_ADDR" in env
+    if mpi > 1 or accelerate_alone:
+        how = "mpirun" if mpi > 1 else "accelerate launch without --multi_gpu"
+        raise ValueError(f"{how} started this process alone (no WORLD_SIZE): several processes need "
+                         f"{SEVERAL_PROCESSES}")
 
 
 def prepare(sample_id: int, question, processor, cfg: CaptureConfig, max_tokens: int, image_token_id: int) -> Prepared:
@@ -258,7 +282,8 @@ def run_capture(cfg: CaptureConfig, progress: bool = True, command: list[str] | 
     bad_lines: list[dict] = []
     cfg.benchmark = resolve_benchmark(cfg.data, cfg.benchmark)
     image_root = str(Path(cfg.out).resolve() / "benchmark-images") if cfg.benchmark == "mmbench" else None
-    questions = run_questions(cfg.data, cfg.benchmark, image_root, bad_lines if cfg.skip_bad else None)
+    questions = run_questions(cfg.data, cfg.benchmark, image_root, bad_lines if cfg.skip_bad else None,
+                              missing_images_ok=cfg.skip_bad)
     order = sample_order(questions, cfg.subsample, cfg.subsample_seed, cfg.limit)
     rank, world, state = _distributed(cfg.device)
     loaded = load_model(cfg.model, cfg.device if state is None else str(state.device), cfg.dtype)
@@ -305,6 +330,8 @@ def run_capture(cfg: CaptureConfig, progress: bool = True, command: list[str] | 
         writer = RunWriter(cfg.out, run_config, overwrite=cfg.overwrite and rank == 0, rank=rank)
     if state is not None:
         state.wait_for_everyone()
+    for line in writer.repaired:  # damaged or missing parts, removed: their samples are captured again
+        print(f"capture: {line}", file=sys.stderr)
     try:
         info = _capture_samples(cfg, writer, questions, order, bad_lines, loaded, adapter, max_tokens, store_dtype,
                                 rank, world, state, progress)
@@ -319,6 +346,7 @@ def run_capture(cfg: CaptureConfig, progress: bool = True, command: list[str] | 
         raise ValueError(f"{cfg.data}: no sample could be captured ({info['bad']} bad"
                          f"{'; first: ' + first if first else ''})")
     info.pop("first_error", None)
+    info["repaired"] = writer.repaired
     return info
 
 

@@ -14,7 +14,10 @@ with it: ``eval.json``'s ``full_vs_capture``).
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
+import re
 import shutil
 import sys
 import time
@@ -655,28 +658,70 @@ def _settings_key(model_id: str, data_sha256: str, max_new_tokens: int, selectio
 class EvalParts:
     """Answers of finished samples, in parts under RUN/.eval-parts/<key>/, so an
     interrupted eval resumes where it stopped (key: selections, model, answer length).
-    Each process of a sharded eval writes its own ``answers-R-N`` / ``timing-R-N`` parts."""
+    Each process of a sharded eval writes its own ``answers-R-N`` / ``timing-R-N`` parts, and
+    last ``part-R-N.json`` with both files' sha256: a part counts once that lands and its
+    files match it. A damaged part is removed (its samples are answered again, said in one
+    line on stderr); a sample found in two parts (an older version's concurrent evals)
+    counts once."""
+
+    _NUMBER = re.compile(r"^(?:answers|timing|part)-(\d+)-(\d+)\.(?:parquet|json)$")
 
     def __init__(self, root: Path, key: str, rank: int = 0):
         self.dir = root / ".eval-parts" / key
         self.rank = rank
         self.dir.mkdir(parents=True, exist_ok=True)
 
+    def _read(self, name: str) -> tuple[pl.DataFrame, pl.DataFrame] | str:
+        """A part's (answers, timing), or what is wrong with it."""
+        files = {kind: self.dir / f"{kind}-{name}.parquet" for kind in ("answers", "timing")}
+        manifest = self.dir / f"part-{name}.json"
+        try:
+            sums = json.loads(manifest.read_text()) if manifest.exists() else {}  # none: an older version's part
+        except ValueError:
+            return f"{manifest} is damaged"
+        for kind, path in files.items():
+            if not path.is_file():
+                return f"{path} is missing"
+            if kind in sums and hashlib.sha256(path.read_bytes()).hexdigest() != sums[kind]:
+                return f"{path} is damaged (its sha256 differs from {manifest.name})"
+        try:
+            return pl.read_parquet(files["answers"]), pl.read_parquet(files["timing"])
+        except Exception as err:  # polars raises several kinds on an unreadable file
+            return f"{files['answers']} or its timing is unreadable ({err.__class__.__name__})"
+
     def load(self) -> tuple[pl.DataFrame, pl.DataFrame]:
-        """Answers and timings of complete parts (a part is complete once its timing landed)."""
-        timing = sorted(self.dir.glob("timing-*.parquet"))
-        answers = [self.dir / f.name.replace("timing-", "answers-") for f in timing]
-        return (pl.concat([pl.read_parquet(f) for f in answers]) if answers else pl.DataFrame(schema=ANSWER_SCHEMA),
-                pl.concat([pl.read_parquet(f) for f in timing]) if timing else pl.DataFrame(schema=TIMING_SCHEMA))
+        """Answers and timings of complete, intact parts, each sample from the first part holding it."""
+        names = sorted({f.stem.split("-", 1)[1] for f in self.dir.glob("part-*.json")}
+                       | {f.stem.split("-", 1)[1] for f in self.dir.glob("timing-*.parquet")})
+        answers, timing, seen = [], [], set()
+        for name in names:
+            part = self._read(name)
+            if isinstance(part, str):
+                print(f"eval: {part}: its samples are answered again", file=sys.stderr)
+                for kind in ("part-{}.json", "timing-{}.parquet", "answers-{}.parquet"):
+                    (self.dir / kind.format(name)).unlink(missing_ok=True)
+                continue
+            new = pl.col("sample_id").is_in(list(seen)).not_()
+            answers.append(part[0].filter(new))
+            timing.append(part[1].filter(new))
+            seen |= set(part[1]["sample_id"].to_list())
+        return (pl.concat(answers) if answers else pl.DataFrame(schema=ANSWER_SCHEMA),
+                pl.concat(timing) if timing else pl.DataFrame(schema=TIMING_SCHEMA))
 
     def write(self, answers: list[dict], timing: list[dict]) -> None:
-        """Answers first, timing last: a part counts only once both are there."""
+        """Answers, timing, then their sha256 in part-R-N.json: a part counts only once all three are there."""
         if not timing:
             return
-        numbers = [int(f.stem.split("-")[-1]) for f in self.dir.glob(f"*-{self.rank:03d}-*.parquet")]
+        found = (self._NUMBER.match(f.name) for f in self.dir.iterdir())
+        numbers = [int(m[2]) for m in found if m and int(m[1]) == self.rank]
         n = f"{self.rank:03d}-{max(numbers, default=-1) + 1:05d}"
-        atomic_write_parquet(pl.DataFrame(answers, schema=ANSWER_SCHEMA), self.dir / f"answers-{n}.parquet")
-        atomic_write_parquet(pl.DataFrame(timing, schema=TIMING_SCHEMA), self.dir / f"timing-{n}.parquet")
+        sums = {}
+        for kind, rows, schema in (("answers", answers, ANSWER_SCHEMA), ("timing", timing, TIMING_SCHEMA)):
+            buffer = io.BytesIO()
+            pl.DataFrame(rows, schema=schema).write_parquet(buffer)
+            sums[kind] = hashlib.sha256(buffer.getvalue()).hexdigest()
+            atomic_write_bytes(self.dir / f"{kind}-{n}.parquet", buffer.getvalue())
+        atomic_write_json(self.dir / f"part-{n}.json", sums)
 
 
 def run_eval(cfg: EvalConfig, progress: bool = True, command: list[str] | None = None) -> dict:
@@ -716,7 +761,8 @@ def run_eval(cfg: EvalConfig, progress: bool = True, command: list[str] | None =
     image_root = run.config.get("image_root")
     if image_root and not Path(image_root).exists() and (run.root / "benchmark-images").exists():
         image_root = str(run.root / "benchmark-images")  # a moved run
-    questions = run_questions(data_file, benchmark, image_root, errors=[])  # capture's list
+    # capture's list; a sample --skip-bad skipped for its missing image is not in the run
+    questions = run_questions(data_file, benchmark, image_root, errors=[], missing_images_ok=True)
     selections = configurations(pl.read_parquet(sel_path), cfg,
                                 lambda ids, available: complete_groups(ids, questions, available))
     selections = with_schedule(with_full_control(selections, sample_layouts(run.samples)), cfg.then)

@@ -22,7 +22,10 @@ MC_SUFFIX = "Answer with the option's letter from the given choices directly."
 def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    dev = torch.device(device)
+    # accelerate names a CPU process's device "cpu:0"; a model moved there computes some
+    # rows 1 ulp away from one on "cpu" (torch 2.13), and a launch's ranks must match one process
+    return torch.device("cpu") if dev.type == "cpu" else dev
 
 
 def sync_device(device: torch.device) -> None:

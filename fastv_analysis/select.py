@@ -549,6 +549,7 @@ def run_select(
     if not keep_list and not keep_ratios:
         raise ValueError("no keep counts given: pass --keep or --keep-ratio")
 
+    run.check_parts(full=True)  # a damaged part stops select here, before .select.tmp exists (hashed once)
     final = run.root / "select"
     tmp = run.root / ".select.tmp"
     shutil.rmtree(tmp, ignore_errors=True)

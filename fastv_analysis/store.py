@@ -21,6 +21,7 @@ re-run skips exactly the samples whose part is complete.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -72,7 +73,12 @@ SAMPLE_COLUMNS = {
     "grid_rows": pl.Int64,  # the sample's spatial grid and each image token's cell on it
     "grid_cols": pl.Int64,  # (fastv_analysis.layout: -1 off the grid, -2 a newline token)
     "token_cells": pl.List(pl.Int32),
+    "part_sha256": pl.Utf8,  # the sample's part file: its sha256 and size, checked by every reader
+    "part_bytes": pl.Int64,
 }
+
+STORAGE_COLUMNS = ("shard", "part_row", "part_sha256", "part_bytes")
+"""Columns of samples.parquet that say where a sample is stored, not what it is."""
 
 _PART = re.compile(r"^part-(\d+)-(\d+)\.parquet$")
 _LAST = re.compile(r"^(\d+)/L(\d+)/last$")
@@ -117,6 +123,51 @@ class RunMismatchError(ValueError):
     """An existing run directory was made with other settings."""
 
 
+class DamagedPartError(ValueError):
+    """A stored part is missing, truncated or altered; the message names it and the repair."""
+
+
+def part_problem(path: Path, sha256: str | None, size: int | None, *, full: bool = True) -> str | None:
+    """None when the part file is what its index recorded; else what is wrong with it.
+    ``full=False`` checks presence and size only (a stat); ``full`` also hashes the bytes."""
+    from .provenance import file_sha256
+
+    if not path.is_file():
+        return "is missing"
+    actual = path.stat().st_size
+    if size is not None and actual != size:
+        return f"is damaged ({actual:,} bytes, its index says {size:,})"
+    if full and sha256 is not None and file_sha256(path) != sha256:
+        return "is damaged (its sha256 differs from its index)"
+    return None
+
+
+_CAPTURE_FLAGS = (("benchmark", "--benchmark", None), ("queries", "--queries", "last"),
+                  ("store_dtype", "--store-dtype", "float32"), ("max_new_tokens", "--max-new-tokens", 10),
+                  ("prompt_template", "--prompt-template", None), ("subsample", "--subsample", None),
+                  ("subsample_seed", "--subsample-seed", 0), ("limit", "--limit", None))
+
+
+def capture_command(root: str | Path, config: dict) -> str:
+    """The capture command that resumes (and so repairs) the run in ``root``, from its run.json."""
+    import shlex
+
+    if "settings" not in config:  # not made by `fastv-analyze capture` (a synthetic run)
+        return f"the capture that made {root}, again"
+    settings = config["settings"]
+    args = ["fastv-analyze", "capture", "--model", config["model"], "--data", config["data"], "--out", str(root),
+            "--agg-layers", ",".join(str(k) for k in config["agg_layers"])]
+    for key, flag, default in _CAPTURE_FLAGS:
+        value = config.get(key, settings.get(key))
+        if value is not None and value != default:
+            args += [flag, str(value)]
+    if config.get("store"):
+        args += ["--store", ",".join(config["store"])]
+    if settings.get("dtype", "auto") != "auto":
+        args += ["--dtype", settings["dtype"]]
+    return shlex.join(args)
+
+
 class RunWriter:
     """Writes a run directory part by part; safe to interrupt and resume.
 
@@ -144,7 +195,29 @@ class RunWriter:
         if rank == 0:
             atomic_write_json(run_json, config)
         self.config = config
+        self.repaired = self.drop_damaged_parts() if rank == 0 and not overwrite else []
         self._next = 1 + max((n for r, n in self._parts() if r == rank), default=-1)
+
+    def drop_damaged_parts(self) -> list[str]:
+        """Remove every part whose tensor file is missing or differs from its index (or whose
+        index is unreadable), so that resuming captures exactly their samples again; returns
+        one line per removed part. Each part is read and hashed once."""
+        lines = []
+        for index in sorted(self.attention_dir.glob("part-*.parquet")):
+            tensors = index.with_suffix(".safetensors")
+            try:
+                rows = pl.read_parquet(index)
+            except Exception:  # a damaged index: its samples are not known to be stored
+                problem, n = "has an unreadable index", "its"
+            else:
+                sha = rows["part_sha256"][0] if "part_sha256" in rows.columns and rows.height else None
+                size = rows["part_bytes"][0] if "part_bytes" in rows.columns and rows.height else None
+                problem, n = part_problem(tensors, sha, size), f"its {rows.height}"
+            if problem:
+                index.unlink()
+                tensors.unlink(missing_ok=True)
+                lines.append(f"{tensors.relative_to(self.root)} {problem}: {n} samples are captured again")
+        return lines
 
     def _parts(self) -> list[tuple[int, int]]:
         found = (_PART.match(p.name) for p in self.attention_dir.glob("part-*.parquet"))
@@ -186,7 +259,8 @@ class RunWriter:
                 out.update({attention_key(rows[i]["sample_id"], layer): v for i, v in by_row.items()})
         blob = save({k: v.contiguous().cpu() for k, v in out.items()})
         atomic_write_bytes(self.attention_dir / f"{name}.safetensors", blob)
-        frame = pl.DataFrame([{**r, "shard": name, "part_row": i} for i, r in enumerate(rows)],
+        check = {"part_sha256": hashlib.sha256(blob).hexdigest(), "part_bytes": len(blob)}
+        frame = pl.DataFrame([{**r, "shard": name, "part_row": i, **check} for i, r in enumerate(rows)],
                              schema_overrides=_present(rows))
         atomic_write_parquet(frame, self.attention_dir / f"{name}.parquet")
         return name
@@ -207,7 +281,7 @@ class RunWriter:
 
 
 def _present(rows: list[dict]) -> dict:
-    keys = set().union(*(r.keys() for r in rows)) if rows else set()
+    keys = set().union(*(r.keys() for r in rows), {"part_sha256", "part_bytes"}) if rows else set()
     return {k: t for k, t in SAMPLE_COLUMNS.items() if k in keys}
 
 
@@ -243,6 +317,7 @@ class Run:
     config: dict
     samples: pl.DataFrame
     _handles: dict = field(default_factory=dict, repr=False)
+    _verified: set = field(default_factory=set, repr=False)  # parts whose sha256 matched their index
 
     @property
     def agg_layers(self) -> list[int]:
@@ -252,6 +327,30 @@ class Run:
     def _shard_of(self) -> dict[int, tuple[str, int]]:
         rows = self.samples["part_row"].to_list() if "part_row" in self.samples.columns else [0] * self.samples.height
         return dict(zip(self.samples["sample_id"].to_list(), zip(self.samples["shard"].to_list(), rows)))
+
+    @cached_property
+    def _part_checks(self) -> dict[str, tuple[str | None, int | None]]:
+        """Each part's recorded (sha256, bytes); (None, None) for runs stored before checksums."""
+        cols = [c for c in ("part_sha256", "part_bytes") if c in self.samples.columns]
+        parts = self.samples.select("shard", *cols).unique("shard", keep="first", maintain_order=True)
+        return {row["shard"]: (row.get("part_sha256"), row.get("part_bytes")) for row in parts.iter_rows(named=True)}
+
+    def _check_part(self, shard: str, full: bool) -> None:
+        if shard in self._verified:
+            return
+        path = self.attention_dir / f"{shard}.safetensors"
+        problem = part_problem(path, *self._part_checks.get(shard, (None, None)), full=full)
+        if problem:
+            raise DamagedPartError(f"{path} {problem}: run `{capture_command(self.root, self.config)}` to "
+                                   "capture its samples again")
+        if full:
+            self._verified.add(shard)
+
+    def check_parts(self, full: bool = False) -> None:
+        """Every part present with its recorded size (a stat each; :func:`open_run` does this);
+        ``full``: also hash each part not hashed yet (a reader hashes a part when it first opens it)."""
+        for shard in self._part_checks:
+            self._check_part(shard, full=full)
 
     @property
     def sample_ids(self) -> list[int]:
@@ -265,6 +364,7 @@ class Run:
         except KeyError:
             raise KeyError(f"sample_id {sample_id} is not in {self.root / 'samples.parquet'}") from None
         if shard not in self._handles:
+            self._check_part(shard, full=True)  # hashed once per part and Run
             self._handles[shard] = safe_open(str(self.attention_dir / f"{shard}.safetensors"), framework="pt")
         handle = self._handles[shard]
         if key in handle.keys():
@@ -354,7 +454,15 @@ def open_run(path: str | Path) -> Run:
         config = json.loads(run_json.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{run_json} is not valid JSON: {err}") from None
-    return Run(root=root, config=config, samples=pl.read_parquet(index))
+    try:
+        samples = pl.read_parquet(index)
+    except Exception as err:  # polars raises several kinds on a truncated or altered file
+        raise DamagedPartError(f"{index} is damaged ({err.__class__.__name__}): run "
+                               f"`{capture_command(root, config)}` to rebuild it from the parts") from None
+    run = Run(root=root, config=config, samples=samples)
+    if "shard" in run.samples.columns:
+        run.check_parts()
+    return run
 
 
 def write_synthetic_run(root: str | Path, attention: dict, *, part_size: int = 64, config: dict | None = None) -> Run:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fastv_analysis.cli.main import main
-from fastv_analysis.store import open_run
+from fastv_analysis.store import STORAGE_COLUMNS, open_run
 
 from conftest import write_questions
 
@@ -111,7 +111,7 @@ def test_interrupted_capture_resumes_without_duplicates(checkpoints, tmp_path, m
     assert capture(checkpoints["mha"], data, tmp_path / "resumed") == 0
     whole, resumed = open_run(tmp_path / "whole"), open_run(tmp_path / "resumed")
     assert resumed.samples["sample_id"].to_list() == [0, 1, 2, 3, 4]
-    layout = ("shard", "part_row", "capture_seconds")  # where and how fast, not what
+    layout = (*STORAGE_COLUMNS, "capture_seconds")  # where and how fast, not what
     assert whole.samples.drop(layout).equals(resumed.samples.drop(layout))
     for s in range(5):
         assert torch.equal(whole.last_token_attention(s, 2), resumed.last_token_attention(s, 2))

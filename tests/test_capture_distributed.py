@@ -8,7 +8,7 @@ import sys
 import torch
 
 from fastv_analysis.cli.main import main
-from fastv_analysis.store import open_run
+from fastv_analysis.store import STORAGE_COLUMNS, open_run
 
 from conftest import write_questions
 
@@ -21,15 +21,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun_cli(*args, timeout=120):
-    """``fastv-analyze ARGS`` under torchrun: 2 CPU processes (gloo), offline, one thread each."""
+LAUNCHERS = {  # 2 CPU processes, as README gives them
+    "torchrun": ["-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+                 "--master-addr", "127.0.0.1", "--master-port", "{port}"],
+    "accelerate": ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                   "--main_process_port", "{port}"],
+    "accelerate --cpu": ["-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+                         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                         "--main_process_port", "{port}"],
+}
+
+
+def torchrun_cli(*args, timeout=120, launcher="torchrun"):
+    """``fastv-analyze ARGS`` under a launcher: 2 CPU processes (gloo), offline, one thread each."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
                                                              "MASTER_PORT", "CUDA_VISIBLE_DEVICES")}
     env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", GLOO_SOCKET_IFNAME="lo", HF_HUB_OFFLINE="1",
                TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
-           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
-           "-m", "fastv_analysis.cli.main", *[str(a) for a in args], "--device", "cpu", "--quiet"]
+    start = [a.format(port=_free_port()) for a in LAUNCHERS[launcher]]
+    cmd = [sys.executable, *start, "-m", "fastv_analysis.cli.main", *[str(a) for a in args], "--device", "cpu",
+           "--quiet"]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -57,9 +69,58 @@ def test_two_process_capture_equals_single_process(checkpoints, tmp_path):
     assert not list((tmp_path / "dist" / "attention").glob(".*tmp*"))
 
     assert dist.samples["sample_id"].to_list() == list(range(N_SAMPLES))
-    cols = [c for c in one.samples.columns if c not in ("shard", "part_row", "capture_seconds")]
-    assert sorted(cols) == sorted(c for c in dist.samples.columns if c not in ("shard", "part_row", "capture_seconds"))
+    layout = (*STORAGE_COLUMNS, "capture_seconds")  # where and how fast, not what
+    cols = [c for c in one.samples.columns if c not in layout]
+    assert sorted(cols) == sorted(c for c in dist.samples.columns if c not in layout)
     assert dist.samples.select(cols).equals(one.samples.select(cols))
     for s in range(N_SAMPLES):
         a, b = dist.last_token_attention(s, 2), one.last_token_attention(s, 2)
         assert a.shape == b.shape and torch.equal(a, b), f"sample {s}: attention differs"
+
+
+def test_accelerate_launch_captures_and_evaluates_like_one_process(checkpoints, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2 ... --device cpu` starts 2 gloo processes that
+    write what one process writes; `accelerate launch --cpu --num_processes 2` starts one process
+    (accelerate 1.15 runs several CPU processes only through mpirun): refused in one line."""
+    import polars as pl
+
+    data = write_questions(tmp_path / "d", n=3)
+    args = ["--model", checkpoints["gqa"], "--data", data, "--max-new-tokens", "2"]
+    proc = torchrun_cli("capture", *args, "--out", tmp_path / "alone", launcher="accelerate --cpu")
+    assert proc.returncode != 0  # ours exits 2; accelerate's launcher turns that into 1
+    err = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
+    assert len(err) == 1 and "torchrun --nproc_per_node N" in err[0] and "--multi_gpu" in err[0]
+    assert not (tmp_path / "alone").exists()
+
+    proc = torchrun_cli("capture", *args, "--out", tmp_path / "two", launcher="accelerate")
+    assert proc.returncode == 0, f"accelerate capture failed:\n{proc.stdout}\n{proc.stderr}"
+    assert main(["capture", *map(str, args), "--out", str(tmp_path / "one"), "--device", "cpu", "--quiet"]) == 0
+    two, one = open_run(tmp_path / "two"), open_run(tmp_path / "one")
+    assert {s.split("-")[1] for s in two.samples["shard"].to_list()} == {"000", "001"}
+    layout = (*STORAGE_COLUMNS, "capture_seconds")
+    assert two.samples.drop(layout).equals(one.samples.drop(layout))
+    assert torch.equal(two.stack(2, [0, 1, 2]), one.stack(2, [0, 1, 2]))
+    for run in ("two", "one"):
+        assert main(["select", str(tmp_path / run), "--keep", "64,8", "--methods", "avg_all_heads,random",
+                     "--quiet"]) == 0
+    assert pl.read_parquet(tmp_path / "two" / "select" / "selections.parquet").equals(
+        pl.read_parquet(tmp_path / "one" / "select" / "selections.parquet"))
+    proc = torchrun_cli("eval", tmp_path / "two", "--timing-samples", "0", launcher="accelerate", timeout=180)
+    assert proc.returncode == 0, f"accelerate eval failed:\n{proc.stdout}\n{proc.stderr}"
+    assert main(["eval", str(tmp_path / "one"), "--timing-samples", "0", "--quiet"]) == 0
+    cols = ["sample_id", "agg_layer", "config", "keep", "selection_id", "prediction", "correct"]
+    assert pl.read_parquet(tmp_path / "two" / "eval" / "predictions.parquet").select(cols).equals(
+        pl.read_parquet(tmp_path / "one" / "eval" / "predictions.parquet").select(cols))
+
+
+def test_a_held_run_refuses_every_rank_of_a_launch(checkpoints, tmp_path):
+    """rank 0 takes the lock for the launch and tells the others: all stop with the same line, none hangs."""
+    from fastv_analysis.lock import stage_lock
+
+    data = write_questions(tmp_path / "d", n=2)
+    with stage_lock(tmp_path / "run", "capture"):
+        proc = _torchrun_capture(checkpoints["gqa"], data, tmp_path / "run", timeout=90)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 2 and errors[0] == errors[1] and f"pid {os.getpid()}" in errors[0]
+    assert not (tmp_path / "run").exists()

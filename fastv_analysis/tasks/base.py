@@ -255,14 +255,15 @@ class Task:
     order_note: Callable[[list[Question], list[str]], str | None] | None = None
 
     def read(self, path: str | Path, image_root: str | Path | None = None, limit: int | None = None,
-             *, check_images: bool = True) -> list[Question]:
+             *, check_images: bool = True, missing_images_ok: bool = False) -> list[Question]:
         """The benchmark's questions in file order (the first ``limit``); ``image_root`` overrides
         the default image folder (MMBench: the folder its base64 images are decoded into).
-        ``check_images=False`` (scoring) neither checks nor writes image files."""
+        ``check_images=False`` (scoring) neither checks nor writes image files;
+        ``missing_images_ok`` (capture --skip-bad) leaves a missing image to the sample."""
         if limit is not None and limit < 1:
             raise ValueError(f"limit must be >= 1, got {limit}")
         questions = self.reader(Path(path), None if image_root is None else Path(image_root), limit, check_images)
-        if check_images:  # every benchmark's images must be there (MMBench's reader decodes them first)
+        if check_images and not missing_images_ok:  # MMBench's reader decodes its images first
             require_images(questions)
         if not questions:
             raise ValueError(f"{path}: no {self.name} questions")
