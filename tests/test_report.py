@@ -174,10 +174,10 @@ def test_keep_frequency_scales(evaluated_run):
     tables = report.load_tables(evaluated_run)
     fig = report.figure("keep_frequency", tables, save=False)
     panels = {ax.get_title().split("\n")[0]: ax for ax in fig.axes if ax.get_label() != "<colorbar>"}
-    assert panels["uniform"].collections[0].norm.vmax == pytest.approx(100)  # its own scale
+    assert panels["uniform"].images[0].norm.vmax == pytest.approx(100)  # its own scale
     assert "own scale 0-100%" in panels["uniform"].get_title()
     shared = [ax for name, ax in panels.items() if name != "uniform"]
-    tops = {ax.collections[0].norm.vmax for ax in shared}
+    tops = {ax.images[0].norm.vmax for ax in shared}
     assert len(tops) == 1 and tops.pop() < 100  # one scale for the rest, not washed out by uniform's 100 %
     assert all("shared scale" in ax.get_title() for ax in shared)
     plt.close(fig)
