@@ -392,7 +392,8 @@ def plot_overlap_heatmap(overlap_summary: pl.DataFrame, agg_layer: int | None = 
         keep_wc = wc[:: max(1, math.ceil(len(wc) / room))]
         configs = [c for c in configs if not c.startswith("weighted") or c in keep_wc]
     keeps = sorted(ov["keep"].unique().to_list(), reverse=True)
-    fig, axes = _figure(width=5.8 * len(keeps), height=5.0, ncols=len(keeps))
+    side = max(5.0, 0.42 * len(configs) + 2.6)  # room for every label at any number of configurations
+    fig, axes = _figure(width=(side + 1.0) * len(keeps), height=side, ncols=len(keeps))
     for ax, keep in zip(axes[0], keeps):
         m = np.eye(len(configs))
         d = ov.filter(pl.col("keep") == keep)
@@ -420,8 +421,9 @@ def plot_overlap_heatmap(overlap_summary: pl.DataFrame, agg_layer: int | None = 
             ax.set_title(f"keep {keep}", fontsize=10)
         ax.set_xlabel("configuration")
         ax.set_ylabel("configuration")
-        ax.tick_params(axis="x", labelrotation=60, labelsize=7)
-        ax.tick_params(axis="y", labelsize=7)
+        ax.set_xticks(np.arange(len(labels)) + 0.5, labels, rotation=45, ha="right", rotation_mode="anchor",
+                      fontsize=7)
+        ax.set_yticks(np.arange(len(labels)) + 0.5, labels, rotation=0, fontsize=7)
     fig.suptitle(f"Overlap of kept sets between strategies (K={layer}); white = chance (two random subsets), "
                  "red above, blue below")
     fig.tight_layout()
@@ -844,8 +846,9 @@ def plot_examples(selections: pl.DataFrame, samples: pl.DataFrame, n_examples: i
 def plot_relations(relations: pl.DataFrame):
     """Left: within-sample correlation of each statistic with correctness, pooled over pruned
     configurations (permutation p, Holm-adjusted). Right: accuracy by quartile of the
-    overlap with avg_all_heads, one line per configuration at the smallest keep."""
-    fig, axes = _figure(width=13, height=4.8, ncols=2)
+    overlap with avg_all_heads, one line per configuration at the smallest keep, one hue per
+    method (:func:`config_colors`), the legend beside the panel."""
+    fig, axes = _figure(width=16, height=5.2, ncols=2, gridspec_kw={"width_ratios": [1, 1.05]})
     ax = axes[0, 0]
     pooled = relations.filter(pl.col("scope") == "within_sample", pl.col("r_within").is_not_null())
     if pooled.height:
@@ -870,13 +873,20 @@ def plot_relations(relations: pl.DataFrame):
     if per.height:
         keep = per["keep"].min()
         layer = per["agg_layer"].min()
-        for row in per.filter(pl.col("keep") == keep, pl.col("agg_layer") == layer,
-                              pl.col("config") != "avg_all_heads").iter_rows(named=True):
+        rows = {r["config"]: r for r in per.filter(pl.col("keep") == keep, pl.col("agg_layer") == layer,
+                                                   pl.col("config") != "avg_all_heads").iter_rows(named=True)}
+        colors = config_colors(list(rows))
+        for config in _ordered(rows):  # one hue per method, shades within; legend outside, in method order
+            row = rows[config]
             y = [np.nan if row[c] is None else 100 * row[c] for c in q_cols]
-            rho = "" if row["spearman_rho"] is None else f" rho {row['spearman_rho']:+.2f}, p_holm {row['p_holm']:.1e}"
-            ax.plot(range(1, len(q_cols) + 1), y, marker="o", label=f"{row['config']}{rho}")
-        ax.set_title(f"Accuracy by quartile of Jaccard with avg_all_heads (keep {keep}, K={layer})")
-        ax.legend(fontsize=7, loc="best")
+            rho = "" if row["spearman_rho"] is None else f": rho {row['spearman_rho']:+.2f}, p_holm {row['p_holm']:.1e}"
+            control = _base_method(config) in ("random", "uniform")
+            ax.plot(range(1, len(q_cols) + 1), y, marker="o", markersize=4, color=colors[config],
+                    linestyle="--" if control or "@" in config else "-", linewidth=1.3,
+                    label=f"{_method_label(config)}{rho}")
+        ax.set_title(f"Accuracy by quartile of Jaccard with avg_all_heads (keep {keep}, K={layer})", fontsize=10)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), title=f"{len(rows)} configurations "
+                  "(one hue per method)", title_fontsize=7)
     ax.set_xticks(range(1, len(q_cols) + 1))
     ax.set_xlabel("quartile of the statistic over samples (1 = lowest)")
     ax.set_ylabel("accuracy of the pruned model (%)")
@@ -1144,6 +1154,38 @@ NEEDS = {"accuracy_vs_keep": "accuracy", "accuracy_vs_alpha": "accuracy", "categ
          "attention_sinks": "heads", "query_choice": "overlap_summary", "layer_dynamics": "selections"}
 
 
+def _base_method(config: str) -> str:
+    return config.split(" then ")[0].split("@")[0].split("(")[0]
+
+
+def config_colors(configs) -> dict[str, tuple]:
+    """One hue family per method (:data:`PALETTE`), one shade per configuration within it:
+    weighted_combination's alphas from light (alpha 0) to dark (alpha 1), query variants and
+    schedules lighter than their method's own configuration; methods in METHOD_ORDER first."""
+    from matplotlib.colors import to_rgb
+
+    groups: dict[str, list[str]] = {}
+    for config in configs:
+        groups.setdefault(_base_method(config), []).append(config)
+    def shade(base, t):  # mix with white (t < 0) or black (t > 0)
+        return tuple(np.clip(base + (1 - base) * -t if t < 0 else base * (1 - t), 0, 1))
+
+    out = {}
+    for method, members in groups.items():
+        base = np.array(to_rgb(PALETTE.get(method, "0.4")))
+        plain = sorted(c for c in members if "@" not in c and " then " not in c)
+        variants = sorted(c for c in members if c not in plain)
+        steps = np.linspace(-0.5, 0.4, len(plain)) if len(plain) > 1 else [0.0]
+        out.update({c: shade(base, t) for c, t in zip(plain, steps)})
+        out.update({c: shade(base, -0.3 - 0.3 * i / max(len(variants) - 1, 1)) for i, c in enumerate(variants)})
+    return out
+
+
+def _ordered(configs) -> list[str]:
+    rank = {m: i for i, m in enumerate(METHOD_ORDER)}
+    return sorted(configs, key=lambda c: (rank.get(_base_method(c), len(rank)), _base_method(c), c))
+
+
 def plot_object_coverage(predictions: pl.DataFrame):
     """Where ground-truth object boxes exist (question files' ``objects``): for each keep,
     the mean share of kept tokens on objects and the share of objects touched by at least
@@ -1161,28 +1203,31 @@ def plot_object_coverage(predictions: pl.DataFrame):
         (100 * pl.col("objects_touched").mean()).alias("touched"),
         (100 * pl.col("correct").cast(pl.Float64).mean()).alias("accuracy")).sort("keep", "config"))
     keeps = sorted(summary["keep"].unique().to_list(), reverse=True)
-    fig, axes = _figure(width=6.2 * 2, height=4.6, ncols=2)
+    configs = _ordered(summary["config"].unique().to_list())
+    colors = config_colors(configs)
+    fig, axes = _figure(width=6.2 * 2 + 3.2, height=4.8, ncols=2)
     markers = dict(zip(keeps, "osD^v<>"))
     for ax, column, label in ((axes[0, 0], "touched", "objects touched by a kept token (%)"),
                               (axes[0, 1], "on_objects", "kept tokens that lie on an object (%)")):
-        # weighted_combination's alphas first and small: its alpha = 1/H and 1 points coincide
-        # with avg_all_heads and max_head, which are drawn on top
+        # weighted_combination's alphas small and under the rest: its alpha = 1/H and 1 points
+        # coincide with avg_all_heads and max_head, which are drawn on top
         for row in summary.sort(pl.col("method") != "weighted_combination").iter_rows(named=True):
             wc = row["method"] == "weighted_combination"
-            ax.scatter(row[column], row["accuracy"], color=PALETTE.get(row["method"], "grey"),
-                       marker=markers[row["keep"]], s=28 if wc else 60, alpha=0.6 if wc else 0.95,
-                       edgecolors="black", linewidths=0.4, zorder=2 if wc else 3)
+            ax.scatter(row[column], row["accuracy"], color=colors[row["config"]], marker=markers[row["keep"]],
+                       s=34 if wc else 60, alpha=0.85 if wc else 0.95, edgecolors="black", linewidths=0.4,
+                       zorder=2 if wc else 3)
         ax.set_xlabel(label)
         ax.set_ylabel("accuracy of the pruned model (%)")
         ax.set_ylim(0, 105)
     from matplotlib.lines import Line2D
 
-    methods = [m for m in METHOD_ORDER if m in summary["method"].unique().to_list()]
-    handles = [Line2D([], [], marker="o", linestyle="", color=PALETTE[m], label=m) for m in methods]
+    handles = [Line2D([], [], marker="o", linestyle="", color=colors[c], markeredgecolor="black",
+                      markeredgewidth=0.4, label=_method_label(c)) for c in configs]
     handles += [Line2D([], [], marker=markers[k], linestyle="", color="black", markerfacecolor="none",
                        label=f"keep {k}") for k in keeps]
-    axes[0, 0].legend(handles=handles, fontsize=7, loc="lower right")
-    axes[0, 0].set_title(f"Objects touched vs accuracy (K={layer}, one marker per configuration)")
+    fig.legend(handles=handles, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5),
+               title=f"{len(configs)} configurations\n(one hue per method)", title_fontsize=8)
+    axes[0, 0].set_title(f"Objects touched vs accuracy (K={layer}, one marker per configuration and keep)")
     axes[0, 1].set_title("Kept tokens on objects vs accuracy")
     fig.tight_layout()
     return fig
