@@ -101,6 +101,8 @@ def geometry_from_settings(settings: Any, patch_size: int | None = None, source:
     do_resize = bool(_get(settings, "do_resize", True)) and (shortest is not None or (height and width))
     do_crop = bool(_get(settings, "do_center_crop", True)) and crop is not None
     patch = patch_size or _get(settings, "patch_size") or DEFAULT_GEOMETRY.patch_size
+    if isinstance(patch, (list, tuple)):  # InternVL's vision_config: [height, width]
+        patch = patch[0]
     return ImageGeometry(
         do_resize=do_resize,
         shortest_edge=int(shortest) if shortest is not None else None,

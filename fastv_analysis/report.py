@@ -45,6 +45,7 @@ class RunTables:
     oracle: pl.DataFrame | None = None     # eval/oracle.parquet: per-sample oracle vs best single strategy
     adaptive: pl.DataFrame | None = None   # eval/adaptive.parquet: the cross-validated choice rule
     store: tuple[str, ...] = ()            # what capture stored beyond the attention (run.json "store")
+    architecture: str = "LlavaForConditionalGeneration"  # run.json's: where its grid sits on the image
     cache: dict = field(default_factory=dict, repr=False, compare=False)  # tensors read from the run, once
 
 
@@ -74,6 +75,7 @@ def load_tables(run_dir: str | Path) -> RunTables:
         oracle=read("eval", "oracle.parquet"),
         adaptive=read("eval", "adaptive.parquet"),
         store=tuple(config.get("store") or ()),
+        architecture=config.get("architecture") or "LlavaForConditionalGeneration",
     )
 
 
@@ -436,12 +438,14 @@ def plot_overlap_heatmap(overlap_summary: pl.DataFrame, agg_layer: int | None = 
 
     layer = agg_layer if agg_layer is not None else overlap_summary["agg_layer"].min()
     ov = overlap_summary.filter(pl.col("agg_layer") == layer)
-    panels = _overlap_panels(ov)
-    mixed = n_tokens is not None and len({int(n) for n in np.atleast_1d(n_tokens)}) > 1
-    fig, axes = _figure(width=5.8 * len(panels), height=5.0, ncols=len(panels))
-    for ax, (keep, ratio) in zip(axes[0], panels):
+    panels = []
+    for keep, ratio in _overlap_panels(ov):
         d = ov.filter(pl.col("keep") == keep) if ratio is None else ov.filter(pl.col("ratio") == ratio)
-        configs = _panel_configs(d, max_configs)
+        panels.append((keep, ratio, d, _panel_configs(d, max_configs)))
+    mixed = n_tokens is not None and len({int(n) for n in np.atleast_1d(n_tokens)}) > 1
+    side = max(5.0, 0.42 * max(len(p[3]) for p in panels) + 2.6)  # room for every label
+    fig, axes = _figure(width=(side + 1.0) * len(panels), height=side, ncols=len(panels))
+    for ax, (keep, ratio, d, configs) in zip(axes[0], panels):
         m = np.eye(len(configs))
         idx = {c: i for i, c in enumerate(configs)}
         for a, b, j in d.select("config_a", "config_b", "jaccard_mean").iter_rows():
@@ -469,8 +473,9 @@ def plot_overlap_heatmap(overlap_summary: pl.DataFrame, agg_layer: int | None = 
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("configuration")
         ax.set_ylabel("configuration")
-        ax.tick_params(axis="x", labelrotation=60, labelsize=7)
-        ax.tick_params(axis="y", labelsize=7)
+        ax.set_xticks(np.arange(len(labels)) + 0.5, labels, rotation=45, ha="right", rotation_mode="anchor",
+                      fontsize=7)
+        ax.set_yticks(np.arange(len(labels)) + 0.5, labels, rotation=0, fontsize=7)
     fig.suptitle(f"Overlap of kept sets between strategies (K={layer}); white = chance (two random subsets), "
                  "red above, blue below")
     fig.tight_layout()
@@ -530,8 +535,11 @@ def keep_frequency(selections: pl.DataFrame, n_tokens: int) -> dict[str, np.ndar
 
 def one_config_per_method(selections: pl.DataFrame, keep: int | None = None, agg_layer: int | None = None):
     """The selections of one layer and keep (default: the smallest keep > 0), one configuration
-    per method (weighted_combination at its alpha nearest 0.5); returns (rows, layer, keep, configs)."""
-    layer = agg_layer if agg_layer is not None else selections["agg_layer"].min()
+    per method (weighted_combination at its alpha nearest 0.5), at ``agg_layer`` (default: the
+    first K > 0, where the attention ranks; K = 0 replays only the controls); returns (rows,
+    layer, keep, configs)."""
+    ranked = selections.filter(pl.col("agg_layer") > 0)["agg_layer"]
+    layer = agg_layer if agg_layer is not None else (ranked.min() if ranked.len() else selections["agg_layer"].min())
     sel = selections.filter(pl.col("agg_layer") == layer)
     keeps = sorted(sel["keep"].unique().to_list())
     keep = keep if keep is not None else next((k for k in keeps if k > 0), keeps[0])
@@ -548,30 +556,156 @@ def grid_side(selections: pl.DataFrame) -> int:
     return math.isqrt(round(row["keep"][0] / row["keep_ratio"][0])) if row.height else 24
 
 
-def plot_keep_frequency(selections: pl.DataFrame, keep: int | None = None, agg_layer: int | None = None):
-    """Where kept tokens sit: keep frequency of every grid cell (e.g. 24 x 24), one panel per method.
-    The methods share one colour scale (0 to their largest cell) except ``uniform``, which keeps
-    the same lattice in every sample (100 % cells) and has its own 0-100 % scale: on a single
-    scale it would wash the others out. Each title names its scale and the flat level keep / N."""
-    import seaborn as sns
+# -- where each image token sits, for every family -------------------------------------------
 
+
+def _layouts(samples: pl.DataFrame | None, selections: pl.DataFrame | None = None) -> dict:
+    """sample_id -> :class:`~fastv_analysis.layout.TokenLayout` (samples.parquet's stored layout;
+    without samples, a square grid of N from the selections' keep / keep_ratio)."""
+    from .layout import TokenLayout
+    from .select import sample_layouts
+
+    if samples is not None and ("token_cells" in samples.columns or "n_image_tokens" in samples.columns):
+        return sample_layouts(samples)
+    side = grid_side(selections)
+    return {int(s): TokenLayout.grid(side, side) for s in selections["sample_id"].unique().to_list()}
+
+
+def base_tile(layout, architecture: str) -> int:
+    """Side of the anyres base tile: the square block of off-grid tokens before the grid
+    (:data:`~fastv_analysis.adapters.BASE_TILE` architectures only; 0 where there is none)."""
+    from .adapters import BASE_TILE
+    from .layout import OFF_GRID
+
+    if architecture not in BASE_TILE:
+        return 0
+    lead = int(np.argmax(layout.cells != OFF_GRID)) if (layout.cells != OFF_GRID).any() else layout.n_tokens
+    side = math.isqrt(lead)
+    return side if side and side * side == lead else 0
+
+
+def grid_extent(architecture: str) -> str:
+    """``crop`` or ``image``: what the spatial grid spans (:data:`~fastv_analysis.adapters.GRID_EXTENT`)."""
+    from .adapters import GRID_EXTENT
+
+    return GRID_EXTENT.get(architecture, "crop")
+
+
+def cell_boxes(cells, rows: int, cols: int, width: int, height: int, geometry, extent: str) -> np.ndarray:
+    """``[k, 4]`` boxes ``(x0, y0, x1, y1)`` in original pixels of raster ``cells`` of a
+    ``rows x cols`` grid spanning the processor's crop (``extent="crop"``, via
+    :func:`fastv_analysis.grid.token_boxes`) or the whole ``width x height`` image."""
+    cells = np.asarray(cells, dtype=np.int64).reshape(-1)
+    if extent == "crop":
+        return image_grid.token_boxes(cells, width, height, geometry, (rows, cols))
+    r, c = np.divmod(cells, cols)
+    return np.stack([c * width / cols, r * height / rows, (c + 1) * width / cols, (r + 1) * height / rows],
+                    axis=-1).astype(float)
+
+
+def grid_note(samples: pl.DataFrame | None, architecture: str = "LlavaForConditionalGeneration") -> str:
+    """One line: the image-token grids of the run's samples (the spatial figures draw on these)."""
+    if samples is None or samples.height == 0:
+        return "No samples."
+    layouts = _layouts(samples)
+    shapes: dict[tuple[int, int], int] = {}
+    for lay in layouts.values():
+        shapes[(lay.rows, lay.cols)] = shapes.get((lay.rows, lay.cols), 0) + 1
+    ranked = sorted(shapes.items(), key=lambda kv: (-kv[1], kv[0]))
+    named = ", ".join(("no grid" if r == 0 else f"{r} x {c}") + f" ({n})" for (r, c), n in ranked[:6])
+    more = f" and {len(ranked) - 6} more shapes" if len(ranked) > 6 else ""
+    where = "the processor's center crop" if grid_extent(architecture) == "crop" else "the whole image"
+    tiles = sorted({base_tile(lay, architecture) for lay in layouts.values()} - {0})
+    base = f"; before it an anyres base tile of {' / '.join(f'{s} x {s}' for s in tiles)} tokens (the whole image)" \
+        if tiles else ""
+    off = sum(int((lay.cells < 0).sum()) for lay in layouts.values())
+    extra = f"; {off} of the {sum(lay.n_tokens for lay in layouts.values())} image tokens are off the grid " \
+            "(base tiles, tiles, newlines)" if off else ""
+    return (f"Image-token grids of this run's {samples.height} samples (rows x columns, samples): {named}{more}, "
+            f"each over {where}{base}{extra}.")
+
+
+def _most_common_grid(layouts: dict, ids) -> tuple[int, int] | None:
+    shapes = [(layouts[s].rows, layouts[s].cols) for s in ids if s in layouts and layouts[s].rows > 0]
+    if not shapes:
+        return None
+    values, counts = np.unique(np.array(shapes), axis=0, return_counts=True)
+    return tuple(int(v) for v in values[int(np.argmax(counts))])
+
+
+def grid_keep_frequency(sel: pl.DataFrame, layouts: dict, architecture: str = "LlavaForConditionalGeneration"):
+    """Keep frequency on the samples' own grids: ``(grid, base, n_grid, n_base)`` with ``grid``
+    ``{config: [rows, cols]}`` the fraction of the samples of the most common grid in which each
+    cell was kept, ``base`` ``{config: [s, s]}`` the same on the anyres base tile (empty where
+    there is none) and the number of samples each pools. None when no sample is on a grid."""
+    shape = _most_common_grid(layouts, sel["sample_id"].unique().to_list())
+    if shape is None:
+        return None
+    rows, cols = shape
+    sides = [base_tile(layouts[s], architecture) for s in sel["sample_id"].unique().to_list() if s in layouts]
+    side = max(set(sides) - {0}, key=sides.count) if set(sides) - {0} else 0
+    grid, base, n_grid, n_base = {}, {}, 0, 0
+    for (config,), d in sel.group_by(["config"], maintain_order=True):
+        g, b, n_grid, n_base = np.zeros(rows * cols), np.zeros(side * side), 0, 0
+        for sid, kept in d.select("sample_id", "kept").iter_rows():
+            lay = layouts.get(int(sid))
+            if lay is None or kept is None:
+                continue
+            kept = np.asarray(kept, dtype=np.int64)
+            if (lay.rows, lay.cols) == shape:
+                n_grid += 1
+                cells = lay.cells[kept]
+                g[cells[cells >= 0]] += 1
+            if side and base_tile(lay, architecture) == side:
+                n_base += 1
+                b[kept[kept < side * side]] += 1
+        grid[config] = g.reshape(rows, cols) / max(n_grid, 1)
+        if side:
+            base[config] = b.reshape(side, side) / max(n_base, 1)
+    return grid, base, n_grid, n_base
+
+
+def _tick_step(n: int) -> int:
+    return max(1, round(n / 4))
+
+
+def plot_keep_frequency(selections: pl.DataFrame, keep: int | None = None, agg_layer: int | None = None,
+                        samples: pl.DataFrame | None = None, architecture: str = "LlavaForConditionalGeneration"):
+    """Where kept tokens sit: keep frequency of every cell of the samples' own grid (the most
+    common one where samples differ: 24 x 24 for LLaVA-1.5, each image's own for Qwen2-VL and
+    anyres), one panel per method; anyres runs add the base tile under it. The methods share
+    one colour scale (0 to their largest cell) except ``uniform``, which keeps the same
+    lattice in every sample (100 % cells) and has its own 0-100 % scale: on a single scale it
+    would wash the others out. Each title names its scale and the flat level keep / N. None
+    when no sample's tokens lie on a grid."""
     sel, layer, keep, configs = one_config_per_method(selections, keep, agg_layer)
-    side = grid_side(sel)
-    freq = {c: 100 * f for c, f in keep_frequency(sel, side * side).items()}
-    shared = [c for c in configs if c != "uniform"]
-    shared_top = max([float(freq[c].max()) for c in shared] or [100.0]) or 1.0
-    fig, axes = _figure(width=3.9 * len(configs), height=4.0, ncols=len(configs))
-    for ax, config in zip(axes[0], configs):
-        top = shared_top if config in shared else max(float(freq[config].max()), 1e-9)
-        sns.heatmap(freq[config].reshape(side, side), ax=ax, vmin=0, vmax=top, cmap="rocket_r", square=True,
-                    cbar_kws={"label": "kept in % of samples", "shrink": 0.7}, xticklabels=6, yticklabels=6)
-        scale = "shared" if config in shared else "own"
-        ax.set_title(f"{_method_label(config)}\n{scale} scale 0-{top:.0f}% (flat: {100 * keep / (side * side):.1f}%)",
-                     fontsize=9)
-        ax.set_xlabel("image column (patch)")
-        ax.set_ylabel("image row (patch)")
-    fig.suptitle(f"Keep frequency per image patch (keep {keep}, K={layer}; one colour scale shared by all "
-                 f"methods but uniform, which has its own)")
+    layouts = _layouts(samples, sel)
+    found = grid_keep_frequency(sel, layouts, architecture)
+    if found is None:
+        return None
+    grid, base, n_grid, n_base = found
+    n_tok = np.mean([layouts[s].n_tokens for s in sel["sample_id"].unique().to_list() if s in layouts])
+    flat = 100 * keep / n_tok
+    panels = [("grid", grid)] + ([("base tile", base)] if base else [])
+    fig, axes = _figure(width=3.9 * len(configs), height=4.0 * len(panels), ncols=len(configs), nrows=len(panels))
+    for r, (where, freq) in enumerate(panels):
+        freq = {c: 100 * f for c, f in freq.items()}
+        shared = [c for c in configs if c != "uniform"]
+        shared_top = max([float(freq[c].max()) for c in shared] or [100.0]) or 1.0
+        for ax, config in zip(axes[r], configs):
+            top = shared_top if config in shared else (float(freq[config].max()) or 100.0)
+            _grid_map(ax, freq[config], "rocket_r", "kept in % of samples", vmin=0, vmax=top)
+            scale = "shared" if config in shared else "own"
+            head = _method_label(config) if where == "grid" else f"{_method_label(config)}: base tile"
+            ax.set_title(f"{head}\n{scale} scale 0-{top:.0f}% (flat: {flat:.1f}%)", fontsize=9)
+            ax.set_xlabel("image column (patch)" if where == "grid" else "base-tile column")
+            ax.set_ylabel("image row (patch)" if where == "grid" else "base-tile row")
+    rows, cols = next(iter(grid.values())).shape
+    n_all = sel["sample_id"].n_unique()
+    base_note = f"; below: the {base[configs[0]].shape[0]} x {base[configs[0]].shape[0]} base tile ({n_base} samples)" \
+        if base else ""
+    fig.suptitle(f"Keep frequency per image patch (keep {keep}, K={layer}; the {rows} x {cols} grid of {n_grid} of "
+                 f"{n_all} samples{base_note})\none colour scale shared by all methods but uniform, which has its own")
     fig.tight_layout()
     return fig
 
@@ -579,6 +713,7 @@ def plot_keep_frequency(selections: pl.DataFrame, keep: int | None = None, agg_l
 MARK = {True: "\u2713", False: "\u2717"}  # check mark / ballot x
 KEPT_FILL = (0.0, 0.9, 1.0, 0.35)          # translucent cyan inside each kept token
 KEPT_EDGE = (0.0, 0.9, 1.0, 1.0)           # bright cyan outline over a black one: visible on any background
+BASE_EDGE = (1.0, 0.55, 0.0, 1.0)          # orange dashed outline: a kept anyres base-tile token
 
 
 def _load_image(path) -> np.ndarray | None:
@@ -633,15 +768,17 @@ def example_sample_ids(samples: pl.DataFrame, n: int = 3, predictions: pl.DataFr
     return chosen
 
 
-def _draw_image_with_tokens(ax, image: np.ndarray | None, size: tuple[int, int], kept, geometry, n_tokens: int,
-                            boxes: bool = True):
-    """The original image; what the processor crops away greyed out (dashed line: the crop);
-    each kept token a cyan box with a black outline, in original-image coordinates."""
+def _draw_image_with_tokens(ax, image: np.ndarray | None, size: tuple[int, int], boxes, geometry,
+                            extent: str = "crop", base_boxes=None):
+    """The original image; for a grid over the processor's crop (``extent="crop"``) what the
+    crop drops greyed out (dashed line: the crop); each kept grid token (``boxes``, original
+    pixels) a cyan box with a black outline, each kept base-tile token (``base_boxes``) an
+    orange dashed outline."""
     from matplotlib.collections import PatchCollection
     from matplotlib.patches import Rectangle
 
     w, h = size
-    x0, y0, x1, y1 = image_grid.crop_box(w, h, geometry)
+    x0, y0, x1, y1 = image_grid.crop_box(w, h, geometry) if extent == "crop" else (0, 0, w, h)
     if image is not None:
         cols = (np.arange(w) + 0.5 < x0) | (np.arange(w) + 0.5 > x1)
         rows = (np.arange(h) + 0.5 < y0) | (np.arange(h) + 0.5 > y1)
@@ -662,30 +799,50 @@ def _draw_image_with_tokens(ax, image: np.ndarray | None, size: tuple[int, int],
     ax.set_xlim(min(0.0, x0), max(float(w), x1))
     ax.set_ylim(max(float(h), y1), min(0.0, y0))
     ax.set_facecolor("black")  # where the crop reaches past the image the processor padded (black)
-    if boxes and kept is not None and len(kept):
-        override = image_grid.token_grid_for(n_tokens, geometry, w, h)
-        rects = [Rectangle((bx0, by0), bx1 - bx0, by1 - by0)
-                 for bx0, by0, bx1, by1 in image_grid.token_boxes(kept, w, h, geometry, override)]
+    if boxes is not None and len(boxes):
+        rects = [Rectangle((bx0, by0), bx1 - bx0, by1 - by0) for bx0, by0, bx1, by1 in boxes]
         ax.add_collection(PatchCollection(rects, facecolor=KEPT_FILL, edgecolor="black", linewidth=2.2,
                                           label="kept tokens"))
         ax.add_collection(PatchCollection([Rectangle(r.get_xy(), r.get_width(), r.get_height()) for r in rects],
                                           facecolor="none", edgecolor=KEPT_EDGE, linewidth=0.9))
+    if base_boxes is not None and len(base_boxes):
+        rects = [Rectangle((bx0, by0), bx1 - bx0, by1 - by0) for bx0, by0, bx1, by1 in base_boxes]
+        ax.add_collection(PatchCollection(rects, facecolor="none", edgecolor="black", linewidth=3.0))
+        ax.add_collection(PatchCollection([Rectangle(r.get_xy(), r.get_width(), r.get_height()) for r in rects],
+                                          facecolor="none", edgecolor=BASE_EDGE, linewidth=2.0, linestyle="--",
+                                          label="kept base-tile tokens"))
     ax.set_xticks([])
     ax.set_yticks([])
 
 
+def kept_boxes(kept, layout, size: tuple[int, int], geometry, architecture: str = "LlavaForConditionalGeneration"):
+    """Where a sample's kept tokens came from, in original pixels: ``(grid boxes, base-tile
+    boxes, off)`` with ``off`` the kept tokens drawn in neither (newlines, unplaced tiles)."""
+    kept = np.asarray(kept, dtype=np.int64)
+    w, h = size
+    cells = layout.cells[kept]
+    grid = cell_boxes(cells[cells >= 0], layout.rows, layout.cols, w, h, geometry, grid_extent(architecture)) \
+        if layout.rows else np.zeros((0, 4))
+    side = base_tile(layout, architecture)
+    in_base = kept[kept < side * side]
+    base = cell_boxes(in_base, side, side, w, h, geometry, "image") if side else np.zeros((0, 4))
+    return grid, base, int(kept.size - len(grid) - len(base))
+
+
 def plot_examples(selections: pl.DataFrame, samples: pl.DataFrame, n_examples: int = 3, keep: int | None = None,
                   agg_layer: int | None = None, predictions: pl.DataFrame | None = None,
-                  geometry: image_grid.ImageGeometry | None = None, sample_ids: list[int] | None = None):
+                  geometry: image_grid.ImageGeometry | None = None, sample_ids: list[int] | None = None,
+                  architecture: str = "LlavaForConditionalGeneration"):
     """A few images (a different image per row), each method's kept tokens drawn on the original
-    image where the processor really took them from (:mod:`fastv_analysis.grid`): kept tokens as
-    cyan boxes with a black outline, the region the center crop drops greyed out (dashed line:
-    the crop). The first column is the ``full`` control (every token kept: no boxes). Each panel
-    title says whether that configuration answered right (check) or wrong (x) and what it said."""
+    image where the processor really took them from, on each sample's own token grid
+    (:func:`kept_boxes`): kept tokens as cyan boxes with a black outline, kept anyres
+    base-tile tokens as orange dashed outlines (the base tile is the whole image at a coarser
+    grid), the region the center crop drops greyed out (dashed line: the crop). The first
+    column is the ``full`` control (every token kept: no boxes). Each panel title says whether
+    that configuration answered right (check) or wrong (x) and what it said."""
     sel, layer, keep, configs = one_config_per_method(selections, keep, agg_layer)
     geometry = geometry or image_grid.DEFAULT_GEOMETRY
-    side = grid_side(sel)
-    n_tokens = side * side
+    layouts = _layouts(samples, sel)
     ids = sample_ids if sample_ids is not None else example_sample_ids(samples, n_examples, predictions, configs,
                                                                          keep, layer)
     answers = _correctness(predictions, layer, [keep])
@@ -699,34 +856,47 @@ def plot_examples(selections: pl.DataFrame, samples: pl.DataFrame, n_examples: i
     ratios = [min(1.5, max(0.65, sizes[s][1] / sizes[s][0])) for s in ids] or [1.0]
     fig, axes = _figure(width=3.0 * len(columns), height=sum(2.9 * r + 0.7 for r in ratios),
                         ncols=len(columns), nrows=max(1, len(ids)), gridspec_kw={"height_ratios": ratios})
+    extent = grid_extent(architecture)
     for r, sid in enumerate(ids):
         row = samples.filter(pl.col("sample_id") == sid).row(0, named=True)
         w, h = sizes[sid]
+        layout = layouts[int(sid)]
+        n_tokens = layout.n_tokens
         for c, config in enumerate(columns):
             ax = axes[r, c]
-            kept = None
+            boxes = base = None
+            off = 0
             if config != "full":
                 k = sel.filter(pl.col("sample_id") == sid, pl.col("config") == config)["kept"]
                 kept = np.asarray(k[0], dtype=int) if k.len() else np.zeros(0, dtype=int)
-            _draw_image_with_tokens(ax, images[sid], (w, h), kept, geometry, n_tokens, boxes=config != "full")
+                boxes, base, off = kept_boxes(kept, layout, (w, h), geometry, architecture)
+            _draw_image_with_tokens(ax, images[sid], (w, h), boxes, geometry, extent, base)
             label = f"full (all {n_tokens})" if config == "full" else _method_label(config)
             answer = answers.get((sid, config, n_tokens if config == "full" else keep))
             if answer is None and config == "full":
                 answer = next((v for (s, cf, _), v in answers.items() if s == sid and cf == "full"), None)
+            note = f"\n+{off} kept off the image (newlines / tiles)" if off else ""
             if answer is None:
-                ax.set_title(label, fontsize=9)
+                ax.set_title(label + note, fontsize=9)
             else:
                 ok, pred = answer
-                ax.set_title(f"{label} {MARK[ok]} {str(pred)[:14]!r}", fontsize=9,
+                ax.set_title(f"{label} {MARK[ok]} {str(pred)[:14]!r}{note}", fontsize=9,
                              color="#1a7f37" if ok else "#c62828")
             if c == 0:
-                shape = f"{w}x{h} image" + ("" if (w, h) == (geometry.crop_width, geometry.crop_height) else
-                                            ", grey = cropped")
+                cropped = extent == "crop" and (w, h) != (geometry.crop_width, geometry.crop_height)
+                grid = f"{layout.rows} x {layout.cols} grid" if layout.rows else "no grid"
+                shape = f"{w}x{h} image, {grid}" + (", grey = cropped" if cropped else "")
                 ax.set_ylabel(f"#{sid} {row.get('category') or ''}: {row['question'][:26]}\n"
                               f"answer: {str(row['answer'])[:20]}\n{shape}", fontsize=7.5)
-    source = "" if not geometry.is_fallback else " [processor config not found: LLaVA-1.5 defaults assumed]"
-    fig.suptitle(f"Kept tokens (cyan boxes) at keep {keep} of {n_tokens}, K={layer}; first column: full control\n"
-                 f"\u2713/\u2717: that configuration's answer right/wrong; grey: cropped away by the processor{source}",
+    counts = sorted({layouts[int(s)].n_tokens for s in ids})
+    of = f"of {counts[0]}" if len(counts) == 1 else "of each image's N"
+    source = "" if not geometry.is_fallback or extent != "crop" else \
+        " [processor config not found: LLaVA-1.5 defaults assumed]"
+    base_note = "; orange dashed: kept base-tile tokens (the whole image, coarser)" if any(
+        base_tile(layouts[int(s)], architecture) for s in ids) else ""
+    crop_note = "; grey: cropped away by the processor" if extent == "crop" else ""
+    fig.suptitle(f"Kept tokens (cyan boxes) at keep {keep} {of}, K={layer}; first column: full control\n"
+                 f"\u2713/\u2717: that configuration's answer right/wrong{crop_note}{base_note}{source}",
                  fontsize=10)
     fig.tight_layout()
     return fig
@@ -735,8 +905,9 @@ def plot_examples(selections: pl.DataFrame, samples: pl.DataFrame, n_examples: i
 def plot_relations(relations: pl.DataFrame):
     """Left: within-sample correlation of each statistic with correctness, pooled over pruned
     configurations (permutation p, Holm-adjusted). Right: accuracy by quartile of the
-    overlap with avg_all_heads, one line per configuration at the smallest keep."""
-    fig, axes = _figure(width=13, height=4.8, ncols=2)
+    overlap with avg_all_heads, one line per configuration at the smallest keep, one hue per
+    method (:func:`config_colors`), the legend beside the panel."""
+    fig, axes = _figure(width=16, height=5.2, ncols=2, gridspec_kw={"width_ratios": [1, 1.05]})
     ax = axes[0, 0]
     pooled = relations.filter(pl.col("scope") == "within_sample", pl.col("r_within").is_not_null())
     if pooled.height:
@@ -761,13 +932,20 @@ def plot_relations(relations: pl.DataFrame):
     if per.height:
         keep = per["keep"].min()
         layer = per["agg_layer"].min()
-        for row in per.filter(pl.col("keep") == keep, pl.col("agg_layer") == layer,
-                              pl.col("config") != "avg_all_heads").iter_rows(named=True):
+        rows = {r["config"]: r for r in per.filter(pl.col("keep") == keep, pl.col("agg_layer") == layer,
+                                                   pl.col("config") != "avg_all_heads").iter_rows(named=True)}
+        colors = config_colors(list(rows))
+        for config in _ordered(rows):  # one hue per method, shades within; legend outside, in method order
+            row = rows[config]
             y = [np.nan if row[c] is None else 100 * row[c] for c in q_cols]
-            rho = "" if row["spearman_rho"] is None else f" rho {row['spearman_rho']:+.2f}, p_holm {row['p_holm']:.1e}"
-            ax.plot(range(1, len(q_cols) + 1), y, marker="o", label=f"{row['config']}{rho}")
-        ax.set_title(f"Accuracy by quartile of Jaccard with avg_all_heads (keep {keep}, K={layer})")
-        ax.legend(fontsize=7, loc="best")
+            rho = "" if row["spearman_rho"] is None else f": rho {row['spearman_rho']:+.2f}, p_holm {row['p_holm']:.1e}"
+            control = _base_method(config) in ("random", "uniform")
+            ax.plot(range(1, len(q_cols) + 1), y, marker="o", markersize=4, color=colors[config],
+                    linestyle="--" if control or "@" in config else "-", linewidth=1.3,
+                    label=f"{_method_label(config)}{rho}")
+        ax.set_title(f"Accuracy by quartile of Jaccard with avg_all_heads (keep {keep}, K={layer})", fontsize=10)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), title=f"{len(rows)} configurations "
+                  "(one hue per method)", title_fontsize=7)
     ax.set_xticks(range(1, len(q_cols) + 1))
     ax.set_xlabel("quartile of the statistic over samples (1 = lowest)")
     ax.set_ylabel("accuracy of the pruned model (%)")
@@ -777,13 +955,13 @@ def plot_relations(relations: pl.DataFrame):
 
 
 def _grid_map(ax, values: np.ndarray, cmap: str, label: str, vmin: float | None = None, vmax: float | None = None):
-    """A token-grid map (rows x cols) with its own colour bar; ticks every 6 patches (imshow:
+    """A token-grid map (rows x cols) with its own colour bar; ticks every quarter (imshow:
     seaborn's heatmap redraws the whole figure per call, slow on a many-panel figure)."""
     rows, cols = values.shape
     im = ax.imshow(values, cmap=cmap, vmin=vmin, vmax=vmax, extent=(0, cols, rows, 0), interpolation="nearest")
     ax.figure.colorbar(im, ax=ax, shrink=0.7, label=label)
-    ax.set_xticks(np.arange(0, cols, 6) + 0.5, [str(t) for t in range(0, cols, 6)])
-    ax.set_yticks(np.arange(0, rows, 6) + 0.5, [str(t) for t in range(0, rows, 6)])
+    ax.set_xticks(np.arange(0, cols, _tick_step(cols)) + 0.5, [str(t) for t in range(0, cols, _tick_step(cols))])
+    ax.set_yticks(np.arange(0, rows, _tick_step(rows)) + 0.5, [str(t) for t in range(0, rows, _tick_step(rows))])
     ax.grid(False)
 
 
@@ -831,16 +1009,70 @@ def attention_sample_ids(predictions: pl.DataFrame | None, samples: pl.DataFrame
     return chosen[:n]
 
 
+def _attention_panels(att, layout, architecture: str, max_heads: int):
+    """The maps of one sample's ``[H, N]`` attention: ``[(title, [rows, cols] map or None), ...]``
+    — the head mean on the grid, on the anyres base tile where there is one, then each head
+    on the grid (the max head marked); cells no token covers are NaN (drawn blank)."""
+    from .strategies import head_importance, max_head_index
+
+    top = int(max_head_index(head_importance(att)))
+    heads = list(range(min(att.shape[0], max_heads)))
+    if top not in heads:
+        heads[-1] = top
+    att = att.numpy() if hasattr(att, "numpy") else np.asarray(att)
+    on = np.flatnonzero(layout.cells >= 0)
+    side = base_tile(layout, architecture)
+
+    def on_grid(a):
+        m = np.full(layout.rows * layout.cols, np.nan)
+        m[layout.cells[on]] = a[on]
+        return m.reshape(layout.rows, layout.cols)
+
+    mean = att.mean(0)
+    off = float(mean[layout.cells < 0].sum() / max(mean.sum(), 1e-30))
+    note = f"\n({100 * off:.0f}% of it off the grid)" if (layout.cells < 0).any() else ""
+    panels = [(f"mean over heads{note}", on_grid(mean))]
+    if side:
+        panels.append(("mean over heads: base tile", mean[: side * side].reshape(side, side)))
+    panels += [(f"head {h}{' (max head)' if h == top else ''}", on_grid(att[h])) for h in heads]
+    return panels
+
+
+def _model_view_panel(ax, path, layout, geometry, extent: str):
+    """The image as the model saw it, on the grid's coordinates: the processor's crop
+    (``extent="crop"``) or the whole image resized to the grid."""
+    rows, cols = layout.rows, layout.cols
+    try:
+        from PIL import Image
+
+        with Image.open(path) as im:
+            size = im.size
+            view = np.asarray(image_grid.model_view(im, geometry) if extent == "crop" else im.convert("RGB"))
+        ax.imshow(view, extent=(0, cols, rows, 0), interpolation="bilinear", aspect="equal")
+        what = f"{view.shape[1]}x{view.shape[0]} crop" if extent == "crop" else f"{rows} x {cols} grid"
+        ax.set_title(f"image as the model saw it\n({size[0]}x{size[1]} -> {what})", fontsize=9)
+    except (OSError, ValueError, TypeError):
+        ax.text(0.5, 0.5, "image not found", ha="center", va="center", transform=ax.transAxes)
+        ax.set_title("image (not found)", fontsize=9)
+    ax.set_xlim(0, cols)
+    ax.set_ylim(rows, 0)
+    ax.set_xticks(np.arange(0, cols, _tick_step(cols)) + 0.5, [str(t) for t in range(0, cols, _tick_step(cols))])
+    ax.set_yticks(np.arange(0, rows, _tick_step(rows)) + 0.5, [str(t) for t in range(0, rows, _tick_step(rows))])
+    ax.grid(False)
+    ax.set_xlabel("image column (patch)")
+
+
 def plot_sample_attention(run_dir: str | Path, sample_id: int | list, agg_layer: int | None = None,
                           max_heads: int = 8, geometry: image_grid.ImageGeometry | None = None,
                           reasons: list[str] | None = None):
-    """Samples' last-token attention at layer K-1 on the image grid, one row per sample: the
-    image as the model saw it (resized and center-cropped by the processor, so its patch grid
-    lines up with the maps), the head mean (what avg_all_heads ranks) and each head (the max
-    head marked), from the cached run. ``sample_id`` is one id or a list; each map has its own
-    colour scale (attention in % of the last token's row)."""
+    """Samples' last-token attention at layer K-1 on each sample's own image-token grid, one
+    row per sample: the image as the model saw it (the processor's center crop for LLaVA-1.5,
+    the whole image for the families whose grid spans it, so its grid lines up with the maps),
+    the head mean (what avg_all_heads ranks; anyres runs add it on the base tile) and each head
+    (the max head marked), from the cached run. ``sample_id`` is one id or a list; each map
+    has its own colour scale (attention in % of the last token's row). None when capture
+    recorded no layer K > 0 or no chosen sample lies on a grid."""
     from .store import open_run
-    from .strategies import head_importance, max_head_index
 
     run = open_run(run_dir)
     layers = [k for k in run.agg_layers if k > 0]
@@ -848,54 +1080,31 @@ def plot_sample_attention(run_dir: str | Path, sample_id: int | list, agg_layer:
         return None  # K = 0 only: capture records no attention
     layer = agg_layer if agg_layer is not None else layers[0]
     geometry = geometry or image_grid.load_geometry(run.config.get("model"))
+    architecture = run.config.get("architecture") or "LlavaForConditionalGeneration"
+    extent = grid_extent(architecture)
     ids = [int(sample_id)] if isinstance(sample_id, (int, np.integer)) else [int(s) for s in sample_id]
-    reasons = list(reasons or [""] * len(ids))
-    rows = []
-    for sid in ids:
-        att = run.last_token_attention(sid, layer)  # [H, N]
-        top = int(max_head_index(head_importance(att)))
-        heads = list(range(min(att.shape[0], max_heads)))
-        if top not in heads:
-            heads[-1] = top
-        panels = [("mean over heads", att.mean(0))] + [
-            (f"head {h}{' (max head)' if h == top else ''}", att[h]) for h in heads]
-        rows.append((sid, panels))
+    reasons = dict(zip(ids, list(reasons or [""] * len(ids))))
+    layouts = _layouts(run.samples)
+    ids = [s for s in ids if layouts[s].rows > 0]
+    if not ids:
+        return None
+    rows = [(sid, _attention_panels(run.last_token_attention(sid, layer), layouts[sid], architecture, max_heads))
+            for sid in ids]
     ncols = 1 + max(len(p) for _, p in rows)
     fig, axes = _figure(width=3.3 * ncols, height=3.7 * len(rows), ncols=ncols, nrows=len(rows))
     for r, (sid, panels) in enumerate(rows):
         row = run.samples.filter(pl.col("sample_id") == sid).row(0, named=True)
-        n = panels[0][1].shape[-1]
-        ax = axes[r, 0]
-        rows_, cols_ = image_grid.grid_shape(geometry, geometry.crop_width, geometry.crop_height)
-        if rows_ * cols_ != n:
-            rows_ = cols_ = math.isqrt(n)
-        try:
-            from PIL import Image
-
-            with Image.open(row["image"]) as im:
-                size = im.size
-                view = np.asarray(image_grid.model_view(im, geometry))
-            ax.imshow(view, extent=(0, cols_, rows_, 0), interpolation="bilinear")
-            ax.set_title(f"image as the model saw it\n({size[0]}x{size[1]} -> {view.shape[1]}x{view.shape[0]} crop)",
-                         fontsize=9)
-        except (OSError, ValueError, TypeError):
-            ax.text(0.5, 0.5, "image not found", ha="center", va="center", transform=ax.transAxes)
-            ax.set_title("image (not found)", fontsize=9)
-        ax.set_xlim(0, cols_)
-        ax.set_ylim(rows_, 0)
-        ax.set_xticks(np.arange(0, cols_, 6) + 0.5, [str(t) for t in range(0, cols_, 6)])
-        ax.set_yticks(np.arange(0, rows_, 6) + 0.5, [str(t) for t in range(0, rows_, 6)])
-        ax.grid(False)
-        ax.set_xlabel("image column (patch)")
-        why = f"\n[{reasons[r]}]" if r < len(reasons) and reasons[r] else ""
-        ax.set_ylabel(f"#{sid}: {row['question'][:32]}\nfull model {row['prediction']!r}, reference {row['answer']!r}"
-                      f"{why}", fontsize=8)
+        _model_view_panel(axes[r, 0], row["image"], layouts[sid], geometry, extent)
+        why = f"\n[{reasons[sid]}]" if reasons.get(sid) else ""
+        axes[r, 0].set_ylabel(f"#{sid}: {row['question'][:32]}\nfull model {row['prediction']!r}, reference "
+                              f"{row['answer']!r}{why}", fontsize=8)
         for c, (title, a) in enumerate(panels, start=1):
             ax = axes[r, c]
-            _grid_map(ax, (100 * a).reshape(rows_, cols_).numpy(), "viridis", "attention (% of the row)")
+            _grid_map(ax, 100 * a, "viridis", "attention (% of the row)")
             ax.set_title(title, fontsize=9)
-            ax.set_xlabel("image column (patch)")
-            ax.set_ylabel("image row (patch)")
+            base = title.endswith("base tile")
+            ax.set_xlabel("base-tile column" if base else "image column (patch)")
+            ax.set_ylabel("base-tile row" if base else "image row (patch)")
         for c in range(1 + len(panels), ncols):
             axes[r, c].axis("off")
     if len(rows) == 1:
@@ -967,59 +1176,13 @@ def configure_tables(max_rows: int = 100) -> None:
     pl.Config.set_tbl_cols(-1)
 
 
-def grid_samples(t: RunTables) -> list[int] | None:
-    """Samples whose image tokens form the processor's one patch grid (all of them for
-    LLaVA-1.5): the spatial figures draw only those. Anyres models (LLaVA-NeXT) give each
-    image its own N, with tiles and newline tokens that are not one grid: their samples are
-    left out (None when none is left; per-tile maps are still to come)."""
-    import json
-
-    if t.samples is None or "n_image_tokens" not in t.samples.columns:
-        return None
-    config = json.loads((t.root / "run.json").read_text()) if (t.root / "run.json").exists() else {}
-    try:
-        rows, cols = image_grid.grid_shape(t.geometry)
-        patch_grid = rows * cols
-    except ValueError:
-        patch_grid = None
-    single_grid = config.get("architecture", "LlavaForConditionalGeneration") == "LlavaForConditionalGeneration"
-    counts = t.samples.group_by("n_image_tokens").len().sort("len", descending=True)
-    for n in counts["n_image_tokens"].to_list():
-        # the processor's patch grid; a square N only for single-grid LLaVA (an anyres N that
-        # happens to be square, e.g. 36 = tiles + newlines, is no 6 x 6 grid)
-        if int(n) == patch_grid or (single_grid and math.isqrt(int(n)) ** 2 == int(n)):
-            return t.samples.filter(pl.col("n_image_tokens") == n)["sample_id"].to_list()
-    return None
-
-
-def _on_grid(t: RunTables) -> RunTables | None:
-    """``t`` restricted to :func:`grid_samples` (None when no sample lies on one grid)."""
-    from dataclasses import replace
-
-    ids = grid_samples(t)
-    if ids is None:
-        return None
-    if len(ids) == t.samples.height:
-        return t
-    keep = pl.col("sample_id").is_in(ids)
-    return replace(t, samples=t.samples.filter(keep),
-                   selections=None if t.selections is None else t.selections.filter(keep),
-                   predictions=None if t.predictions is None else t.predictions.filter(keep))
-
-
-def _on_grid_figure(draw):
-    """A figure function that draws from the samples on one image-token grid only."""
-    def figure_on_grid(t: RunTables):
-        grid = _on_grid(t)
-        return None if grid is None or grid.selections is None or grid.selections.height == 0 else draw(grid)
-
-    return figure_on_grid
-
-
 def _attention_examples(t: RunTables):
-    picks = attention_sample_ids(t.predictions, t.samples, n=3)
-    if not picks:
+    if why_missing("sample_attention", t):
         return None
+    ids = [s for s, lay in _layouts(t.samples).items() if lay.rows > 0]
+    on_grid = t.samples.filter(pl.col("sample_id").is_in(ids))
+    preds = None if t.predictions is None else t.predictions.filter(pl.col("sample_id").is_in(ids))
+    picks = attention_sample_ids(preds, on_grid, n=3)
     return plot_sample_attention(t.root, [s for s, _ in picks], geometry=t.geometry, reasons=[w for _, w in picks])
 
 
@@ -1030,10 +1193,11 @@ FIGURES = {
     "cost": lambda t: plot_cost(t.accuracy),
     "overlap_heatmap": lambda t: plot_overlap_heatmap(t.overlap_summary, n_tokens=sample_token_counts(t)),
     "head_statistics": lambda t: plot_head_statistics(t.heads, t.num_heads),
-    "keep_frequency": _on_grid_figure(lambda t: plot_keep_frequency(t.selections)),
-    "examples": _on_grid_figure(lambda t: plot_examples(t.selections, t.samples, predictions=t.predictions,
-                                                        geometry=t.geometry)),
-    "sample_attention": _on_grid_figure(_attention_examples),
+    "keep_frequency": lambda t: None if why_missing("keep_frequency", t) else plot_keep_frequency(
+        t.selections, samples=t.samples, architecture=t.architecture),
+    "examples": lambda t: None if why_missing("examples", t) else plot_examples(
+        t.selections, t.samples, predictions=t.predictions, geometry=t.geometry, architecture=t.architecture),
+    "sample_attention": _attention_examples,
     "relations": lambda t: plot_relations(t.relations),
     "object_coverage": lambda t: plot_object_coverage(t.predictions),
     "positional_bias": lambda t: plot_positional_bias(t.selections, t.samples),
@@ -1047,6 +1211,38 @@ NEEDS = {"accuracy_vs_keep": "accuracy", "accuracy_vs_alpha": "accuracy", "categ
          "keep_frequency": "selections", "examples": "selections", "sample_attention": "selections",
          "relations": "relations", "object_coverage": "predictions", "positional_bias": "selections",
          "attention_sinks": "heads", "query_choice": "overlap_summary", "layer_dynamics": "selections"}
+
+
+def _base_method(config: str) -> str:
+    return config.split(" then ")[0].split("@")[0].split("(")[0]
+
+
+def config_colors(configs) -> dict[str, tuple]:
+    """One hue family per method (:data:`PALETTE`), one shade per configuration within it:
+    weighted_combination's alphas from light (alpha 0) to dark (alpha 1), query variants and
+    schedules lighter than their method's own configuration; methods in METHOD_ORDER first."""
+    from matplotlib.colors import to_rgb
+
+    groups: dict[str, list[str]] = {}
+    for config in configs:
+        groups.setdefault(_base_method(config), []).append(config)
+    def shade(base, t):  # mix with white (t < 0) or black (t > 0)
+        return tuple(np.clip(base + (1 - base) * -t if t < 0 else base * (1 - t), 0, 1))
+
+    out = {}
+    for method, members in groups.items():
+        base = np.array(to_rgb(PALETTE.get(method, "0.4")))
+        plain = sorted(c for c in members if "@" not in c and " then " not in c)
+        variants = sorted(c for c in members if c not in plain)
+        steps = np.linspace(-0.5, 0.4, len(plain)) if len(plain) > 1 else [0.0]
+        out.update({c: shade(base, t) for c, t in zip(plain, steps)})
+        out.update({c: shade(base, -0.3 - 0.3 * i / max(len(variants) - 1, 1)) for i, c in enumerate(variants)})
+    return out
+
+
+def _ordered(configs) -> list[str]:
+    rank = {m: i for i, m in enumerate(METHOD_ORDER)}
+    return sorted(configs, key=lambda c: (rank.get(_base_method(c), len(rank)), _base_method(c), c))
 
 
 def plot_object_coverage(predictions: pl.DataFrame):
@@ -1066,28 +1262,31 @@ def plot_object_coverage(predictions: pl.DataFrame):
         (100 * pl.col("objects_touched").mean()).alias("touched"),
         (100 * pl.col("correct").cast(pl.Float64).mean()).alias("accuracy")).sort("keep", "config"))
     keeps = sorted(summary["keep"].unique().to_list(), reverse=True)
-    fig, axes = _figure(width=6.2 * 2, height=4.6, ncols=2)
+    configs = _ordered(summary["config"].unique().to_list())
+    colors = config_colors(configs)
+    fig, axes = _figure(width=6.2 * 2 + 3.2, height=4.8, ncols=2)
     markers = dict(zip(keeps, "osD^v<>"))
     for ax, column, label in ((axes[0, 0], "touched", "objects touched by a kept token (%)"),
                               (axes[0, 1], "on_objects", "kept tokens that lie on an object (%)")):
-        # weighted_combination's alphas first and small: its alpha = 1/H and 1 points coincide
-        # with avg_all_heads and max_head, which are drawn on top
+        # weighted_combination's alphas small and under the rest: its alpha = 1/H and 1 points
+        # coincide with avg_all_heads and max_head, which are drawn on top
         for row in summary.sort(pl.col("method") != "weighted_combination").iter_rows(named=True):
             wc = row["method"] == "weighted_combination"
-            ax.scatter(row[column], row["accuracy"], color=PALETTE.get(row["method"], "grey"),
-                       marker=markers[row["keep"]], s=28 if wc else 60, alpha=0.6 if wc else 0.95,
-                       edgecolors="black", linewidths=0.4, zorder=2 if wc else 3)
+            ax.scatter(row[column], row["accuracy"], color=colors[row["config"]], marker=markers[row["keep"]],
+                       s=34 if wc else 60, alpha=0.85 if wc else 0.95, edgecolors="black", linewidths=0.4,
+                       zorder=2 if wc else 3)
         ax.set_xlabel(label)
         ax.set_ylabel("accuracy of the pruned model (%)")
         ax.set_ylim(0, 105)
     from matplotlib.lines import Line2D
 
-    methods = [m for m in METHOD_ORDER if m in summary["method"].unique().to_list()]
-    handles = [Line2D([], [], marker="o", linestyle="", color=PALETTE[m], label=m) for m in methods]
+    handles = [Line2D([], [], marker="o", linestyle="", color=colors[c], markeredgecolor="black",
+                      markeredgewidth=0.4, label=_method_label(c)) for c in configs]
     handles += [Line2D([], [], marker=markers[k], linestyle="", color="black", markerfacecolor="none",
                        label=f"keep {k}") for k in keeps]
-    axes[0, 0].legend(handles=handles, fontsize=7, loc="lower right")
-    axes[0, 0].set_title(f"Objects touched vs accuracy (K={layer}, one marker per configuration)")
+    fig.legend(handles=handles, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5),
+               title=f"{len(configs)} configurations\n(one hue per method)", title_fontsize=8)
+    axes[0, 0].set_title(f"Objects touched vs accuracy (K={layer}, one marker per configuration and keep)")
     axes[0, 1].set_title("Kept tokens on objects vs accuracy")
     fig.tight_layout()
     return fig
@@ -1782,6 +1981,8 @@ def run_sink_masks(t: RunTables) -> dict[int, np.ndarray] | None:
 def why_missing(name: str, t: RunTables) -> str | None:
     """The one line a section shows instead of its figure or table when the run lacks its
     inputs (None when it has them)."""
+    if name in ("keep_frequency", "examples", "sample_attention"):
+        return _spatial_missing(name, t)
     if name == "positional_bias":
         if t.selections is None or _smallest_keep(t.selections) is None:
             return "No positional-bias section: select has not run, or kept no pruned set (keep > 0)."
@@ -1810,6 +2011,26 @@ def why_missing(name: str, t: RunTables) -> str | None:
         ready = t.oracle is not None and t.adaptive is not None and t.oracle.height and t.adaptive.height
         return None if ready else adaptive_note(t.oracle, t.adaptive)
     raise ValueError(f"unknown section {name!r}")
+
+
+SPATIAL_TITLES = {"keep_frequency": "keep-frequency", "examples": "examples", "sample_attention": "attention-map"}
+
+
+def _spatial_missing(name: str, t: RunTables) -> str | None:
+    """Why a figure drawn on the samples' grids cannot be drawn (None when it can)."""
+    what = f"No {SPATIAL_TITLES[name]} figure"
+    if t.selections is None or t.samples is None or t.samples.height == 0:
+        return f"{what}: select has not run."
+    if name == "sample_attention":
+        if not (t.selections["agg_layer"] > 0).any():
+            return (f"{what}: capture recorded the attention of no layer K > 0 (agg layers "
+                    f"{sorted(t.selections['agg_layer'].unique().to_list())}; capture with --agg-layers 2 or another "
+                    "K > 0).")
+    elif _smallest_keep(t.selections) is None:
+        return f"{what}: select kept no pruned set (keep > 0)."
+    if name != "examples" and not any(lay.rows > 0 for lay in _layouts(t.samples, t.selections).values()):
+        return f"{what}: no sample's image tokens lie on a grid (their layout is unknown: capture predates layouts)."
+    return None
 
 
 def _sinks_figure(t: RunTables):

@@ -174,10 +174,10 @@ def test_keep_frequency_scales(evaluated_run):
     tables = report.load_tables(evaluated_run)
     fig = report.figure("keep_frequency", tables, save=False)
     panels = {ax.get_title().split("\n")[0]: ax for ax in fig.axes if ax.get_label() != "<colorbar>"}
-    assert panels["uniform"].collections[0].norm.vmax == pytest.approx(100)  # its own scale
+    assert panels["uniform"].images[0].norm.vmax == pytest.approx(100)  # its own scale
     assert "own scale 0-100%" in panels["uniform"].get_title()
     shared = [ax for name, ax in panels.items() if name != "uniform"]
-    tops = {ax.collections[0].norm.vmax for ax in shared}
+    tops = {ax.images[0].norm.vmax for ax in shared}
     assert len(tops) == 1 and tops.pop() < 100  # one scale for the rest, not washed out by uniform's 100 %
     assert all("shared scale" in ax.get_title() for ax in shared)
     plt.close(fig)
@@ -604,3 +604,74 @@ def test_beats_random_judges_by_the_test_over_units_when_items_repeat():
     assert table["holm_0.05"].to_list() == [""] and table["p_vs_random_holm"].to_list() == [0.2]
     assert table["n_units"].to_list() == [20]
     assert "copies of one item count once" in report.beats_random_summary(table)
+
+
+SIXTEEN = ["avg_all_heads", "max_head", "random", "uniform", "dynamic_alpha", "no_rope", "sink_excluded", "diverse",
+           "hybrid_uniform", "avg_all_heads@text_mean", "avg_all_heads@all_mean"] + [
+    f"weighted_combination(alpha={a:g})" for a in (0, 0.25, 0.5, 0.75, 1)]
+
+
+def _sixteen_predictions():
+    rng = np.random.default_rng(0)
+    rows = [{"sample_id": s, "agg_layer": 2, "keep": k, "config": c, "method": report._base_method(c),
+             "correct": bool(rng.random() < 0.7), "objects_touched": float(rng.random()),
+             "object_token_share": float(rng.random())} for s in range(8) for k in (16, 64) for c in SIXTEEN]
+    return pl.DataFrame(rows)
+
+
+def test_object_coverage_explains_every_colour_with_16_configurations():
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_hex
+
+    fig = report.plot_object_coverage(_sixteen_predictions())
+    legend = fig.legends[0]
+    labels = [t.get_text() for t in legend.get_texts()]
+    assert len(labels) == 16 + 2 and labels[-2:] == ["keep 64", "keep 16"]
+    legend_colors = {to_hex(h.get_color()) for h in legend.legend_handles[:16]}
+    assert len(legend_colors) == 16  # one colour per configuration, none recycled
+    for ax in fig.axes:
+        drawn = {to_hex(c) for coll in ax.collections for c in coll.get_facecolors()}
+        assert drawn <= legend_colors  # every plotted colour is in the legend
+    plt.close(fig)
+
+
+def test_config_colors_one_hue_family_per_method():
+    from matplotlib.colors import rgb_to_hsv, to_rgb
+
+    colors = report.config_colors(SIXTEEN)
+    assert colors["avg_all_heads"] == to_rgb(report.PALETTE["avg_all_heads"])  # the method itself: its own colour
+    wc = [colors[f"weighted_combination(alpha={a:g})"] for a in (0, 0.25, 0.5, 0.75, 1)]
+    hue = rgb_to_hsv(to_rgb(report.PALETTE["weighted_combination"]))[0]
+    assert all(abs(rgb_to_hsv(c)[0] - hue) < 0.02 for c in wc)  # one hue ...
+    assert [sum(c) for c in wc] == sorted((sum(c) for c in wc), reverse=True)  # ... light (alpha 0) to dark
+    assert len(set(colors.values())) == len(SIXTEEN)
+
+
+def test_relations_and_overlap_stay_readable_with_16_configurations(tmp_path):
+    import matplotlib.pyplot as plt
+
+    configs = [c for c in SIXTEEN if c != "avg_all_heads"]
+    rel = pl.DataFrame([{"scope": "configuration", "statistic": "jaccard_vs_avg", "keep": 16, "agg_layer": 2,
+                         "config": c, "accuracy_q1": 0.5, "accuracy_q2": 0.6, "accuracy_q3": 0.7, "accuracy_q4": 0.8,
+                         "spearman_rho": 0.1, "p_holm": 0.5, "r_within": None, "n": 8, "n_strata": 1,
+                         "p_value": None} for c in configs])
+    fig = report.plot_relations(rel)
+    right = fig.axes[1]
+    lines = right.get_lines()
+    assert len(lines) == 15 and len({tuple(line.get_color()) for line in lines}) == 15
+    legend = right.get_legend()
+    fig.canvas.draw()
+    box, panel = legend.get_window_extent(), right.get_window_extent()
+    assert box.x0 >= panel.x1  # beside the lines, not over them
+    plt.close(fig)
+    pairs = [{"agg_layer": 2, "keep": 16, "config_a": a, "config_b": b, "jaccard_mean": 0.3}
+             for i, a in enumerate(SIXTEEN) for b in SIXTEEN[i + 1:] if "@" not in a + b]
+    fig = report.plot_overlap_heatmap(pl.DataFrame(pairs), max_configs=20, n_tokens=576)
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    labels = ax.get_xticklabels()
+    x = sorted(t.get_window_extent().x1 for t in labels)  # rotated labels end at their ticks
+    font = labels[0].get_fontsize() * fig.dpi / 72
+    gap = min(np.diff(x)) * np.sin(np.radians(labels[0].get_rotation()))  # between parallel rotated lines
+    assert len(labels) == 14 and gap >= 1.4 * font  # a line of text and some air between neighbours
+    plt.close(fig)

@@ -280,6 +280,25 @@ _BUILDERS: dict[str, Callable[[nn.Module], Adapter]] = {
 
 SUPPORTED = tuple(_BUILDERS)
 
+GRID_EXTENT: dict[str, str] = {
+    "LlavaForConditionalGeneration": "crop",
+    "LlavaNextForConditionalGeneration": "image",
+    "LlavaOnevisionForConditionalGeneration": "image",
+    "Qwen2VLForConditionalGeneration": "image",
+    "Qwen2_5_VLForConditionalGeneration": "image",
+    "InternVLForConditionalGeneration": "image",
+}
+"""What part of the original image the spatial grid of a sample's
+:class:`~fastv_analysis.layout.TokenLayout` spans: ``crop``, the processor's center crop
+(LLaVA-1.5's CLIP processor resizes the short side and crops the centre;
+:mod:`fastv_analysis.grid` places it), or ``image``, the whole image (the anyres unpadded
+high-resolution grid, Qwen2-VL's smart_resize of the whole image, InternVL's thumbnail or
+single tile). Unknown architectures: ``crop`` (the geometry's fallback)."""
+
+BASE_TILE = frozenset({"LlavaNextForConditionalGeneration", "LlavaOnevisionForConditionalGeneration"})
+"""Architectures whose off-grid tokens before the grid are one square base tile: the whole
+image resized to one tile (anyres). InternVL's off-grid tiles have no known arrangement."""
+
 
 def get_adapter(model: nn.Module) -> Adapter:
     """The adapter for ``model``, by its class name; ValueError for unsupported ones."""
@@ -289,4 +308,4 @@ def get_adapter(model: nn.Module) -> Adapter:
     return _BUILDERS[name](model)
 
 
-__all__ = ["Adapter", "AttentionCall", "DecoderCall", "LayerCall", "ModelCall", "SUPPORTED", "get_adapter", "replace"]
+__all__ = ["Adapter", "BASE_TILE", "GRID_EXTENT", "AttentionCall", "DecoderCall", "LayerCall", "ModelCall", "SUPPORTED", "get_adapter", "replace"]
