@@ -105,3 +105,17 @@ def test_a_failed_capture_removes_the_directory_its_lock_created(tmp_path, capsy
     out = tmp_path / "new-run"
     assert main(["capture", "--out", str(out), "--data", str(tmp_path / "none.jsonl"), "--quiet"]) != 0
     assert not out.exists()  # the directory the lock created goes with the failed capture
+
+
+def test_demo_takes_the_stage_locks_too(tmp_path, capsys):
+    # demo runs the stages in one process; a stage held by another process stops it in one line
+    out = tmp_path / "demo"
+    out.mkdir()
+    holder = _holder(out, "capture")
+    try:
+        assert main(["demo", "--out", str(out), "--limit", "2", "--no-report", "--quiet"]) != 0
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"pid {holder.pid} on {socket.gethostname()}" in err, err
+    finally:
+        holder.kill()
+        holder.wait()
