@@ -138,7 +138,7 @@ def test_processor_errors_name_the_sample_and_are_skippable(checkpoints, tmp_pat
     data = write_questions(tmp_path / "d", n=3, broken=_two_placeholders)
     assert capture(checkpoints["mha"], data, tmp_path / "run") != 0
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "'q1'" in err and str(data) in err and "2 <image>" in err
+    assert len(err.splitlines()) == 1 and "question q1" in err and str(data) in err and "2 <image>" in err
     assert not (tmp_path / "run").exists()  # nothing written for a run that captured nothing
     assert capture(checkpoints["mha"], data, tmp_path / "run", "--skip-bad") == 0
     out = capsys.readouterr().out
