@@ -546,13 +546,13 @@ class FastVModel:
         call = self.adapter.model_call(args, kwargs)
         input_ids, cache = call.input_ids, call.cache
         self._positions_given = call.position_ids is not None
-        if self.prompt is not None and self.prompt.owns(cache) and cache.get_seq_length() > 0:
+        if self.prompt is not None and self.prompt.owns(cache) and self.adapter.cache_length(cache) > 0:
             self.phase = "decode"  # continues as its prefill decided, whatever .fastv says now
             return None
         if not config.use_fast_v:
             self.prompt = None
             return None
-        if input_ids is None or (cache is not None and cache.get_seq_length() > 0):
+        if input_ids is None or (cache is not None and self.adapter.cache_length(cache) > 0):
             self.prompt = None
             return None
         if config.image_start is None and not (input_ids == self.adapter.image_token_id).any():
@@ -786,7 +786,7 @@ class FastVModel:
                 return None
             # keys in original coordinates: the prompt, then every token generated so far (this
             # layer's cache, not yet updated in this step, holds the kept positions + those)
-            kv_len = (mask.shape[-1] if mask is not None else prompt.seq_len + prompt.cache().get_seq_length(layer)
+            kv_len = (mask.shape[-1] if mask is not None else prompt.seq_len + self.adapter.cache_length(prompt.cache(), layer)
                       - kept.shape[1] + call.hidden_states.shape[1])
             keys = decode_key_positions(kept, prompt.seq_len, kv_len)
 
@@ -826,7 +826,7 @@ class FastVModel:
         if self.phase == "prefill" and layer == prompt.agg_layer and hidden.shape[0] != prompt.batch:
             hidden = hidden.expand(prompt.batch, -1, -1)
         kv_len = prompt.seq_len if self.phase == "prefill" else (
-            mask.shape[-1] if mask is not None else prompt.cache().get_seq_length(layer) + q_len
+            mask.shape[-1] if mask is not None else self.adapter.cache_length(prompt.cache(), layer) + q_len
         )
         tag, _, _, key_kept, _, _ = self._cut(prompt, layer)
         if kv_len > prompt.seq_len:
@@ -873,7 +873,7 @@ class FastVModel:
             raise adapter.missing("an attention mask while decoding a batch of different image sizes", "the text decoder")
         new_ids = None
         if not self._positions_given:  # the model counts from its cache, which holds only the kept tokens
-            generated = call.cache.get_seq_length() - kept.shape[1]
+            generated = adapter.cache_length(call.cache) - kept.shape[1]
             device = embeds.device if embeds is not None else kept.device
             new_ids = adapter.step_position_ids(prompt.seq_len + generated, q_len, kept.shape[0], mask2d, device)
         return adapter.with_decoder_call(args, kwargs, DecoderCall(None, None, new_mask, new_ids, call.cache))
@@ -924,12 +924,6 @@ class SharedPrefill:
         self.close()
 
 
-def expand_cache_batch(cache, layers: range, repeats: int) -> None:
-    """Repeat the batch-1 cache entries of ``layers`` to batch ``repeats`` (in place)."""
-    for i in layers:
-        cache.layers[i].batch_repeat_interleave(repeats)
-
-
 @torch.no_grad()
 def prefill_shared(
     model: nn.Module, inputs: Mapping, kept_sets: torch.Tensor, agg_layer: int, mode: str = "drop",
@@ -942,8 +936,6 @@ def prefill_shared(
     The cache of layers < K is expanded to batch C afterwards, so :func:`greedy_decode`
     continues all C rows together.
     """
-    from transformers import DynamicCache
-
     kept_sets = torch.as_tensor(kept_sets, dtype=torch.long)
     kept_sets = kept_sets.unsqueeze(0) if kept_sets.dim() == 1 else kept_sets
     input_ids = inputs["input_ids"]
@@ -957,20 +949,19 @@ def prefill_shared(
         attention_mask = inputs.get("attention_mask")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        cache = DynamicCache(config=model.config.get_text_config())
-        position_ids, position_state = fastv.adapter.prompt_positions(dict(inputs), attention_mask)
+        adapter = fastv.adapter
+        cache = adapter.new_cache()
+        position_ids, position_state = adapter.prompt_positions(dict(inputs), attention_mask)
         extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
-        out = fastv(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            use_cache=True, logits_to_keep=1, **{fastv.adapter.cache_kwarg: cache}, **extra,
-        )
-        expand_cache_batch(cache, range(agg_layer), n_sets)
+        logits = adapter.next_token_logits(fastv, cache, input_ids=input_ids, attention_mask=attention_mask,
+                                           position_ids=position_ids, **extra)
+        adapter.repeat_cache(cache, range(agg_layer), n_sets)
     except BaseException:
         fastv.remove()
         raise
     return SharedPrefill(
         fastv=fastv,
-        logits=out.logits[:, -1, :].expand(n_sets, -1),
+        logits=logits.expand(n_sets, -1),
         past_key_values=cache,
         attention_mask=attention_mask.expand(n_sets, -1),
         prompt_len=input_ids.shape[1],
@@ -1002,11 +993,8 @@ def greedy_decode(
             break
         mask = torch.cat([mask, torch.ones(n_rows, 1, dtype=mask.dtype, device=mask.device)], dim=1)
         position_ids = shared.fastv.adapter.decode_positions(mask, shared.position_state)
-        out = shared.fastv(
-            input_ids=next_token[:, None], attention_mask=mask, position_ids=position_ids,
-            use_cache=True, **{shared.fastv.adapter.cache_kwarg: cache},
-        )
-        logits = out.logits[:, -1, :]
+        logits = shared.fastv.adapter.next_token_logits(shared.fastv, cache, input_ids=next_token[:, None],
+                                                        attention_mask=mask, position_ids=position_ids)
     return torch.stack(tokens, dim=1) if tokens else torch.zeros(n_rows, 0, dtype=torch.long, device=logits.device)
 
 
