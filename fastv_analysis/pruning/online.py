@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .. import probes, strategies
+from ..adapters import Adapter
 from ..attention import rows_from_call
 from ..positions import take_positions
 from .config import FastVConfig
@@ -38,11 +39,12 @@ def stack(parts: list) -> strategies.Selection:
         method=parts[0].method, alpha=parts[0].alpha)
 
 
-def _element_inputs(inputs: Mapping[str, torch.Tensor] | None, b: int, index) -> dict | None:
-    """Element b's named inputs, restricted to the image tokens ``index``."""
+def _take_tokens(inputs: Mapping[str, torch.Tensor] | None, index, element: int | None = None) -> dict | None:
+    """Named inputs restricted to the image tokens ``index`` (of one batch ``element`` when given)."""
     if inputs is None:
         return None
-    return {name: probes.take_tokens(v[b:b + 1] if b is not None else v, name, index) for name, v in inputs.items()}
+    rows = slice(None) if element is None else slice(element, element + 1)
+    return {name: probes.take_tokens(v[rows], name, index) for name, v in inputs.items()}
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,7 @@ class Ranker:
     the prompt."""
 
     config: FastVConfig
-    adapter: object
+    adapter: Adapter
     pixels: torch.Tensor | None = None
 
     def keys(self, prompt: Prompt) -> list[int]:
@@ -86,7 +88,7 @@ class Ranker:
         layouts = self.adapter.token_layouts(prompt.inputs or {}, prompt.n_image.tolist()) if by_grid else None
         return stack([
             self._select_element(one, rows[b:b + 1, :, :n], None if keys is None else keys[b:b + 1],
-                                 _element_inputs(inputs, b, slice(0, n)), None if layouts is None else layouts[b])
+                                 _take_tokens(inputs, slice(0, n), b), None if layouts is None else layouts[b])
             for b, n in enumerate(prompt.n_image.tolist())])
 
     def _select_element(self, one, rows: torch.Tensor, keys, named, layout) -> strategies.Selection:
@@ -97,7 +99,7 @@ class Ranker:
         newline = torch.from_numpy(layout.newline).to(rows.device)
         idx, patch_layout = layout.patches()
         patches = torch.from_numpy(idx).to(rows.device)
-        sel = one(rows[..., patches], keys, _element_inputs(named, None, patches), patch_layout)
+        sel = one(rows[..., patches], keys, _take_tokens(named, patches), patch_layout)
         kept = torch.cat([patches[sel.indices[0]], newline]).sort().values[None]
         scores = torch.zeros(1, rows.shape[-1], dtype=sel.scores.dtype, device=rows.device)
         return replace(sel, indices=kept, scores=scores.index_copy(1, patches, sel.scores))
