@@ -16,7 +16,7 @@ import torch
 torch.set_num_threads(1)
 
 # ----------------------------------------------------------------------------------------
-# Tiny random LLaVA (model-side core: attention.py, pruning.py)
+# Tiny random LLaVA (model-side core: attention.py, pruning/)
 # ----------------------------------------------------------------------------------------
 
 TINY_VOCAB = 96

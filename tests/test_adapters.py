@@ -373,3 +373,30 @@ def test_qwen_own_decode_loop_with_a_mask_answers_as_generate(family):
             mask = torch.cat([mask, torch.ones_like(tokens[-1])], dim=1)
             out = m(input_ids=tokens[-1], attention_mask=mask, use_cache=True, cache=cache)
     assert torch.equal(torch.cat(tokens, dim=1), expected)
+
+
+def test_cache_and_cached_calls_go_through_the_adapter(family):
+    """new_cache / next_token_logits / cache_length / repeat_cache: a prefill into the adapter's
+    cache gives the model's own next-token logits; repeating the cache to batch 3 makes the next
+    step give three rows equal to the batch-1 step's."""
+    arch, loaded = family
+    model, adapter = loaded.model, get_adapter(loaded.model)
+    inputs = _one(_batch(loaded, arch), 0, loaded, arch)
+    seq_len = inputs["input_ids"].shape[1]
+    with torch.no_grad():
+        expected = model(**inputs).logits[:, -1]
+        caches = [adapter.new_cache(), adapter.new_cache()]
+        logits = [adapter.next_token_logits(model, cache, **inputs) for cache in caches]
+        assert logits[0].shape == expected.shape and torch.allclose(logits[0], expected, atol=1e-5)
+        assert adapter.cache_length(caches[0]) == adapter.cache_length(caches[0], adapter.num_layers - 1) == seq_len
+        adapter.repeat_cache(caches[1], range(adapter.num_layers), 3)
+        token = logits[0].argmax(-1, keepdim=True)
+        mask = torch.ones(1, seq_len + 1, dtype=torch.long)
+        step = {}
+        for n, cache in zip((1, 3), caches):
+            position_ids, state = adapter.prompt_positions(dict(inputs), inputs["attention_mask"])
+            ids = adapter.decode_positions(mask.expand(n, -1), state)
+            step[n] = adapter.next_token_logits(model, cache, input_ids=token.expand(n, -1),
+                                                attention_mask=mask.expand(n, -1), position_ids=ids)
+    assert step[3].shape[0] == 3 and adapter.cache_length(caches[1]) == seq_len + 1
+    assert torch.allclose(step[3], step[1].expand(3, -1), atol=1e-5)

@@ -117,6 +117,28 @@ def test_hooks_removed_on_exit(model, batch):
     apply_fastv(model, FastVConfig(agg_layer=1, keep=4)).remove()  # free again after remove()
 
 
+def test_an_install_that_fails_halfway_leaves_no_hook_behind(model, batch, monkeypatch):
+    """The hooks go on as one context: when registering one of them fails, every handle
+    installed before it is removed again and the model is free for a new set."""
+    from fastv_analysis.adapters import get_adapter
+
+    model(**batch)  # warm-up: transformers adds its own hooks on the first forward
+    hooks = hook_snapshot(model)
+    adapter = get_adapter(model)
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("no more hooks")
+
+    monkeypatch.setattr(adapter.attention(adapter.num_layers - 1), "register_forward_hook", refuse)
+    with pytest.raises(RuntimeError, match="no more hooks"):
+        apply_fastv(model, FastVConfig(agg_layer=2, keep=4))
+    monkeypatch.undo()
+    assert hook_snapshot(model) == hooks
+    with apply_fastv(model, FastVConfig(agg_layer=2, keep=4)) as fastv:
+        fastv(**batch)
+    assert hook_snapshot(model) == hooks
+
+
 # ----------------------------------------------------------------------------------------
 # batch-correct selection, metadata, run-time switching
 # ----------------------------------------------------------------------------------------

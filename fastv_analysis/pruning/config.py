@@ -1,0 +1,159 @@
+"""What to prune: :class:`FastVConfig` and the later :class:`Stage` s of a schedule, validated in
+one line each; the reference implementation's key names (:data:`ALIASES`)."""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+
+import torch
+
+from .. import strategies
+from ..layout import NEWLINE_POLICIES
+
+MODES = ("drop", "mask")
+
+ALIASES = {
+    "fast_v_agg_layer": "agg_layer",
+    "fast_v_attention_rank": "keep",
+    "fast_v_sys_length": "image_start",
+    "fast_v_image_token_length": "image_tokens",
+    "fast_v_token_selection_method": "method",
+    "fast_v_weighted_alpha": "alpha",
+    "fast_v_inplace": None,  # the reference's in-place flag: drop mode is always in place
+}
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A later pruning stage of a schedule: from layer ``agg_layer`` on, keep ``keep`` of the
+    image tokens the earlier stages kept, ranked by ``method`` on the attention that layer
+    ``agg_layer - 1`` of the *pruned* model pays them (what online pruning would see; the
+    cache of the full model only approximates it). Its random control is seeded with the
+    config's seed + the stage's number (1, 2, ...)."""
+
+    agg_layer: int
+    keep: int
+    method: str = "avg_all_heads"
+    alpha: float = 0.5
+    params: Mapping = field(default_factory=dict)
+
+
+@dataclass
+class FastVConfig:
+    """FastV settings; fields can be changed between forwards (``m.fastv.keep = 64``).
+
+    agg_layer:    K, the first pruned layer; layer K-1's attention ranks the image tokens.
+    keep:         image tokens kept (the reference's ``attention_rank``), 0..N.
+    method/alpha: selection strategy, see :mod:`fastv_analysis.strategies`.
+    stages:       later :class:`Stage` s of a per-layer schedule (e.g. keep 50 % at K = 2
+                  by one method, then 25 % at K = 8 by another); empty = FastV's one cut.
+    params:       the strategy's declared parameters (``query="text_mean"``, ``base=...``,
+                  ``sink_ratio=...``); the inputs it needs beyond the last-token rows are
+                  computed at layer K-1 (:mod:`fastv_analysis.probes`).
+    image_start, image_tokens: a fixed image span for every element (the reference's
+                  ``sys_length``/``image_token_length``); None = find it in input_ids.
+    seed:         seeds the random method and the K = 0 subset (with each sample's key).
+    sample_ids:   one non-negative id per batch element keying its random subset (the
+                  select stage's ``sample_id``); None = a hash of the element's unpadded
+                  input ids and pixel values (:func:`sample_keys`).
+    mode:         "drop" (physically remove) or "mask" (mask out as keys).
+    newline:      LLaVA-NeXT / OneVision ``image_newline`` tokens: "prune" (ranked like
+                  every image token) or "keep" (always kept, outside the budget), see
+                  :data:`fastv_analysis.layout.NEWLINE_POLICIES`.
+    kept:         externally chosen image-token indices ``[B, keep]`` or ``[keep]``
+                  (replaying the select stage); overrides method when set.
+    """
+
+    agg_layer: int = 2
+    keep: int = 288
+    method: str = "avg_all_heads"
+    alpha: float = 0.5
+    use_fast_v: bool = True
+    image_start: int | None = None
+    image_tokens: int | None = None
+    seed: int = 0
+    sample_ids: Sequence[int] | None = None
+    mode: str = "drop"
+    newline: str = "prune"
+    params: Mapping = field(default_factory=dict)
+    stages: Sequence[Stage] = ()
+    kept: torch.Tensor | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.stages = tuple(s if isinstance(s, Stage) else Stage(**s) for s in self.stages)
+        self.validate()
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "FastVConfig":
+        """Build from a dict; the reference implementation's key names are accepted too."""
+        names = {f.name for f in fields(cls)}
+        values = {}
+        for key, value in d.items():
+            name = ALIASES.get(key, key)
+            if name is None:  # accepted for compatibility, nothing to set
+                continue
+            if name not in names:
+                raise ValueError(f"unknown FastV config key {key!r}")
+            if name in values:
+                raise ValueError(f"FastV config key {key!r} given twice (also as an alias)")
+            values[name] = value
+        return cls(**values)
+
+    def validate(self, num_layers: int | None = None, n_image: int | None = None) -> None:
+        """One-line ValueError for a bad setting; model-dependent limits when given."""
+        if not (isinstance(self.agg_layer, int) and self.agg_layer >= 0):
+            raise ValueError(f"agg_layer must be a non-negative integer, got {self.agg_layer!r}")
+        if num_layers is not None and self.agg_layer >= num_layers:
+            raise ValueError(f"agg_layer must be < the number of decoder layers ({num_layers}), got {self.agg_layer}")
+        if not (isinstance(self.keep, int) and self.keep >= 0):
+            raise ValueError(f"keep must be a non-negative integer, got {self.keep!r}")
+        if n_image is not None and self.keep > n_image:
+            raise ValueError(f"keep must be in 0..{n_image} (the number of image tokens), got {self.keep}")
+        if self.method not in strategies.STRATEGIES:
+            raise ValueError(f"unknown method {self.method!r}: expected one of {', '.join(strategies.STRATEGIES)}")
+        strategies.required_inputs(self.method, **dict(self.params))  # unknown or bad parameters raise here
+        if not (isinstance(self.alpha, (int, float)) and 0.0 <= float(self.alpha) <= 1.0):
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.newline not in NEWLINE_POLICIES:
+            raise ValueError(f"newline must be one of {', '.join(NEWLINE_POLICIES)}, got {self.newline!r}")
+        if (self.image_start is None) != (self.image_tokens is None):
+            raise ValueError("image_start and image_tokens must be given together (or neither)")
+        if self.sample_ids is not None and not all(isinstance(i, numbers.Integral) and not isinstance(i, bool)
+                                                   and i >= 0 for i in self.sample_ids):
+            raise ValueError(f"sample_ids must be non-negative integers, got {list(self.sample_ids)!r}")
+        if not (isinstance(self.seed, int) and self.seed >= 0):
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        self._validate_stages(num_layers)
+        for name in ("image_start", "image_tokens"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, int) and value >= 0):
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+
+    def _validate_stages(self, num_layers: int | None) -> None:
+        """Each later cut lies after the previous one, keeps at most what it kept, and ranks by
+        attention alone."""
+        previous = (self.agg_layer, self.keep)
+        for i, stage in enumerate(self.stages, start=1):
+            where = f"stage {i} of the schedule"
+            if self.agg_layer == 0:
+                raise ValueError("a schedule's first cut must be at agg_layer >= 1 (K = 0 prunes the input)")
+            if not (isinstance(stage.agg_layer, int) and stage.agg_layer > previous[0]):
+                raise ValueError(f"{where}: agg_layer must be an integer above the previous cut's {previous[0]}, "
+                                 f"got {stage.agg_layer!r}")
+            if num_layers is not None and stage.agg_layer >= num_layers:
+                raise ValueError(f"{where}: agg_layer must be < the number of decoder layers ({num_layers})")
+            if not (isinstance(stage.keep, int) and 0 <= stage.keep <= previous[1]):
+                raise ValueError(f"{where}: keep must be an integer in 0..{previous[1]} (what the previous cut kept), "
+                                 f"got {stage.keep!r}")
+            if stage.method not in strategies.STRATEGIES or stage.method in strategies.LAYOUT_METHODS or \
+                    strategies.required_inputs(stage.method, **dict(stage.params)):
+                raise ValueError(f"{where}: method must rank by attention alone (e.g. "
+                                 f"{', '.join(strategies.ATTENTION_METHODS)}, dynamic_alpha, random), "
+                                 f"got {stage.method!r}")
+            if not (isinstance(stage.alpha, (int, float)) and 0.0 <= float(stage.alpha) <= 1.0):
+                raise ValueError(f"{where}: alpha must be in [0, 1], got {stage.alpha!r}")
+            previous = (stage.agg_layer, stage.keep)

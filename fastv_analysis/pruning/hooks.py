@@ -1,0 +1,135 @@
+"""The hook set on one model, installed and removed as one context (:meth:`FastVHooks.installed`):
+every handle is removed in ``finally``, so the model is never edited beyond the ``with``. At
+most one set is live per model. Each forward is classified on entry (a prefill of a new
+prompt, a decode step of the cached one, or neither); the hooks then ask
+:mod:`~fastv_analysis.pruning.online` to rank at K-1 and
+:mod:`~fastv_analysis.pruning.rewrite` to rewrite the calls from K on."""
+
+from __future__ import annotations
+
+import weakref
+from contextlib import contextmanager
+from functools import partial
+
+import torch
+from torch import nn
+
+from .config import FastVConfig
+from .online import Ranker, needs_hidden
+from .prompt import Prompt, new_prompt
+from .rewrite import Memo, rewrite_decoder_input, rewrite_layer
+
+_ACTIVE: "weakref.WeakKeyDictionary[nn.Module, FastVHooks]" = weakref.WeakKeyDictionary()
+"""model -> its live hook set: two sets of FastV hooks on one model would both fire."""
+
+
+def _pre_hook(module: nn.Module, fn):
+    return module.register_forward_pre_hook(fn, with_kwargs=True)
+
+
+class FastVHooks:
+    """FastV's hooks on ``model`` and the state of the running forward.
+
+    config:  the live :class:`FastVConfig` (read when a prompt begins and while ranking).
+    prompt:  what the last prefill decided (:class:`~fastv_analysis.pruning.prompt.Prompt`).
+    phase:   "prefill" | "decode" | None for the running forward.
+    """
+
+    def __init__(self, model: nn.Module, adapter, config: FastVConfig):
+        self.model, self.adapter, self.config = model, adapter, config
+        self.prompt: Prompt | None = None
+        self.phase: str | None = None
+        self.positions_given = False  # whether the running forward's caller passed position ids
+        self.memo = Memo()
+        self.pixels: torch.Tensor | None = None  # what the vision tower last encoded
+
+    @contextmanager
+    def installed(self):
+        """Install every hook; on exit remove them all and forget the per-prompt state."""
+        if _ACTIVE.get(self.model) is not None:
+            raise ValueError("this model already has FastV hooks installed; remove() them first "
+                             "(switch settings through .fastv instead of stacking wrappers)")
+        adapter, handles = self.adapter, []
+        _ACTIVE[self.model] = self
+        try:
+            handles.append(_pre_hook(adapter.model, self.on_model))
+            handles.append(adapter.model.register_forward_hook(self.after_model, always_call=True))
+            handles.append(_pre_hook(adapter.vision_tower, self.on_vision))
+            handles.append(_pre_hook(adapter.language_model, self.on_language_model))
+            for i, layer in enumerate(adapter.layers):
+                handles.append(_pre_hook(layer, partial(self.on_layer, i)))
+                handles.append(adapter.attention(i).register_forward_hook(partial(self.on_attention, i),
+                                                                          with_kwargs=True))
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+            self.prompt, self.phase = None, None
+            self.memo.clear()
+            if _ACTIVE.get(self.model) is self:
+                del _ACTIVE[self.model]
+
+    def ranker(self) -> Ranker:
+        return Ranker(self.config, self.adapter, self.pixels)
+
+    def on_model(self, module, args, kwargs):
+        """Decide what this forward is: a new prompt (prefill), a decode step, or neither."""
+        self.memo.clear()
+        self.phase = None
+        config, adapter = self.config, self.adapter
+        call = adapter.model_call(args, kwargs)
+        input_ids, cache = call.input_ids, call.cache
+        self.positions_given = call.position_ids is not None
+        if self.prompt is not None and self.prompt.owns(cache) and adapter.cache_length(cache) > 0:
+            self.phase = "decode"  # continues as its prefill decided, whatever .fastv says now
+            return None
+        if not config.use_fast_v or input_ids is None or (cache is not None and adapter.cache_length(cache) > 0) or (
+                config.image_start is None and not (input_ids == adapter.image_token_id).any()):
+            self.prompt = None
+            return None
+        adapter.check_attention_implementation()  # set_attn_implementation may have switched it
+        self.prompt = new_prompt(config, adapter, input_ids, call.attention_mask)
+        self.prompt.inputs = kwargs
+        self.phase = "prefill"
+        return None
+
+    def after_model(self, module, args, output):
+        """Forget the per-forward state, so direct calls of a submodule are never pruned."""
+        self.phase, self.pixels = None, None
+        self.memo.clear()
+
+    def on_vision(self, module, args, kwargs):
+        """Remember the pixels being encoded: in generate this runs before the prefill."""
+        self.pixels = self.adapter.vision_pixels(args, kwargs)
+
+    def on_language_model(self, module, args, kwargs):
+        """K = 0: choose the kept set once the image is encoded; in drop mode prune the input."""
+        prompt = self.prompt
+        if self.phase == "prefill" and prompt.agg_layer == 0 and prompt.kept_mask is None:
+            self.ranker().at_input(prompt)
+        if self.phase is None or prompt.agg_layer != 0 or prompt.mode != "drop":
+            return None
+        call = self.adapter.decoder_call(args, kwargs)
+        new = rewrite_decoder_input(self.adapter, prompt, self.phase, call, self.positions_given)
+        return self.adapter.with_decoder_call(args, kwargs, new)
+
+    def on_layer(self, layer: int, module, args, kwargs):
+        """Decoder layer ``layer``'s call: keep the residual stream at K-1 when the strategy
+        reads it; from K on, rewrite the call under the prompt's cut."""
+        prompt = self.prompt
+        if self.phase == "prefill" and layer == prompt.agg_layer - 1 and prompt.kept_mask is None and \
+                needs_hidden(self.config):
+            prompt.hidden_in = self.adapter.layer_call(args, kwargs).hidden_states
+        if self.phase is None or layer < prompt.agg_layer:
+            return None
+        call = self.adapter.layer_call(args, kwargs)
+        if self.phase == "prefill" and prompt.cache is None and call.cache is not None:
+            prompt.cache = weakref.ref(call.cache)
+        new = rewrite_layer(self.adapter, prompt, self.phase, layer, call, self.memo)
+        return None if new is None else self.adapter.with_layer_call(args, kwargs, new)
+
+    def on_attention(self, layer: int, module, args, kwargs, output):
+        """Layer ``layer``'s attention in a prefill: rank there if it is a cut's K-1."""
+        if self.phase == "prefill":
+            self.ranker().on_attention(self.prompt, layer, module, args, kwargs)
+        return None
