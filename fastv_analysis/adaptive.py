@@ -347,25 +347,9 @@ def choice_rule_cv(predictions: pl.DataFrame, features: pl.DataFrame, candidates
         k = int(folds.max()) + 1
         chosen, single = _cross_validate(x, g, folds, names)
         ok, ok_single = _outcomes(g, chosen), _outcomes(g, single)
-        counts = g.correct.sum(axis=0)
-        best = _best(counts)
-        full_rule = fit_threshold_rule(x, g.correct, names, g.configs)
-        lo, hi = stats.cluster_wilson_interval(ok, g.units)
-        summary.append({
-            "agg_layer": g.agg_layer, "keep": g.keep, "ratio": g.ratio, "n": n, "n_units": int(np.unique(g.units).size),
-            "n_folds": k,
-            "cv_accuracy": float(ok.mean()), "cv_ci_lo": lo, "cv_ci_hi": hi,
-            "best_single_cv_accuracy": float(ok_single.mean()),
-            "best_single": g.configs[best], "best_single_accuracy": float(counts[best] / n),
-            "oracle_accuracy": float(g.correct.any(axis=1).mean()),
-            "n_rule_only": int(np.sum(ok & ~ok_single)), "n_best_single_only": int(np.sum(~ok & ok_single)),
-            "p_mcnemar": stats.paired_unit_test(ok, ok_single, g.units),
-            "p_permutation": _permutation_p(x, g, folds, names, int(ok.sum() - ok_single.sum()), n_permutations,
-                                            seed),
-            "p_holm": None,
-            "rule": full_rule.text, "rule_feature": full_rule.feature, "rule_threshold": full_rule.threshold,
-            "rule_le": full_rule.le, "rule_gt": full_rule.gt, "rule_train_accuracy": full_rule.train_correct / n,
-        })
+        summary.append({**_summary_row(x, g, names, ok, ok_single), "n_folds": k,
+                        "p_permutation": _permutation_p(x, g, folds, names, int(ok.sum() - ok_single.sum()),
+                                                        n_permutations, seed)})
         per_sample.append(pl.DataFrame({
             "sample_id": g.sample_ids, "agg_layer": np.full(n, g.agg_layer, dtype=np.int64),
             "keep": pl.Series([g.keep] * n, dtype=pl.Int64), "fold": folds, "chosen": chosen.astype(str),
@@ -377,6 +361,27 @@ def choice_rule_cv(predictions: pl.DataFrame, features: pl.DataFrame, candidates
         "sample_id": predictions.schema["sample_id"], "agg_layer": pl.Int64, "keep": pl.Int64, "fold": pl.Int64,
         "chosen": pl.Utf8, "correct": pl.Boolean, "fold_best_single": pl.Utf8, "fold_best_single_correct": pl.Boolean})
     return out, per
+
+
+def _summary_row(x: np.ndarray, g: _Group, names: Sequence[str], ok: np.ndarray, ok_single: np.ndarray) -> dict:
+    """One (layer, keep)'s summary: held-out accuracy of the rule and of the per-fold best
+    single, the all-data best single and oracle, the paired test, and the rule fitted on all."""
+    n = g.sample_ids.size
+    counts = g.correct.sum(axis=0)
+    best = _best(counts)
+    full_rule = fit_threshold_rule(x, g.correct, names, g.configs)
+    lo, hi = stats.cluster_wilson_interval(ok, g.units)
+    return {
+        "agg_layer": g.agg_layer, "keep": g.keep, "ratio": g.ratio, "n": n, "n_units": int(np.unique(g.units).size),
+        "cv_accuracy": float(ok.mean()), "cv_ci_lo": lo, "cv_ci_hi": hi,
+        "best_single_cv_accuracy": float(ok_single.mean()),
+        "best_single": g.configs[best], "best_single_accuracy": float(counts[best] / n),
+        "oracle_accuracy": float(g.correct.any(axis=1).mean()),
+        "n_rule_only": int(np.sum(ok & ~ok_single)), "n_best_single_only": int(np.sum(~ok & ok_single)),
+        "p_mcnemar": stats.paired_unit_test(ok, ok_single, g.units), "p_holm": None,
+        "rule": full_rule.text, "rule_feature": full_rule.feature, "rule_threshold": full_rule.threshold,
+        "rule_le": full_rule.le, "rule_gt": full_rule.gt, "rule_train_accuracy": full_rule.train_correct / n,
+    }
 
 
 def _cross_validate(x: np.ndarray, g: _Group, folds: np.ndarray, names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:

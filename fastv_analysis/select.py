@@ -502,6 +502,126 @@ def with_ratios(frame: pl.DataFrame, keeps: Sequence[int], keep_ratios: Sequence
     return pl.concat(parts)
 
 
+@dataclass
+class _SelectPlan:
+    """What one select run does, validated before anything is written."""
+
+    layers: list[int]
+    methods: list[str]
+    alphas: list[float]
+    configs: list[ScoreConfig]
+    keeps: list[int]
+    keep_ratios: list[float]
+    queries: list[str]
+    needs: list[str]
+    newline: str
+    seed: int
+    tie_rtol: float
+
+
+def _plan(run, methods, alphas, keeps, keep_ratios, agg_layers, seed, newline, queries) -> _SelectPlan:
+    """The validated plan: layers, configurations, keep counts (which must fit the smallest
+    sample) and ratios (each sample's own N), the stored inputs the strategies read."""
+    layers = list(agg_layers) if agg_layers else run.agg_layers
+    for k in layers:
+        run.check_layer(k)
+    configs = score_configs(methods, alphas, queries)  # validate before touching the disk
+    if run.samples.height == 0:
+        raise ValueError(f"{run.root} has no captured samples")
+    if newline not in NEWLINE_POLICIES:
+        raise ValueError(f"--newline-tokens must be one of {', '.join(NEWLINE_POLICIES)}, got {newline!r}")
+    layouts = sample_layouts(run.samples)
+    budgets = [lay.patches()[1].n_tokens if newline == "keep" else lay.n_tokens for lay in layouts.values()]
+    n_tokens = int(min(budgets))  # keep counts must fit every sample (anyres, dynamic resolution: N varies)
+    keep_list = resolve_keeps(keeps, (), n_tokens)
+    ratios = sorted({float(r) for r in keep_ratios}, reverse=True)
+    resolve_keeps((), ratios, n_tokens)  # each sample keeps ratio x its own N
+    if not keep_list and not ratios:
+        raise ValueError("no keep counts given: pass --keep or --keep-ratio")
+    needs = sorted({n for c in configs for n in c.inputs()})
+    missing = [n for n in needs if n not in (run.config.get("store") or [])]
+    if missing and any(k > 0 for k in layers):
+        raise ValueError(f"{run.root}: the chosen strategies need {', '.join(missing)}, which the capture did not "
+                         f"store (capture again with --store {','.join(missing)})")
+    tie_rtol = TIE_RTOL.get(run.config.get("store_dtype", "float16"), TIE_RTOL["float16"])
+    return _SelectPlan(layers, list(methods), [float(a) for a in alphas], configs, keep_list, ratios,
+                       list(queries), needs, newline, seed, tie_rtol)
+
+
+def _chunk_frames(run, plan: _SelectPlan, layer: int, methods, ids, att, n, layout, geometry):
+    """(name, frame) of one chunk of samples at one layer: its selections, the overlap of
+    every pair of configurations, and (K > 0) head statistics."""
+    objects = object_memberships(run, ids, n, geometry)
+    inputs = run.inputs(layer, ids, plan.needs) if layer > 0 and plan.needs else None
+    patches = None
+    if plan.newline == "keep" and len(layout.newline):
+        newlines = layout.newline
+        patches, layout = layout.patches()
+        att = att[..., torch.from_numpy(patches)]
+        if inputs is not None:
+            inputs = {k: take_tokens(v, k, patches) for k, v in inputs.items()}
+        objects = None if objects is None else (objects[0][:, patches], objects[1])
+    kw = dict(sample_ids=ids, agg_layer=layer, layout=layout, queries=plan.queries if layer > 0 else ("last",),
+              inputs=inputs)
+    chunk_keeps = resolve_keeps(plan.keeps, plan.keep_ratios, att.shape[-1])  # ratios of this chunk's own N
+    sel = replay(att, methods, plan.alphas, chunk_keeps, plan.seed, tie_rtol=plan.tie_rtol, objects=objects, **kw)
+    if patches is not None:
+        sel = with_kept_tokens(sel, patches, newlines)
+    sel = with_ratios(sel, plan.keeps, plan.keep_ratios, att.shape[-1], ["config"])
+    ov = with_ratios(overlap(att, methods, plan.alphas, chunk_keeps, plan.seed, **kw), plan.keeps, plan.keep_ratios,
+                     att.shape[-1], ["config_a", "config_b"])
+    frames = [("selections", sel), ("overlap", ov)]
+    if layer > 0:
+        norms = None
+        if "hidden_norm" in (run.config.get("store") or []):
+            norms = run.inputs(layer, ids, ["hidden_norm"])["hidden_norm"]
+            if patches is not None:
+                norms = norms[..., patches]
+        frames.append(("heads", heads(att, sample_ids=ids, agg_layer=layer, hidden_norm=norms)))
+    return frames
+
+
+def _merge_parts(tmp: Path, parts: dict[str, Path]) -> None:
+    """Each table's parts streamed into one parquet file, and the overlap summary."""
+    for name, folder in parts.items():
+        if any(folder.glob("*.parquet")):
+            pl.scan_parquet(folder / "*.parquet").sink_parquet(tmp / f"{name}.parquet")
+        else:  # only K = 0 was selected (no heads), or one configuration (no pairs)
+            pl.DataFrame(schema=EMPTY_SCHEMAS[name]).write_parquet(tmp / f"{name}.parquet")
+    atomic_write_parquet(summarize_overlap(pl.scan_parquet(tmp / "overlap.parquet")), tmp / "overlap_summary.parquet")
+    shutil.rmtree(tmp / "parts")
+
+
+def _select_info(run, plan: _SelectPlan, chunk_size: int, tmp: Path, seconds: float, command) -> dict:
+    """select.json: what was selected, from which capture, with which code."""
+    from .provenance import capture_fingerprint, versions
+
+    return {
+        "stage": "select",
+        "methods": plan.methods,
+        "alphas": plan.alphas,
+        "keeps": plan.keeps,
+        "keep_ratios": plan.keep_ratios,
+        "keep_ratio_rule": "each sample keeps R = ratio x its own N image tokens (its patch tokens with "
+                           "--newline-tokens keep), rounded half up; configurations named '<config> ratio <r>'",
+        "agg_layers": plan.layers,
+        "seed": plan.seed,
+        "chunk_size": chunk_size,
+        "newline_tokens": plan.newline,
+        "n_samples": run.samples.height,
+        "n_configurations": len(plan.configs) * (len(plan.keeps) + len(plan.keep_ratios)),
+        "queries": plan.queries,
+        "tie_rtol": plan.tie_rtol,
+        "near_ties": _near_tie_summary(tmp / "selections.parquet"),
+        "capture_fingerprint": capture_fingerprint(run),
+        "run_model_fingerprint": run.config.get("model_fingerprint"),
+        "run_data_sha256": run.config.get("data_sha256"),
+        "seconds": round(seconds, 3),
+        "versions": versions(),
+        "command": list(command) if command else None,
+    }
+
+
 def run_select(
     run_dir: str | Path,
     methods: Sequence[str],
@@ -529,119 +649,36 @@ def run_select(
     """
     from tqdm.auto import tqdm
 
-    from .provenance import capture_fingerprint, versions
-
     run = open_run(run_dir)
-    layers = list(agg_layers) if agg_layers else run.agg_layers
-    for k in layers:
-        run.check_layer(k)
-    configs = score_configs(methods, alphas, queries)  # validate before touching the disk
-    if run.samples.height == 0:
-        raise ValueError(f"{run.root} has no captured samples")
-    if newline not in NEWLINE_POLICIES:
-        raise ValueError(f"--newline-tokens must be one of {', '.join(NEWLINE_POLICIES)}, got {newline!r}")
-    layouts = sample_layouts(run.samples)
-    budgets = [lay.patches()[1].n_tokens if newline == "keep" else lay.n_tokens for lay in layouts.values()]
-    n_tokens = int(min(budgets))  # keep counts must fit every sample (anyres, dynamic resolution: N varies)
-    keep_list = resolve_keeps(keeps, (), n_tokens)
-    keep_ratios = sorted({float(r) for r in keep_ratios}, reverse=True)
-    resolve_keeps((), keep_ratios, n_tokens)  # each sample keeps ratio x its own N
-    if not keep_list and not keep_ratios:
-        raise ValueError("no keep counts given: pass --keep or --keep-ratio")
-
+    plan = _plan(run, methods, alphas, keeps, keep_ratios, agg_layers, seed, newline, queries)
     run.check_parts(full=True)  # a damaged part stops select here, before .select.tmp exists (hashed once)
-    final = run.root / "select"
-    tmp = run.root / ".select.tmp"
+    final, tmp = run.root / "select", run.root / ".select.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     parts = {name: tmp / "parts" / name for name in ("selections", "overlap", "heads")}
     for p in parts.values():
         p.mkdir(parents=True)
     t0 = time.perf_counter()
-    bar = tqdm(total=run.samples.height * len(layers), desc="select", unit="sample", disable=not progress)
-    i = 0
-    tie_rtol = TIE_RTOL.get(run.config.get("store_dtype", "float16"), TIE_RTOL["float16"])
+    bar = tqdm(total=run.samples.height * len(plan.layers), desc="select", unit="sample", disable=not progress)
     geometry = None
     if "objects" in run.samples.columns and run.samples["objects"].drop_nulls().len():
         from .grid import load_geometry
 
         geometry = load_geometry(run.config.get("model"))
-    k0_methods = [m for m in methods if m in CONTROLS]
-    needs = sorted({n for c in configs for n in c.inputs()})
-    missing = [n for n in needs if n not in (run.config.get("store") or [])]
-    if missing and any(k > 0 for k in layers):
-        raise ValueError(f"{run.root}: the chosen strategies need {', '.join(missing)}, which the capture did not "
-                         f"store (capture again with --store {','.join(missing)})")
-    for layer in layers:
-        layer_methods = k0_methods if layer == 0 else methods
+    i = 0
+    for layer in plan.layers:
+        layer_methods = [m for m in methods if m in CONTROLS] if layer == 0 else list(methods)
         if not layer_methods:
             bar.update(run.samples.height)
             continue
         for ids, att, n, layout in _layer_chunks(run, layer, chunk_size):
-            objects = object_memberships(run, ids, n, geometry)
-            inputs = run.inputs(layer, ids, needs) if layer > 0 and needs else None
-            patches = None
-            if newline == "keep" and len(layout.newline):
-                newlines = layout.newline
-                patches, layout = layout.patches()
-                att = att[..., torch.from_numpy(patches)]
-                if inputs is not None:
-                    inputs = {k: take_tokens(v, k, patches) for k, v in inputs.items()}
-                objects = None if objects is None else (objects[0][:, patches], objects[1])
-            kw = dict(sample_ids=ids, agg_layer=layer, layout=layout, queries=queries if layer > 0 else ("last",),
-                      inputs=inputs)
-            chunk_keeps = resolve_keeps(keep_list, keep_ratios, att.shape[-1])  # ratios of this chunk's own N
-            sel = replay(att, layer_methods, alphas, chunk_keeps, seed, tie_rtol=tie_rtol, objects=objects, **kw)
-            if patches is not None:
-                sel = with_kept_tokens(sel, patches, newlines)
-            sel = with_ratios(sel, keep_list, keep_ratios, att.shape[-1], ["config"])
-            ov = with_ratios(overlap(att, layer_methods, alphas, chunk_keeps, seed, **kw), keep_list, keep_ratios,
-                             att.shape[-1], ["config_a", "config_b"])
-            frames = [("selections", sel), ("overlap", ov)]
-            if layer > 0:
-                norms = None
-                if "hidden_norm" in (run.config.get("store") or []):
-                    norms = run.inputs(layer, ids, ["hidden_norm"])["hidden_norm"]
-                    if patches is not None:
-                        norms = norms[..., patches]
-                frames.append(("heads", heads(att, sample_ids=ids, agg_layer=layer, hidden_norm=norms)))
-            for name, frame in frames:
+            for name, frame in _chunk_frames(run, plan, layer, layer_methods, ids, att, n, layout, geometry):
                 if frame.width:  # one configuration (e.g. a single control at K = 0) has no pairs
                     frame.write_parquet(parts[name] / f"{i:06d}.parquet")
             i += 1
             bar.update(len(ids))
     bar.close()
-    for name, folder in parts.items():
-        if any(folder.glob("*.parquet")):
-            pl.scan_parquet(folder / "*.parquet").sink_parquet(tmp / f"{name}.parquet")
-        else:  # only K = 0 was selected (no heads), or one configuration (no pairs)
-            pl.DataFrame(schema=EMPTY_SCHEMAS[name]).write_parquet(tmp / f"{name}.parquet")
-    summary = summarize_overlap(pl.scan_parquet(tmp / "overlap.parquet"))
-    atomic_write_parquet(summary, tmp / "overlap_summary.parquet")
-    shutil.rmtree(tmp / "parts")
-    info = {
-        "stage": "select",
-        "methods": list(methods),
-        "alphas": [float(a) for a in alphas],
-        "keeps": keep_list,
-        "keep_ratios": keep_ratios,
-        "keep_ratio_rule": "each sample keeps R = ratio x its own N image tokens (its patch tokens with "
-                           "--newline-tokens keep), rounded half up; configurations named '<config> ratio <r>'",
-        "agg_layers": layers,
-        "seed": seed,
-        "chunk_size": chunk_size,
-        "newline_tokens": newline,
-        "n_samples": run.samples.height,
-        "n_configurations": len(configs) * (len(keep_list) + len(keep_ratios)),
-        "queries": list(queries),
-        "tie_rtol": tie_rtol,
-        "near_ties": _near_tie_summary(tmp / "selections.parquet"),
-        "capture_fingerprint": capture_fingerprint(run),
-        "run_model_fingerprint": run.config.get("model_fingerprint"),
-        "run_data_sha256": run.config.get("data_sha256"),
-        "seconds": round(time.perf_counter() - t0, 3),
-        "versions": versions(),
-        "command": list(command) if command else None,
-    }
+    _merge_parts(tmp, parts)
+    info = _select_info(run, plan, chunk_size, tmp, time.perf_counter() - t0, command)
     atomic_write_json(tmp / "select.json", info)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)

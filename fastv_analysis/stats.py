@@ -356,6 +356,35 @@ def _varies(values: np.ndarray, code: np.ndarray, n_codes: int) -> np.ndarray:
     return high > low
 
 
+def _permutation_hits(xs: np.ndarray, ys: np.ndarray, cs: np.ndarray, shared, n_permutations: int, seed: int,
+                      threshold: float) -> int:
+    """How many of ``n_permutations`` within-stratum shuffles of ``xs`` (strata ``cs``; with
+    ``shared`` = (block, slot) codes, every stratum of a block shuffled alike) reach
+    ``|T| >= threshold``, T = sum(x_perm * ys)."""
+    base = np.argsort(cs, kind="stable")  # rows grouped by stratum
+    xs_base, ys_base = xs[base], ys[base]
+    offset = cs[base].astype(np.float64)  # stratum code per grouped position (ascending)
+    if shared is not None:
+        block, slot = shared[0][base], shared[1][base]
+        n_blocks, n_slots = int(block.max()) + 1, int(slot.max()) + 1
+    rng = np.random.default_rng(seed)
+    hits = done = 0
+    while done < n_permutations:
+        b = min(PERMUTATION_BLOCK, n_permutations - done)
+        # Sorting code + key (key in [0, 0.5), so no rounding reaches the next code) keeps
+        # strata in their blocks and orders rows randomly inside each: position i of the
+        # shuffled order holds a random row of the same stratum as position i of ``base``.
+        # Same result as lexsort((keys, code)), several times faster.
+        if shared is None:
+            keys = rng.random((b, xs.size))
+        else:  # one key per (block, slot): every stratum of a block is shuffled alike
+            keys = rng.random((b, n_blocks, n_slots))[:, block, slot]
+        order = np.argsort(offset + 0.5 * keys, axis=-1)
+        hits += int(np.sum(np.abs(xs_base[order] @ ys_base) >= threshold))
+        done += b
+    return hits
+
+
 def within_sample_permutation_test(x: np.ndarray, y: np.ndarray, strata: np.ndarray,
                                    n_permutations: int = 2000, seed: int = 0, *,
                                    blocks: np.ndarray | None = None, slots: np.ndarray | None = None) -> dict:
@@ -426,30 +455,9 @@ def within_sample_permutation_test(x: np.ndarray, y: np.ndarray, strata: np.ndar
 
     # Only strata where both x and y vary can change T; permute those rows only.
     both = (x_var & y_var)[code]
-    xs, ys, cs = xc[both], yc[both], code[both]
-    base = np.argsort(cs, kind="stable")  # rows grouped by stratum
     if shared is not None:
-        block, slot = shared[0][both][base], shared[1][both][base]
-        n_blocks, n_slots = int(shared[0].max()) + 1, int(shared[1].max()) + 1
-    xs_base, ys_base = xs[base], ys[base]
-    offset = cs[base].astype(np.float64)  # stratum code per grouped position (ascending)
-    rng = np.random.default_rng(seed)
-    threshold = abs(t_obs) - 1e-12 * scale
-    hits = 0
-    done = 0
-    while done < n_permutations:
-        b = min(PERMUTATION_BLOCK, n_permutations - done)
-        # Sorting code + key (key in [0, 0.5), so no rounding reaches the next code) keeps
-        # strata in their blocks and orders rows randomly inside each: position i of the
-        # shuffled order holds a random row of the same stratum as position i of ``base``.
-        # Same result as lexsort((keys, code)), several times faster.
-        if shared is None:
-            keys = rng.random((b, xs.size))
-        else:  # one key per (block, slot): every stratum of a block is shuffled alike
-            keys = rng.random((b, n_blocks, n_slots))[:, block, slot]
-        order = np.argsort(offset + 0.5 * keys, axis=-1)
-        t_perm = xs_base[order] @ ys_base
-        hits += int(np.sum(np.abs(t_perm) >= threshold))
-        done += b
+        shared = (shared[0][both], shared[1][both])
+    hits = _permutation_hits(xc[both], yc[both], code[both], shared, n_permutations, seed,
+                             abs(t_obs) - 1e-12 * scale)
     result["p_value"] = (1 + hits) / (1 + n_permutations)
     return result

@@ -175,7 +175,7 @@ def train(args) -> None:
         model = LlavaForConditionalGeneration.from_pretrained(args.init_from)
     else:
         model = LlavaForConditionalGeneration(cfg)
-    model.config._attn_implementation = "sdpa"
+    model.set_attn_implementation("sdpa")
     n_params = sum(p.numel() for p in model.parameters())
     print(f"params {n_params / 1e6:.2f}M  config text={text}", flush=True)
     exclude = {scenes.scene_key(o) for _, o, _ in scenes.eval_split()}
