@@ -18,12 +18,14 @@ from pathlib import Path
 
 import torch
 
-from .loading import DEFAULT_DATA, DEFAULT_MODEL, build_prompt, check_template, image_placeholder, load_model, \
-    sync_device
-from .data import sample_name
+from .distributed import SEVERAL_PROCESSES, process_group  # noqa: F401  (SEVERAL_PROCESSES: importable here as before)
+from .loading import DEFAULT_DATA, DEFAULT_MODEL, check_template, load_model, sync_device
 from .provenance import file_sha256, fingerprint, versions
+from .samples import BadSample, Prepared, model_inputs, prepare  # noqa: F401  (importable here as before)
 from .scoring import is_correct
 from .store import RunWriter, atomic_write_bytes, attention_key, layers_key
+
+_distributed = process_group  # the name before fastv_analysis.distributed
 
 QUERIES = ("last", "text")
 
@@ -49,121 +51,6 @@ class CaptureConfig:
     subsample: int | None = None  # a seeded random subset of N questions (a larger N extends it)
     subsample_seed: int = 0
     store: list[str] = field(default_factory=list)  # extra tensors, see fastv_analysis.probes.STORE_OPTIONS
-
-
-class BadSample(ValueError):
-    """A sample that cannot be captured; the message names the sample and the file."""
-
-    def __init__(self, question, data_file, reason: str):
-        self.question = question
-        self.reason = reason
-        super().__init__(f"{data_file}: {sample_name(question.question_id)}: {reason}")
-
-
-@dataclass
-class Prepared:
-    """One checked sample: its prompt, its image and the processor's output for it alone."""
-
-    sample_id: int
-    question: object
-    prompt: str
-    image: object
-    inputs: dict
-
-
-def _distributed(device: str = "auto"):
-    """(rank, world_size, state) under accelerate/torchrun, else (0, 1, None).
-
-    ``PartialState()`` without ``cpu=True`` only sets up a process group when it finds an
-    accelerator: under torchrun on a CPU-only machine (or with ``--device cpu``) it would
-    report rank 0 of 1 in every process, and they would all capture every sample into the
-    same part names. So ask for the CPU (gloo) group explicitly there, and check that the
-    group has the size the launcher announced.
-    """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        from accelerate import PartialState
-
-        cpu = (device == "cpu" or (device == "auto" and not torch.cuda.is_available())
-               or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"))
-        state = PartialState(cpu=cpu)
-        if state.num_processes != world:
-            raise RuntimeError(f"WORLD_SIZE={world} but the process group has {state.num_processes} process(es) "
-                               f"({state.distributed_type}); start with torchrun/accelerate launch and a matching "
-                               "--device")
-        return state.process_index, state.num_processes, state
-    _refuse_single_process_launch()
-    return 0, 1, None
-
-
-SEVERAL_PROCESSES = ("torchrun --nproc_per_node N $(which fastv-analyze) ... or accelerate launch --multi_gpu "
-                     "--num_processes N $(which fastv-analyze) ... (--device cpu: CPU processes, gloo)")
-
-
-def _refuse_single_process_launch() -> None:
-    """Stop a launch that asked for several processes but started this one alone.
-
-    ``accelerate launch --cpu --num_processes N`` (and ``--num_processes N`` without
-    ``--multi_gpu`` on a machine without GPUs) runs N processes only through mpirun; without it
-    accelerate starts one process with MASTER_ADDR set and no WORLD_SIZE (accelerate 1.15), which
-    would silently do the work of N. Under mpirun no process sets WORLD_SIZE either.
-    """
-    env = os.environ
-    if "WORLD_SIZE" in env:
-        return
-    mpi = max(int(env.get(k, "1")) for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE"))
-    accelerate_alone = "ACCELERATE_USE_CPU" in env and "MASTER_ADDR" in env
-    if mpi > 1 or accelerate_alone:
-        how = "mpirun" if mpi > 1 else "accelerate launch without --multi_gpu"
-        raise ValueError(f"{how} started this process alone (no WORLD_SIZE): several processes need "
-                         f"{SEVERAL_PROCESSES}")
-
-
-def prepare(sample_id: int, question, processor, cfg: CaptureConfig, max_tokens: int, image_token_id: int) -> Prepared:
-    """Load the image and build the prompt of one sample, or raise :class:`BadSample`."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(question.image) as im:
-            image = im.convert("RGB")
-    except FileNotFoundError:
-        raise BadSample(question, cfg.data, f"image {question.image} is missing") from None
-    except (UnidentifiedImageError, OSError) as err:
-        raise BadSample(question, cfg.data, f"image {question.image} is unreadable ({err.__class__.__name__})") from None
-    try:  # a benchmark's text is already LLaVA-1.5's prompt text, options included
-        choices = question.choices if cfg.benchmark is None else None
-        prompt = build_prompt(processor, question.text, choices, cfg.prompt_template)
-    except ValueError as err:
-        raise BadSample(question, cfg.data, str(err)) from None
-    if image_placeholder(processor) not in prompt:
-        raise BadSample(question, cfg.data, f"the prompt has no {image_placeholder(processor)} placeholder")
-    try:
-        inputs = processor(text=[prompt], images=[image], return_tensors="pt")
-    except Exception as err:  # any processor complaint is this sample's, in one line
-        first = (str(err).strip().splitlines() or [err.__class__.__name__])[0]
-        raise BadSample(question, cfg.data, f"the processor refused it ({err.__class__.__name__}: {first})") from None
-    ids = inputs["input_ids"]
-    if not (ids == image_token_id).any():
-        raise BadSample(question, cfg.data, "the prompt has no image token after processing")
-    if ids.shape[1] + cfg.max_new_tokens > max_tokens:
-        raise BadSample(question, cfg.data, f"{ids.shape[1]} prompt tokens + {cfg.max_new_tokens} new tokens "
-                                            f"exceed the model's context of {max_tokens}")
-    return Prepared(sample_id, question, prompt, image, dict(inputs))
-
-
-def model_inputs(loaded, batch: list[Prepared]) -> dict:
-    """Model inputs of prepared samples on the model's device and dtype (left-padded batch).
-
-    A single sample reuses the processor output :func:`prepare` already made for it.
-    """
-    if len(batch) == 1:
-        inputs = batch[0].inputs
-    else:
-        inputs = loaded.processor(text=[p.prompt for p in batch], images=[p.image for p in batch],
-                                  return_tensors="pt", padding=True)
-    inputs = {k: v.to(loaded.device) for k, v in inputs.items()}
-    inputs["pixel_values"] = inputs["pixel_values"].to(loaded.dtype)
-    return inputs
 
 
 def text_query_positions(image_pos: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -256,26 +143,33 @@ def merge_errors(root: Path) -> None:
         p.unlink()
 
 
-def run_capture(cfg: CaptureConfig, progress: bool = True, command: list[str] | None = None) -> dict:
-    """Capture every sample of ``cfg.data`` into the run directory ``cfg.out`` (resumable;
-    a larger ``limit`` later extends it)."""
-    from .benchmark import questions_fingerprint, resolve_benchmark, run_questions, sample_order
+def _checked_settings(cfg: CaptureConfig) -> torch.dtype:
+    """One-line errors for flags that cannot work (``cfg.store`` sorted on the way); the
+    dtype attention is stored in."""
+    from .probes import STORE_OPTIONS
 
     if cfg.queries not in QUERIES:
         raise ValueError(f"--queries must be one of {', '.join(QUERIES)}, got {cfg.queries!r}")
-    from .probes import STORE_OPTIONS
-
     unknown = sorted(set(cfg.store) - set(STORE_OPTIONS))
     if unknown:
         raise ValueError(f"--store {','.join(unknown)}: expected some of {', '.join(STORE_OPTIONS)}")
     cfg.store = sorted(set(cfg.store))
     if cfg.prompt_template is not None:
         check_template(cfg.prompt_template)
-    store_dtype = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}.get(cfg.store_dtype)
-    if store_dtype is None:
+    dtype = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}.get(cfg.store_dtype)
+    if dtype is None:
         raise ValueError(f"--store-dtype must be float16, bfloat16 or float32, got {cfg.store_dtype!r}")
     if cfg.batch_size < 1:
         raise ValueError("--batch-size must be at least 1")
+    return dtype
+
+
+def run_capture(cfg: CaptureConfig, progress: bool = True, command: list[str] | None = None) -> dict:
+    """Capture every sample of ``cfg.data`` into the run directory ``cfg.out`` (resumable;
+    a larger ``limit`` later extends it)."""
+    from .benchmark import questions_fingerprint, resolve_benchmark, run_questions, sample_order
+
+    store_dtype = _checked_settings(cfg)
     cfg.data = str(Path(cfg.data).resolve())  # later stages run from anywhere: store paths resolvable
     if Path(cfg.model).exists():
         cfg.model = str(Path(cfg.model).resolve())
@@ -285,7 +179,7 @@ def run_capture(cfg: CaptureConfig, progress: bool = True, command: list[str] | 
     questions = run_questions(cfg.data, cfg.benchmark, image_root, bad_lines if cfg.skip_bad else None,
                               missing_images_ok=cfg.skip_bad)
     order = sample_order(questions, cfg.subsample, cfg.subsample_seed, cfg.limit)
-    rank, world, state = _distributed(cfg.device)
+    rank, world, state = process_group(cfg.device)
     loaded = load_model(cfg.model, cfg.device if state is None else str(state.device), cfg.dtype)
     from .adapters import get_adapter
 
@@ -294,7 +188,7 @@ def run_capture(cfg: CaptureConfig, progress: bool = True, command: list[str] | 
         if not 0 <= k < adapter.num_layers:
             raise ValueError(f"--agg-layers {k}: must be in 0..{adapter.num_layers - 1} (layer K-1 is ranked, "
                              f"layers K.. are pruned, K = 0 prunes the input; the model has {adapter.num_layers})")
-    max_tokens = int(getattr(loaded.model.config.text_config, "max_position_embeddings", 1 << 30))
+    max_tokens = adapter.max_positions
     run_config = {
         "stage": "capture",
         "model": cfg.model,
@@ -379,6 +273,22 @@ def _remove_empty_run(out_dir: Path, created: bool) -> None:
         out_dir.rmdir()
 
 
+def _finish(cfg: CaptureConfig, writer, questions, rank: int, state):
+    """Once every process is done: rank 0 writes samples.parquet (scored by the benchmark's
+    rule) and one errors.jsonl; returns the samples there (None on other ranks)."""
+    if state is not None:
+        state.wait_for_everyone()
+    samples = None
+    if rank == 0:
+        samples = writer.finalize()
+        if cfg.benchmark is not None and samples.height:
+            samples = _benchmark_scores(cfg.benchmark, questions, samples, Path(cfg.out))
+        merge_errors(Path(cfg.out))
+    if state is not None:
+        state.wait_for_everyone()
+    return samples
+
+
 def _capture_samples(cfg, writer, questions, order, bad_lines, loaded, adapter, max_tokens, store_dtype, rank,
                      world, state, progress) -> dict:
     """The capture loop of :func:`run_capture`: prepare, batch, record, write parts."""
@@ -442,16 +352,7 @@ def _capture_samples(cfg, writer, questions, order, bad_lines, loaded, adapter, 
             flush()
     flush(final=True)
     bar.close()
-    if state is not None:
-        state.wait_for_everyone()
-    samples = None
-    if rank == 0:
-        samples = writer.finalize()
-        if cfg.benchmark is not None and samples.height:
-            samples = _benchmark_scores(cfg.benchmark, questions, samples, Path(cfg.out))
-        merge_errors(Path(cfg.out))
-    if state is not None:
-        state.wait_for_everyone()
+    samples = _finish(cfg, writer, questions, rank, state)
     return {
         "out": str(cfg.out),
         "captured": len(todo) - n_bad,

@@ -143,8 +143,8 @@ def run_lock(root: str | Path, stage: str, device: str = "auto"):
     and eval) the launch's ranks share it through their process group."""
     state = None
     if stage in ("capture", "eval") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from .capture import _distributed
+        from .distributed import process_group
 
-        _, _, state = _distributed(device)
+        _, _, state = process_group(device)
     with stage_lock(root, stage, state) as lock:
         yield lock

@@ -145,14 +145,14 @@ def test_eval_with_a_different_model_is_refused(selected_run, checkpoints, tmp_p
 
 def test_interrupted_eval_resumes(selected_run, tmp_path, monkeypatch):
     """Answers of finished samples are kept in parts; a re-run only does the rest."""
-    from fastv_analysis import evaluate
+    from fastv_analysis.evaluate import answer, parts
 
     run = tmp_path / "run"
     shutil.copytree(selected_run, run)
     shutil.rmtree(run / "eval", ignore_errors=True)
     shutil.rmtree(run / ".eval-parts", ignore_errors=True)
-    monkeypatch.setattr(evaluate, "PART_SAMPLES", 1)
-    real = evaluate.evaluate_sample
+    monkeypatch.setattr(parts, "PART_SAMPLES", 1)  # the modules the answer loop reads
+    real = answer.evaluate_sample
     seen = []
 
     def dying(loaded, prepared, *args, **kwargs):
@@ -161,7 +161,7 @@ def test_interrupted_eval_resumes(selected_run, tmp_path, monkeypatch):
             raise RuntimeError("killed")
         return real(loaded, prepared, *args, **kwargs)
 
-    monkeypatch.setattr(evaluate, "evaluate_sample", dying)
+    monkeypatch.setattr(answer, "evaluate_sample", dying)
     with pytest.raises(RuntimeError, match="killed"):
         main(["eval", str(run), "--quiet"])
     assert not (run / "eval").exists()
@@ -170,7 +170,7 @@ def test_interrupted_eval_resumes(selected_run, tmp_path, monkeypatch):
     assert seen == [2, 3]  # samples 0 and 1 came from the parts
     resumed = pl.read_parquet(run / "eval" / "predictions.parquet").sort(["sample_id", "agg_layer", "config", "keep"])
     shutil.rmtree(run / ".eval-parts")
-    monkeypatch.setattr(evaluate, "evaluate_sample", real)
+    monkeypatch.setattr(answer, "evaluate_sample", real)
     assert main(["eval", str(run), "--quiet"]) == 0
     fresh = pl.read_parquet(run / "eval" / "predictions.parquet").sort(["sample_id", "agg_layer", "config", "keep"])
     assert resumed.select("sample_id", "config", "keep", "prediction").equals(

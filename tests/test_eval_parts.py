@@ -25,10 +25,10 @@ def evaluated(checkpoints, tmp_path):
 
 
 def _count_evaluations(monkeypatch):
-    from fastv_analysis import evaluate
+    from fastv_analysis.evaluate import answer  # the module whose loop calls it
 
-    calls, real = [], evaluate.evaluate_sample
-    monkeypatch.setattr(evaluate, "evaluate_sample", lambda loaded, prepared, *a, **k:
+    calls, real = [], answer.evaluate_sample
+    monkeypatch.setattr(answer, "evaluate_sample", lambda loaded, prepared, *a, **k:
                         calls.append(prepared.sample_id) or real(loaded, prepared, *a, **k))
     return calls
 

@@ -252,7 +252,7 @@ def test_select_with_a_single_control_at_k0(checkpoints, tmp_path):
 
 
 def test_eval_in_another_dtype_does_not_reuse_answers(checkpoints, tmp_path, monkeypatch):
-    from fastv_analysis import evaluate
+    from fastv_analysis.evaluate import answer
 
     data = write_questions(tmp_path / "d", n=2)
     run = tmp_path / "run"
@@ -260,8 +260,8 @@ def test_eval_in_another_dtype_does_not_reuse_answers(checkpoints, tmp_path, mon
     assert main(["select", str(run), "--methods", "random", "--keep", "8", "--quiet"]) == 0
     assert main(["eval", str(run), "--timing-samples", "0", "--quiet"]) == 0
     calls = []
-    real = evaluate.evaluate_sample
-    monkeypatch.setattr(evaluate, "evaluate_sample", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = answer.evaluate_sample  # the answer loop reads it from its own module
+    monkeypatch.setattr(answer, "evaluate_sample", lambda *a, **k: calls.append(1) or real(*a, **k))
     assert main(["eval", str(run), "--timing-samples", "0", "--quiet"]) == 0
     assert calls == []  # same numerics: resumed from the parts
     assert main(["eval", str(run), "--timing-samples", "0", "--dtype", "bfloat16", "--quiet"]) == 0

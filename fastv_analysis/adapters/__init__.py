@@ -143,6 +143,19 @@ class Adapter:
         """The text decoder's attention implementation (None, as transformers does, is eager)."""
         return getattr(self.language_model.config, "_attn_implementation", None) or "eager"
 
+    @property
+    def attention_kernel(self) -> str | None:
+        """The attention implementation the model's top-level config records (None when unset):
+        what eval's numerics key names, so answers of another kernel are not reused."""
+        return getattr(self.model.config, "_attn_implementation", None)
+
+    @property
+    def max_positions(self) -> int:
+        """The longest sequence (prompt + answer) the text decoder takes; 2**30 where its
+        config names no ``max_position_embeddings``."""
+        config = self.model.config
+        return int(getattr(getattr(config, "text_config", config), "max_position_embeddings", 1 << 30))
+
     def check_attention_implementation(self) -> None:
         """One-line ValueError unless the text decoder runs a supported implementation."""
         impl = self.attention_implementation()
