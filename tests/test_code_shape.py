@@ -13,7 +13,14 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "fastv_analysis"
-ROOMS = ("pruning", "attention.py", "probes.py")
+ROOMS = tuple(sorted(p.name for p in PACKAGE.iterdir() if p.suffix == ".py" or (p / "__init__.py").exists()))
+"""Every module and package of fastv_analysis: all held to the size limits."""
+BEHIND_THE_SEAM = ("adapters", "toy")
+"""Where transformers' conventions may be named: the adapters, and the toy/tiny checkpoint
+builders, which write configs rather than call models."""
+LOADS_TRANSFORMERS = ("loading.py", "provenance.py", "testing.py")
+"""Modules that import transformers to load a checkpoint or report its version (no calling
+convention is read there)."""
 MAX_FUNCTION_LINES = 80
 MAX_CLASS_LINES = 200
 
@@ -33,8 +40,8 @@ def _modules(room: str) -> list[Path]:
     return [path if path.exists() else path.with_suffix(".py")]  # a room not yet a package
 
 
-def _sources() -> list[Path]:
-    return [p for room in ROOMS for p in _modules(room)]
+def _sources(rooms=ROOMS) -> list[Path]:
+    return [p for room in rooms for p in _modules(room)]
 
 
 def test_pruning_is_a_package_with_a_docstring_per_module():
@@ -68,9 +75,12 @@ def _conventions_read(tree: ast.AST) -> list[tuple[int, str]]:
     return found
 
 
-@pytest.mark.parametrize("path", _sources(), ids=lambda p: str(p.relative_to(PACKAGE)))
+@pytest.mark.parametrize("path", _sources([r for r in ROOMS if r not in BEHIND_THE_SEAM]),
+                         ids=lambda p: str(p.relative_to(PACKAGE)))
 def test_no_transformers_conventions_outside_the_adapters(path):
     found = _conventions_read(ast.parse(path.read_text()))
+    if path.name in LOADS_TRANSFORMERS:
+        found = [f for f in found if f[1] != "transformers"]
     assert not found, f"{path.relative_to(PACKAGE)} reads {found}: move it behind fastv_analysis/adapters"
 
 

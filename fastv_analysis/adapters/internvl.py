@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 from torch import nn
 
-from . import Adapter
+from .base import Adapter
 from .llava import decoder_fields
 
 

@@ -14,7 +14,7 @@ import inspect
 import torch
 from torch import nn
 
-from . import Adapter
+from .base import Adapter
 from .rows import llama_attention_rows
 
 

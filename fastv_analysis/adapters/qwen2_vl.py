@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import Adapter
+from .base import Adapter
 from .llava import decoder_fields
 
 
