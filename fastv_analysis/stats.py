@@ -359,14 +359,14 @@ def _varies(values: np.ndarray, code: np.ndarray, n_codes: int) -> np.ndarray:
 def _permutation_hits(xs: np.ndarray, ys: np.ndarray, cs: np.ndarray, shared, n_permutations: int, seed: int,
                       threshold: float) -> int:
     """How many of ``n_permutations`` within-stratum shuffles of ``xs`` (strata ``cs``; with
-    ``shared`` = (block, slot) codes, every stratum of a block shuffled alike) reach
+    ``shared`` = (block codes, slot codes, n_blocks, n_slots), every stratum of a block
+    shuffled alike) reach
     ``|T| >= threshold``, T = sum(x_perm * ys)."""
     base = np.argsort(cs, kind="stable")  # rows grouped by stratum
     xs_base, ys_base = xs[base], ys[base]
     offset = cs[base].astype(np.float64)  # stratum code per grouped position (ascending)
-    if shared is not None:
-        block, slot = shared[0][base], shared[1][base]
-        n_blocks, n_slots = int(block.max()) + 1, int(slot.max()) + 1
+    if shared is not None:  # (block codes, slot codes, number of blocks, number of slots)
+        block, slot, n_blocks, n_slots = shared[0][base], shared[1][base], shared[2], shared[3]
     rng = np.random.default_rng(seed)
     hits = done = 0
     while done < n_permutations:
@@ -455,8 +455,8 @@ def within_sample_permutation_test(x: np.ndarray, y: np.ndarray, strata: np.ndar
 
     # Only strata where both x and y vary can change T; permute those rows only.
     both = (x_var & y_var)[code]
-    if shared is not None:
-        shared = (shared[0][both], shared[1][both])
+    if shared is not None:  # key tables sized by every block and slot of the data
+        shared = (shared[0][both], shared[1][both], int(shared[0].max()) + 1, int(shared[1].max()) + 1)
     hits = _permutation_hits(xc[both], yc[both], code[both], shared, n_permutations, seed,
                              abs(t_obs) - 1e-12 * scale)
     result["p_value"] = (1 + hits) / (1 + n_permutations)
