@@ -9,7 +9,8 @@ before and on the code after, then compare them:
     fastv-analyze demo --out /tmp/after --no-report
     python benchmarks/compare_runs.py /tmp/before /tmp/after
 
-Prints one line per difference and exits 1, or prints "identical: N tables" and exits 0.
+Prints one line per difference and exits 1, or prints "identical: N tables" and exits 0. Image
+paths and model ids are left out unless --same-checkout (two checkouts name their own folders).
 """
 
 from __future__ import annotations
@@ -27,8 +28,12 @@ def main() -> int:
     parser.add_argument("run_b", type=Path)
     parser.add_argument("--ignore", default="part_sha256,part_bytes",
                         help="comma list of columns to leave out besides the timing ones (storage bookkeeping)")
+    parser.add_argument("--same-checkout", action="store_true",
+                        help="also compare image paths and model ids (left out by default: runs made from two "
+                             "checkouts name their own data and model folders)")
     args = parser.parse_args()
-    diffs = table_differences(args.run_a, args.run_b, ignore_columns=[c for c in args.ignore.split(",") if c])
+    diffs = table_differences(args.run_a, args.run_b, ignore_columns=[c for c in args.ignore.split(",") if c],
+                              ignore_locations=not args.same_checkout)
     for line in diffs:
         print(line)
     if diffs:

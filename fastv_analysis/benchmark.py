@@ -57,8 +57,11 @@ def sample_unit(question: Question) -> str:
     """The independent unit a sample belongs to, for folds, intervals and paired tests:
     the benchmark's own grouping where it has one (MMBench's rotations of one question,
     MME's image), else the image (POPE's three splits and VQAv2 / GQA / TextVQA's several
-    questions ask about one image; so do the toy's two questions per scene)."""
-    return question_group(question) or f"image:{question.image}"
+    questions ask about one image; so do the toy's two questions per scene), named by its
+    folder and file name (``val2014/COCO_...jpg``, ScienceQA's ``<id>/image.png``) so the
+    label does not depend on where the data lies."""
+    image = Path(question.image)
+    return question_group(question) or f"image:{image.parent.name}/{image.name}"
 
 
 def _units(questions: Sequence[Question]) -> list[list[int]]:

@@ -7,6 +7,7 @@ Used by the tests (two evals, one and two processes) and by ``benchmarks/compare
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import polars as pl
@@ -25,12 +26,26 @@ def table_names(folder: Path) -> set[str]:
     return {p.name for p in folder.glob("*.parquet") if p.name not in TIMING_FILES} if folder.is_dir() else set()
 
 
-def table_differences(a: str | Path, b: str | Path, stages=STAGES, ignore_columns=()) -> list[str]:
+LOCATION_COLUMNS = frozenset({"image", "model_id"})
+"""Columns / answers-file fields that hold absolute paths: they name where the data and the
+model lie, so two checkouts of the same run differ there and nowhere else."""
+
+
+def _answers(path: Path, skip: frozenset) -> list[dict] | None:
+    if not path.exists():
+        return None
+    return [{k: v for k, v in json.loads(line).items() if k not in skip} for line in path.read_text().splitlines()]
+
+
+def table_differences(a: str | Path, b: str | Path, stages=STAGES, ignore_columns=(),
+                      ignore_locations: bool = False) -> list[str]:
     """One line per difference between the tables of folders (or runs) ``a`` and ``b``: a
     table only one side has, a table whose rows or columns differ (exactly, in order), an
-    answers file that differs. Empty when they say the same thing."""
+    answers file that differs. Empty when they say the same thing. ``ignore_locations``
+    leaves out the columns that hold absolute paths (:data:`LOCATION_COLUMNS`), to compare
+    runs made from two checkouts."""
     a, b = Path(a), Path(b)
-    skip = TIMED_COLUMNS | set(ignore_columns)
+    skip = TIMED_COLUMNS | set(ignore_columns) | (LOCATION_COLUMNS if ignore_locations else frozenset())
     out = []
     for stage in stages:
         fa, fb = a / stage, b / stage
@@ -45,7 +60,7 @@ def table_differences(a: str | Path, b: str | Path, stages=STAGES, ignore_column
                 out.append(f"{stage or '.'}/{name}: {ta.height} vs {tb.height} rows, values differ")
         answers_a, answers_b = fa / "answers", fb / "answers"
         for name in sorted({p.name for p in answers_a.glob("*.jsonl")} | {p.name for p in answers_b.glob("*.jsonl")}):
-            ja, jb = answers_a / name, answers_b / name
-            if not (ja.exists() and jb.exists() and ja.read_bytes() == jb.read_bytes()):
+            ja, jb = _answers(answers_a / name, skip), _answers(answers_b / name, skip)
+            if ja is None or ja != jb:
                 out.append(f"{stage or '.'}/answers/{name}: differs")
     return out

@@ -108,3 +108,12 @@ def test_jaccard_vs_avg_is_measured_for_query_variants_and_schedules(tmp_path):
     assert j["avg_all_heads@text_mean then max_head K=4 keep 32", 1] == 0.25  # its first cut
     assert j["random", 0] == 0.06 and j["random then max_head K=4 keep 32", 1] == 0.08
     assert j["avg_all_heads then max_head K=4 keep 32", 0] == 1.0
+
+
+def test_a_units_label_does_not_depend_on_where_the_data_lies():
+    # an image's unit is named by its folder and file, so a moved run (or another checkout)
+    # writes the same predictions table; ScienceQA's images are all image.png in a folder per id
+    a = Question("1", Path("/home/a/scienceqa/images/test/17/image.png"), "q", "A")
+    b = Question("1", Path("/mnt/b/scienceqa/images/test/17/image.png"), "q", "A")
+    c = Question("2", Path("/home/a/scienceqa/images/test/18/image.png"), "q", "A")
+    assert sample_unit(a) == sample_unit(b) == "image:17/image.png" != sample_unit(c)
