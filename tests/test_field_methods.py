@@ -89,3 +89,35 @@ def test_divprune_and_dart_are_registered_with_the_authors_defaults():
     dart = strategies.strategy("dart")
     assert dart.kind == "set" and dict(dart.params) == {"pivot_image": 4, "pivot_text": 4}
     assert "original" in dart.doc and "compact" in strategies.strategy("divprune").doc
+
+
+def test_pyramid_drop_preset_expands_to_the_authors_stages():
+    # Cooperx521/PyramidDrop@6444f304aee4b7edcb022839fb9e8cd07859704a, scripts/v1_5/pdrop_eval/*.sh:
+    # --layer_list '[8,16,24]' --image_token_ratio_list "[0.5,0.25,0.125]" (lambda 0.5), counts int(N * ratio)
+    from fastv_analysis.pruning import FastVConfig, Stage, pyramid_drop
+    from fastv_analysis.pruning.config import preset_stages
+
+    cfg = pyramid_drop(576)
+    assert (cfg["agg_layer"], cfg["keep"]) == (8, 288)
+    assert cfg["stages"] == (Stage(16, 144, "avg_all_heads"), Stage(24, 72, "avg_all_heads"))
+    assert [s.keep for s in pyramid_drop(2880)["stages"]] == [720, 360]
+    assert FastVConfig(**cfg).stages[1].agg_layer == 24
+    assert preset_stages("pdrop") == [(16, 0.5, "avg_all_heads"), (24, 0.5, "avg_all_heads")]
+    with pytest.raises(ValueError, match="lambda"):
+        pyramid_drop(576, lam=0.0)
+    with pytest.raises(ValueError, match="unknown schedule preset 'pyr'"):
+        preset_stages("pyr")
+
+
+def test_eval_then_pdrop_passes_the_preset_stages(monkeypatch, tmp_path):
+    import contextlib
+
+    import fastv_analysis.evaluate as evaluate
+    import fastv_analysis.lock as lock
+    from fastv_analysis.cli.main import main
+
+    seen = {}
+    monkeypatch.setattr(evaluate, "run_eval", lambda cfg, **kw: seen.setdefault("then", cfg.then) and {})
+    monkeypatch.setattr(lock, "run_lock", lambda *a, **k: contextlib.nullcontext())
+    main(["eval", str(tmp_path), "--then", "pdrop", "--quiet"])
+    assert seen["then"] == [(16, 0.5, "avg_all_heads"), (24, 0.5, "avg_all_heads")]
