@@ -11,7 +11,8 @@ all-mean rows, hidden-state norms with a few planted sinks per sample and a 64-d
 They run through ``select.replay`` as the select stage does (one ranking per
 configuration, every keep a prefix; hybrid_uniform, a set, once per keep; the table with
 spatial statistics and tie margins); their kept sets are checked against per-sample
-``strategies.select`` calls on a few samples (untimed).
+``strategies.select`` calls on a few samples (untimed). Last, the field's methods
+(divprune, dart) on synthetic D-dim inputs, timed on their own.
 
     python benchmarks/bench_select.py [--samples 1000]
 
@@ -67,6 +68,36 @@ def synthetic_inputs(attention: torch.Tensor, g: torch.Generator) -> dict[str, t
     }
 
 
+FIELD_METHODS = ("divprune", "dart")
+"""The field's methods (issue 23): timed on their own, outside the combined target (their
+inputs are D-dim embeddings / hidden states, not attention rows)."""
+
+
+def field_inputs(n_samples: int, n_tokens: int, dim: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """divprune's embeddings and dart's inputs (positions, key L1 norms, vectors; 4 text pivots)."""
+    pos = torch.arange(35, 35 + n_tokens, dtype=torch.float32).expand(n_samples, n_tokens)
+    image = torch.cat([pos[..., None], torch.rand(n_samples, n_tokens, 1, generator=g) * 100,
+                       torch.randn(n_samples, n_tokens, dim, generator=g)], dim=-1)
+    text_pos = torch.arange(35 + n_tokens + 3, 35 + n_tokens + 7, dtype=torch.float32).expand(n_samples, 4)
+    text = torch.cat([text_pos[..., None], torch.randn(n_samples, 4, dim, generator=g)], dim=-1)
+    return {"embeddings": torch.randn(n_samples, n_tokens, dim, generator=g), "dart_image": image, "dart_text": text}
+
+
+def field_strategies(attention: torch.Tensor, dim: int, g: torch.Generator) -> dict[str, float]:
+    """Seconds of select.replay per field method over ``attention``'s samples x KEEPS."""
+    inputs = field_inputs(attention.shape[0], attention.shape[-1], dim, g)
+    seconds = {}
+    for method in FIELD_METHODS:
+        t0 = time.perf_counter()
+        frame = replay(attention, [method], [0.5], KEEPS, inputs=inputs)
+        seconds[method] = time.perf_counter() - t0
+        one = {k: v[:1] for k, v in inputs.items()}
+        alone = strategies.select(attention[:1], method, KEEPS[-1], inputs=one).indices[0].tolist()
+        got = frame.filter(pl.col("sample_id") == 0, pl.col("keep") == KEEPS[-1])["kept"].to_list()
+        assert got == [alone], f"{method}: replay != select"
+    return seconds
+
+
 def label(method: str, params: dict) -> str:
     return method + "".join(f"({k}={v})" for k, v in params.items())
 
@@ -113,6 +144,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=576)
+    parser.add_argument("--field-samples", type=int, default=200, help="samples for divprune / dart")
+    parser.add_argument("--field-dim", type=int, default=1024, help="embedding width for divprune / dart")
     args = parser.parse_args()
     g = torch.Generator().manual_seed(0)
     attention = torch.softmax(torch.randn(args.samples, args.heads, args.tokens, generator=g) * 2, dim=-1)
@@ -152,6 +185,12 @@ def main() -> None:
     print(f"  {'all new':36s} {t_new:6.2f} s  ({n_new_each * len(new) / t_new:,.0f} selections/s)")
     print(f"combined: {n_all:,} selections in {t_fast + t_new:.2f} s "
           f"({n_all / (t_fast + t_new):,.0f} selections/s; target >= 50,000)")
+    field = field_strategies(attention[: args.field_samples], args.field_dim, g)
+    n_field = min(args.samples, args.field_samples) * len(KEEPS)
+    print(f"field methods ({min(args.samples, args.field_samples)} samples x {len(KEEPS)} keeps, "
+          f"D = {args.field_dim}, select.replay; not in the combined target):")
+    for name, sec in field.items():
+        print(f"  {name:36s} {sec:6.2f} s  ({n_field / sec:,.0f} selections/s)")
     print(f"select speed-up: {t_slow / t_fast:.1f}x")
 
 

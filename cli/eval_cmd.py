@@ -7,6 +7,7 @@ import sys
 import click
 
 from .params import Choices, FloatGrid, IntList, threads_option
+from fastv_analysis.pruning.config import SCHEDULE_PRESETS, preset_stages
 from fastv_analysis.strategies import ALL_METHODS
 
 
@@ -19,10 +20,11 @@ from fastv_analysis.strategies import ALL_METHODS
 @click.option("--configs", default=None, help="Only these selection labels, comma list (e.g. "
               "avg_all_heads,avg_all_heads@text_mean,random); see the config column of selections.parquet.")
 @click.option("--alphas", type=FloatGrid(), default=None, help="Only these weighted_combination alphas.")
-@click.option("--then", "then", default=None, metavar="K:KEEP[:METHOD],...",
+@click.option("--then", "then", default=None, metavar="K:KEEP[:METHOD],...|pdrop",
               help="Also answer every configuration as the first cut of a per-layer schedule: then at layer K keep "
                    "KEEP of what the previous cut kept (a count, or a fraction like 0.5), ranked by METHOD "
-                   "(default avg_all_heads) on the pruned model's layer K-1 attention, e.g. 4:0.5:max_head.")
+                   "(default avg_all_heads) on the pruned model's layer K-1 attention, e.g. 4:0.5:max_head; "
+                   "pdrop: PyramidDrop's 16:0.5,24:0.5 (after a first cut at K = 8, keep ratio 0.5).")
 @click.option("--keep", "keeps", type=IntList(), default=None,
               help="Only these select --keep counts (never a --keep-ratio configuration, whose count is each "
                    "sample's own).")
@@ -66,7 +68,9 @@ def eval_cmd(run, agg_layers, methods, configs, alphas, then, keeps, keep_ratios
 
     configs = [c.strip() for c in configs.split(",") if c.strip()] if configs else None
     stages = None
-    if then:
+    if then and then.strip() in SCHEDULE_PRESETS:
+        stages = preset_stages(then.strip())
+    elif then:
         stages = []
         for part in then.split(","):
             bits = part.strip().split(":")

@@ -120,7 +120,8 @@ def capture_batch(loaded, batch: list[Prepared], cfg: CaptureConfig, store_dtype
                 n_after = int(seq_len - 1 - image_pos[b, -1])
                 tensors[attention_key(p.sample_id, k, "text")] = cols[b, :, cols.shape[2] - n_after :, :].clone()
             for name, value in extra.inputs.get(layer, {}).items():
-                tensors[attention_key(p.sample_id, k, name)] = value[b].to(store_dtype).cpu().clone()
+                dtype = torch.float32 if name in probes.FLOAT32_NAMES else store_dtype  # exact prompt positions
+                tensors[attention_key(p.sample_id, k, name)] = value[b].to(dtype).cpu().clone()
     if all_layers:  # [L, H, N]: the last prompt token's image attention at every layer
         stacked = torch.stack([take_positions(rec.rows[i][:, :, -1, :], image_pos, dim=-1)
                                for i in range(adapter.num_layers)], dim=1).to(store_dtype).cpu()

@@ -12,7 +12,16 @@ pruning ranks by, and select replays exactly what ``apply_fastv`` would do:
   layer K-1 (attention sinks carry norms far above the rest);
 * ``sketch``              ``[B, N, 64]``: that residual stream times a fixed Gaussian
   matrix (seed :data:`SKETCH_SEED`, entries N(0, 1/64)), which keeps cosine similarities
-  in expectation (Johnson-Lindenstrauss), for diversity-aware selection.
+  in expectation (Johnson-Lindenstrauss), for diversity-aware selection;
+* ``embeddings``          ``[B, N, D]``: the image tokens as they enter the LLM (the
+  residual stream entering layer 0: post-projector), what DivPrune reads;
+* ``dart_image``          ``[B, N, 2 + D]``: per image token its position in the unpadded
+  prompt, the L1 norm of its layer K-1 key after RoPE (heads concatenated), and the model's
+  final norm applied to its layer K-1 output (what DART's pivots and similarity read);
+* ``dart_text``           ``[B, T, 1 + D]``: the :data:`DART_TEXT_PIVOTS` instruction tokens
+  (everything after the image) with the largest such key L1 norm, in that order: position,
+  final-normed layer K-1 output.
+The two DART inputs need layer K-1's *output*, so they are computed when layer K begins.
 """
 
 from __future__ import annotations
@@ -23,8 +32,17 @@ import torch
 
 from .positions import take_positions
 
-NAMES = ("attention_no_rope", "attention_text_mean", "attention_all_mean", "hidden_norm", "sketch")
+NAMES = ("attention_no_rope", "attention_text_mean", "attention_all_mean", "hidden_norm", "sketch", "embeddings",
+         "dart_image", "dart_text")
 NEEDS_HIDDEN = ("hidden_norm", "sketch")
+NEEDS_EMBEDDINGS = ("embeddings",)
+NEEDS_OUTPUT = ("dart_image", "dart_text")
+"""Names read off layer K-1's output (the residual stream entering layer K)."""
+TOKEN_DIM_1 = ("sketch", "embeddings", "dart_image")
+"""Names whose image-token dim is 1 (``[S, N, ...]``); ``dart_text`` has none."""
+FLOAT32_NAMES = ("dart_image", "dart_text")
+"""Stored float32 whatever ``--store-dtype``: float16 holds prompt positions exactly only up to 2,048."""
+DART_TEXT_PIVOTS = 4  # DART's pivot_text_token default (xqy1111111/DART eval scripts)
 SKETCH_DIM = 64
 SKETCH_SEED = 0
 QUERY_BLOCK = 256  # query rows recomputed at once for the mean rows (bounds memory at O(256 x S) per head)
@@ -33,7 +51,9 @@ QUERY_BLOCK = 256  # query rows recomputed at once for the mean rows (bounds mem
 def take_tokens(x: torch.Tensor, name: str, index) -> torch.Tensor:
     """A named input restricted to some image tokens: its token dim is 1 for the sketch
     ``[S, N, D]``, the last one for the rows ``[S, H, N]`` and the norms ``[S, N]``."""
-    return x[:, index] if name == "sketch" else x[..., index]
+    if name == "dart_text":
+        return x
+    return x[:, index] if name in TOKEN_DIM_1 else x[..., index]
 
 
 def sketch_matrix(hidden_size: int, device=None) -> torch.Tensor:
@@ -57,7 +77,8 @@ def query_masks(image_pos: torch.Tensor, n_image: torch.Tensor, attention_mask: 
 @torch.no_grad()
 def layer_inputs(adapter, module, call, hidden_in: torch.Tensor | None, image_pos: torch.Tensor,
                  n_image: torch.Tensor, query_pos: torch.Tensor, attention_mask: torch.Tensor | None,
-                 names: Sequence[str]) -> dict[str, torch.Tensor]:
+                 names: Sequence[str], embeds: torch.Tensor | None = None,
+                 hidden_out: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The requested :data:`NAMES` for a batch, image columns padded to ``image_pos``'s width.
 
     ``call``: layer K-1's attention call (:class:`~fastv_analysis.adapters.AttentionCall`);
@@ -94,6 +115,44 @@ def layer_inputs(adapter, module, call, hidden_in: torch.Tensor | None, image_po
             out["hidden_norm"] = image_hidden.norm(dim=-1)
         if "sketch" in names:
             out["sketch"] = image_hidden @ sketch_matrix(image_hidden.shape[-1], image_hidden.device)
+    if "embeddings" in names:
+        if embeds is None:
+            raise adapter.missing("the residual stream entering layer 0", "the layer inputs probe")
+        out["embeddings"] = take_positions(embeds, image_pos, dim=1).float()
+    if any(n in names for n in NEEDS_OUTPUT):
+        if hidden_out is None:
+            raise adapter.missing("layer K-1's output", "the DART inputs probe")
+        out.update(dart_inputs(adapter, module, call, hidden_out, image_pos, query_pos, attention_mask, names))
+    return out
+
+
+def dart_inputs(adapter, module, call, hidden_out: torch.Tensor, image_pos: torch.Tensor, query_pos: torch.Tensor,
+                attention_mask: torch.Tensor | None, names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """``dart_image`` / ``dart_text`` (see the module docstring) of a batch: positions are in each
+    element's unpadded prompt (its first real token is 0); the text tokens are those after
+    each element's last image token up to its last real token."""
+    batch, seq_len, _ = hidden_out.shape
+    key_l1 = adapter.attention_keys(module, call).float().abs().sum(dim=-1)  # [B, S]
+    normed = adapter.final_norm(hidden_out).float()  # [B, S, D]
+    first_real = torch.zeros(batch, dtype=torch.long, device=hidden_out.device)
+    if attention_mask is not None and attention_mask.dim() == 2:
+        first_real = attention_mask.to(hidden_out.device).long().argmax(dim=1)
+    pos = (torch.arange(seq_len, device=hidden_out.device)[None] - first_real[:, None]).float()  # [B, S]
+    out = {}
+    if "dart_image" in names:
+        out["dart_image"] = torch.cat([take_positions(pos, image_pos, dim=1)[..., None],
+                                       take_positions(key_l1, image_pos, dim=1)[..., None],
+                                       take_positions(normed, image_pos, dim=1)], dim=-1)
+    if "dart_text" in names:
+        last_image = image_pos.max(dim=1).values
+        cols = torch.arange(seq_len, device=hidden_out.device)[None]
+        text = (cols > last_image[:, None]) & (cols <= query_pos.reshape(batch, 1))
+        if int(text.sum(dim=1).min()) < DART_TEXT_PIVOTS:
+            raise ValueError(f"DART needs at least {DART_TEXT_PIVOTS} tokens after the image in every prompt")
+        ranked = torch.where(text, key_l1, -torch.inf).sort(dim=1, descending=True, stable=True).indices
+        top = ranked[:, :DART_TEXT_PIVOTS]  # [B, T]: topk order, ties to the earlier token
+        out["dart_text"] = torch.cat([take_positions(pos, top, dim=1)[..., None],
+                                      take_positions(normed, top, dim=1)], dim=-1)
     return out
 
 
@@ -107,7 +166,8 @@ class InputsRecorder:
     """Record :func:`layer_inputs` at layers K-1 during the prefill of ``generate`` (capture).
 
     ``image_pos`` / ``n_image`` / ``attention_mask`` describe the batch that will run; the
-    hooks are removed on exit and record nothing during decoding.
+    hooks are removed on exit and record nothing during decoding. Names read off layer K-1's
+    output (:data:`NEEDS_OUTPUT`) are computed when layer K begins, the rest at K-1's attention.
     """
 
     def __init__(self, model, layers, names, image_pos, n_image, query_pos, attention_mask):
@@ -118,27 +178,57 @@ class InputsRecorder:
         self.image_pos, self.n_image, self.query_pos, self.mask = image_pos, n_image, query_pos, attention_mask
         self.inputs: dict[int, dict[str, torch.Tensor]] = {}
         self._hidden: dict[int, torch.Tensor] = {}
+        self._calls: dict[int, tuple] = {}
         self._handles: list = []
+        self.after = any(n in NEEDS_OUTPUT for n in self.names)
+        if self.after and any(k + 1 >= self.adapter.num_layers for k in self.layers):
+            raise ValueError(f"{', '.join(n for n in self.names if n in NEEDS_OUTPUT)} need a layer K after K-1: "
+                             f"--agg-layers must be below {self.adapter.num_layers}")
+
+    def _compute(self, layer: int, module, call, hidden_out=None) -> None:
+        self.inputs[layer] = layer_inputs(self.adapter, module, call, self._hidden.get(layer), self.image_pos,
+                                          self.n_image, self.query_pos, self.mask, self.names,
+                                          embeds=self._hidden.get(-1), hidden_out=hidden_out)
+
+    def _hook(self, layer: int) -> None:
+        adapter = self.adapter
+
+        def stash(module, args, kwargs):
+            hidden = adapter.layer_call(args, kwargs).hidden_states
+            if hidden.shape[1] > 1:
+                self._hidden[layer] = hidden
+
+        def record(module, args, kwargs, output):
+            call = adapter.attention_call(args, kwargs)
+            if call.hidden_states.shape[1] > 1:
+                if self.after:
+                    self._calls[layer] = (module, call)
+                else:
+                    self._compute(layer, module, call)
+
+        def finish(module, args, kwargs):
+            hidden = adapter.layer_call(args, kwargs).hidden_states
+            if hidden.shape[1] > 1 and layer in self._calls:
+                self._compute(layer, *self._calls.pop(layer), hidden_out=hidden)
+
+        self._handles.append(adapter.layers[layer].register_forward_pre_hook(stash, with_kwargs=True))
+        self._handles.append(adapter.attention(layer).register_forward_hook(record, with_kwargs=True))
+        if self.after:
+            self._handles.append(adapter.layers[layer + 1].register_forward_pre_hook(finish, with_kwargs=True))
 
     def __enter__(self) -> "InputsRecorder":
-        adapter = self.adapter
-        for layer in self.layers:
-            def stash(module, args, kwargs, layer=layer):
-                hidden = adapter.layer_call(args, kwargs).hidden_states
+        if self.layers and any(n in NEEDS_EMBEDDINGS for n in self.names):
+            def embeds(module, args, kwargs):
+                hidden = self.adapter.layer_call(args, kwargs).hidden_states
                 if hidden.shape[1] > 1:
-                    self._hidden[layer] = hidden
+                    self._hidden[-1] = hidden
 
-            def record(module, args, kwargs, output, layer=layer):
-                call = adapter.attention_call(args, kwargs)
-                if call.hidden_states.shape[1] > 1:
-                    self.inputs[layer] = layer_inputs(adapter, module, call, self._hidden.get(layer), self.image_pos,
-                                                      self.n_image, self.query_pos, self.mask, self.names)
-
-            self._handles.append(adapter.layers[layer].register_forward_pre_hook(stash, with_kwargs=True))
-            self._handles.append(adapter.attention(layer).register_forward_hook(record, with_kwargs=True))
+            self._handles.append(self.adapter.layers[0].register_forward_pre_hook(embeds, with_kwargs=True))
+        for layer in self.layers:
+            self._hook(layer)
         return self
 
     def __exit__(self, *exc) -> None:
         for handle in self._handles:
             handle.remove()
-        self._handles, self._hidden = [], {}
+        self._handles, self._hidden, self._calls = [], {}, {}

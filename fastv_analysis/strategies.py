@@ -58,6 +58,11 @@ INPUTS = {
     "attention_all_mean": "[..., H, N] rows averaged over all query tokens",
     "hidden_norm": "[..., N] L2 norm of the image tokens' hidden states entering layer K-1",
     "sketch": "[..., N, D] seeded random projection of the image tokens' hidden states",
+    "embeddings": "[..., N, D] the image tokens as they enter the LLM (post-projector)",
+    "dart_image": "[..., N, 2 + D] per image token: prompt position, L1 norm of its layer K-1 key after RoPE, "
+                  "final-normed layer K-1 output",
+    "dart_text": "[..., T, 1 + D] DART's text pivots (largest key L1 after the image): prompt position, "
+                 "final-normed layer K-1 output",
 }
 """Named per-sample inputs a strategy may read beyond ``attention`` (same batch shape)."""
 
@@ -467,9 +472,13 @@ def _check_inputs(spec: Strategy, resolved: Mapping[str, object], attention: tor
         if name == "hidden_norm":
             ok = tuple(x.shape) == batch + (n_tokens,)
             want = f"{batch + (n_tokens,)}"
-        elif name == "sketch":
-            ok = x.dim() == len(batch) + 2 and tuple(x.shape[:-1]) == batch + (n_tokens,) and x.shape[-1] > 0
+        elif name in ("sketch", "embeddings", "dart_image"):
+            width = 3 if name == "dart_image" else 1
+            ok = x.dim() == len(batch) + 2 and tuple(x.shape[:-1]) == batch + (n_tokens,) and x.shape[-1] >= width
             want = f"{batch + (n_tokens, 'D')}"
+        elif name == "dart_text":
+            ok = x.dim() == len(batch) + 2 and tuple(x.shape[:-2]) == batch and x.shape[-1] >= 2
+            want = f"{batch + ('T', 'D')}"
         else:
             ok = tuple(x.shape) == batch + (n_heads, n_tokens)
             want = f"{batch + (n_heads, n_tokens)}"
@@ -739,11 +748,120 @@ def _hybrid_uniform(ctx: _Ctx, keep: int | None, *, base: str, uniform_share: fl
     return _Result(base_scores, indices=picked.sort(dim=-1).values)
 
 
+# ----------------------------------------------------------------------------- the field's methods
+
+
+def divprune_order(embeddings: torch.Tensor, depth: int | None = None) -> torch.Tensor:
+    """``[..., depth]`` DivPrune's max-min diversity picks (Alvar et al., CVPR'25), in pick order.
+
+    Distance = 1 - cosine of the rows (each divided by its raw L2 norm); the first pick is
+    the token whose nearest other token is farthest (the second-smallest distance of its
+    column, the smallest being itself); each later pick maximises its distance to the
+    nearest token picked so far; ties go to the lower index. Picked tokens are never picked
+    again (the authors' loop could re-pick one only once every unpicked token duplicates a
+    picked one exactly). The first ``d`` picks do not depend on ``depth``.
+    """
+    batch_shape, n = embeddings.shape[:-2], embeddings.shape[-2]
+    depth = n if depth is None else depth
+    x = embeddings.reshape(-1, n, embeddings.shape[-1]).float()
+    unit = x / x.norm(dim=-1, keepdim=True)
+    dist = 1.0 - torch.bmm(unit, unit.transpose(1, 2))  # [S, N, N]
+    count = x.shape[0]
+    order = torch.empty(count, depth, dtype=torch.long, device=x.device)
+    if depth == 0 or count == 0:
+        return order.reshape(*batch_shape, depth)
+    rows = torch.arange(count, device=x.device)
+    nearest = dist.kthvalue(2, dim=1).values if n > 1 else dist[:, 0]  # second-smallest of each column
+    pick = torch.max(nearest, dim=-1).indices  # first maximum: ties to the lower index
+    closest = torch.full((count, n), math.inf, device=x.device)
+    for p in range(depth):
+        order[:, p] = pick
+        torch.minimum(closest, dist[rows, pick], out=closest)
+        closest[rows, pick] = -math.inf  # never again
+        if p < depth - 1:
+            pick = torch.max(closest, dim=-1).indices
+    return order.reshape(*batch_shape, depth)
+
+
+@register("divprune", "ranking", needs=("embeddings",),
+          doc="DivPrune (before the LLM): max-min diversity of the LLM-input embeddings; positions: the authors' "
+              "LLaVA code renumbers (compact), here kept tokens keep theirs (original).")
+def _divprune(ctx: _Ctx, keep: int | None) -> _Result:
+    """:func:`divprune_order` of ``inputs["embeddings"]``; the greedy order is the ranking
+    (positional scores, as for diverse). The authors keep ``round(ratio * N)`` tokens; here
+    ``keep`` is given."""
+    emb = ctx.inputs["embeddings"]
+    order = divprune_order(emb, keep)
+    return _Result(_positional(order.to(ctx.attention.device), ctx.attention.dtype, emb.shape[-2]))
+
+
+def python_set_order(values: Sequence[int]) -> list[int]:
+    """The iteration order of ``set(values)`` (CPython's hash order): DART visits its pivots so."""
+    return list(set(int(v) for v in values))
+
+
+def dart_keep(dart_image: torch.Tensor, dart_text: torch.Tensor, keep: int, pivot_image: int = 4,
+              pivot_text: int = 4) -> torch.Tensor:
+    """``[..., keep]`` DART's kept image tokens (Wen et al., EMNLP'25), ascending.
+
+    Pivots: the ``pivot_image`` image tokens with the largest layer K-1 key L1 norm and the
+    first ``pivot_text`` stored text pivots. Visiting the pivots in the order of a Python
+    ``set`` of their prompt positions, each takes the tokens of the pool (image tokens not yet
+    taken, image pivots excluded) least cosine-similar to it (final-normed layer K-1
+    outputs) and removes them from the pool. Kept = image pivots + every token taken. Each
+    pivot takes ``(keep - pivot_image) // P`` (P = all pivots), the first ``r`` visited one
+    more, r the remainder: the authors' count whenever keep - pivot_image is a multiple of P
+    (LLaVA: max_num_trunction 128 -> 16 a pivot, 132 kept). keep <= pivot_image: the top
+    ``keep`` image pivots.
+    """
+    batch_shape, n = dart_image.shape[:-2], dart_image.shape[-2]
+    img = dart_image.reshape(-1, n, dart_image.shape[-1]).float()
+    txt = dart_text.reshape(-1, *dart_text.shape[-2:])[:, :pivot_text].float()
+    count, device = img.shape[0], img.device
+    n_img = min(pivot_image, keep)
+    pivots = torch.sort(img[..., 1], dim=-1, descending=True, stable=True).indices[:, :n_img]  # [S, n_img]
+    taken = torch.zeros(count, n, dtype=torch.bool, device=device)
+    taken.scatter_(1, pivots, True)
+    rest = keep - n_img
+    if rest:
+        vectors = torch.cat([img.gather(1, pivots[..., None].expand(-1, -1, img.shape[-1]))[..., 2:], txt[..., 1:]], 1)
+        positions = torch.cat([img[..., 0].gather(1, pivots), txt[..., 0]], dim=1).long().tolist()
+        visit = torch.tensor([[p.index(v) for v in python_set_order(p)] for p in positions], device=device)
+        share, extra = divmod(rest, visit.shape[1])
+        rows = torch.arange(count, device=device)
+        for slot in range(visit.shape[1]):
+            pivot = vectors[rows, visit[:, slot]]  # [S, D]
+            sim = torch.nn.functional.cosine_similarity(pivot[:, None, :], img[..., 2:], dim=-1)
+            budget = share + (slot < extra)
+            if budget:
+                least = torch.where(taken, -math.inf, -sim).topk(budget, dim=-1).indices
+                taken.scatter_(1, least, True)
+    kept = taken.nonzero()[:, 1].view(count, keep)
+    return kept.reshape(*batch_shape, keep)
+
+
+@register("dart", "set", params={"pivot_image": 4, "pivot_text": 4}, needs=("dart_image", "dart_text"),
+          doc="DART (layer K, default 2): keep tokens least duplicated with key-norm pivots, no attention needed; "
+              "positions: original, as the authors' code.")
+def _dart(ctx: _Ctx, keep: int | None, *, pivot_image: int, pivot_text: int) -> _Result:
+    """:func:`dart_keep`; scores are the image tokens' key L1 norms (what picks the pivots)."""
+    if keep is None:
+        raise ValueError("'dart' has no keep-independent score; use select")
+    img, txt = ctx.inputs["dart_image"], ctx.inputs["dart_text"]
+    if not (isinstance(pivot_image, int) and pivot_image >= 1 and isinstance(pivot_text, int) and
+            0 <= pivot_text <= txt.shape[-2]):
+        raise ValueError(f"dart: pivot_image must be >= 1 and pivot_text in 0..{txt.shape[-2]} (the stored text "
+                         f"pivots), got {pivot_image!r}, {pivot_text!r}")
+    kept = dart_keep(img, txt, keep, pivot_image, pivot_text).to(ctx.attention.device)
+    return _Result(img[..., 1].to(ctx.attention.device), indices=kept)
+
+
 ALL_METHODS = tuple(STRATEGIES)
 """Every registered strategy, in registration order: the original five first, then
-dynamic_alpha, no_rope, sink_excluded, diverse, hybrid_uniform."""
+dynamic_alpha, no_rope, sink_excluded, diverse, hybrid_uniform, then the field's methods
+(divprune, dart)."""
 
-RANK_SCORED = ("sink_excluded", "diverse")
+RANK_SCORED = ("sink_excluded", "diverse", "divprune")
 """Rankings whose scores are positions in the ranking, not attention: no tie margin."""
 
 LAYOUT_METHODS = ("uniform", "hybrid_uniform")

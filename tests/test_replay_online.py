@@ -41,16 +41,18 @@ def replayed(request, tmp_path_factory):
     run = root / "run"
     assert main(["capture", "--model", str(model), "--data", str(root / "d" / "q.jsonl"), "--out", str(run),
                  "--agg-layers", "2", "--max-new-tokens", "1", "--quiet", "--store",
-                 "attention_no_rope,attention_text_mean,attention_all_mean,hidden_norm,sketch,layers"]) == 0
+                 "attention_no_rope,attention_text_mean,attention_all_mean,hidden_norm,sketch,embeddings,dart_image,"
+                 "dart_text,layers"]) == 0
     assert main(["select", str(run), "--methods", ",".join(ALL_METHODS), "--queries", ",".join(QUERIES),
-                 "--alphas", "0.3", "--keep", "3,1", "--quiet"]) == 0
+                 "--alphas", "0.3", "--keep", "3,1", "--keep-ratio", "0.75", "--quiet"]) == 0
     return arch, model, root, pl.read_parquet(run / "select" / "selections.parquet")
 
 
 def test_select_writes_every_strategy_and_query_variant(replayed):
     _, _, _, sel = replayed
     configs = set(sel["config"].unique())
-    assert {"dynamic_alpha", "no_rope", "sink_excluded", "diverse", "hybrid_uniform", "avg_all_heads@text_mean",
+    assert {"dynamic_alpha", "no_rope", "sink_excluded", "diverse", "hybrid_uniform", "divprune", "dart",
+            "avg_all_heads@text_mean",
             "avg_all_heads@all_mean", "max_head@text_mean", "diverse@all_mean"} <= configs
     assert "random@text_mean" not in configs and "no_rope@text_mean" not in configs
 
@@ -66,7 +68,7 @@ def test_every_replayed_selection_equals_online_pruning(replayed):
         inputs = dict(proc(text=[build_prompt(proc, q["text"])], images=[image], return_tensors="pt"))
         rows = sel.filter(pl.col("sample_id") == sid)
         for row in rows.iter_rows(named=True):
-            method, _, query = row["config"].partition("@")
+            method, _, query = row["config"].split(" ratio ")[0].partition("@")
             method = method.split("(")[0]
             params = {"query": query} if query else {}
             alpha = row["alpha"] if row["alpha"] is not None else 0.5
@@ -76,4 +78,4 @@ def test_every_replayed_selection_equals_online_pruning(replayed):
                 online = m.last_selection_metadata["kept_indices"][0].tolist()
             assert online == row["kept"], (arch, sid, row["config"], row["keep"])
             checked += 1
-    assert checked == sel.height and checked >= 3 * 2 * 15
+    assert checked == sel.height and checked >= 3 * 3 * 17  # keeps 3, 1 and 75 % of each sample's N

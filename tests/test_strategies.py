@@ -218,7 +218,7 @@ def test_property_selection_is_valid_and_matches_reference(att, data):
 
 from fastv_analysis import strategies as S  # noqa: E402
 
-NEW = ("dynamic_alpha", "no_rope", "sink_excluded", "diverse", "hybrid_uniform")
+NEW = ("dynamic_alpha", "no_rope", "sink_excluded", "diverse", "hybrid_uniform", "divprune", "dart")
 
 
 def _t(rows, dtype=torch.float64):
@@ -235,20 +235,26 @@ def _random_inputs(attention, seed=0, d=8):
         "attention_all_mean": torch.softmax(torch.randn(attention.shape, generator=g), dim=-1),
         "hidden_norm": torch.rand(*batch, n, generator=g) + torch.eye(n)[0] * 100,  # token 0 a sink
         "sketch": torch.randn(*batch, n, d, generator=g),
+        "embeddings": torch.randn(*batch, n, d, generator=g),
+        "dart_image": torch.cat([(5.0 + torch.arange(n)).expand(*batch, n)[..., None],
+                                 torch.rand(*batch, n, 1, generator=g), torch.randn(*batch, n, d, generator=g)], -1),
+        "dart_text": torch.cat([(5.0 + n + torch.arange(4.0)).expand(*batch, 4)[..., None],
+                                torch.randn(*batch, 4, d, generator=g)], -1),
     }
 
 
 def test_registry_order_keeps_the_original_five_first():
     assert tuple(S.STRATEGIES) == S.ALL_METHODS == (
         "avg_all_heads", "max_head", "weighted_combination", "random", "uniform",
-        "dynamic_alpha", "no_rope", "sink_excluded", "diverse", "hybrid_uniform")
+        "dynamic_alpha", "no_rope", "sink_excluded", "diverse", "hybrid_uniform", "divprune", "dart")
     assert METHODS == ("avg_all_heads", "max_head", "weighted_combination", "random", "uniform")
     assert S.ATTENTION_METHODS == ("avg_all_heads", "max_head", "weighted_combination")
     assert S.CONTROL_METHODS == ("random", "uniform")
     kinds = {name: s.kind for name, s in S.STRATEGIES.items()}
     assert kinds == {"avg_all_heads": "ranking", "max_head": "ranking", "weighted_combination": "ranking",
                      "random": "control", "uniform": "control", "dynamic_alpha": "ranking", "no_rope": "ranking",
-                     "sink_excluded": "ranking", "diverse": "ranking", "hybrid_uniform": "set"}
+                     "sink_excluded": "ranking", "diverse": "ranking", "hybrid_uniform": "set",
+                     "divprune": "ranking", "dart": "set"}
     assert S.strategy("weighted_combination").params == {"alpha": 0.5, "query": "last"}
     assert S.strategy("sink_excluded").params == {"base": "avg_all_heads", "sink_ratio": 5.0, "query": "last"}
     assert S.strategy("sink_excluded").needs == ("hidden_norm",)

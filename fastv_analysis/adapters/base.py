@@ -250,6 +250,19 @@ class Adapter(CacheCalls):
                        rope: bool = True) -> torch.Tensor:
         return self.rows(self, module, call, query_positions, rope=rope)
 
+    def attention_keys(self, module: nn.Module, call: AttentionCall) -> torch.Tensor:
+        """``[B, S, H_kv * d]`` the keys of one attention call after the model's RoPE, heads
+        concatenated (DART's pivots rank tokens by their L1 norm)."""
+        batch, seq_len, _ = call.hidden_states.shape
+        k = module.k_proj(call.hidden_states).view(batch, seq_len, -1, self.head_dim).transpose(1, 2)
+        cos, sin = call.position_embeddings
+        _, k = self.apply_rotary(k, k, cos, sin)
+        return k.transpose(1, 2).reshape(batch, seq_len, -1)
+
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The decoder's final norm applied to ``hidden`` (DART's similarity space)."""
+        return self.language_model.norm(hidden)
+
     def token_layouts(self, inputs: dict, n_image: list[int]) -> list:
         """One :class:`~fastv_analysis.layout.TokenLayout` per batch element, from the model's
         inputs (the processor's output): here one square grid (LLaVA-1.5's 24 x 24)."""

@@ -47,7 +47,7 @@ The package, by what each part does (each module's docstring says more):
 * :mod:`.decode`   shared-prefix prefill and greedy decoding of C kept sets (eval).
 """
 
-from .config import ALIASES, MODES, FastVConfig, Stage
+from .config import ALIASES, MODES, PDROP_LAMBDA, PDROP_LAYERS, FastVConfig, Stage, pyramid_drop
 from .cut import (
     decode_key_positions,
     filler_positions,
@@ -67,7 +67,8 @@ from .decode import SharedPrefill, greedy_decode, prefill_shared, shared_greedy_
 from .model import FastVModel, apply_fastv
 
 __all__ = [
-    "ALIASES", "MODES", "FastVConfig", "FastVModel", "SharedPrefill", "Stage", "apply_fastv", "decode_key_positions",
+    "ALIASES", "MODES", "PDROP_LAMBDA", "PDROP_LAYERS", "FastVConfig", "FastVModel", "SharedPrefill", "Stage",
+    "apply_fastv", "decode_key_positions", "pyramid_drop",
     "filler_positions", "fixed_image_positions", "greedy_decode", "image_attention", "image_positions",
     "kept_token_mask", "keys_masked_out", "last_token_positions", "mask_fillers", "mask_to_positions",
     "padded_image_positions", "prefill_shared", "sample_keys", "shared_greedy_answers", "slice_mask",

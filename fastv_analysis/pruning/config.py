@@ -40,6 +40,42 @@ class Stage:
     params: Mapping = field(default_factory=dict)
 
 
+PDROP_LAYERS = (8, 16, 24)
+PDROP_LAMBDA = 0.5
+"""PyramidDrop's defaults for LLaVA-1.5-7B (Cooperx521/PyramidDrop@6444f30, README and
+scripts/v1_5/pdrop_eval: ``--layer_list '[8,16,24]' --image_token_ratio_list
+"[0.5,0.25,0.125]"``): from layer 8, 16, 24 on keep 50 %, 25 %, 12.5 % of the N image tokens
+(``int(N * ratio)``), each cut ranking what the previous kept by the last instruction token's
+head-mean attention. One difference: the authors rank a cut at layer K with layer K's own
+q/k projections applied to layer K-1's output; a :class:`Stage` ranks with layer K-1's attention."""
+
+SCHEDULE_PRESETS = {"pdrop": PDROP_LAYERS}
+"""Named schedules ``eval --then`` accepts: the stages after the first cut."""
+
+
+def pyramid_drop(n_image: int, layers: Sequence[int] = PDROP_LAYERS, lam: float = PDROP_LAMBDA,
+                 method: str = "avg_all_heads") -> dict:
+    """FastVConfig keywords of PyramidDrop for ``n_image`` tokens: the first cut at ``layers[0]``
+    keeping ``int(n_image * lam)``, then one :class:`Stage` per later layer keeping
+    ``int(n_image * lam ** (i + 1))``; ``apply_fastv(model, **pyramid_drop(576))``."""
+    if not layers or list(layers) != sorted(set(layers)) or layers[0] < 1:
+        raise ValueError(f"PyramidDrop layers must be increasing and >= 1, got {list(layers)!r}")
+    if not 0.0 < float(lam) <= 1.0:
+        raise ValueError(f"PyramidDrop lambda must be in (0, 1], got {lam!r}")
+    keeps = [int(n_image * float(lam) ** (i + 1)) for i in range(len(layers))]
+    return {"agg_layer": int(layers[0]), "keep": keeps[0], "method": method,
+            "stages": tuple(Stage(int(k), kp, method) for k, kp in zip(layers[1:], keeps[1:]))}
+
+
+def preset_stages(name: str, lam: float = PDROP_LAMBDA) -> list[tuple[int, float, str]]:
+    """``eval --then NAME``: the preset's stages after the first cut as ``(K, fraction of the
+    previous cut, method)``; pdrop: ``[(16, 0.5, ...), (24, 0.5, ...)]``, after a first cut at
+    K = 8 keeping half (select ``--agg-layers 8 --keep-ratio 0.5``)."""
+    if name not in SCHEDULE_PRESETS:
+        raise ValueError(f"unknown schedule preset {name!r}: expected one of {', '.join(SCHEDULE_PRESETS)}")
+    return [(int(k), float(lam), "avg_all_heads") for k in SCHEDULE_PRESETS[name][1:]]
+
+
 @dataclass
 class FastVConfig:
     """FastV settings; fields can be changed between forwards (``m.fastv.keep = 64``).

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .config import FastVConfig
-from .online import Ranker, needs_hidden
+from .online import Ranker, needs_embeddings, needs_hidden
 from .prompt import Prompt, new_prompt
 from .rewrite import Memo, rewrite_decoder_input, rewrite_layer
 
@@ -117,12 +117,16 @@ class FastVHooks:
         """Decoder layer ``layer``'s call: keep the residual stream at K-1 when the strategy
         reads it; from K on, rewrite the call under the prompt's cut."""
         prompt = self.prompt
-        if self.phase == "prefill" and layer == prompt.agg_layer - 1 and prompt.kept_mask is None and \
-                needs_hidden(self.config):
+        deciding = self.phase == "prefill" and prompt.kept_mask is None
+        if deciding and layer == prompt.agg_layer - 1 and needs_hidden(self.config):
             prompt.hidden_in = self.adapter.layer_call(args, kwargs).hidden_states
+        if deciding and layer == 0 and needs_embeddings(self.config):
+            prompt.embeds_in = self.adapter.layer_call(args, kwargs).hidden_states
         if self.phase is None or layer < prompt.agg_layer:
             return None
         call = self.adapter.layer_call(args, kwargs)
+        if deciding and layer == prompt.agg_layer and prompt.pending is not None:
+            self.ranker().finish_cut(prompt, call.hidden_states)
         if self.phase == "prefill" and prompt.cache is None and call.cache is not None:
             prompt.cache = weakref.ref(call.cache)
         new = rewrite_layer(self.adapter, prompt, self.phase, layer, call, self.memo)

@@ -26,6 +26,11 @@ def needs_hidden(config: FastVConfig) -> bool:
     return any(n in probes.NEEDS_HIDDEN for n in strategies.required_inputs(config.method, **dict(config.params)))
 
 
+def needs_embeddings(config: FastVConfig) -> bool:
+    """Whether the configured strategy reads the residual stream entering layer 0."""
+    return any(n in probes.NEEDS_EMBEDDINGS for n in strategies.required_inputs(config.method, **dict(config.params)))
+
+
 def stack(parts: list) -> strategies.Selection:
     """One Selection from per-element ones of different N (scores zero-padded; kept sets
     of different sizes, newlines kept by policy, padded by repeating their first index)."""
@@ -124,13 +129,26 @@ class Ranker:
             image_rows = image_rows * valid[:, None, :]
         prompt.image_rows = image_rows
         needs = strategies.required_inputs(self.config.method, **dict(self.config.params))
+        if any(n in probes.NEEDS_OUTPUT for n in needs):  # decided when layer K begins: finish_cut
+            prompt.pending = (module, adapter.attention_call(args, kwargs), needs)
+            return
+        self._cut(prompt, module, adapter.attention_call(args, kwargs), needs)
+
+    def _cut(self, prompt: Prompt, module, call, needs, hidden_out: torch.Tensor | None = None) -> None:
         inputs = None
         if needs:
-            inputs = probes.layer_inputs(adapter, module, adapter.attention_call(args, kwargs), prompt.hidden_in,
-                                         prompt.image_pos, prompt.n_image, prompt.query_pos, prompt.attention_mask,
-                                         needs)
-        prompt.selection = self.select(prompt, image_rows, inputs)
+            inputs = probes.layer_inputs(self.adapter, module, call, prompt.hidden_in, prompt.image_pos,
+                                         prompt.n_image, prompt.query_pos, prompt.attention_mask, needs,
+                                         embeds=prompt.embeds_in, hidden_out=hidden_out)
+        prompt.selection = self.select(prompt, prompt.image_rows, inputs)
         prompt.choose(prompt.selection.indices.to(prompt.image_pos.device))
+
+    @torch.no_grad()
+    def finish_cut(self, prompt: Prompt, hidden_out: torch.Tensor) -> None:
+        """Layer K's call: the first cut of a strategy that reads layer K-1's output (DART)."""
+        module, call, needs = prompt.pending
+        prompt.pending = None
+        self._cut(prompt, module, call, needs, hidden_out)
 
     @torch.no_grad()
     def later_cut(self, prompt: Prompt, c: int, module, args, kwargs) -> None:

@@ -73,6 +73,8 @@ class Prompt:
     stages: tuple = ()  # the schedule's later Stages
     later: list = field(default_factory=list)  # their Cuts, decided during the prefill
     hidden_in: torch.Tensor | None = None  # residual stream entering layer K-1 (when a strategy needs it)
+    embeds_in: torch.Tensor | None = None  # residual stream entering layer 0 (when a strategy needs it)
+    pending: tuple | None = None  # layer K-1's attention call, kept until layer K when a strategy reads its output
 
     @property
     def ragged(self) -> bool:
