@@ -344,10 +344,10 @@ def test_cv_rule_on_noise_with_copies_is_not_significant_more_than_nominally(cop
     # item, and a paired test counting 4 copies as 4 samples came out p < 0.05 in 44-46 % of
     # noise-only runs (41.5 % in the simulation). Folds by unit and the permutation
     # p (statistics shuffled between units, the whole cross-validation re-run): at most 8 %
-    # of 100 runs, with 4 copies per item and with 1.
+    # of 200 runs, with 4 copies per item and with 1.
     rng = np.random.default_rng(7)
     p = []
-    for _ in range(100):
+    for _ in range(200):
         pred, feat = _noise_run(rng, 120 // copies, copies)
         summary, _ = adaptive.choice_rule_cv(pred, feat, None, seed=int(rng.integers(1 << 30)), n_permutations=49)
         p.append(summary["p_permutation"][0])
