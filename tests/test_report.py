@@ -675,3 +675,12 @@ def test_relations_and_overlap_stay_readable_with_16_configurations(tmp_path):
     gap = min(np.diff(x)) * np.sin(np.radians(labels[0].get_rotation()))  # between parallel rotated lines
     assert len(labels) == 14 and gap >= 1.4 * font  # a line of text and some air between neighbours
     plt.close(fig)
+
+
+def test_config_colors_never_share_the_fallback_between_methods():
+    # dart and divprune (and any method the palette does not name yet) drew in the same grey
+    from matplotlib.colors import to_rgb
+
+    colors = report.config_colors(["random", "dart", "divprune", "new_method_a", "new_method_b"])
+    assert len(set(colors.values())) == 5
+    assert all(colors[m] != to_rgb("0.4") for m in ("new_method_a", "new_method_b"))

@@ -11,7 +11,10 @@ from ..strategies import METHODS as METHOD_ORDER
 PALETTE = {"avg_all_heads": "#1f77b4", "max_head": "#d62728", "weighted_combination": "#2ca02c",
            "random": "#7f7f7f", "uniform": "#9467bd", "full": "black",
            "dynamic_alpha": "#ff7f0e", "no_rope": "#8c564b", "sink_excluded": "#e377c2", "diverse": "#17becf",
-           "hybrid_uniform": "#bcbd22"}
+           "hybrid_uniform": "#bcbd22", "divprune": "#ffbf00", "dart": "#393b79"}
+EXTRA_HUES = ("#637939", "#ad494a", "#7b4173", "#3182bd", "#e6550d", "#31a354", "#756bb1", "#636363")
+"""Hues for methods PALETTE does not name (a newly registered strategy), in the order the
+figure first meets them, so no two share the fallback grey."""
 
 
 def set_style():
@@ -64,8 +67,9 @@ def config_colors(configs) -> dict[str, tuple]:
         return tuple(np.clip(base + (1 - base) * -t if t < 0 else base * (1 - t), 0, 1))
 
     out = {}
+    extra = iter(EXTRA_HUES * (1 + len(groups) // len(EXTRA_HUES)))
     for method, members in groups.items():
-        base = np.array(to_rgb(PALETTE.get(method, "0.4")))
+        base = np.array(to_rgb(PALETTE[method] if method in PALETTE else next(extra)))
         plain = sorted(c for c in members if "@" not in c and " then " not in c)
         variants = sorted(c for c in members if c not in plain)
         steps = np.linspace(-0.5, 0.4, len(plain)) if len(plain) > 1 else [0.0]
