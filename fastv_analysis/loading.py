@@ -83,7 +83,8 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto") -> Loaded:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
-        model = cls.from_pretrained(name, dtype=dt, attn_implementation="sdpa")
+        # hub kernels off (transformers 5.25 turns them on by default): see Adapter.check_kernels
+        model = cls.from_pretrained(name, dtype=dt, attn_implementation="sdpa", use_kernels=False)
         try:
             processor = AutoProcessor.from_pretrained(name)
         except (OSError, ImportError) as err:

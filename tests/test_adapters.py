@@ -413,3 +413,46 @@ def test_a_family_module_is_all_loading_and_the_report_need(monkeypatch):
         assert base_tile(layout, "MadeUpForConditionalGeneration") == 2 and base_tile(layout, "Unknown") == 0
     finally:
         adapters.registry.cache_clear()
+
+
+def test_hub_kernels_are_off_and_a_kernelized_model_is_refused(family, monkeypatch):
+    """transformers 5.25 loads with hub kernels on by default; load_model loads without them, and
+    apply_fastv / the recorder refuse a kernelized model in one line (the hooks and the row
+    recompute are checked on the PyTorch layers only)."""
+    arch, loaded = family
+    assert not loaded.model.use_kernels
+    monkeypatch.setattr(loaded.model, "_use_kernels", True, raising=False)
+    for install in (lambda: apply_fastv(loaded.model, agg_layer=1, keep=2),
+                    lambda: AttentionRecorder(loaded.model, [1])):
+        with pytest.raises(ValueError, match=f"{arch}: the model was loaded with hub kernels") as err:
+            install()
+        assert "\n" not in str(err.value) and "use_kernels=False" in str(err.value)
+
+
+def test_family_hooks_are_installed_with_fastvs_and_see_the_kept_positions(family, monkeypatch):
+    """An adapter's family_hooks are installed and removed with FastV's; sequence_positions(layer)
+    is None before K and in mask mode, the kept positions from K on in drop mode."""
+    arch, loaded = family
+    model = loaded.model
+    inputs = _batch(loaded, arch)
+    seen = []
+
+    own = type(get_adapter(model)).family_hooks  # the family's own (Qwen3-VL: DeepStack) stay on
+
+    def family_hooks(self, fastv):
+        return own(self, fastv) + [self.layers[i].register_forward_pre_hook(
+            lambda mod, args, i=i: seen.append((i, fastv.sequence_positions(i)))) for i in range(self.num_layers)]
+
+    monkeypatch.setattr(type(get_adapter(model)), "family_hooks", family_hooks)
+    for mode in ("drop", "mask"):
+        seen.clear()
+        with torch.no_grad(), apply_fastv(model, agg_layer=1, keep=3, mode=mode) as m:
+            m(**inputs)
+            kept = m.prompt.kept_positions
+        assert [i for i, _ in seen] == list(range(len(model.model.language_model.layers)))
+        assert all(p is None for i, p in seen if i < 1 or mode == "mask")
+        assert all(torch.equal(p, kept) for i, p in seen if i >= 1 and mode == "drop")
+    seen.clear()
+    with torch.no_grad():
+        model(**inputs)
+    assert seen == []

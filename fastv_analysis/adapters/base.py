@@ -150,8 +150,22 @@ class Adapter(CacheCalls):
         config = self.model.config
         return int(getattr(getattr(config, "text_config", config), "max_position_embeddings", 1 << 30))
 
+    def check_kernels(self) -> None:
+        """One-line ValueError for a model kernelized with hub kernels (transformers 5.25 loads
+        with ``use_kernels=True`` by default; :func:`~fastv_analysis.loading.load_model` passes
+        False). ``kernelize`` swaps RMSNorm / rotary / activation forwards for hub kernels on
+        GPUs (and again on ``.eval()`` after a move), so the attention the model runs is no
+        longer the Python ``apply_rotary_pos_emb`` the row recompute uses, and offline machines
+        cannot fetch them: the hooks are checked on the PyTorch forwards only."""
+        if getattr(self.model, "use_kernels", False):
+            raise ValueError(f"{self.architecture}: the model was loaded with hub kernels (use_kernels=True, "
+                             "transformers 5.25's default); FastV's hooks and attention rows are checked on the "
+                             "PyTorch layers only: load it with use_kernels=False or call model.reset_kernels()")
+
     def check_attention_implementation(self) -> None:
-        """One-line ValueError unless the text decoder runs a supported implementation."""
+        """One-line ValueError unless the text decoder runs a supported implementation (and no
+        hub kernels: :meth:`check_kernels`)."""
+        self.check_kernels()
         impl = self.attention_implementation()
         if impl not in ATTENTION_IMPLEMENTATIONS:
             raise ValueError(f"{self.architecture}: the text decoder runs attn_implementation={impl!r}; FastV's hooks "
@@ -249,6 +263,13 @@ class Adapter(CacheCalls):
     def attention_rows(self, module: nn.Module, call: AttentionCall, query_positions: torch.Tensor,
                        rope: bool = True) -> torch.Tensor:
         return self.rows(self, module, call, query_positions, rope=rope)
+
+    def family_hooks(self, fastv) -> list:
+        """Handles of hooks a family adds beside FastV's own, installed and removed with them:
+        for inputs the text decoder threads past its layers (Qwen3-VL's DeepStack). ``fastv``
+        tells the running phase (``fastv.phase``) and, per layer, which prompt positions the
+        layer runs on (``fastv.sequence_positions(layer)``). None here."""
+        return []
 
     def token_layouts(self, inputs: dict, n_image: list[int]) -> list:
         """One :class:`~fastv_analysis.layout.TokenLayout` per batch element, from the model's
