@@ -72,6 +72,19 @@ def _transformers_version() -> str:
     return transformers.__version__
 
 
+def check_kernels(model: nn.Module, architecture: str) -> None:
+    """One-line ValueError for a model kernelized with hub kernels (transformers 5.25 loads
+    with ``use_kernels=True`` by default; :func:`~fastv_analysis.loading.load_model` passes
+    False). ``kernelize`` swaps RMSNorm / rotary / activation forwards for hub kernels on
+    GPUs (and again on ``.eval()`` after a move), so the attention the model runs is no
+    longer the Python ``apply_rotary_pos_emb`` the row recompute uses, and offline machines
+    cannot fetch them: the hooks are checked on the PyTorch forwards only."""
+    if getattr(model, "use_kernels", False):
+        raise ValueError(f"{architecture}: the model was loaded with hub kernels (use_kernels=True, transformers "
+                         "5.25's default); FastV's hooks and attention rows are checked on the PyTorch layers "
+                         "only: load it with use_kernels=False or call model.reset_kernels()")
+
+
 @dataclass(frozen=True)
 class Adapter(CacheCalls):
     """One loaded model as the hooks see it (no state of its own).
@@ -150,22 +163,10 @@ class Adapter(CacheCalls):
         config = self.model.config
         return int(getattr(getattr(config, "text_config", config), "max_position_embeddings", 1 << 30))
 
-    def check_kernels(self) -> None:
-        """One-line ValueError for a model kernelized with hub kernels (transformers 5.25 loads
-        with ``use_kernels=True`` by default; :func:`~fastv_analysis.loading.load_model` passes
-        False). ``kernelize`` swaps RMSNorm / rotary / activation forwards for hub kernels on
-        GPUs (and again on ``.eval()`` after a move), so the attention the model runs is no
-        longer the Python ``apply_rotary_pos_emb`` the row recompute uses, and offline machines
-        cannot fetch them: the hooks are checked on the PyTorch forwards only."""
-        if getattr(self.model, "use_kernels", False):
-            raise ValueError(f"{self.architecture}: the model was loaded with hub kernels (use_kernels=True, "
-                             "transformers 5.25's default); FastV's hooks and attention rows are checked on the "
-                             "PyTorch layers only: load it with use_kernels=False or call model.reset_kernels()")
-
     def check_attention_implementation(self) -> None:
         """One-line ValueError unless the text decoder runs a supported implementation (and no
-        hub kernels: :meth:`check_kernels`)."""
-        self.check_kernels()
+        hub kernels: :func:`check_kernels`)."""
+        check_kernels(self.model, self.architecture)
         impl = self.attention_implementation()
         if impl not in ATTENTION_IMPLEMENTATIONS:
             raise ValueError(f"{self.architecture}: the text decoder runs attn_implementation={impl!r}; FastV's hooks "
