@@ -1,7 +1,7 @@
 """Loading a model and its processor through the normal transformers path, and prompts.
 
 The embedded toy checkpoint, a local folder and a hub id all go through ``AutoProcessor``
-and the checkpoint's own class (one of :data:`fastv_analysis.adapters.SUPPORTED`); nothing
+and the checkpoint's own class (one of :func:`fastv_analysis.adapters.registry`); nothing
 is model-specific beyond what :mod:`fastv_analysis.adapters` knows.
 """
 
@@ -60,7 +60,7 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto") -> Loaded:
     from transformers import AutoConfig, AutoProcessor
     from transformers import logging as hf_logging
 
-    from .adapters import SUPPORTED
+    from .adapters import registry
 
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
@@ -73,9 +73,9 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto") -> Loaded:
         raise ValueError(f"cannot load model {name!r}: not a local directory, and the hub says: "
                          f"{str(err).splitlines()[0]}") from None
     archs = config.architectures or []
-    arch = next((a for a in archs if a in SUPPORTED), None)
+    arch = next((a for a in archs if a in registry()), None)
     if arch is None:
-        raise ValueError(f"model {name!r} is {archs or config.model_type}: supported are {', '.join(SUPPORTED)}")
+        raise ValueError(f"model {name!r} is {archs or config.model_type}: supported are {', '.join(registry())}")
     import transformers
 
     cls = getattr(transformers, arch)
@@ -83,7 +83,8 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto") -> Loaded:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
-        model = cls.from_pretrained(name, dtype=dt, attn_implementation="sdpa")
+        # hub kernels off (transformers 5.25 turns them on by default): see Adapter.check_kernels
+        model = cls.from_pretrained(name, dtype=dt, attn_implementation="sdpa", use_kernels=False)
         try:
             processor = AutoProcessor.from_pretrained(name)
         except (OSError, ImportError) as err:

@@ -10,31 +10,34 @@ import pytest
 import torch
 from PIL import Image
 
-from fastv_analysis.adapters import SUPPORTED, get_adapter
+from fastv_analysis.adapters import get_adapter, registry
 from fastv_analysis.attention import AttentionRecorder
 from fastv_analysis.loading import build_prompt, load_model
 from fastv_analysis.pruning import FastVConfig, apply_fastv, padded_image_positions, shared_greedy_answers
-from fastv_analysis.toy.families import TINY_CHECKPOINTS
 
-SIZES = {  # two image sizes per family that give different numbers of image tokens
-    "LlavaForConditionalGeneration": None,  # fixed 336 x 336: every image gives 576 tokens
-    "LlavaNextForConditionalGeneration": [(56, 56), (200, 90)],
-    "LlavaOnevisionForConditionalGeneration": [(56, 56), (200, 90)],
-    "Qwen2VLForConditionalGeneration": [(56, 56), (196, 112)],
-    "Qwen2_5_VLForConditionalGeneration": [(56, 56), (196, 112)],
-    "InternVLForConditionalGeneration": None,  # tiny one: max_patches=1, every image one 112 px tile = 16 tokens
-}
+SUPPORTED = tuple(registry())  # every family's facts (tiny checkpoint, sizes, uniform lattice) come from its module
+
+
+def sizes(arch):
+    """The family's two contract image sizes (two 336 px images where every image gives the same N)."""
+    return list(registry()[arch].contract.sizes or [(336, 336), (336, 336)])
+
+
 QUESTIONS = ["what color is the object?", "is there a red square in the picture or not?"]
 
 
-def test_every_supported_class_has_a_tiny_checkpoint_and_a_contract_row():
-    assert set(TINY_CHECKPOINTS) == set(SUPPORTED) == set(SIZES)
+def test_every_family_declares_its_facts():
+    """Each registered class: a tiny checkpoint recipe, two contract images and their uniform lattice."""
+    for arch, family in registry().items():
+        assert family.name == arch and callable(family.tiny) and family.grid_extent in ("crop", "image")
+        assert len(family.contract.uniform_keep_2) == 2
+        assert family.contract.sizes is None or len(set(family.contract.sizes)) == 2
 
 
 @pytest.fixture(scope="module", params=SUPPORTED)
 def family(request, tmp_path_factory):
     arch = request.param
-    path = TINY_CHECKPOINTS[arch](tmp_path_factory.mktemp(arch) / "m", seed=1)
+    path = registry()[arch].tiny(tmp_path_factory.mktemp(arch) / "m", seed=1)
     loaded = load_model(str(path), device="cpu", dtype="float32")
     assert type(loaded.model).__name__ == arch
     return arch, loaded
@@ -46,19 +49,18 @@ def _image(size, seed):
 
 
 def _batch(loaded, arch, same_size=False):
-    sizes = SIZES[arch] or [(336, 336), (336, 336)]
+    two = sizes(arch)
     if same_size:
-        sizes = [sizes[0], sizes[0]]
+        two = [two[0], two[0]]
     proc = loaded.processor
     prompts = [build_prompt(proc, q) for q in QUESTIONS]
-    return dict(proc(text=prompts, images=[_image(s, i) for i, s in enumerate(sizes)], return_tensors="pt",
+    return dict(proc(text=prompts, images=[_image(s, i) for i, s in enumerate(two)], return_tensors="pt",
                      padding=True))
 
 
 def _one(inputs, b, loaded, arch, same_size=False):
     """Element b of the batch, processed alone (no padding)."""
-    sizes = SIZES[arch] or [(336, 336), (336, 336)]
-    size = sizes[0] if same_size else sizes[b]
+    size = sizes(arch)[0 if same_size else b]
     proc = loaded.processor
     return dict(proc(text=[build_prompt(proc, QUESTIONS[b])], images=[_image(size, b)], return_tensors="pt"))
 
@@ -72,7 +74,7 @@ def test_batch_is_left_padded_with_different_image_token_counts(family):
     inputs = _batch(loaded, arch)
     n = _n_image(loaded.model, inputs)
     assert (inputs["attention_mask"][:, 0] == 0).any()  # left padding
-    if SIZES[arch] is not None:
+    if registry()[arch].contract.sizes is not None:
         assert n[0] != n[1]
 
 
@@ -168,7 +170,7 @@ def test_question_placeholder_becomes_the_processors_own(family):
 MIXED = [(56, 56), (120, 80), (80, 120), (56, 56), (200, 90)]
 
 
-@pytest.mark.parametrize("arch", [a for a in SUPPORTED if SIZES[a] is not None])
+@pytest.mark.parametrize("arch", [a for a, f in registry().items() if f.contract.sizes is not None])
 def test_cli_run_with_mixed_image_sizes(arch, tmp_path):
     """capture -> select -> eval -> report on a question file whose images give different
     numbers of image tokens, with the family's own prompt format."""
@@ -178,7 +180,7 @@ def test_cli_run_with_mixed_image_sizes(arch, tmp_path):
 
     from fastv_analysis.cli.main import main
 
-    model = TINY_CHECKPOINTS[arch](tmp_path / "m", seed=1)
+    model = registry()[arch].tiny(tmp_path / "m", seed=1)
     data = tmp_path / "d"
     (data / "images").mkdir(parents=True)
     lines = []
@@ -195,13 +197,13 @@ def test_cli_run_with_mixed_image_sizes(arch, tmp_path):
     for row in samples.iter_rows(named=True):  # each sample's own grid, tiles and newlines explicit
         cells = np.asarray(row["token_cells"])
         assert len(cells) == row["n_image_tokens"] and (cells >= 0).sum() == row["grid_rows"] * row["grid_cols"]
-    if arch.startswith("Qwen"):  # smart_resize: 28 px per merged token, round(h / 28) x round(w / 28)
-        assert samples.sort("sample_id").select("grid_rows", "grid_cols").rows() == [
-            (2, 2), (3, 4), (4, 3), (2, 2), (3, 7)]
-    else:  # anyres: one newline token per row of the high-resolution grid; landscape is wider
-        assert all((np.asarray(c) == -2).sum() == r for c, r in samples.select("token_cells", "grid_rows").rows())
-        wide = samples.filter(pl.col("image_width") == 200).row(0, named=True)
-        assert wide["grid_cols"] > wide["grid_rows"]
+    grids = registry()[arch].contract.mixed_grids  # e.g. Qwen's smart_resize: round(h / 28) x round(w / 28)
+    if grids is not None:
+        assert samples.sort("sample_id").select("grid_rows", "grid_cols").rows() == list(grids)
+    newlines = [int((np.asarray(c) == -2).sum()) for c in samples["token_cells"]]
+    assert newlines == [0] * 5 or newlines == samples["grid_rows"].to_list()  # anyres: one newline per grid row
+    wide = samples.filter(pl.col("image_width") == 200).row(0, named=True)  # landscape is wider
+    assert wide["grid_cols"] > wide["grid_rows"]
     assert main(["select", str(run), "--keep", "4,2", "--alphas", "0.5", "--quiet"]) == 0
     sel = pl.read_parquet(run / "select" / "selections.parquet")
     uniform = sel.filter(pl.col("method") == "uniform")
@@ -216,23 +218,6 @@ def test_cli_run_with_mixed_image_sizes(arch, tmp_path):
     assert (run / "report.html").exists()
 
 
-UNIFORM_KEEP_2 = {  # hand-computed lattice (fastv_analysis.layout.lattice_cells) on each image's own grid
-    # 24 x 24: r = ceil(sqrt(2)) = 2, c = 1 -> rows 6, 18, col 12 -> 6 * 24 + 12, 18 * 24 + 12
-    "LlavaForConditionalGeneration": [[156, 444], [156, 444]],
-    # 16 base-tile tokens, then rows of the high-res grid each ended by a newline (token = 16 + cell + row)
-    # 4 x 4 grid: rows 1, 3, col 2 -> cells 6, 14 -> tokens 23, 33; 4 x 8 grid: r = 1, c = 2 ->
-    # row 2, cols 2, 6 -> cells 18, 22 -> tokens 36, 40
-    "LlavaNextForConditionalGeneration": [[23, 33], [36, 40]],
-    "LlavaOnevisionForConditionalGeneration": [[23, 33], [36, 40]],
-    # 2 x 2 grid: r = 2, c = 1 -> rows 0, 1, col 1 -> 1, 3; 4 x 7 grid: r = 2, c = 1 -> rows 1, 3, col 3 -> 10, 24
-    "Qwen2VLForConditionalGeneration": [[1, 3], [10, 24]],
-    "Qwen2_5_VLForConditionalGeneration": [[1, 3], [10, 24]],
-    # one tile, no thumbnail: all 16 tokens on a 4 x 4 grid: r = ceil(sqrt(2)) = 2, c = 1 -> rows 1, 3, col 2
-    # -> cells (= tokens) 1 * 4 + 2 = 6, 3 * 4 + 2 = 14
-    "InternVLForConditionalGeneration": [[6, 14], [6, 14]],
-}
-
-
 @pytest.mark.parametrize("agg_layer", [0, 1])
 def test_uniform_control_is_a_lattice_on_each_images_own_grid(family, agg_layer):
     arch, loaded = family
@@ -240,7 +225,7 @@ def test_uniform_control_is_a_lattice_on_each_images_own_grid(family, agg_layer)
     with torch.no_grad(), apply_fastv(loaded.model, agg_layer=agg_layer, keep=2, method="uniform") as m:
         m(**inputs)
         kept = m.last_selection_metadata["kept_indices"]
-    assert kept.tolist() == UNIFORM_KEEP_2[arch]
+    assert kept.tolist() == [list(k) for k in registry()[arch].contract.uniform_keep_2]
 
 
 @pytest.mark.parametrize("arch", ["LlavaNextForConditionalGeneration", "LlavaOnevisionForConditionalGeneration"])
@@ -254,7 +239,7 @@ def test_newline_policy_keep_keeps_every_image_newline_outside_the_budget(arch, 
 
     from fastv_analysis.cli.main import main
 
-    model_dir = TINY_CHECKPOINTS[arch](tmp_path / "m", seed=1)
+    model_dir = registry()[arch].tiny(tmp_path / "m", seed=1)
     loaded = load_model(str(model_dir), device="cpu", dtype="float32")
     model = loaded.model
     inputs = _batch(loaded, arch)
@@ -322,13 +307,16 @@ def test_own_decode_loop_without_position_ids_drop_equals_mask(family, cache_kwa
     import warnings
 
     arch, loaded = family
+    own = get_adapter(loaded.model).cache_kwarg  # "cache" from 5.24 on, "past_key_values" in 5.23
+    if cache_kwarg != own and cache_kwarg != "past_key_values":
+        pytest.skip(f"this transformers names the cache {own!r} only")
     alone = _one(_batch(loaded, arch), 1, loaded, arch)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # past_key_values is deprecated in 5.24
         out = {mode: _own_decode_loop(loaded.model, alone, mode, cache_kwarg, agg_layer=agg_layer)
                for mode in ("drop", "mask")}
     assert (out["drop"] - out["mask"]).abs().max() <= 1e-4
-    assert torch.equal(out["drop"], _own_decode_loop(loaded.model, alone, "drop", "cache", agg_layer=agg_layer))
+    assert torch.equal(out["drop"], _own_decode_loop(loaded.model, alone, "drop", own, agg_layer=agg_layer))
 
 
 @pytest.mark.parametrize("impl", ["flash_attention_2", "flex_attention"])
@@ -361,17 +349,18 @@ def test_qwen_own_decode_loop_with_a_mask_answers_as_generate(family):
     from transformers import DynamicCache
 
     arch, loaded = family
-    if not arch.startswith("Qwen"):
+    if get_adapter(loaded.model).default_position_ids(1, 1, "cpu").dim() != 3:
         pytest.skip("M-RoPE families only (a Llama decoder counts from the cache, ignoring the mask)")
     inputs = _batch(loaded, arch)
+    own = {get_adapter(loaded.model).cache_kwarg: None}  # this transformers' name for the cache
     with torch.no_grad(), apply_fastv(loaded.model, agg_layer=0, keep=3, sample_ids=[0, 1]) as m:
         expected = m.generate(**inputs, max_new_tokens=5, do_sample=False)[:, inputs["input_ids"].shape[1]:]
-        cache = DynamicCache(config=loaded.model.config.get_text_config())
-        out, mask, tokens = m(**inputs, use_cache=True, cache=cache), inputs["attention_mask"], []
+        own = dict.fromkeys(own, DynamicCache(config=loaded.model.config.get_text_config()))
+        out, mask, tokens = m(**inputs, use_cache=True, **own), inputs["attention_mask"], []
         for _ in range(5):
             tokens.append(out.logits[:, -1].argmax(-1, keepdim=True))
             mask = torch.cat([mask, torch.ones_like(tokens[-1])], dim=1)
-            out = m(input_ids=tokens[-1], attention_mask=mask, use_cache=True, cache=cache)
+            out = m(input_ids=tokens[-1], attention_mask=mask, use_cache=True, **own)
     assert torch.equal(torch.cat(tokens, dim=1), expected)
 
 
@@ -400,3 +389,74 @@ def test_cache_and_cached_calls_go_through_the_adapter(family):
                                                 attention_mask=mask.expand(n, -1), position_ids=ids)
     assert step[3].shape[0] == 3 and adapter.cache_length(caches[1]) == seq_len + 1
     assert torch.allclose(step[3], step[1].expand(3, -1), atol=1e-5)
+
+
+def test_a_family_module_is_all_loading_and_the_report_need(monkeypatch):
+    """A module listed in adapters.MODULES that declares FAMILIES is supported everywhere:
+    get_adapter builds it, load_model's class check and the report's geometry read it."""
+    import sys
+    import types
+
+    from fastv_analysis import adapters
+    from fastv_analysis.adapters import Contract, Family
+    from fastv_analysis.report.grids import base_tile, grid_extent
+    from fastv_analysis.layout import TokenLayout
+
+    module = types.ModuleType("fastv_analysis.adapters.made_up")
+    module.FAMILIES = (Family("MadeUpForConditionalGeneration", lambda model: ("built", model), lambda *a, **k: None,
+                              Contract(None, ((0,), (0,))), grid_extent="image", base_tile=True),)
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setattr(adapters, "MODULES", (*adapters.MODULES, "made_up"))
+    adapters.registry.cache_clear()
+    try:
+        made_up = type("MadeUpForConditionalGeneration", (torch.nn.Module,), {})()
+        assert get_adapter(made_up) == ("built", made_up)
+        assert adapters.SUPPORTED[-1] == "MadeUpForConditionalGeneration"
+        assert grid_extent("MadeUpForConditionalGeneration") == "image" and grid_extent("Unknown") == "crop"
+        layout = TokenLayout.anyres(4, 2, 2)
+        assert base_tile(layout, "MadeUpForConditionalGeneration") == 2 and base_tile(layout, "Unknown") == 0
+    finally:
+        adapters.registry.cache_clear()
+
+
+def test_hub_kernels_are_off_and_a_kernelized_model_is_refused(family, monkeypatch):
+    """transformers 5.25 loads with hub kernels on by default; load_model loads without them, and
+    apply_fastv / the recorder refuse a kernelized model in one line (the hooks and the row
+    recompute are checked on the PyTorch layers only)."""
+    arch, loaded = family
+    assert not loaded.model.use_kernels
+    monkeypatch.setattr(loaded.model, "_use_kernels", True, raising=False)
+    for install in (lambda: apply_fastv(loaded.model, agg_layer=1, keep=2),
+                    lambda: AttentionRecorder(loaded.model, [1])):
+        with pytest.raises(ValueError, match=f"{arch}: the model was loaded with hub kernels") as err:
+            install()
+        assert "\n" not in str(err.value) and "use_kernels=False" in str(err.value)
+
+
+def test_family_hooks_are_installed_with_fastvs_and_see_the_kept_positions(family, monkeypatch):
+    """An adapter's family_hooks are installed and removed with FastV's; sequence_positions(layer)
+    is None before K and in mask mode, the kept positions from K on in drop mode."""
+    arch, loaded = family
+    model = loaded.model
+    inputs = _batch(loaded, arch)
+    seen = []
+
+    own = type(get_adapter(model)).family_hooks  # the family's own (Qwen3-VL: DeepStack) stay on
+
+    def family_hooks(self, fastv):
+        return own(self, fastv) + [self.layers[i].register_forward_pre_hook(
+            lambda mod, args, i=i: seen.append((i, fastv.sequence_positions(i)))) for i in range(self.num_layers)]
+
+    monkeypatch.setattr(type(get_adapter(model)), "family_hooks", family_hooks)
+    for mode in ("drop", "mask"):
+        seen.clear()
+        with torch.no_grad(), apply_fastv(model, agg_layer=1, keep=3, mode=mode) as m:
+            m(**inputs)
+            kept = m.prompt.kept_positions
+        assert [i for i, _ in seen] == list(range(len(model.model.language_model.layers)))
+        assert all(p is None for i, p in seen if i < 1 or mode == "mask")
+        assert all(torch.equal(p, kept) for i, p in seen if i >= 1 and mode == "drop")
+    seen.clear()
+    with torch.no_grad():
+        model(**inputs)
+    assert seen == []

@@ -14,7 +14,7 @@ from PIL import Image
 from fastv_analysis import report
 from fastv_analysis.cli.main import main
 from fastv_analysis.select import ratio_keep, resolve_keeps
-from fastv_analysis.toy.families import TINY_CHECKPOINTS
+from fastv_analysis.adapters import registry
 
 
 def test_ratio_keep_rounds_half_up_in_decimal():
@@ -69,7 +69,7 @@ SIZES = [(56, 56), (120, 80), (196, 112), (56, 56)]  # Qwen2-VL: 4, 12, 28, 4 im
 
 
 def test_keep_ratio_is_each_samples_own_n_through_select_and_eval(tmp_path, capsys):
-    model = TINY_CHECKPOINTS["Qwen2VLForConditionalGeneration"](tmp_path / "m", seed=1)
+    model = registry()["Qwen2VLForConditionalGeneration"].tiny(tmp_path / "m", seed=1)
     data = tmp_path / "d"
     (data / "images").mkdir(parents=True)
     rng = np.random.default_rng(0)

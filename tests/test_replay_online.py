@@ -18,7 +18,7 @@ from fastv_analysis.cli.main import main
 from fastv_analysis.loading import build_prompt, load_model
 from fastv_analysis.pruning import apply_fastv
 from fastv_analysis.strategies import ALL_METHODS, QUERIES
-from fastv_analysis.toy.families import TINY_CHECKPOINTS
+from fastv_analysis.adapters import registry
 
 ARCHS = ["LlavaForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"]
 SIZES = [(56, 56), (196, 112), (120, 80)]
@@ -28,7 +28,7 @@ SIZES = [(56, 56), (196, 112), (120, 80)]
 def replayed(request, tmp_path_factory):
     arch = request.param
     root = tmp_path_factory.mktemp(arch)
-    model = TINY_CHECKPOINTS[arch](root / "m", seed=2)
+    model = registry()[arch].tiny(root / "m", seed=2)
     (root / "d" / "images").mkdir(parents=True)
     rng = np.random.default_rng(3)
     lines = []

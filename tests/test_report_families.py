@@ -1,6 +1,6 @@
 """The report for every supported family: each section draws on the sample's own grid (an
 anyres base tile beside the high-resolution grid, Qwen's per-image grid) or says in one line
-why it cannot. One tiny checkpoint per family (fastv_analysis/toy/families.py), three images
+why it cannot. One tiny checkpoint per family (its adapter module's ``Family.tiny``), three images
 of different sizes, one keep, K = 2 captured."""
 
 import json
@@ -11,10 +11,9 @@ import numpy as np
 import pytest
 
 from fastv_analysis import report
-from fastv_analysis.adapters import SUPPORTED
+from fastv_analysis.adapters import registry
 from fastv_analysis.layout import TokenLayout
-from fastv_analysis.toy.families import TINY_CHECKPOINTS
-from test_adapters import SIZES, _image
+from test_adapters import SUPPORTED, _image, sizes
 
 SPATIAL = ("sample_attention", "keep_frequency", "examples")
 
@@ -22,12 +21,11 @@ SPATIAL = ("sample_attention", "keep_frequency", "examples")
 def _family_run(arch, root):
     from fastv_analysis.cli.main import main
 
-    model = TINY_CHECKPOINTS[arch](root / "m", seed=1)
+    model = registry()[arch].tiny(root / "m", seed=1)
     data = root / "d"
     (data / "images").mkdir(parents=True)
-    sizes = (SIZES[arch] or [(336, 336), (336, 336)]) + [(120, 80)]
     lines = []
-    for i, size in enumerate(sizes):
+    for i, size in enumerate(sizes(arch) + [(120, 80)]):
         _image(size, i).save(data / "images" / f"{i}.png")
         lines.append(json.dumps({"question_id": f"q{i}", "image": f"images/{i}.png", "text": "<image>\nwhat color?",
                                  "answer": "red", "category": "color"}))

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..positions import take_positions
 from .cache import CacheCalls
+from .readouts import Readouts
 
 
 @dataclass(frozen=True)
@@ -72,8 +73,21 @@ def _transformers_version() -> str:
     return transformers.__version__
 
 
+def check_kernels(model: nn.Module, architecture: str) -> None:
+    """One-line ValueError for a model kernelized with hub kernels (transformers 5.25 loads
+    with ``use_kernels=True`` by default; :func:`~fastv_analysis.loading.load_model` passes
+    False). ``kernelize`` swaps RMSNorm / rotary / activation forwards for hub kernels on
+    GPUs (and again on ``.eval()`` after a move), so the attention the model runs is no
+    longer the Python ``apply_rotary_pos_emb`` the row recompute uses, and offline machines
+    cannot fetch them: the hooks are checked on the PyTorch forwards only."""
+    if getattr(model, "use_kernels", False):
+        raise ValueError(f"{architecture}: the model was loaded with hub kernels (use_kernels=True, transformers "
+                         "5.25's default); FastV's hooks and attention rows are checked on the PyTorch layers "
+                         "only: load it with use_kernels=False or call model.reset_kernels()")
+
+
 @dataclass(frozen=True)
-class Adapter(CacheCalls):
+class Adapter(CacheCalls, Readouts):
     """One loaded model as the hooks see it (no state of its own).
 
     layers:          the decoder layers, in order (hooks go on these).
@@ -151,7 +165,9 @@ class Adapter(CacheCalls):
         return int(getattr(getattr(config, "text_config", config), "max_position_embeddings", 1 << 30))
 
     def check_attention_implementation(self) -> None:
-        """One-line ValueError unless the text decoder runs a supported implementation."""
+        """One-line ValueError unless the text decoder runs a supported implementation (and no
+        hub kernels: :func:`check_kernels`)."""
+        check_kernels(self.model, self.architecture)
         impl = self.attention_implementation()
         if impl not in ATTENTION_IMPLEMENTATIONS:
             raise ValueError(f"{self.architecture}: the text decoder runs attn_implementation={impl!r}; FastV's hooks "
@@ -250,18 +266,12 @@ class Adapter(CacheCalls):
                        rope: bool = True) -> torch.Tensor:
         return self.rows(self, module, call, query_positions, rope=rope)
 
-    def attention_keys(self, module: nn.Module, call: AttentionCall) -> torch.Tensor:
-        """``[B, S, H_kv * d]`` the keys of one attention call after the model's RoPE, heads
-        concatenated (DART's pivots rank tokens by their L1 norm)."""
-        batch, seq_len, _ = call.hidden_states.shape
-        k = module.k_proj(call.hidden_states).view(batch, seq_len, -1, self.head_dim).transpose(1, 2)
-        cos, sin = call.position_embeddings
-        _, k = self.apply_rotary(k, k, cos, sin)
-        return k.transpose(1, 2).reshape(batch, seq_len, -1)
-
-    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The decoder's final norm applied to ``hidden`` (DART's similarity space)."""
-        return self.language_model.norm(hidden)
+    def family_hooks(self, fastv) -> list:
+        """Handles of hooks a family adds beside FastV's own, installed and removed with them:
+        for inputs the text decoder threads past its layers (Qwen3-VL's DeepStack). ``fastv``
+        tells the running phase (``fastv.phase``) and, per layer, which prompt positions the
+        layer runs on (``fastv.sequence_positions(layer)``). None here."""
+        return []
 
     def token_layouts(self, inputs: dict, n_image: list[int]) -> list:
         """One :class:`~fastv_analysis.layout.TokenLayout` per batch element, from the model's

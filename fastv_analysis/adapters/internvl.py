@@ -24,6 +24,7 @@ import numpy as np
 from torch import nn
 
 from .base import Adapter
+from .family import Contract, Family, lazy
 from .llava import decoder_fields
 
 
@@ -65,3 +66,12 @@ class InternVLAdapter(Adapter):
 def build(model: nn.Module) -> Adapter:
     return InternVLAdapter(image_token_id=model.config.image_token_id, vision_tower=model.model.vision_tower,
                            **decoder_fields(model, model.model.language_model))
+
+
+FAMILIES = (
+    Family("InternVLForConditionalGeneration", build, lazy("fastv_analysis.toy.families", "save_tiny_internvl_checkpoint"),
+           # tiny one: max_patches=1, every image one 112 px tile = 16 tokens on a 4 x 4 grid: r = ceil(sqrt(2))
+           # = 2, c = 1 -> rows 1, 3, col 2 -> cells (= tokens) 1 * 4 + 2 = 6, 3 * 4 + 2 = 14
+           Contract(sizes=None, uniform_keep_2=((6, 14), (6, 14))),
+           note="tiles + thumbnail, one placeholder id per token; laid out on the thumbnail"),
+)

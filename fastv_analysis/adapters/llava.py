@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .base import Adapter
+from .family import Contract, Family, lazy
 from .rows import llama_attention_rows
 
 
@@ -97,3 +98,22 @@ def build(model: nn.Module) -> Adapter:
     cls = AnyresAdapter if hasattr(model.model, "pack_image_features") else Adapter
     return cls(image_token_id=image_token_id, vision_tower=model.model.vision_tower,
                **decoder_fields(model, model.model.language_model))
+
+
+_TOY = "fastv_analysis.toy.families"
+_ANYRES = Contract(sizes=((56, 56), (200, 90)),
+                   # 16 base-tile tokens, then rows of the high-res grid each ended by a newline (token = 16 + cell
+                   # + row). 4 x 4 grid: rows 1, 3, col 2 -> cells 6, 14 -> tokens 23, 33; 4 x 8 grid: r = 1,
+                   # c = 2 -> row 2, cols 2, 6 -> cells 18, 22 -> tokens 36, 40
+                   uniform_keep_2=((23, 33), (36, 40)))
+FAMILIES = (
+    Family("LlavaForConditionalGeneration", build, lazy(_TOY, "save_tiny_llava_checkpoint"),
+           # fixed 336 x 336: every image gives 576 tokens. 24 x 24: r = ceil(sqrt(2)) = 2, c = 1 -> rows 6,
+           # 18, col 12 -> 6 * 24 + 12, 18 * 24 + 12
+           Contract(sizes=None, uniform_keep_2=((156, 444), (156, 444))), grid_extent="crop",
+           note="CLIP center crop, 24 x 24 = 576 tokens, one span"),
+    Family("LlavaNextForConditionalGeneration", build, lazy(_TOY, "save_tiny_llava_next_checkpoint"), _ANYRES,
+           base_tile=True, note="anyres: base tile + unpadded grid, one image_newline token per row (policy flag)"),
+    Family("LlavaOnevisionForConditionalGeneration", build, lazy(_TOY, "save_tiny_llava_onevision_checkpoint"),
+           _ANYRES, base_tile=True, note="as LLaVA-NeXT, anyres_max_9 down-sampling, Qwen2 decoder"),
+)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .base import Adapter
+from .family import Contract, Family, lazy
 from .llava import decoder_fields
 
 
@@ -81,3 +82,16 @@ class QwenVLAdapter(Adapter):
 def build(model: nn.Module) -> Adapter:
     return QwenVLAdapter(image_token_id=model.config.image_token_id, vision_tower=model.model.visual,
                          **decoder_fields(model, model.model.language_model))
+
+
+# smart_resize: 28 px per merged token. 2 x 2 grid: r = 2, c = 1 -> rows 0, 1, col 1 -> 1, 3; 4 x 7 grid:
+# r = 2, c = 1 -> rows 1, 3, col 3 -> 10, 24. The CLI run's sizes: round(h / 28) x round(w / 28).
+CONTRACT = Contract(sizes=((56, 56), (196, 112)), uniform_keep_2=((1, 3), (10, 24)),
+                    mixed_grids=((2, 2), (3, 4), (4, 3), (2, 2), (3, 7)))
+FAMILIES = (
+    Family("Qwen2VLForConditionalGeneration", build, lazy("fastv_analysis.toy.families", "save_tiny_qwen2_vl_checkpoint"),
+           CONTRACT, note="M-RoPE (3-row position ids, gathered at kept tokens), dynamic resolution"),
+    Family("Qwen2_5_VLForConditionalGeneration", build,
+           lazy("fastv_analysis.toy.families", "save_tiny_qwen2_5_vl_checkpoint"), CONTRACT,
+           note="as Qwen2-VL, windowed vision tower"),
+)

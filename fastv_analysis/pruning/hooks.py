@@ -60,6 +60,7 @@ class FastVHooks:
                 handles.append(_pre_hook(layer, partial(self.on_layer, i)))
                 handles.append(adapter.attention(i).register_forward_hook(partial(self.on_attention, i),
                                                                           with_kwargs=True))
+            handles.extend(adapter.family_hooks(self))
             yield self
         finally:
             for handle in handles:
@@ -68,6 +69,16 @@ class FastVHooks:
             self.memo.clear()
             if _ACTIVE.get(self.model) is self:
                 del _ACTIVE[self.model]
+
+    def sequence_positions(self, layer: int) -> torch.Tensor | None:
+        """In a prefill, the original prompt positions ``[B, M]`` of the sequence decoder layer
+        ``layer`` runs on (drop mode from K on: the governing cut's kept positions, fillers
+        included); None where it runs on the whole prompt, or outside a prefill. For a
+        family's own hooks (:meth:`~fastv_analysis.adapters.base.Adapter.family_hooks`)."""
+        prompt = self.prompt
+        if self.phase != "prefill" or prompt.mode != "drop" or layer < prompt.agg_layer:
+            return None
+        return prompt.governing(layer).kept_positions
 
     def ranker(self) -> Ranker:
         return Ranker(self.config, self.adapter, self.pixels)

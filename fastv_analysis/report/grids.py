@@ -42,11 +42,12 @@ def token_layouts(samples: pl.DataFrame | None, selections: pl.DataFrame | None 
 
 def base_tile(layout, architecture: str) -> int:
     """Side of the anyres base tile: the square block of off-grid tokens before the grid
-    (:data:`~fastv_analysis.adapters.BASE_TILE` architectures only; 0 where there is none)."""
-    from ..adapters import BASE_TILE
+    (families declaring ``base_tile`` only; 0 where there is none)."""
+    from ..adapters import registry
     from ..layout import OFF_GRID
 
-    if architecture not in BASE_TILE:
+    family = registry().get(architecture)
+    if family is None or not family.base_tile:
         return 0
     lead = int(np.argmax(layout.cells != OFF_GRID)) if (layout.cells != OFF_GRID).any() else layout.n_tokens
     side = math.isqrt(lead)
@@ -54,10 +55,12 @@ def base_tile(layout, architecture: str) -> int:
 
 
 def grid_extent(architecture: str) -> str:
-    """``crop`` or ``image``: what the spatial grid spans (:data:`~fastv_analysis.adapters.GRID_EXTENT`)."""
-    from ..adapters import GRID_EXTENT
+    """``crop`` or ``image``: what the spatial grid spans (the family's ``grid_extent``; ``crop``,
+    the geometry's fallback, for an architecture no family declares)."""
+    from ..adapters import registry
 
-    return GRID_EXTENT.get(architecture, "crop")
+    family = registry().get(architecture)
+    return family.grid_extent if family else "crop"
 
 
 def cell_boxes(cells, rows: int, cols: int, width: int, height: int, geometry, extent: str) -> np.ndarray:

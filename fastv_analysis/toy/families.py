@@ -15,7 +15,6 @@ image-only one when the video processor cannot be imported.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 from .checkpoint import CHAT_TEMPLATE, IMAGE_TOKEN, PATCH_SIZE, TINY_TEXT, TINY_VISION, build_tokenizer, \
@@ -197,12 +196,11 @@ def save_tiny_internvl_checkpoint(out_dir: str | Path, seed: int = 0, tile: int 
     return save_checkpoint(model, out_dir, processor)
 
 
-TINY_CHECKPOINTS: dict[str, Callable[..., Path]] = {
-    "LlavaForConditionalGeneration": save_tiny_llava_checkpoint,
-    "LlavaNextForConditionalGeneration": save_tiny_llava_next_checkpoint,
-    "LlavaOnevisionForConditionalGeneration": save_tiny_llava_onevision_checkpoint,
-    "Qwen2VLForConditionalGeneration": save_tiny_qwen2_vl_checkpoint,
-    "Qwen2_5_VLForConditionalGeneration": save_tiny_qwen2_5_vl_checkpoint,
-    "InternVLForConditionalGeneration": save_tiny_internvl_checkpoint,
-}
-"""Architecture -> ``fn(out_dir, seed=0) -> path``: one tiny checkpoint per supported class."""
+def __getattr__(name: str):
+    """``TINY_CHECKPOINTS``: architecture -> ``fn(out_dir, seed=0) -> path``, read off the adapter
+    registry (each family declares its own tiny checkpoint: ``Family.tiny``)."""
+    if name == "TINY_CHECKPOINTS":
+        from ..adapters import registry
+
+        return {arch: family.tiny for arch, family in registry().items()}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
