@@ -421,11 +421,16 @@ def test_a_family_module_is_all_loading_and_the_report_need(monkeypatch):
 
 def test_hub_kernels_are_off_and_a_kernelized_model_is_refused(family, monkeypatch):
     """transformers 5.25 loads with hub kernels on by default; load_model loads without them, and
-    apply_fastv / the recorder refuse a kernelized model in one line (the hooks and the row
-    recompute are checked on the PyTorch layers only)."""
+    apply_fastv / the recorder refuse in one line a model kernelized on a device where kernels
+    replace layers (the hooks and the row recompute are checked on the PyTorch layers only);
+    on the CPU, where no kernel maps, such a model is accepted."""
+    from fastv_analysis.adapters import base
+
     arch, loaded = family
     assert not loaded.model.use_kernels
     monkeypatch.setattr(loaded.model, "_use_kernels", True, raising=False)
+    apply_fastv(loaded.model, agg_layer=1, keep=2).remove()  # CPU: every layer is still PyTorch's
+    monkeypatch.setattr(base, "_device_type", lambda model: "cuda")
     for install in (lambda: apply_fastv(loaded.model, agg_layer=1, keep=2),
                     lambda: AttentionRecorder(loaded.model, [1])):
         with pytest.raises(ValueError, match=f"{arch}: the model was loaded with hub kernels") as err:

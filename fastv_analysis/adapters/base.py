@@ -73,14 +73,21 @@ def _transformers_version() -> str:
     return transformers.__version__
 
 
+def _device_type(model: nn.Module) -> str:
+    return next(model.parameters()).device.type
+
+
 def check_kernels(model: nn.Module, architecture: str) -> None:
-    """One-line ValueError for a model kernelized with hub kernels (transformers 5.25 loads
-    with ``use_kernels=True`` by default; :func:`~fastv_analysis.loading.load_model` passes
-    False). ``kernelize`` swaps RMSNorm / rotary / activation forwards for hub kernels on
-    GPUs (and again on ``.eval()`` after a move), so the attention the model runs is no
-    longer the Python ``apply_rotary_pos_emb`` the row recompute uses, and offline machines
-    cannot fetch them: the hooks are checked on the PyTorch forwards only."""
-    if getattr(model, "use_kernels", False):
+    """One-line ValueError for a model kernelized with hub kernels on a device where they
+    replace layers (transformers 5.25 loads with ``use_kernels=True`` by default;
+    :func:`~fastv_analysis.loading.load_model` passes False). ``kernelize`` swaps RMSNorm /
+    rotary / activation forwards for hub kernels on CUDA, ROCm and XPU (and again on
+    ``.eval()`` after a move), so the attention the model runs is no longer the Python
+    ``apply_rotary_pos_emb`` the row recompute uses: the hooks are checked on the PyTorch
+    forwards only. On the CPU the kernel mapping has no entry, so every layer keeps
+    transformers' own forward (checked on 5.25 + kernels 0.19.1) and such a model is
+    accepted as it is."""
+    if getattr(model, "use_kernels", False) and _device_type(model) != "cpu":
         raise ValueError(f"{architecture}: the model was loaded with hub kernels (use_kernels=True, transformers "
                          "5.25's default); FastV's hooks and attention rows are checked on the PyTorch layers "
                          "only: load it with use_kernels=False or call model.reset_kernels()")
