@@ -221,3 +221,22 @@ def assert_same_tables(eval_a, eval_b) -> list[str]:
 
     assert table_differences(eval_a, eval_b, stages=("",)) == []
     return sorted(table_names(eval_a))
+
+
+def write_sized_questions(folder, sizes, name="questions.jsonl"):
+    """A question file whose images (random pixels, seeded by position) have the given
+    ``(width, height)`` sizes: one "what color?" question per image, its path returned."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    (folder / "images").mkdir(parents=True)
+    lines = []
+    for i, (w, h) in enumerate(sizes):
+        pixels = (np.random.default_rng(i).random((h, w, 3)) * 255).astype("uint8")
+        Image.fromarray(pixels).save(folder / "images" / f"{i}.png")
+        lines.append(json.dumps({"question_id": f"q{i}", "image": f"images/{i}.png", "text": "<image>\nwhat color?",
+                                 "answer": "red", "category": "color"}))
+    (folder / name).write_text("\n".join(lines) + "\n")
+    return folder / name

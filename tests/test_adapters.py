@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import write_sized_questions
 from fastv_analysis.adapters import get_adapter, registry
 from fastv_analysis.attention import AttentionRecorder
 from fastv_analysis.loading import build_prompt, load_model
@@ -174,21 +175,13 @@ MIXED = [(56, 56), (120, 80), (80, 120), (56, 56), (200, 90)]
 def test_cli_run_with_mixed_image_sizes(arch, tmp_path):
     """capture -> select -> eval -> report on a question file whose images give different
     numbers of image tokens, with the family's own prompt format."""
-    import json
-
     import polars as pl
 
     from fastv_analysis.cli.main import main
 
     model = registry()[arch].tiny(tmp_path / "m", seed=1)
     data = tmp_path / "d"
-    (data / "images").mkdir(parents=True)
-    lines = []
-    for i, size in enumerate(MIXED):
-        _image(size, i).save(data / "images" / f"{i}.png")
-        lines.append(json.dumps({"question_id": f"q{i}", "image": f"images/{i}.png", "text": "<image>\nwhat color?",
-                                 "answer": "red", "category": "color"}))
-    (data / "questions.jsonl").write_text("\n".join(lines) + "\n")
+    write_sized_questions(data, MIXED)
     run = tmp_path / "run"
     assert main(["capture", "--model", str(model), "--data", str(data / "questions.jsonl"), "--out", str(run),
                  "--agg-layers", "0,2", "--max-new-tokens", "2", "--batch-size", "2", "--quiet"]) == 0

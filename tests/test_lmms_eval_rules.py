@@ -31,19 +31,9 @@ from fastv_analysis.tasks import get_task, read_answers
 from fastv_analysis.tasks.lmms_eval_rules import (RULES, extract_letter, infer_option, leave_one_out, parse_mme,
                                                   prediction, with_rules)
 
+from test_tasks import write_json, write_jsonl  # noqa: E402  (the same fixture writers)
+
 SHORT = "\nAnswer the question using a single word or phrase."
-
-
-def write_json(path: Path, obj) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj), encoding="utf-8")
-    return path
-
-
-def write_jsonl(path: Path, rows) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
 
 
 # ----------------------------------------------------------------------------------------

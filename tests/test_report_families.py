@@ -3,7 +3,6 @@ anyres base tile beside the high-resolution grid, Qwen's per-image grid) or says
 why it cannot. One tiny checkpoint per family (its adapter module's ``Family.tiny``), three images
 of different sizes, one keep, K = 2 captured."""
 
-import json
 import re
 
 import nbformat
@@ -13,7 +12,8 @@ import pytest
 from fastv_analysis import report
 from fastv_analysis.adapters import registry
 from fastv_analysis.layout import TokenLayout
-from test_adapters import SUPPORTED, _image, sizes
+from conftest import write_sized_questions
+from test_adapters import SUPPORTED, sizes
 
 SPATIAL = ("sample_attention", "keep_frequency", "examples")
 
@@ -23,13 +23,7 @@ def _family_run(arch, root):
 
     model = registry()[arch].tiny(root / "m", seed=1)
     data = root / "d"
-    (data / "images").mkdir(parents=True)
-    lines = []
-    for i, size in enumerate(sizes(arch) + [(120, 80)]):
-        _image(size, i).save(data / "images" / f"{i}.png")
-        lines.append(json.dumps({"question_id": f"q{i}", "image": f"images/{i}.png", "text": "<image>\nwhat color?",
-                                 "answer": "red", "category": "color"}))
-    (data / "q.jsonl").write_text("\n".join(lines) + "\n")
+    write_sized_questions(data, sizes(arch) + [(120, 80)], "q.jsonl")
     run = root / "run"
     assert main(["capture", "--model", str(model), "--data", str(data / "q.jsonl"), "--out", str(run),
                  "--agg-layers", "0,2", "--max-new-tokens", "2", "--quiet"]) == 0
