@@ -55,7 +55,7 @@ def _batch(loaded, arch, same_size=False):
         two = [two[0], two[0]]
     proc = loaded.processor
     prompts = [build_prompt(proc, q) for q in QUESTIONS]
-    return dict(proc(text=prompts, images=[_image(s, i) for i, s in enumerate(two)], return_tensors="pt",
+    return dict(proc(text=prompts, images=[[_image(s, i)] for i, s in enumerate(two)], return_tensors="pt",
                      padding=True))
 
 
