@@ -116,45 +116,55 @@ IDEFICS3_CHAT_TEMPLATE = (
 )
 
 
-def save_tiny_checkpoint(out_dir: str | Path, seed: int = 0, tile: int = 56, longest_edge: int = 224) -> Path:
-    """``Idefics3ForConditionalGeneration``: a 1-layer SigLIP-style tower on ``tile`` px tiles
-    (patch 14, pixel shuffle 2: 2 x 2 tokens a tile), images resized to ``longest_edge`` and
-    split into up to 4 x 4 tiles + the global image, a 3-layer Llama decoder (GQA), Idefics3's
-    chat format."""
+def save_tiny(out_dir: str | Path, seed: int = 0, prefix: str = "Idefics3", tile: int = 56,
+              longest_edge: int = 224) -> Path:
+    """A tiny ``{prefix}ForConditionalGeneration`` (Idefics3 or SmolVLM, whose classes mirror
+    Idefics3's): a 1-layer SigLIP-style tower on ``tile`` px tiles (patch 14, pixel shuffle 2:
+    2 x 2 tokens a tile), images resized to a longest edge of ``longest_edge`` px and split into
+    up to 4 x 4 tiles + the global image, a 3-layer Llama decoder (GQA), the family's chat format.
+    SmolVLM's processor is built image-only (its video processor needs torchvision)."""
+    import importlib
+
     import transformers
-    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 
     from ..toy.checkpoint import PATCH_SIZE, TINY_VISION, build_tokenizer, save_checkpoint
-    from ..toy.families import _randomise, _text_sizes
+    from ..toy.families import _randomise, _text_sizes, image_only
 
-    tok = build_tokenizer("<image>", IDEFICS3_TOKENS)
-    tok.chat_template = IDEFICS3_CHAT_TEMPLATE
+    smol = prefix == "SmolVLM"
+    template = ("<|im_start|>" if smol else "") + IDEFICS3_CHAT_TEMPLATE
+    tok = build_tokenizer("<image>", IDEFICS3_TOKENS + (("<|im_start|>", "<video>") if smol else ()))
+    tok.chat_template = template
     side = tile // PATCH_SIZE // 2
-    image_processor = Idefics3ImageProcessorPil(size={"longest_edge": longest_edge},
-                                                max_image_size={"longest_edge": tile}, do_image_splitting=True)
-    processor = transformers.Idefics3Processor(image_processor=image_processor, tokenizer=tok,
-                                               image_seq_len=side * side, chat_template=IDEFICS3_CHAT_TEMPLATE)
+    pil = importlib.import_module(f"transformers.models.{prefix.lower()}.image_processing_pil_{prefix.lower()}")
+    image_processor = getattr(pil, f"{prefix}ImageProcessorPil")(
+        size={"longest_edge": longest_edge}, max_image_size={"longest_edge": tile}, do_image_splitting=True)
+    processor_cls = getattr(transformers, f"{prefix}Processor")
+    processor = (image_only(processor_cls) if smol else processor_cls)(
+        image_processor=image_processor, tokenizer=tok, image_seq_len=side * side, chat_template=template)
     text = transformers.LlamaConfig(max_position_embeddings=2048, **_text_sizes(tok))
-    vision = transformers.Idefics3VisionConfig(image_size=tile, patch_size=PATCH_SIZE, **TINY_VISION)
-    config = transformers.Idefics3Config(vision_config=vision, text_config=text, scale_factor=2,
-                                         image_token_id=tok.convert_tokens_to_ids("<image>"),
-                                         pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+    vision = getattr(transformers, f"{prefix}VisionConfig")(image_size=tile, patch_size=PATCH_SIZE, **TINY_VISION)
+    config = getattr(transformers, f"{prefix}Config")(vision_config=vision, text_config=text, scale_factor=2,
+                                                      image_token_id=tok.convert_tokens_to_ids("<image>"),
+                                                      pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
     torch.manual_seed(seed)
-    model = transformers.Idefics3ForConditionalGeneration(config).eval()
+    model = getattr(transformers, f"{prefix}ForConditionalGeneration")(config).eval()
     _randomise(model, seed)
     return save_checkpoint(model, out_dir, processor)
 
 
+CONTRACT = Contract(
+    # tiles of 56 px, 2 x 2 tokens each; longest edge resized to 224 (4 tiles), the short side to a multiple
+    # of 56: 56 x 56 -> 4 x 4 tiles (an 8 x 8 grid, 17 spans, 68 tokens); 200 x 90 -> 224 x 100 -> 2 x 4 tiles
+    # (4 x 8 grid, 36 tokens). Lattice at keep 2: 8 x 8: r = 2, c = 1 -> cells (2, 4), (6, 4) = tiles (1, 2),
+    # (3, 2), their token (0, 0) -> tokens 4 * (1 * 4 + 2) = 24, 4 * (3 * 4 + 2) = 56; 4 x 8: r = 1, c = 2 ->
+    # cells (2, 2), (2, 6) = tiles (1, 1), (1, 3) -> tokens 4 * 5 = 20, 4 * 7 = 28.
+    # The CLI run's five: 120 x 80 -> 224 x 150 -> 3 x 4 tiles; 80 x 120 -> 4 x 3; 200 x 90 -> 2 x 4.
+    sizes=((56, 56), (200, 90)), uniform_keep_2=((24, 56), (20, 28)),
+    mixed_grids=((8, 8), (6, 8), (8, 6), (8, 8), (4, 8)))
+"""The contract facts of the tiny Idefics3 / SmolVLM checkpoints (:func:`save_tiny`)."""
+
 FAMILIES = (
-    Family("Idefics3ForConditionalGeneration", build, save_tiny_checkpoint,
-           # tiles of 56 px, 2 x 2 tokens each; longest edge resized to 224 (4 tiles), the short side to a
-           # multiple of 56: 56 x 56 -> 4 x 4 tiles (an 8 x 8 grid, 17 spans, 68 tokens); 200 x 90 -> 224 x 100
-           # -> 2 x 4 tiles (4 x 8 grid, 36 tokens). Lattice at keep 2: 8 x 8: r = 2, c = 1 -> cells (2, 4),
-           # (6, 4) = tile (1, 2) / (3, 2), its token (0, 0) -> tokens 4 * (1 * 4 + 2) = 24, 4 * (3 * 4 + 2) = 56;
-           # 4 x 8: r = 1, c = 2 -> cells (2, 2), (2, 6) = tiles (1, 1), (1, 3) -> tokens 4 * 5 = 20, 4 * 7 = 28.
-           # The CLI run's five: 120 x 80 -> 224 x 150 -> 3 x 4 tiles; 80 x 120 -> 4 x 3; 200 x 90 -> 2 x 4.
-           Contract(sizes=((56, 56), (200, 90)), uniform_keep_2=((24, 56), (20, 28)),
-                    mixed_grids=((8, 8), (6, 8), (8, 6), (8, 8), (4, 8))),
+    Family("Idefics3ForConditionalGeneration", build, save_tiny, CONTRACT,
            note="tiles + global image as separate spans (text tokens between them stay), pixel shuffle; "
                 "laid out on the tiles' grid, the global image off it"),
 )
