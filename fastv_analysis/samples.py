@@ -95,7 +95,8 @@ def model_inputs(loaded, batch: list[Prepared]) -> dict:
     if len(batch) == 1:
         inputs = batch[0].inputs
     else:
-        inputs = loaded.processor(text=[p.prompt for p in batch], images=[p.image for p in batch],
+        # one list of images per prompt: SmolVLM's processor reads a flat list as one prompt's images
+        inputs = loaded.processor(text=[p.prompt for p in batch], images=[[p.image] for p in batch],
                                   return_tensors="pt", padding=True)
     inputs = {k: v.to(loaded.device) for k, v in inputs.items()}
     inputs["pixel_values"] = inputs["pixel_values"].to(loaded.dtype)

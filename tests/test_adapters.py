@@ -55,7 +55,7 @@ def _batch(loaded, arch, same_size=False):
         two = [two[0], two[0]]
     proc = loaded.processor
     prompts = [build_prompt(proc, q) for q in QUESTIONS]
-    return dict(proc(text=prompts, images=[_image(s, i) for i, s in enumerate(two)], return_tensors="pt",
+    return dict(proc(text=prompts, images=[[_image(s, i)] for i, s in enumerate(two)], return_tensors="pt",
                      padding=True))
 
 
@@ -451,7 +451,7 @@ def test_family_hooks_are_installed_with_fastvs_and_see_the_kept_positions(famil
         with torch.no_grad(), apply_fastv(model, agg_layer=1, keep=3, mode=mode) as m:
             m(**inputs)
             kept = m.prompt.kept_positions
-        assert [i for i, _ in seen] == list(range(len(model.model.language_model.layers)))
+        assert [i for i, _ in seen] == list(range(len(get_adapter(model).layers)))
         assert all(p is None for i, p in seen if i < 1 or mode == "mask")
         assert all(torch.equal(p, kept) for i, p in seen if i >= 1 and mode == "drop")
     seen.clear()

@@ -74,3 +74,36 @@ def test_internvl_layout_puts_the_thumbnail_on_the_grid_and_the_tiles_off_it():
         thumbnail_layout(2, 8)  # 1 tile + thumbnail: the processor never makes it
     with pytest.raises(RuntimeError):
         thumbnail_layout(2, 6)  # not a whole number of tiles
+
+
+def test_idefics3_layout_reads_the_tile_rows_off_the_span_gaps():
+    """Idefics3 / SmolVLM: spans of s^2 image tokens (I = 9); two tokens (fake, row_col) between
+    tiles of a row, three (newline, fake, row_col) before a new row; the last span is the global
+    image, off the grid."""
+    import torch
+
+    from fastv_analysis.adapters.idefics3 import tiles_layout
+
+    def prompt(rows, cols, side=1):
+        ids = [1, 2]
+        for r in range(rows):
+            for c in range(cols):
+                ids += [5, 6] + [9] * side * side
+            ids += [7]
+        return torch.tensor(ids + [7, 5, 8] + [9] * side * side + [5, 3])
+
+    two_by_three = tiles_layout(prompt(2, 3), 9, 1)
+    assert (two_by_three.rows, two_by_three.cols) == (2, 3)
+    assert two_by_three.cells.tolist() == [0, 1, 2, 3, 4, 5, -1]
+    # side 2, 1 row of 2 tiles: tile 0 holds cells (0, 0), (0, 1), (1, 0), (1, 1) of a 2 x 4 grid
+    wide = tiles_layout(prompt(1, 2, side=2), 9, 2)
+    assert (wide.rows, wide.cols, wide.cells.tolist()) == (2, 4, [0, 1, 4, 5, 2, 3, 6, 7, -1, -1, -1, -1])
+    # 2 x 4: r = 1, c = 2 -> cells 5, 7 (row 1, cols 1, 3), tile 0 token 3 and tile 1 token 3
+    assert uniform_tokens(wide, 2).tolist() == [3, 7]
+    single = tiles_layout(torch.tensor([1, 5, 8, 9, 9, 9, 9, 5, 3]), 9, 2)  # no splitting: the global image only
+    assert (single.rows, single.cols, single.cells.tolist()) == (2, 2, [0, 1, 2, 3])
+    with pytest.raises(RuntimeError, match="expected 4 each"):
+        tiles_layout(torch.tensor([1, 9, 9, 9, 5, 9, 9, 9, 9]), 9, 2)
+    ragged = torch.tensor([5, 6, 9, 5, 6, 9, 7, 5, 6, 9, 7, 7, 5, 8, 9, 5])  # rows of 2 and 1 tiles
+    with pytest.raises(RuntimeError, match="do not form rows of equal length"):
+        tiles_layout(ragged, 9, 1)

@@ -48,10 +48,15 @@ def image_only(processor_cls: type) -> type:
     def __init__(self, image_processor=None, tokenizer=None, **kwargs):
         processor_cls.__init__(self, image_processor, tokenizer, None, **kwargs)
 
+    from transformers import ProcessorMixin
+
     signature = inspect.signature(processor_cls.__init__)  # its settings are saved by this signature
     __init__.__signature__ = signature.replace(
         parameters=[p for name, p in signature.parameters.items() if name != "video_processor"])
-    return type(processor_cls.__name__, (processor_cls,), {"__init__": __init__, "__module__": processor_cls.__module__})
+    # SmolVLM's own apply_chat_template reads its video processor's frame settings; without one
+    # the template renders as every other processor's does
+    return type(processor_cls.__name__, (processor_cls,), {"__init__": __init__, "__module__": processor_cls.__module__,
+                                                           "apply_chat_template": ProcessorMixin.apply_chat_template})
 
 
 def _randomise(model, seed: int, scale: float = 0.15) -> None:
