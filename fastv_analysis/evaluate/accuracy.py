@@ -1,6 +1,7 @@
-"""The accuracy table, a pure function of the predictions and timings: accuracy with its Wilson
-interval per configuration, paired tests against ``full``, ``avg_all_heads`` and ``random`` with
-Holm / BH columns, FLOPs and batch-1 timings.
+"""The accuracy table, a pure function of the predictions and timings: accuracy with its 95 %
+interval per configuration (Wilson, copies of one item counted as one unit), paired tests
+against ``full``, ``avg_all_heads`` and ``random`` (per sample and over units) with Holm / BH
+columns, FLOPs and batch-1 timings.
 """
 
 from __future__ import annotations
