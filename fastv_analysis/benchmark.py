@@ -147,7 +147,7 @@ def headline_interval(result, per_question: pl.DataFrame, n_boot: int = 200, see
     """
     from scipy import stats as sps
 
-    from .stats import cluster_wilson_interval, unit_codes
+    from .stats import cluster_residual_sum, cluster_wilson_interval, unit_codes
 
     name, value = result.headline
     per_question = per_question.sort("question_id")  # the same interval whatever the row order
@@ -159,8 +159,7 @@ def headline_interval(result, per_question: pl.DataFrame, n_boot: int = 200, see
             lo, hi = cluster_wilson_interval(scores, code)
             return 100 * lo, 100 * hi
         n_units = int(code.max()) + 1
-        resid = np.bincount(code, weights=scores - scores.mean(), minlength=n_units)
-        se = math.sqrt(n_units / max(n_units - 1, 1) * float(np.sum(resid ** 2))) / len(scores)
+        se = math.sqrt(n_units / max(n_units - 1, 1) * cluster_residual_sum(scores, code)) / len(scores)
         half = sps.t.ppf(0.975, max(n_units - 1, 1)) * se
         return 100 * (scores.mean() - half), 100 * (scores.mean() + half)
     if result.task == "pope" and name == "mean/f1":

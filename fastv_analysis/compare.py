@@ -12,11 +12,12 @@ from pathlib import Path
 
 import polars as pl
 
+from .evaluate.accuracy import TIMING_COLUMNS
+
 TIMING_FILES = ("timing.parquet", "config_timing.parquet")
 """Tables of measured seconds: never equal across runs."""
-TIMED_COLUMNS = frozenset({"prefill_ms", "prefill_ms_p25", "prefill_ms_p75", "decode_ms_per_token",
-                           "prefill_speedup_vs_full", "prefill_speedup_p25", "prefill_speedup_p75", "timing_n",
-                           "batched_prefill_ms_per_set", "batched_decode_ms_per_token", "capture_seconds"})
+TIMED_COLUMNS = frozenset({*TIMING_COLUMNS, "timing_n", "batched_prefill_ms_per_set",
+                           "batched_decode_ms_per_token", "capture_seconds"})
 """Columns of measured time: the accuracy table's, and samples.parquet's ``capture_seconds``."""
 STAGES = ("", "select", "eval")
 """Where a run keeps its tables: the capture's samples at the top, then each stage's folder."""

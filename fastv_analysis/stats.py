@@ -200,6 +200,14 @@ def unit_codes(units) -> np.ndarray:
     return rank[inverse.ravel()]
 
 
+def cluster_residual_sum(scores: np.ndarray, code: np.ndarray) -> float:
+    """``sum_u (sum_{i in u} (y_i - mean))^2``: the units' squared summed residuals, the core
+    of the cluster-robust variance of a mean (``/ n^2``; CR1 multiplies by U / (U - 1))."""
+    y = np.asarray(scores, dtype=np.float64)
+    resid = np.bincount(code, weights=y - y.mean(), minlength=int(code.max()) + 1)
+    return float(np.sum(resid ** 2))
+
+
 def cluster_wilson_interval(scores: np.ndarray, units=None, confidence: float = 0.95) -> tuple[float, float]:
     """Wilson interval of a mean of 0/1 scores whose rows come in units (copies of one item).
 
@@ -220,8 +228,7 @@ def cluster_wilson_interval(scores: np.ndarray, units=None, confidence: float = 
     code = unit_codes(units)
     n_units = int(code.max()) + 1
     p = float(y.mean())
-    resid = np.bincount(code, weights=y - p, minlength=n_units)
-    v = float(np.sum(resid ** 2)) / n ** 2
+    v = cluster_residual_sum(y, code) / n ** 2
     n_eff = min(float(n), p * (1 - p) / v) if v > 0 else float(n_units)
     z = float(sps.norm.ppf(0.5 + confidence / 2))
     centre = (p + z * z / (2 * n_eff)) / (1 + z * z / n_eff)
