@@ -123,3 +123,21 @@ def test_keep_ratio_is_each_samples_own_n_through_select_and_eval(tmp_path, caps
     jac = rel.filter(pl.col("statistic") == "jaccard_vs_avg", pl.col("config") == "random ratio 0.5")
     assert jac["n"].item() == len(SIZES)  # measured for every sample at its own count
     assert main(["report", str(run)]) == 0
+
+
+def test_the_pooled_relations_leave_out_the_reference_at_every_budget():
+    # avg_all_heads at a keep ratio is named "avg_all_heads ratio 0.5": its Jaccard with itself is
+    # 1 by construction, so it must stay out of the pooled test as the plain one does
+    import polars as pl
+
+    from fastv_analysis.evaluate import STATISTICS, relations_table
+
+    rows = []
+    for sid in range(6):
+        for config, ratio in (("avg_all_heads ratio 0.5", 0.5), ("random ratio 0.5", 0.5)):
+            rows.append({"sample_id": sid, "agg_layer": 2, "keep": None, "ratio": ratio, "method": config.split()[0],
+                         "config": config, "correct": bool((sid + len(config)) % 2),
+                         **{s: float((sid * 7 + len(config)) % 5) for s in STATISTICS}})
+    rel = relations_table(pl.DataFrame(rows, schema_overrides={"keep": pl.Int64}), n_permutations=50)
+    pooled = rel.filter(pl.col("scope") == "within_sample")
+    assert (pooled["n"] == 6).all()  # only random's six rows, one per sample

@@ -85,7 +85,7 @@ def relations_table(frame: pl.DataFrame, n_permutations: int = 2000, seed: int =
     scored = with_units(frame.filter(pl.col("method") != FULL))
     outcome = "score" if "score" in frame.columns else "correct"  # soft where the metric is soft
     per_config = _per_configuration(scored, outcome)
-    pooled = _pooled(scored.filter(pl.col("config") != REFERENCE), outcome, n_permutations, seed)
+    pooled = _pooled(scored.filter(pl.col("config") != _reference_at_budget(scored)), outcome, n_permutations, seed)
     schema = {"scope": pl.Utf8, "config": pl.Utf8, "agg_layer": pl.Int64, "keep": pl.Int64, "statistic": pl.Utf8,
               "n": pl.Int64, "n_units": pl.Int64, "n_strata": pl.Int64, "spearman_rho": pl.Float64, "r_within": pl.Float64,
               "p_value": pl.Float64, **{f"accuracy_q{i + 1}": pl.Float64 for i in range(QUANTILES)}}
