@@ -402,18 +402,24 @@ def _outcomes(g: _Group, chosen: np.ndarray) -> np.ndarray:
     return g.correct[np.arange(chosen.size), [col[c] for c in chosen]]
 
 
-def unit_permutation(units: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Row order that gives each unit the rows of another unit with as many rows (units
-    permuted within each size class, rows kept in their order): shuffles statistics
-    between items while copies of one item stay together."""
+def unit_blocks(units: np.ndarray) -> list[np.ndarray]:
+    """Rows of each unit, grouped by how many rows a unit has: one ``[units, size]`` array per
+    size (sizes ascending, units in order of first appearance, rows ascending) — computed
+    once, then every :func:`unit_permutation` is a gather."""
     codes = stats.unit_codes(units)
-    rows = [np.flatnonzero(codes == u) for u in range(int(codes.max()) + 1)]
-    order = np.arange(codes.size)
-    sizes = np.array([r.size for r in rows])
-    for size in np.unique(sizes):
-        same = np.flatnonzero(sizes == size)
-        for u, v in zip(same, same[rng.permutation(same.size)]):
-            order[rows[u]] = rows[v]
+    order = np.argsort(codes, kind="stable")
+    sizes = np.bincount(codes)
+    rows = np.split(order, np.cumsum(sizes)[:-1])
+    return [np.stack([rows[u] for u in np.flatnonzero(sizes == size)]) for size in np.unique(sizes)]
+
+
+def unit_permutation(blocks: list[np.ndarray], rng: np.random.Generator) -> np.ndarray:
+    """Row order that gives each unit the rows of another unit with as many rows (units
+    permuted within each size class of :func:`unit_blocks`, rows kept in their order):
+    shuffles statistics between items while copies of one item stay together."""
+    order = np.empty(sum(b.size for b in blocks), dtype=np.int64)
+    for block in blocks:
+        order[block] = block[rng.permutation(len(block))]
     return order
 
 
@@ -423,8 +429,8 @@ def _permutation_p(x: np.ndarray, g: _Group, folds: np.ndarray, names: Sequence[
     unit-level shuffles of the statistics (whole cross-validation re-run) that gain as much."""
     rng = np.random.default_rng([seed, g.agg_layer, 0 if g.keep is None else g.keep + 1,
                                  int(round(1e6 * (g.ratio or 0.0)))])
-    hits = 0
+    hits, blocks = 0, unit_blocks(g.units)
     for _ in range(n_permutations):
-        chosen, single = _cross_validate(x[unit_permutation(g.units, rng)], g, folds, names)
+        chosen, single = _cross_validate(x[unit_permutation(blocks, rng)], g, folds, names)
         hits += int(_outcomes(g, chosen).sum() - _outcomes(g, single).sum()) >= gain
     return (1 + hits) / (1 + n_permutations)
