@@ -68,6 +68,17 @@ INPUTS = {
 
 KINDS = ("ranking", "set", "control")
 
+WHERE = ("llm", "input", "vision")
+"""Where a strategy's criterion is read: ``llm`` at LLM layer K-1 (FastV, DART, ...),
+``input`` on the image tokens as they enter the LLM (DivPrune, CDPruner, pooling),
+``vision`` inside the vision tower (VisionZip, VisPruner). ``input`` and ``vision``
+strategies need no layer-K attention, so they also run at K = 0 (before the LLM)."""
+
+POSITIONS = ("original", "compact")
+"""Positions policy of a reduction: ``original`` (FastV's: a kept or merged token keeps the
+position of its anchor token, text after the image keeps its positions) or ``compact`` (the
+reduced sequence is re-numbered, as the pre-LLM methods' released code does)."""
+
 
 @dataclass(frozen=True)
 class Strategy:
@@ -80,6 +91,10 @@ class Strategy:
     needs:  named inputs (:data:`INPUTS`) it always reads beyond ``attention``; a
             ``query`` or ``base`` parameter may add more, see :func:`required_inputs`.
     doc:    one line: why the strategy exists.
+    where:  :data:`WHERE` its criterion is read.
+    positions: the authors' positions policy (:data:`POSITIONS`), the default of eval.
+    merges: True when its results carry a :class:`Merge` plan (kept tokens are weighted
+            means of groups), False for a pure drop.
     fn:     the pure function ``fn(ctx, keep, **params) -> _Result`` (scores, and the
             kept indices for a set or uniform). A ranking may treat ``keep`` as a depth:
             its scores need only rank the first ``keep`` tokens right (None: all N).
@@ -91,6 +106,9 @@ class Strategy:
     needs: tuple[str, ...]
     doc: str
     fn: Callable = field(compare=False, repr=False)
+    where: str = "llm"
+    positions: str = "original"
+    merges: bool = False
 
 
 STRATEGIES: dict[str, Strategy] = {}
@@ -98,10 +116,12 @@ STRATEGIES: dict[str, Strategy] = {}
 
 
 def register(name: str, kind: str, *, doc: str, params: Mapping[str, object] | None = None,
-             needs: Sequence[str] = ()):
+             needs: Sequence[str] = (), where: str = "llm", positions: str = "original", merges: bool = False):
     """Decorator adding ``fn`` to :data:`STRATEGIES` under ``name``."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    if where not in WHERE or positions not in POSITIONS:
+        raise ValueError(f"{name}: where must be one of {WHERE} and positions one of {POSITIONS}")
     unknown = [n for n in needs if n not in INPUTS]
     if unknown:
         raise ValueError(f"{name}: unknown input {unknown[0]!r}: expected one of {', '.join(INPUTS)}")
@@ -109,7 +129,8 @@ def register(name: str, kind: str, *, doc: str, params: Mapping[str, object] | N
     def add(fn: Callable) -> Callable:
         if name in STRATEGIES:
             raise ValueError(f"strategy {name!r} is already registered")
-        STRATEGIES[name] = Strategy(name, kind, MappingProxyType(dict(params or {})), tuple(needs), doc, fn)
+        STRATEGIES[name] = Strategy(name, kind, MappingProxyType(dict(params or {})), tuple(needs), doc, fn,
+                                    where, positions, merges)
         return fn
 
     return add
@@ -121,6 +142,36 @@ def strategy(name: str) -> Strategy:
         return STRATEGIES[name]
     except (KeyError, TypeError):
         raise ValueError(f"unknown method {name!r}: expected one of {', '.join(STRATEGIES)}") from None
+
+
+@dataclass(frozen=True)
+class Merge:
+    """How a merge reduction builds its ``keep`` tokens from the N image tokens.
+
+    Slot j of the reduced image span sits at the position of its anchor token
+    ``indices[..., j]`` (the Selection's kept indices, ascending) and holds
+    ``sum(weight[t] * x[t] for t with assign[t] == j)``; a token with ``assign == -1``
+    contributes to no slot (dropped). A pure drop is ``assign[indices[j]] = j``, weight 1.
+
+    assign: LongTensor ``[..., N]``, each image token's slot in ``0..keep-1`` or -1.
+    weight: float ``[..., N]``, each token's weight in its slot (0 where assign is -1).
+    """
+
+    assign: torch.Tensor
+    weight: torch.Tensor
+
+
+def merge_tokens(x: torch.Tensor, indices: torch.Tensor, merge: Merge | None) -> torch.Tensor:
+    """``[..., keep, D]`` the reduced image tokens of ``x`` ``[..., N, D]``: the kept rows
+    (``merge`` None: a drop) or each slot's weighted sum (:class:`Merge`)."""
+    if merge is None:
+        return x.gather(-2, indices[..., None].expand(*indices.shape, x.shape[-1]))
+    keep = indices.shape[-1]
+    into = merge.assign.clamp(min=0) + keep * (merge.assign < 0)  # dropped tokens go to a spare slot
+    w = (merge.weight * (merge.assign >= 0)).to(x.dtype)[..., None]
+    out = torch.zeros(*x.shape[:-2], keep + 1, x.shape[-1], dtype=x.dtype, device=x.device)
+    out.scatter_add_(-2, into[..., None].expand(*into.shape, x.shape[-1]), w * x)
+    return out[..., :keep, :]
 
 
 @dataclass(frozen=True)
@@ -138,6 +189,8 @@ class Selection:
                      strategy whose ``base`` is weighted_combination).
     sample_alpha:    ``[...]`` float64, the per-sample alpha of dynamic_alpha, else None.
     params:          the strategy's resolved parameters (defaults filled in), alpha excluded.
+    merge:           a merge strategy's :class:`Merge` plan (slots anchored at ``indices``),
+                     None for a drop.
     """
 
     indices: torch.Tensor
@@ -148,6 +201,7 @@ class Selection:
     alpha: float | None
     sample_alpha: torch.Tensor | None = None
     params: Mapping[str, object] | None = field(default=None, compare=False)
+    merge: Merge | None = None
 
     def metadata(self) -> dict:
         """The reference implementation's ``last_selection_metadata`` dict."""
@@ -382,7 +436,7 @@ def _select_many(attention, method, keeps, alpha, seed, sample_keys, inputs, par
     def selection(out: _Result, indices: torch.Tensor) -> Selection:
         return Selection(indices=indices, scores=out.scores.to(attention.device), max_head=top_head,
                          head_importance=importance, method=method, alpha=float(alpha) if uses_alpha else None,
-                         sample_alpha=out.sample_alpha, params=MappingProxyType(resolved))
+                         sample_alpha=out.sample_alpha, params=MappingProxyType(resolved), merge=out.merge)
 
     if spec.kind == "set" or method == "uniform":
         selections = {}
@@ -414,6 +468,7 @@ class _Result:
     scores: torch.Tensor
     indices: torch.Tensor | None = None  # None: top_k(rank(scores), keep)
     sample_alpha: torch.Tensor | None = None
+    merge: Merge | None = None  # a merge strategy's plan (its kind is "set": indices given)
 
 
 BASES = ATTENTION_METHODS + ("dynamic_alpha", "no_rope")
@@ -750,110 +805,7 @@ def _hybrid_uniform(ctx: _Ctx, keep: int | None, *, base: str, uniform_share: fl
 
 # ----------------------------------------------------------------------------- the field's methods
 
-
-def divprune_order(embeddings: torch.Tensor, depth: int | None = None) -> torch.Tensor:
-    """``[..., depth]`` DivPrune's max-min diversity picks (Alvar et al., CVPR'25), in pick order.
-
-    Distance = 1 - cosine of the rows (each divided by its raw L2 norm); the first pick is
-    the token whose nearest other token is farthest (the second-smallest distance of its
-    column, the smallest being itself); each later pick maximises its distance to the
-    nearest token picked so far; ties go to the lower index. Picked tokens are never picked
-    again (the authors' loop could re-pick one only once every unpicked token duplicates a
-    picked one exactly). The first ``d`` picks do not depend on ``depth``.
-    """
-    batch_shape, n = embeddings.shape[:-2], embeddings.shape[-2]
-    depth = n if depth is None else depth
-    x = embeddings.reshape(-1, n, embeddings.shape[-1]).float()
-    unit = x / x.norm(dim=-1, keepdim=True)
-    dist = 1.0 - torch.bmm(unit, unit.transpose(1, 2))  # [S, N, N]
-    count = x.shape[0]
-    order = torch.empty(count, depth, dtype=torch.long, device=x.device)
-    if depth == 0 or count == 0:
-        return order.reshape(*batch_shape, depth)
-    rows = torch.arange(count, device=x.device)
-    nearest = dist.kthvalue(2, dim=1).values if n > 1 else dist[:, 0]  # second-smallest of each column
-    pick = torch.max(nearest, dim=-1).indices  # first maximum: ties to the lower index
-    closest = torch.full((count, n), math.inf, device=x.device)
-    for p in range(depth):
-        order[:, p] = pick
-        torch.minimum(closest, dist[rows, pick], out=closest)
-        closest[rows, pick] = -math.inf  # never again
-        if p < depth - 1:
-            pick = torch.max(closest, dim=-1).indices
-    return order.reshape(*batch_shape, depth)
-
-
-@register("divprune", "ranking", needs=("embeddings",),
-          doc="DivPrune (before the LLM): max-min diversity of the LLM-input embeddings; positions: the authors' "
-              "LLaVA code renumbers (compact), here kept tokens keep theirs (original).")
-def _divprune(ctx: _Ctx, keep: int | None) -> _Result:
-    """:func:`divprune_order` of ``inputs["embeddings"]``; the greedy order is the ranking
-    (positional scores, as for diverse). The authors keep ``round(ratio * N)`` tokens; here
-    ``keep`` is given."""
-    emb = ctx.inputs["embeddings"]
-    order = divprune_order(emb, keep)
-    return _Result(_positional(order.to(ctx.attention.device), ctx.attention.dtype, emb.shape[-2]))
-
-
-def python_set_order(values: Sequence[int]) -> list[int]:
-    """The iteration order of ``set(values)`` (CPython's hash order): DART visits its pivots so."""
-    return list(set(int(v) for v in values))
-
-
-def dart_keep(dart_image: torch.Tensor, dart_text: torch.Tensor, keep: int, pivot_image: int = 4,
-              pivot_text: int = 4) -> torch.Tensor:
-    """``[..., keep]`` DART's kept image tokens (Wen et al., EMNLP'25), ascending.
-
-    Pivots: the ``pivot_image`` image tokens with the largest layer K-1 key L1 norm and the
-    first ``pivot_text`` stored text pivots. Visiting the pivots in the order of a Python
-    ``set`` of their prompt positions, each takes the tokens of the pool (image tokens not yet
-    taken, image pivots excluded) least cosine-similar to it (final-normed layer K-1
-    outputs) and removes them from the pool. Kept = image pivots + every token taken. Each
-    pivot takes ``(keep - pivot_image) // P`` (P = all pivots), the first ``r`` visited one
-    more, r the remainder: the authors' count whenever keep - pivot_image is a multiple of P
-    (LLaVA: max_num_trunction 128 -> 16 a pivot, 132 kept). keep <= pivot_image: the top
-    ``keep`` image pivots.
-    """
-    batch_shape, n = dart_image.shape[:-2], dart_image.shape[-2]
-    img = dart_image.reshape(-1, n, dart_image.shape[-1]).float()
-    txt = dart_text.reshape(-1, *dart_text.shape[-2:])[:, :pivot_text].float()
-    count, device = img.shape[0], img.device
-    n_img = min(pivot_image, keep)
-    pivots = torch.sort(img[..., 1], dim=-1, descending=True, stable=True).indices[:, :n_img]  # [S, n_img]
-    taken = torch.zeros(count, n, dtype=torch.bool, device=device)
-    taken.scatter_(1, pivots, True)
-    rest = keep - n_img
-    if rest:
-        vectors = torch.cat([img.gather(1, pivots[..., None].expand(-1, -1, img.shape[-1]))[..., 2:], txt[..., 1:]], 1)
-        positions = torch.cat([img[..., 0].gather(1, pivots), txt[..., 0]], dim=1).long().tolist()
-        visit = torch.tensor([[p.index(v) for v in python_set_order(p)] for p in positions], device=device)
-        share, extra = divmod(rest, visit.shape[1])
-        rows = torch.arange(count, device=device)
-        for slot in range(visit.shape[1]):
-            pivot = vectors[rows, visit[:, slot]]  # [S, D]
-            sim = torch.nn.functional.cosine_similarity(pivot[:, None, :], img[..., 2:], dim=-1)
-            budget = share + (slot < extra)
-            if budget:
-                least = torch.where(taken, -math.inf, -sim).topk(budget, dim=-1).indices
-                taken.scatter_(1, least, True)
-    kept = taken.nonzero()[:, 1].view(count, keep)
-    return kept.reshape(*batch_shape, keep)
-
-
-@register("dart", "set", params={"pivot_image": 4, "pivot_text": 4}, needs=("dart_image", "dart_text"),
-          doc="DART (layer K, default 2): keep tokens least duplicated with key-norm pivots, no attention needed; "
-              "positions: original, as the authors' code.")
-def _dart(ctx: _Ctx, keep: int | None, *, pivot_image: int, pivot_text: int) -> _Result:
-    """:func:`dart_keep`; scores are the image tokens' key L1 norms (what picks the pivots)."""
-    if keep is None:
-        raise ValueError("'dart' has no keep-independent score; use select")
-    img, txt = ctx.inputs["dart_image"], ctx.inputs["dart_text"]
-    if not (isinstance(pivot_image, int) and pivot_image >= 1 and isinstance(pivot_text, int) and
-            0 <= pivot_text <= txt.shape[-2]):
-        raise ValueError(f"dart: pivot_image must be >= 1 and pivot_text in 0..{txt.shape[-2]} (the stored text "
-                         f"pivots), got {pivot_image!r}, {pivot_text!r}")
-    kept = dart_keep(img, txt, keep, pivot_image, pivot_text).to(ctx.attention.device)
-    return _Result(img[..., 1].to(ctx.attention.device), indices=kept)
+from . import methods  # noqa: E402,F401  (registers DivPrune, DART, ... : one module per method)
 
 
 ALL_METHODS = tuple(STRATEGIES)

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from fastv_analysis import strategies
-from fastv_analysis.strategies import dart_keep, divprune_order, python_set_order
+from fastv_analysis.methods.dart import dart_keep, python_set_order
+from fastv_analysis.methods.divprune import divprune_order
 
 
 def divprune_fixture() -> torch.Tensor:
@@ -121,3 +122,16 @@ def test_eval_then_pdrop_passes_the_preset_stages(monkeypatch, tmp_path):
     monkeypatch.setattr(lock, "run_lock", lambda *a, **k: contextlib.nullcontext())
     main(["eval", str(tmp_path), "--then", "pdrop", "--quiet"])
     assert seen["then"] == [(16, 0.5, "avg_all_heads"), (24, 0.5, "avg_all_heads")]
+
+
+def test_merge_tokens_equals_a_hand_computed_weighted_sum_and_a_drop_is_a_gather():
+    from fastv_analysis.strategies import Merge, merge_tokens
+
+    x = torch.arange(30, dtype=torch.float32).view(2, 5, 3)
+    idx = torch.tensor([[1, 3], [0, 4]])
+    assert torch.equal(merge_tokens(x, idx, None), torch.stack([x[0, [1, 3]], x[1, [0, 4]]]))
+    plan = Merge(torch.tensor([[0, 0, -1, 1, 1], [0, -1, -1, 1, 1]]),
+                 torch.tensor([[0.5, 0.5, 0.0, 1.0, 2.0], [1.0, 0.0, 9.0, 0.25, 0.75]]))
+    want = torch.stack([torch.stack([0.5 * x[0, 0] + 0.5 * x[0, 1], x[0, 3] + 2 * x[0, 4]]),
+                        torch.stack([x[1, 0], 0.25 * x[1, 3] + 0.75 * x[1, 4]])])  # a dropped token's weight is ignored
+    assert torch.equal(merge_tokens(x, idx, plan), want)

@@ -1,0 +1,14 @@
+"""The field's token-reduction methods, one module each, registered as strategies.
+
+Each module implements one published method's criterion from its paper and its authors'
+released code (read, never copied; the repository and commit in the module docstring and
+in its fidelity test) and registers it with :func:`fastv_analysis.strategies.register`,
+stating where it prunes (``where``), the positions policy of the authors' code
+(``positions``) and, for a merge, the :class:`~fastv_analysis.strategies.Merge` plan it returns.
+Importing this package registers them all (:mod:`fastv_analysis.strategies` does).
+"""
+
+from . import divprune, dart  # noqa: F401,I001  (registration order)
+
+MODULES = ("divprune", "dart")
+"""The method modules, in registration order (after the strategies of :mod:`..strategies`)."""
