@@ -20,8 +20,16 @@ pruning ranks by, and select replays exactly what ``apply_fastv`` would do:
   final norm applied to its layer K-1 output (what DART's pivots and similarity read);
 * ``dart_text``           ``[B, T, 1 + D]``: the :data:`DART_TEXT_PIVOTS` instruction tokens
   (everything after the image) with the largest such key L1 norm, in that order: position,
-  final-normed layer K-1 output.
-The two DART inputs need layer K-1's *output*, so they are computed when layer K begins.
+  final-normed layer K-1 output;
+* ``instruction``         ``[B, D]``: the mean of the instruction tokens' (everything after the
+  image up to the last real token) L2-normalised LLM-input embeddings, so that
+  ``-(unit(embedding) @ instruction)`` is each image token's mean negative cosine to the
+  instruction tokens: CDPruner's relevance, computed in the LLM's input space;
+* ``attention_raters``    ``[B, H, N]``: layer K-1's attention rows averaged over SparseVLM's
+  text raters (:func:`sparsevlm_raters`, chosen once from the layer-0 embeddings);
+* ``hidden_out``          ``[B, N, D]``: the image tokens' residual stream entering layer K
+  (layer K-1's output), what SparseVLM's recycling clusters and merges.
+The DART inputs and ``hidden_out`` need layer K-1's *output*, so they are computed when layer K begins.
 """
 
 from __future__ import annotations
@@ -33,13 +41,14 @@ import torch
 from .positions import take_positions
 
 NAMES = ("attention_no_rope", "attention_text_mean", "attention_all_mean", "hidden_norm", "sketch", "embeddings",
-         "dart_image", "dart_text")
+         "dart_image", "dart_text", "instruction", "attention_raters", "hidden_out")
 NEEDS_HIDDEN = ("hidden_norm", "sketch")
-NEEDS_EMBEDDINGS = ("embeddings",)
-NEEDS_OUTPUT = ("dart_image", "dart_text")
+NEEDS_EMBEDDINGS = ("embeddings", "instruction", "attention_raters")
+NEEDS_OUTPUT = ("dart_image", "dart_text", "hidden_out")
 """Names read off layer K-1's output (the residual stream entering layer K)."""
-TOKEN_DIM_1 = ("sketch", "embeddings", "dart_image")
-"""Names whose image-token dim is 1 (``[S, N, ...]``); ``dart_text`` has none."""
+TOKEN_DIM_1 = ("sketch", "embeddings", "dart_image", "hidden_out")
+"""Names whose image-token dim is 1 (``[S, N, ...]``); ``dart_text`` and ``instruction`` have none."""
+NO_TOKEN_DIM = ("dart_text", "instruction")
 FLOAT32_NAMES = ("dart_image", "dart_text")
 """Stored float32 whatever ``--store-dtype``: float16 holds prompt positions exactly only up to 2,048."""
 DART_TEXT_PIVOTS = 4  # DART's pivot_text_token default (xqy1111111/DART eval scripts)
@@ -51,7 +60,7 @@ QUERY_BLOCK = 256  # query rows recomputed at once for the mean rows (bounds mem
 def take_tokens(x: torch.Tensor, name: str, index) -> torch.Tensor:
     """A named input restricted to some image tokens: its token dim is 1 for the sketch
     ``[S, N, D]``, the last one for the rows ``[S, H, N]`` and the norms ``[S, N]``."""
-    if name == "dart_text":
+    if name in NO_TOKEN_DIM:
         return x
     return x[:, index] if name in TOKEN_DIM_1 else x[..., index]
 
@@ -74,6 +83,37 @@ def query_masks(image_pos: torch.Tensor, n_image: torch.Tensor, attention_mask: 
     return {"attention_all_mean": real, "attention_text_mean": real & (positions > last_image)}
 
 
+def image_mask(image_pos: torch.Tensor, n_image: torch.Tensor) -> torch.Tensor:
+    """Bool ``[B, N]``: which of ``image_pos``'s columns are real image tokens (a ragged
+    batch pads each element's columns up to the widest)."""
+    return torch.arange(image_pos.shape[1], device=image_pos.device)[None] < n_image.to(image_pos.device)[:, None]
+
+
+def instruction_embedding(embeds: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """``[B, D]`` float32: the mean over the ``text`` tokens (bool ``[B, S]``) of the rows of
+    ``embeds`` ``[B, S, D]`` divided by their L2 norm (CDPruner's text side, see the module
+    docstring)."""
+    unit = embeds.float() / embeds.float().norm(dim=-1, keepdim=True)
+    weight = text.to(unit.dtype)
+    return torch.einsum("bsd,bs->bd", unit, weight) / weight.sum(dim=1).clamp(min=1)[:, None]
+
+
+def sparsevlm_raters(embeds: torch.Tensor, image_pos: torch.Tensor, n_image: torch.Tensor,
+                     text: torch.Tensor) -> torch.Tensor:
+    """Bool ``[B, S]``: SparseVLM v1.0's text raters (Gumpest/SparseVLMs@26a5f48, the model's
+    forward), chosen from the layer-0 embeddings: each image token's softmax over the text
+    tokens of its dot products with them, averaged over the image tokens; a text token rates
+    when that average is strictly above its mean over the text. ``text``: bool ``[B, S]``,
+    the tokens after the image (the authors take every token after it)."""
+    x = embeds.float()
+    img = take_positions(x, image_pos, dim=1)  # [B, N, D]
+    logits = torch.einsum("bnd,bsd->bns", img, x).masked_fill(~text[:, None, :], -torch.inf)
+    valid = image_mask(image_pos, n_image).float()  # [B, N]
+    share = torch.einsum("bns,bn->bs", logits.softmax(dim=-1), valid) / valid.sum(dim=1)[:, None]
+    mean = (share * text).sum(dim=1, keepdim=True) / text.sum(dim=1, keepdim=True).clamp(min=1)
+    return text & (share > mean)
+
+
 @torch.no_grad()
 def layer_inputs(adapter, module, call, hidden_in: torch.Tensor | None, image_pos: torch.Tensor,
                  n_image: torch.Tensor, query_pos: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -94,9 +134,13 @@ def layer_inputs(adapter, module, call, hidden_in: torch.Tensor | None, image_po
     if "attention_no_rope" in names:
         rows = adapter.attention_rows(module, call, query_pos, rope=False)[:, :, 0, :]
         out["attention_no_rope"] = take_positions(rows, image_pos, dim=2)
-    means = [n for n in ("attention_text_mean", "attention_all_mean") if n in names]
+    masks = query_masks(image_pos, n_image, attention_mask, seq_len)
+    if any(n in names for n in NEEDS_EMBEDDINGS) and embeds is None:
+        raise adapter.missing("the residual stream entering layer 0", "the layer inputs probe")
+    if "attention_raters" in names:
+        masks["attention_raters"] = sparsevlm_raters(embeds, image_pos, n_image, masks["attention_text_mean"])
+    means = [n for n in ("attention_text_mean", "attention_all_mean", "attention_raters") if n in names]
     if means:
-        masks = query_masks(image_pos, n_image, attention_mask, seq_len)
         sums = {n: torch.zeros(batch, adapter.num_heads, seq_len, device=hidden.device) for n in means}
         for start in range(0, seq_len, QUERY_BLOCK):
             block = torch.arange(start, min(start + QUERY_BLOCK, seq_len), device=hidden.device).expand(batch, -1)
@@ -116,13 +160,16 @@ def layer_inputs(adapter, module, call, hidden_in: torch.Tensor | None, image_po
         if "sketch" in names:
             out["sketch"] = image_hidden @ sketch_matrix(image_hidden.shape[-1], image_hidden.device)
     if "embeddings" in names:
-        if embeds is None:
-            raise adapter.missing("the residual stream entering layer 0", "the layer inputs probe")
         out["embeddings"] = take_positions(embeds, image_pos, dim=1).float()
+    if "instruction" in names:
+        out["instruction"] = instruction_embedding(embeds, masks["attention_text_mean"])
     if any(n in names for n in NEEDS_OUTPUT):
         if hidden_out is None:
             raise adapter.missing("layer K-1's output", "the DART inputs probe")
-        out.update(dart_inputs(adapter, module, call, hidden_out, image_pos, query_pos, attention_mask, names))
+        if "hidden_out" in names:
+            out["hidden_out"] = take_positions(hidden_out, image_pos, dim=1).float()
+        if any(n in names for n in ("dart_image", "dart_text")):
+            out.update(dart_inputs(adapter, module, call, hidden_out, image_pos, query_pos, attention_mask, names))
     return out
 
 

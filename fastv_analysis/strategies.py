@@ -63,6 +63,9 @@ INPUTS = {
                   "final-normed layer K-1 output",
     "dart_text": "[..., T, 1 + D] DART's text pivots (largest key L1 after the image): prompt position, "
                  "final-normed layer K-1 output",
+    "instruction": "[..., D] mean of the instruction tokens' L2-normalised LLM-input embeddings (CDPruner's relevance)",
+    "attention_raters": "[..., H, N] rows at layer K-1 averaged over SparseVLM's text raters (chosen at layer 0)",
+    "hidden_out": "[..., N, D] the image tokens' residual stream entering layer K (layer K-1's output)",
 }
 """Named per-sample inputs a strategy may read beyond ``attention`` (same batch shape)."""
 
@@ -527,7 +530,10 @@ def _check_inputs(spec: Strategy, resolved: Mapping[str, object], attention: tor
         if name == "hidden_norm":
             ok = tuple(x.shape) == batch + (n_tokens,)
             want = f"{batch + (n_tokens,)}"
-        elif name in ("sketch", "embeddings", "dart_image"):
+        elif name == "instruction":
+            ok = x.dim() == len(batch) + 1 and tuple(x.shape[:-1]) == batch
+            want = f"{batch + ('D',)}"
+        elif name in ("sketch", "embeddings", "dart_image", "hidden_out"):
             width = 3 if name == "dart_image" else 1
             ok = x.dim() == len(batch) + 2 and tuple(x.shape[:-1]) == batch + (n_tokens,) and x.shape[-1] >= width
             want = f"{batch + (n_tokens, 'D')}"
@@ -813,7 +819,7 @@ ALL_METHODS = tuple(STRATEGIES)
 dynamic_alpha, no_rope, sink_excluded, diverse, hybrid_uniform, then the field's methods
 (divprune, dart)."""
 
-RANK_SCORED = ("sink_excluded", "diverse", "divprune")
+RANK_SCORED = ("sink_excluded", "diverse", "divprune", "cdpruner")
 """Rankings whose scores are positions in the ranking, not attention: no tie margin."""
 
 LAYOUT_METHODS = ("uniform", "hybrid_uniform")
