@@ -122,3 +122,79 @@ def test_dpc_knn_breaks_density_ties_by_index():
     assert sorted(centres[0].tolist()) in ([0, 2], [0, 3], [1, 2], [1, 3])
     assert cluster[0, 0] == cluster[0, 1] != cluster[0, 2] == cluster[0, 3]
     assert torch.equal(dpc_knn(x, 2)[0], centres)  # deterministic: no noise
+
+
+# ----------------------------------------------------------------------------- replay offline == online
+
+REPLAY_ARCHS = ["LlavaForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"]
+
+
+@pytest.fixture(scope="module", params=REPLAY_ARCHS)
+def replayed(request, tmp_path_factory):
+    import json
+
+    import numpy as np
+    import polars as pl
+    from PIL import Image
+
+    from fastv_analysis.adapters import registry
+    from fastv_analysis.cli.main import main
+
+    arch = request.param
+    root = tmp_path_factory.mktemp(arch)
+    model = registry()[arch].tiny(root / "m", seed=2)
+    (root / "d" / "images").mkdir(parents=True)
+    rng = np.random.default_rng(3)
+    lines = []
+    for i, (w, h) in enumerate([(56, 56), (196, 112), (120, 80)]):
+        Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8")).save(root / "d" / "images" / f"{i}.png")
+        lines.append(json.dumps({"question_id": f"q{i}", "image": f"images/{i}.png", "answer": "red",
+                                 "text": ["what color is it?", "is there a cat in the picture?", "how many?"][i]}))
+    (root / "d" / "q.jsonl").write_text("\n".join(lines) + "\n")
+    run = root / "run"
+    assert main(["capture", "--model", str(model), "--data", str(root / "d" / "q.jsonl"), "--out", str(run),
+                 "--agg-layers", "2", "--max-new-tokens", "1", "--quiet", "--store",
+                 "embeddings,instruction,attention_raters,hidden_out"]) == 0
+    assert main(["select", str(run), "--methods", "cdpruner,sparsevlm", "--keep", "3,2", "--keep-ratio", "0.75,0.5",
+                 "--quiet"]) == 0
+    return arch, model, root, run, pl.read_parquet(run / "select" / "selections.parquet")
+
+
+def test_replayed_cdpruner_and_sparsevlm_equal_online_pruning(replayed):
+    import json
+
+    import polars as pl
+    from PIL import Image
+
+    from fastv_analysis.loading import build_prompt, load_model
+    from fastv_analysis.pruning import apply_fastv
+    from fastv_analysis.store import open_run
+
+    arch, model_dir, root, run, sel = replayed
+    stored = open_run(run)
+    loaded = load_model(str(model_dir), device="cpu", dtype="float32")
+    questions = [json.loads(line) for line in (root / "d" / "q.jsonl").read_text().splitlines()]
+    checked = merges = 0
+    for sid, q in enumerate(questions):
+        image = Image.open(root / "d" / q["image"]).convert("RGB")
+        inputs = dict(loaded.processor(text=[build_prompt(loaded.processor, q["text"])], images=[image],
+                                       return_tensors="pt"))
+        offline_inputs = stored.inputs(2, [sid], ["attention_raters", "hidden_out"])
+        for row in sel.filter(pl.col("sample_id") == sid).iter_rows(named=True):
+            method = row["config"].split(" ratio ")[0]
+            with torch.no_grad(), apply_fastv(loaded.model, agg_layer=2, keep=row["keep"], method=method,
+                                              sample_ids=[sid]) as m:
+                m(**inputs)
+                online = m.prompt.selection
+            assert online.indices[0].tolist() == row["kept"], (arch, sid, row["config"], row["keep"])
+            if method == "sparsevlm":
+                offline = strategies.select(torch.zeros_like(offline_inputs["attention_raters"]), "sparsevlm",
+                                            row["keep"], inputs=offline_inputs)
+                assert offline.indices[0].tolist() == row["kept"]
+                assert (offline.merge is None) == (online.merge is None)
+                if online.merge is not None:
+                    assert torch.equal(offline.merge.assign, online.merge.assign)
+                    assert torch.allclose(offline.merge.weight, online.merge.weight, rtol=0, atol=0)
+                    merges += 1
+            checked += 1
+    assert checked == sel.height and checked >= 3 * 2 * 4 and merges >= 3
