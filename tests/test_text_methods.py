@@ -198,3 +198,14 @@ def test_replayed_cdpruner_and_sparsevlm_equal_online_pruning(replayed):
                     merges += 1
             checked += 1
     assert checked == sel.height and checked >= 3 * 2 * 4 and merges >= 3
+
+
+def test_sparsevlm_preset_expands_to_the_authors_later_stages():
+    # Gumpest/SparseVLMs@26a5f48 score.py: layer_dict {2, 6, 15}, sparse_token_list_192 = [300, 200, 110]
+    from fastv_analysis.evaluate.plan import stage_spec
+    from fastv_analysis.pruning.config import preset_stages
+
+    stages = preset_stages("sparsevlm")
+    assert [(k, m) for k, _, m in stages] == [(7, "avg_all_heads"), (16, "avg_all_heads")]
+    assert stage_spec(stages[0], 300)[1] == 200 and stage_spec(stages[1], 200)[1] == 110
+    assert preset_stages("pdrop") == [(16, 0.5, "avg_all_heads"), (24, 0.5, "avg_all_heads")]

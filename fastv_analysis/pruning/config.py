@@ -49,7 +49,15 @@ scripts/v1_5/pdrop_eval: ``--layer_list '[8,16,24]' --image_token_ratio_list
 head-mean attention. One difference: the authors rank a cut at layer K with layer K's own
 q/k projections applied to layer K-1's output; a :class:`Stage` ranks with layer K-1's attention."""
 
-SCHEDULE_PRESETS = {"pdrop": PDROP_LAYERS}
+SPARSEVLM_LAYERS = (3, 7, 16)
+SPARSEVLM_KEEPS = (300, 200, 110)
+"""SparseVLM v1.0's progressive schedule for "192" on LLaVA-1.5 (Gumpest/SparseVLMs@26a5f48,
+score.py: layers 2, 6, 15 keep 300, 200, 110; each reads its own attention and prunes its
+output, so K = 3, 7, 16): the first cut is the ``sparsevlm`` strategy (select ``--agg-layers 3
+--keep 300``); the later stages run online only and, as every :class:`Stage`, rank by the last
+token's head-mean attention, not by the raters, and recycle nothing."""
+
+SCHEDULE_PRESETS = {"pdrop": PDROP_LAYERS, "sparsevlm": SPARSEVLM_LAYERS}
 """Named schedules ``eval --then`` accepts: the stages after the first cut."""
 
 
@@ -73,6 +81,9 @@ def preset_stages(name: str, lam: float = PDROP_LAMBDA) -> list[tuple[int, float
     K = 8 keeping half (select ``--agg-layers 8 --keep-ratio 0.5``)."""
     if name not in SCHEDULE_PRESETS:
         raise ValueError(f"unknown schedule preset {name!r}: expected one of {', '.join(SCHEDULE_PRESETS)}")
+    if name == "sparsevlm":  # (7, 200 / 300), (16, 110 / 200)
+        return [(k, SPARSEVLM_KEEPS[i + 1] / SPARSEVLM_KEEPS[i], "avg_all_heads")
+                for i, k in enumerate(SPARSEVLM_LAYERS[1:])]
     return [(int(k), float(lam), "avg_all_heads") for k in SCHEDULE_PRESETS[name][1:]]
 
 
