@@ -209,3 +209,17 @@ def test_sparsevlm_preset_expands_to_the_authors_later_stages():
     assert [(k, m) for k, _, m in stages] == [(7, "avg_all_heads"), (16, "avg_all_heads")]
     assert stage_spec(stages[0], 300)[1] == 200 and stage_spec(stages[1], 200)[1] == 110
     assert preset_stages("pdrop") == [(16, 0.5, "avg_all_heads"), (24, 0.5, "avg_all_heads")]
+
+
+def test_sparsevlm_plan_anchors_every_slot_at_every_keep():
+    g = torch.Generator().manual_seed(5)
+    for n in (1, 4, 13, 37):
+        for keep in range(n + 1):
+            rating, hidden = torch.rand(3, n, generator=g), torch.randn(3, n, 5, generator=g)
+            idx, plan = sparsevlm_plan(rating, hidden, keep)
+            assert idx.shape == (3, keep) and bool((idx.diff(dim=-1) > 0).all())
+            if plan is None:
+                continue
+            assert torch.equal(plan.assign.gather(1, idx), torch.arange(keep).expand(3, -1))  # anchor in its slot
+            assert bool(((plan.assign >= 0) == (plan.weight > 0)).all())
+            assert merge_tokens(hidden, idx, plan).shape == (3, keep, 5)
