@@ -14,6 +14,13 @@ the authors do. The same choice as openvino.genai's CDPruner port for Qwen2-VL /
 (post-projector image embeddings against the LLM's text embeddings). The DPP itself is the
 authors': kernel ``L = r_i * cos(f_i, f_j) * r_j`` on the post-projector features, T steps
 of fast greedy MAP inference.
+
+Families: the kernel and the relevance span all of a sample's N image tokens. The authors'
+LLaVA-NeXT code runs the DPP per tile (T tokens from each of the base image and its crops,
+relevance normalised over all tiles together); here one DPP chooses ``keep`` tokens over
+every tile (and the ``image_newline`` tokens, unless eval keeps them outside the budget).
+Qwen2.5-VL: the post-merger tokens, as they enter the LLM. The selection reads layer-0
+inputs only, so it is the same whatever K it is replayed at.
 """
 
 from __future__ import annotations
