@@ -1,0 +1,89 @@
+"""Gemma3's sliding-window layers under pruning, beyond the registry-wide contract
+(tests/test_adapters.py, whose tiny checkpoint has a window of 8 tokens, shorter than every
+prompt): the masks a decode step gets after a K = 0 drop are transformers' own on the keys
+that remain, and a window longer than the prompt prunes as exactly."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastv_analysis.adapters import registry
+from fastv_analysis.adapters.gemma3 import decode_masks
+from fastv_analysis.loading import build_prompt, load_model
+from fastv_analysis.pruning import apply_fastv
+
+ARCH = "Gemma3ForConditionalGeneration"
+QUESTIONS = ["what color is the object?", "is there a red square in the picture or not?"]
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory):
+    path = registry()[ARCH].tiny(tmp_path_factory.mktemp("gemma3") / "m", seed=1)
+    return load_model(str(path), device="cpu", dtype="float32")
+
+
+def _batch(loaded):
+    rng = np.random.default_rng(0)
+    images = [[Image.fromarray((rng.random((40 + 20 * i, 50, 3)) * 255).astype("uint8"))] for i in range(2)]
+    prompts = [build_prompt(loaded.processor, q) for q in QUESTIONS]
+    return dict(loaded.processor(text=prompts, images=images, return_tensors="pt", padding=True))
+
+
+def _decode_step_masks(model, inputs):
+    """The two masks the model itself builds for the first decode step after an unpruned prefill
+    (full caches, so the keys are the whole prompt + the new token)."""
+    from transformers import DynamicCache
+
+    seen = {}
+
+    def grab(module, args, kwargs):
+        seen.update(kwargs["attention_mask"])
+
+    cache = DynamicCache()
+    with torch.no_grad():
+        out = model(**inputs, use_cache=True, past_key_values=cache)
+        mask = torch.cat([inputs["attention_mask"], torch.ones(2, 1, dtype=torch.long)], dim=1)
+        handle = model.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            model(input_ids=out.logits[:, -1].argmax(-1, keepdim=True), attention_mask=mask, past_key_values=cache,
+                  use_cache=True)
+        finally:
+            handle.remove()
+    return mask, seen
+
+
+def test_decode_masks_are_transformers_own_on_an_unpruned_prompt(loaded):
+    """With every prompt position kept, decode_masks gives the masks Gemma3Model builds
+    (causal + padding; the local one also the window, counted in the prompt's indices)."""
+    inputs = _batch(loaded)
+    mask2d, own = _decode_step_masks(loaded.model, inputs)
+    seq_len = inputs["input_ids"].shape[1]
+    window = loaded.model.config.text_config.sliding_window
+    assert seq_len > window and (inputs["attention_mask"][:, 0] == 0).any()  # the window cuts the prompt; padding
+    ours = decode_masks(mask2d, torch.arange(seq_len).expand(2, -1), seq_len, 1, window, torch.float32)
+    for kind in ("full_attention", "sliding_attention"):
+        expected = own[kind]
+        expected = expected if expected.dtype == torch.bool else expected == 0
+        assert torch.equal(ours[kind] == 0, expected.expand_as(ours[kind])), kind
+
+
+@pytest.mark.parametrize("agg_layer", [0, 1, 2])
+def test_a_window_longer_than_the_prompt_drops_as_it_masks(loaded, agg_layer):
+    """The same checkpoint with a 64-token window (longer than the prompt): drop == mask."""
+    model, text = loaded.model, loaded.model.config.text_config
+    inputs = _batch(loaded)
+    assert inputs["input_ids"].shape[1] < 64
+    old = text.sliding_window
+    text.sliding_window = 64
+    try:
+        out, tokens = {}, {}
+        with torch.no_grad():
+            for mode in ("drop", "mask"):
+                with apply_fastv(model, agg_layer=agg_layer, keep=3, mode=mode) as m:
+                    out[mode] = m(**inputs).logits[:, -1]
+                    tokens[mode] = m.generate(**inputs, max_new_tokens=4, do_sample=False)
+    finally:
+        text.sliding_window = old
+    assert (out["drop"] - out["mask"]).abs().max() <= 1e-4
+    assert torch.equal(tokens["drop"], tokens["mask"])
