@@ -87,3 +87,24 @@ def test_a_window_longer_than_the_prompt_drops_as_it_masks(loaded, agg_layer):
         text.sliding_window = old
     assert (out["drop"] - out["mask"]).abs().max() <= 1e-4
     assert torch.equal(tokens["drop"], tokens["mask"])
+
+
+def test_a_loop_whose_prefill_passes_no_cache_drops_as_it_masks(loaded):
+    """A user's loop that lets the prefill create its cache (use_cache=True, none passed) and
+    decodes with the one it returns: under the hooks that cache is a full one, so the window
+    of the local layers is still counted in the prompt's indices (the window cuts the prompt)."""
+    model = loaded.model
+    inputs = {k: v[1:] for k, v in _batch(loaded).items()}
+    out = {}
+    with torch.no_grad():
+        for mode in ("drop", "mask"):
+            with apply_fastv(model, agg_layer=1, keep=3, mode=mode) as m:
+                first = m(**inputs, use_cache=True)
+                cache, logits, mask = first.past_key_values, [first.logits[:, -1]], inputs["attention_mask"]
+                for _ in range(4):
+                    mask = torch.cat([mask, torch.ones(1, 1, dtype=mask.dtype)], dim=1)
+                    step = m(input_ids=logits[-1].argmax(-1, keepdim=True), attention_mask=mask,
+                             past_key_values=cache, use_cache=True)
+                    logits.append(step.logits[:, -1])
+            out[mode] = torch.stack(logits)
+    assert (out["drop"] - out["mask"]).abs().max() <= 1e-4

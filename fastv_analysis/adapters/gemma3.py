@@ -42,18 +42,24 @@ from .qwen3_vl import qk_norm_rows
 
 
 def _full_cache(fastv, module, args, kwargs):
-    """Model pre-hook: before a pruned prefill, the local layers' sliding caches become full ones."""
+    """Model pre-hook: before a pruned prefill, the local layers' sliding caches become full ones
+    (a call that caches without passing a cache gets a full one, not the decoder's own)."""
+    from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
     if fastv.phase != "prefill":
         return None
-    cache = fastv.adapter.cache_of(kwargs)
+    adapter = fastv.adapter
+    cache = adapter.cache_of(kwargs)
     if cache is None:
-        return None
+        use_cache = kwargs.get("use_cache")
+        if not (adapter.model.config.get_text_config().use_cache if use_cache is None else use_cache):
+            return None
+        return args, {**kwargs, adapter.cache_kwarg: DynamicCache()}
     for i, layer in enumerate(cache.layers):
         if getattr(layer, "is_sliding", False):
-            if layer.is_initialized if hasattr(layer, "is_initialized") else layer.keys is not None:
-                raise fastv.adapter.missing("an empty cache", "a pruned prefill")
+            if getattr(layer, "is_initialized", layer.keys is not None):
+                raise adapter.missing("an empty cache", "a pruned prefill")
             cache.layers[i] = DynamicLayer()
     return None
 
