@@ -1,7 +1,9 @@
-"""Gemma3's sliding-window layers under pruning, beyond the registry-wide contract
-(tests/test_adapters.py, whose tiny checkpoint has a window of 8 tokens, shorter than every
+"""Gemma3 and PaliGemma beyond the registry-wide contract (tests/test_adapters.py).
+
+Gemma3's sliding-window layers (the tiny checkpoint's window is 8 tokens, shorter than every
 prompt): the masks a decode step gets after a K = 0 drop are transformers' own on the keys
-that remain, and a window longer than the prompt prunes as exactly."""
+that remain, and a window longer than the prompt prunes as exactly. PaliGemma: the prompt
+of a checkpoint without a chat template, and the loss on the processor's labels."""
 
 import numpy as np
 import pytest
@@ -108,3 +110,68 @@ def test_a_loop_whose_prefill_passes_no_cache_drops_as_it_masks(loaded):
                     logits.append(step.logits[:, -1])
             out[mode] = torch.stack(logits)
     assert (out["drop"] - out["mask"]).abs().max() <= 1e-4
+
+
+@pytest.fixture(scope="module")
+def paligemma(tmp_path_factory):
+    path = registry()["PaliGemmaForConditionalGeneration"].tiny(tmp_path_factory.mktemp("paligemma") / "m", seed=1)
+    return load_model(str(path), device="cpu", dtype="float32")
+
+
+def test_paligemma_without_a_chat_template_gets_its_familys_prompt(paligemma):
+    """No chat template: the family's <image>{question}, the image first; the processor adds
+    <bos> after the image and ends the prefix with a newline."""
+    processor = paligemma.processor
+    assert not getattr(processor, "chat_template", None)
+    prompt = build_prompt(processor, "what color is the object?")
+    assert prompt == "<image>what color is the object?"
+    image = Image.fromarray(np.zeros((40, 60, 3), dtype="uint8"))
+    ids = processor(text=[prompt], images=[image], return_tensors="pt")["input_ids"][0].tolist()
+    tok = processor.tokenizer
+    assert ids[:16] == [tok.image_token_id] * 16 and ids[16] == tok.bos_token_id
+    assert ids[-1] == tok.convert_tokens_to_ids("\n")
+
+
+@pytest.mark.parametrize("agg_layer", [0, 1, 2])
+def test_paligemma_loss_on_a_suffix_drops_as_it_masks(paligemma, agg_layer):
+    """The processor's labels (a suffix's ids after the -100 prefix): in drop mode the loss is
+    the model's own on the labels at the kept positions, equal to mask mode's."""
+    rng = np.random.default_rng(1)
+    images = [Image.fromarray((rng.random((40, 60, 3)) * 255).astype("uint8")) for _ in range(2)]
+    prompts = [build_prompt(paligemma.processor, q) for q in QUESTIONS]
+    inputs = dict(paligemma.processor(text=prompts, images=images, suffix=["red", "a red square"],
+                                      return_tensors="pt", padding=True))
+    assert (inputs["labels"] != -100).sum() >= 4
+    loss = {}
+    with torch.no_grad():
+        full = paligemma.model(**inputs).loss
+        for mode in ("drop", "mask"):
+            with apply_fastv(paligemma.model, agg_layer=agg_layer, keep=3, mode=mode) as m:
+                loss[mode] = m(**inputs).loss
+    assert torch.isfinite(loss["drop"]) and abs(float(loss["drop"] - loss["mask"])) <= 1e-4
+    assert abs(float(loss["drop"] - full)) > 1e-4  # it did prune
+
+
+@pytest.mark.parametrize("arch", ["PaliGemmaForConditionalGeneration", ARCH])
+def test_decoding_a_left_padded_batch_after_a_k0_drop_scores_as_mask_mode(arch, tmp_path):
+    """A user's decode loop (the 2D mask grown each step, no position ids) on a left-padded batch,
+    drop vs mask at K = 0: the model builds its masks and positions above the decoder, and
+    they must place the kept prompt + generated tokens where mask mode does."""
+    from transformers import DynamicCache
+
+    loaded = load_model(str(registry()[arch].tiny(tmp_path / "m", seed=1)), device="cpu", dtype="float32")
+    inputs = _batch(loaded)
+    assert (inputs["attention_mask"][:, 0] == 0).any()
+    scores = {}
+    with torch.no_grad():
+        for mode in ("drop", "mask"):
+            with apply_fastv(loaded.model, agg_layer=0, keep=3, mode=mode) as m:
+                cache = DynamicCache(config=loaded.model.config.get_text_config())
+                logits = [m(**inputs, use_cache=True, past_key_values=cache).logits[:, -1]]
+                mask = inputs["attention_mask"]
+                for _ in range(4):
+                    mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], dim=1)
+                    logits.append(m(input_ids=logits[-1].argmax(-1, keepdim=True), attention_mask=mask,
+                                    past_key_values=cache, use_cache=True).logits[:, -1])
+            scores[mode] = torch.stack(logits)
+    assert (scores["drop"] - scores["mask"]).abs().max() <= 1e-4
