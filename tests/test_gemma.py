@@ -175,3 +175,22 @@ def test_decoding_a_left_padded_batch_after_a_k0_drop_scores_as_mask_mode(arch, 
                                     past_key_values=cache, use_cache=True).logits[:, -1])
             scores[mode] = torch.stack(logits)
     assert (scores["drop"] - scores["mask"]).abs().max() <= 1e-4
+
+
+def test_paligemma_2s_gemma2_decoder_is_refused_in_one_line():
+    """PaliGemma 2 is the same HF class with a Gemma2 decoder (sliding window, soft-capped
+    attention logits): refused by name rather than pruned with the wrong cache and rows."""
+    import transformers
+
+    from fastv_analysis.adapters import get_adapter
+
+    text = transformers.Gemma2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                     num_attention_heads=2, num_key_value_heads=1, head_dim=8)
+    vision = transformers.SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                             num_attention_heads=2, image_size=32, patch_size=8)
+    config = transformers.PaliGemmaConfig(text_config=text, vision_config=vision, image_token_index=3,
+                                          projection_dim=16, hidden_size=16, vocab_size=64)
+    model = transformers.PaliGemmaForConditionalGeneration(config)
+    with pytest.raises(ValueError, match="gemma2 text decoder") as err:
+        get_adapter(model)
+    assert "\n" not in str(err.value)

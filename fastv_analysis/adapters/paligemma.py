@@ -117,6 +117,13 @@ class PaliGemmaAdapter(Adapter):
 
 
 def build(model: nn.Module) -> Adapter:
+    """The adapter of a PaliGemma with a Gemma decoder; a ValueError for PaliGemma 2's Gemma2
+    decoder (sliding-window layers and attention logit soft-capping: neither its cache nor its
+    attention rows are handled here)."""
+    text = model.config.text_config
+    if getattr(text, "sliding_window", None) is not None or getattr(text, "attn_logit_softcapping", None):
+        raise ValueError(f"{type(model).__name__} with a {text.model_type} text decoder (PaliGemma 2: sliding-window "
+                         "layers, attention logit soft-capping) is not supported; PaliGemma's Gemma decoder is")
     return PaliGemmaAdapter(image_token_id=model.config.image_token_id, vision_tower=model.model.vision_tower,
                             **decoder_fields(model, model.model.language_model))
 
