@@ -111,7 +111,7 @@ def _decode_call(fastv, module, args, kwargs):
 
 
 class Gemma3Adapter(Adapter):
-    """Gemma3: masks prepared above the decoder, full caches for the local layers in drop mode."""
+    """Gemma3: masks prepared above the decoder, full caches for the local layers under the hooks."""
 
     def family_hooks(self, fastv) -> list:
         return [self.model.register_forward_pre_hook(partial(_full_cache, fastv), with_kwargs=True),
