@@ -194,3 +194,18 @@ def test_paligemma_2s_gemma2_decoder_is_refused_in_one_line():
     with pytest.raises(ValueError, match="gemma2 text decoder") as err:
         get_adapter(model)
     assert "\n" not in str(err.value)
+
+
+def test_gemma3_layout_is_the_images_grid_with_pan_and_scan_crops_off_it(loaded):
+    """16 tokens: the 4 x 4 grid; 48 (the image + 2 pan-and-scan crops, 48 is no square): the
+    grid, then 32 tokens off it; a count that no number of crops gives is refused in one line."""
+    from fastv_analysis.adapters import get_adapter
+    from fastv_analysis.layout import OFF_GRID
+
+    adapter = get_adapter(loaded.model)
+    one, cropped = adapter.token_layouts({}, [16, 48])
+    assert (one.rows, one.cols) == (4, 4) and one.cells.tolist() == list(range(16))
+    assert (cropped.rows, cropped.cols) == (4, 4)
+    assert cropped.cells[:16].tolist() == list(range(16)) and (cropped.cells[16:] == OFF_GRID).all()
+    with pytest.raises(ValueError, match="not a multiple of the 16"):
+        adapter.token_layouts({}, [20])

@@ -29,6 +29,7 @@ Gemma3 decoder at ``model.model.language_model``, read from transformers'
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from pathlib import Path
 
@@ -112,6 +113,24 @@ def _decode_call(fastv, module, args, kwargs):
 
 class Gemma3Adapter(Adapter):
     """Gemma3: masks prepared above the decoder, full caches for the local layers under the hooks."""
+
+    def token_layouts(self, inputs: dict, n_image: list[int]) -> list:
+        """The image's own square grid (``mm_tokens_per_image`` tokens, first in the prompt);
+        pan-and-scan crops after it, when the processor makes them, are off the grid."""
+        import numpy as np
+
+        from ..layout import OFF_GRID, TokenLayout
+
+        per_image = int(self.model.config.mm_tokens_per_image)
+        side = math.isqrt(per_image)
+        out = []
+        for n in map(int, n_image):
+            if n < per_image or n % per_image:
+                raise ValueError(f"{self.architecture}: {n} image tokens in a prompt, not a multiple of the "
+                                 f"{per_image} every image and crop gives")
+            cells = np.concatenate([np.arange(per_image), np.full(n - per_image, OFF_GRID)]).astype(np.int64)
+            out.append(TokenLayout(side, side, cells))
+        return out
 
     def family_hooks(self, fastv) -> list:
         return [self.model.register_forward_pre_hook(partial(_full_cache, fastv), with_kwargs=True),
