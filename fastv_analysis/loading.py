@@ -141,11 +141,23 @@ def image_placeholder(processor) -> str:
     return getattr(processor, "image_token", None) or IMAGE_PLACEHOLDER
 
 
+def family_template(processor) -> str | None:
+    """The ``prompt_template`` its family declares for a processor without a chat template
+    (PaliGemma's ``<image>{question}``), found by the processor's class name
+    (``PaliGemmaProcessor`` -> ``PaliGemmaFor...``); None where none is declared."""
+    from .adapters import registry
+
+    prefix = type(processor).__name__.removesuffix("Processor") + "For"
+    return next((f.prompt_template for n, f in registry().items() if n.startswith(prefix) and f.prompt_template),
+                None)
+
+
 def build_prompt(processor, question: str, choices: list[str] | None = None, template: str | None = None) -> str:
     """The prompt text with exactly one image placeholder, in the processor's own format.
 
     Uses the processor's chat template where there is one (and no ``template`` was
-    forced), otherwise ``template`` (default LLaVA-1.5's) with ``{question}``. Question files
+    forced), otherwise ``template`` (default: the family's ``prompt_template``, e.g.
+    PaliGemma's, else LLaVA-1.5's) with ``{question}``. Question files
     say ``<image>`` (or nothing): a question that holds it (LLaVA conversation files start
     with ``"<image>\n"``) gets the image there, rendered as the template renders an image
     (Qwen2-VL: ``<|vision_start|><|image_pad|><|vision_end|>``), instead of a second one;
@@ -164,7 +176,7 @@ def build_prompt(processor, question: str, choices: list[str] | None = None, tem
         parts += [{"type": "image"}] + ([{"type": "text", "text": after}] if after else [])
         conversation = [{"role": "user", "content": parts}]
         return processor.apply_chat_template(conversation, add_generation_prompt=True)
-    template = template or DEFAULT_TEMPLATE
+    template = template or family_template(processor) or DEFAULT_TEMPLATE
     check_template(template)
     if placeholders:  # the question's own placeholder replaces the template's
         own = IMAGE_PLACEHOLDER + "\n" if IMAGE_PLACEHOLDER + "\n" in template else IMAGE_PLACEHOLDER

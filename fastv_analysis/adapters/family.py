@@ -48,6 +48,8 @@ class Family:
                  smart_resize, InternVL's thumbnail or single tile).
     base_tile:   the off-grid tokens before the grid are one square tile of the whole image (anyres).
     note:        what is special for pruning in this class (README's table).
+    prompt_template: the prompt (with ``<image>`` and ``{question}``) for a checkpoint of this
+                 class whose processor has no chat template (PaliGemma); None: LLaVA-1.5's.
     """
 
     name: str
@@ -57,6 +59,7 @@ class Family:
     grid_extent: str = "image"
     base_tile: bool = False
     note: str = ""
+    prompt_template: str | None = None
 
 
 def lazy(module: str, function: str) -> Callable:

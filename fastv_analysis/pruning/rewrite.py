@@ -6,6 +6,8 @@ as the adapter's :class:`~fastv_analysis.adapters.LayerCall` / ``DecoderCall``."
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 from ..adapters import DecoderCall, LayerCall, replace
@@ -116,11 +118,43 @@ def rewrite_decoder_input(adapter, prompt: Prompt, phase: str, call: DecoderCall
     """K = 0 in drop mode: the text decoder's call with only the kept positions (prefill), or a
     decode step's mask and positions in the unpruned prompt's coordinates."""
     mask2d = call.attention_mask
+    if isinstance(mask2d, Mapping) or (mask2d is not None and mask2d.dim() == 4):
+        return _prepared_masks_input(adapter, prompt, phase, call)
     if mask2d is not None and mask2d.dim() != 2:
         raise adapter.missing("a 2D attention mask", "the text decoder at K = 0")
     if phase == "prefill":
         return _prefill_input(adapter, prompt, call)
     return _decode_step_input(adapter, prompt, call, positions_given)
+
+
+def _prepared_masks_input(adapter, prompt: Prompt, phase: str, call: DecoderCall) -> DecoderCall:
+    """K = 0 in drop mode for a model that prepares its 4D mask above the text decoder
+    (PaliGemma's prefix-LM), or one per layer type (Gemma3: ``{layer type: mask}``): in a
+    prefill each is gathered at the kept positions along queries and keys, as the layers'
+    masks are from K > 0; a decode step's
+    masks and positions were prepared in original indices by the adapter's
+    ``family_hooks``, so its call passes unchanged."""
+    if phase != "prefill":
+        return call
+    embeds, kept, fillers = call.inputs_embeds, prompt.kept_positions, prompt.fillers
+    if embeds is None:
+        raise adapter.missing("inputs_embeds", "the text decoder")
+
+    def gathered(mask):
+        if mask is not None and mask.dim() != 4:
+            raise adapter.missing("prepared 4D attention masks", "the text decoder at K = 0")
+        sliced = slice_mask(mask, kept, kept)
+        if fillers is None:
+            return sliced
+        return mask_fillers(sliced, fillers, kept.shape[1], embeds.dtype, diagonal=True)
+
+    position_ids = call.position_ids
+    if position_ids is None:
+        position_ids = adapter.default_position_ids(embeds.shape[0], embeds.shape[1], embeds.device)
+    mask = call.attention_mask
+    masks = {kind: gathered(one) for kind, one in mask.items()} if isinstance(mask, Mapping) else gathered(mask)
+    position_ids = adapter.gather_position_ids(position_ids, kept)
+    return DecoderCall(take_positions(embeds, kept, dim=1), None, masks, position_ids, call.cache)
 
 
 def _kept_mask2d(mask2d: torch.Tensor, prompt: Prompt) -> torch.Tensor:
