@@ -1,0 +1,212 @@
+"""The lmms-eval plug-in (``lmms-eval --model fastv``, fastv_analysis.lmms_model) without the hub.
+
+lmms-eval 0.7.3 runs local task YAMLs (``--include_path``) written here, reading POPE- and
+ScienceQA-shaped local files; the model is the toy LLaVA (data/toy-llava) or a tiny random
+Qwen2.5-VL (images of mixed sizes). Three equalities:
+
+(a) the plug-in's predictions (answers_dir) == ``fastv-analyze eval``'s for the same prompts,
+    configuration and keep, token for token (and its kept sets == ``select``'s);
+(b) lmms-eval's score on them == ``fastv-analyze score --rules lmms-eval`` on the same answers;
+(c) the capture written through lmms-eval (capture_dir) == ``fastv-analyze capture`` on the
+    same prompts (the question file it wrote).
+
+Needs the ``lmms`` extra (lmms-eval, PyPI's torch + torchvision): skipped otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+import torch
+
+lmms_eval = pytest.importorskip("lmms_eval", reason="lmms-eval is not installed: pip install -e '.[lmms]' "
+                                                    "(with PyPI's torch + torchvision; .ci/run's plug-in job)")
+
+from fastv_analysis.cli.main import main  # noqa: E402
+from fastv_analysis.store import open_run  # noqa: E402
+from fastv_analysis.testing import TOY_DIR  # noqa: E402
+
+TOY_VQA = TOY_DIR.parent / "toy-vqa"
+POPE_SUFFIX = "\nAnswer the question using a single word or phrase."
+SQA_SUFFIX = "\nAnswer with the option's letter from the given choices directly."
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+UTILS = '''
+from pathlib import Path
+from PIL import Image
+from lmms_eval.tasks.pope.utils import (pope_aggregate_accuracy, pope_aggregate_f1_score, pope_aggregate_precision,
+                                        pope_aggregate_recall, pope_aggregate_yes_ratio, pope_doc_to_text,
+                                        pope_process_results)
+from lmms_eval.tasks.scienceqa.utils import sqa_doc_to_target, sqa_doc_to_text, sqa_process_results
+
+
+def doc_to_visual(doc):  # the local files name the image by path (the hub's datasets hold it)
+    return [Image.open(doc["image"]).convert("RGB")]
+'''
+
+POPE_YAML = """dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+task: {task}
+test_split: test
+output_type: generate_until
+doc_to_visual: !function utils.doc_to_visual
+doc_to_text: !function utils.pope_doc_to_text
+doc_to_target: "answer"
+generation_kwargs:
+  max_new_tokens: {tokens}
+  temperature: 0
+  do_sample: false
+process_results: !function utils.pope_process_results
+metric_list:
+  - metric: pope_accuracy
+    aggregation: !function utils.pope_aggregate_accuracy
+    higher_is_better: true
+  - metric: pope_precision
+    aggregation: !function utils.pope_aggregate_precision
+    higher_is_better: true
+  - metric: pope_recall
+    aggregation: !function utils.pope_aggregate_recall
+    higher_is_better: true
+  - metric: pope_f1_score
+    aggregation: !function utils.pope_aggregate_f1_score
+    higher_is_better: true
+lmms_eval_specific_kwargs:
+  default:
+    pre_prompt: ""
+    post_prompt: ""  # the toy model knows no more words
+"""
+
+SQA_YAML = """dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+task: {task}
+test_split: test
+output_type: generate_until
+doc_to_visual: !function utils.doc_to_visual
+doc_to_text: !function utils.sqa_doc_to_text
+doc_to_target: !function utils.sqa_doc_to_target
+generation_kwargs:
+  max_new_tokens: {tokens}
+  temperature: 0
+  do_sample: false
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+process_results: !function utils.sqa_process_results
+lmms_eval_specific_kwargs:
+  default:
+    format: default
+    pre_prompt: ""
+    post_prompt: "\\nAnswer with the option's letter from the given choices directly."
+"""
+
+
+def toy_questions(n: int, yes_no: bool) -> list[dict]:
+    """The first n toy-vqa questions answered yes/no (else the others), images by path."""
+    out = []
+    for line in (TOY_VQA / "questions.jsonl").read_text().splitlines():
+        q = json.loads(line)
+        if (q["answer"] in ("yes", "no")) == yes_no:
+            out.append({**q, "image": str(TOY_VQA / q["image"])})
+        if len(out) == n:
+            return out
+    raise AssertionError("toy-vqa has too few questions")
+
+
+def write_pope(root: Path, questions: list[dict]) -> tuple[Path, Path]:
+    """(lmms-eval's local POPE file, our POPE folder in LLaVA's layout) of the same questions."""
+    folder = root / "pope"
+    (folder / "coco").mkdir(parents=True)
+    (folder / "val2014").mkdir()
+    docs, test, labels = [], [], []
+    for i, q in enumerate(questions):
+        name = f"COCO_val2014_{i:012d}.png"
+        shutil.copy(q["image"], folder / "val2014" / name)
+        docs.append({"question_id": str(i), "question": q["text"], "answer": q["answer"], "category": "random",
+                     "image": str(folder / "val2014" / name)})
+        test.append({"question_id": str(i), "image": name, "text": q["text"] + POPE_SUFFIX, "category": "random"})
+        labels.append({"question_id": str(i), "image": name, "text": q["text"], "label": q["answer"]})
+    for path, rows in ((root / "pope_lmms.jsonl", docs), (folder / "llava_pope_test.jsonl", test),
+                       (folder / "coco" / "coco_pope_random.json", labels)):
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root / "pope_lmms.jsonl", folder
+
+
+def write_scienceqa(root: Path, questions: list[dict]) -> tuple[Path, Path]:
+    """(lmms-eval's local ScienceQA file, our ScienceQA folder in LLaVA's layout): each toy
+    question with its answer and two other answers of the toy's as options."""
+    folder = root / "scienceqa"
+    docs, llava, problems = [], [], {}
+    pool = sorted({q["answer"] for q in questions} | {"red", "blue", "one", "two"})
+    for i, q in enumerate(questions):
+        pid = str(1000 + i)
+        choices = [q["answer"]] + [a for a in pool if a != q["answer"]][i % 2: i % 2 + 2]
+        choices = choices[i % 3:] + choices[: i % 3]  # the right option at A, B or C
+        (folder / "images" / "test" / pid).mkdir(parents=True)
+        shutil.copy(q["image"], folder / "images" / "test" / pid / "image.png")
+        answer = choices.index(q["answer"])
+        docs.append({"question_id": pid, "question": q["text"], "hint": "", "choices": choices, "answer": answer,
+                     "image": str(folder / "images" / "test" / pid / "image.png")})
+        options = "\n".join(f"{chr(65 + k)}. {c}" for k, c in enumerate(choices))
+        llava.append({"id": pid, "image": f"{pid}/image.png", "conversations": [
+            {"from": "human", "value": f"<image>\n{q['text']}\n{options}"}, {"from": "gpt", "value": "A"}]})
+        problems[pid] = {"choices": choices, "answer": answer, "subject": "toy", "split": "test"}
+    (root / "sqa_lmms.jsonl").write_text("".join(json.dumps(r) + "\n" for r in docs))
+    (folder / "llava_test_CQM-A.json").write_text(json.dumps(llava))
+    (folder / "problems.json").write_text(json.dumps(problems))
+    return root / "sqa_lmms.jsonl", folder
+
+
+def write_tasks(root: Path, tokens: int, **data: Path) -> Path:
+    """A task folder for --include_path: utils.py and one YAML per task (pope_local, sqa_local)."""
+    tasks = root / "tasks"
+    tasks.mkdir()
+    (tasks / "utils.py").write_text(UTILS)
+    for task, path in data.items():
+        yaml = POPE_YAML if task.startswith("pope") else SQA_YAML
+        (tasks / f"{task}.yaml").write_text(yaml.format(data=path, task=task, tokens=tokens))
+    return tasks
+
+
+def run_lmms_eval(root: Path, model: Path, tasks: Path, names: str, model_args: str, launcher=()) -> dict:
+    """``lmms-eval --model fastv`` in a subprocess; its results JSON (lmms-eval exits 0 even when
+    a task fails, so a missing results file is the failure)."""
+    out = root / "lmms-out"
+    cmd = [*launcher, "-m", "lmms_eval", "--model", "fastv", "--model_args", f"pretrained={model},{model_args}",
+           "--tasks", names, "--include_path", str(tasks), "--batch_size", "1", "--output_path", str(out),
+           "--log_samples"]
+    cmd = [sys.executable, *cmd] if not launcher else cmd
+    env = {**os.environ, **OFFLINE, "HF_HOME": str(root / "hf"), "PYTHONPATH": str(Path(__file__).parents[1])}
+    done = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=900)
+    found = sorted(out.rglob("*_results.json"))
+    assert done.returncode == 0 and found, f"lmms-eval failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    return json.loads(found[-1].read_text())
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory):
+    """lmms-eval on the toy LLaVA: a POPE- and a ScienceQA-shaped task, pruned at K = 2 to 64 tokens."""
+    root = tmp_path_factory.mktemp("lmms")
+    pope_file, pope_dir = write_pope(root, toy_questions(6, yes_no=True))
+    sqa_file, sqa_dir = write_scienceqa(root, toy_questions(4, yes_no=False))
+    tasks = write_tasks(root, 10, pope_local=pope_file, sqa_local=sqa_file)
+    results = run_lmms_eval(root, TOY_DIR, tasks, "pope_local,sqa_local",
+                            f"agg_layer=2,keep=64,method=avg_all_heads,capture_dir={root / 'cap'},"
+                            f"answers_dir={root / 'ans'}")
+    return {"root": root, "results": results, "pope": pope_dir, "sqa": sqa_dir}
+
+
+def test_smoke(toy_run):
+    print(json.dumps(toy_run["results"]["results"], indent=1))
