@@ -34,6 +34,7 @@ from fastv_analysis.store import open_run  # noqa: E402
 from fastv_analysis.testing import TOY_DIR  # noqa: E402
 
 TOY_VQA = TOY_DIR.parent / "toy-vqa"
+KEEP = 4  # image tokens kept of 576: harsh enough that the toy gets some POPE answers wrong
 POPE_SUFFIX = "\nAnswer the question using a single word or phrase."
 SQA_SUFFIX = "\nAnswer with the option's letter from the given choices directly."
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -197,16 +198,87 @@ def run_lmms_eval(root: Path, model: Path, tasks: Path, names: str, model_args: 
 
 @pytest.fixture(scope="module")
 def toy_run(tmp_path_factory):
-    """lmms-eval on the toy LLaVA: a POPE- and a ScienceQA-shaped task, pruned at K = 2 to 64 tokens."""
+    """lmms-eval on the toy LLaVA: a POPE- and a ScienceQA-shaped task, pruned at K = 2 to KEEP tokens."""
     root = tmp_path_factory.mktemp("lmms")
-    pope_file, pope_dir = write_pope(root, toy_questions(6, yes_no=True))
+    pope_file, pope_dir = write_pope(root, toy_questions(12, yes_no=True))
     sqa_file, sqa_dir = write_scienceqa(root, toy_questions(4, yes_no=False))
     tasks = write_tasks(root, 10, pope_local=pope_file, sqa_local=sqa_file)
     results = run_lmms_eval(root, TOY_DIR, tasks, "pope_local,sqa_local",
-                            f"agg_layer=2,keep=64,method=avg_all_heads,capture_dir={root / 'cap'},"
+                            f"agg_layer=2,keep={KEEP},method=avg_all_heads,capture_dir={root / 'cap'},"
                             f"answers_dir={root / 'ans'}")
     return {"root": root, "results": results, "pope": pope_dir, "sqa": sqa_dir}
 
 
-def test_smoke(toy_run):
-    print(json.dumps(toy_run["results"]["results"], indent=1))
+
+def ours_eval(cap: Path, keep: int, method: str = "avg_all_heads") -> pl.DataFrame:
+    """``fastv-analyze select`` + ``eval`` on the capture the plug-in wrote: (sample_id, prediction, kept)."""
+    assert main(["select", str(cap), "--methods", method, "--keep", str(keep), "--quiet"]) == 0
+    assert main(["eval", str(cap), "--methods", method, "--keep", str(keep), "--timing-samples", "0", "--quiet"]) == 0
+    pred = pl.read_parquet(cap / "eval" / "predictions.parquet").filter(pl.col("config") == method,
+                                                                       pl.col("keep") == keep)
+    sel = pl.read_parquet(cap / "select" / "selections.parquet").filter(pl.col("config") == method,
+                                                                       pl.col("keep") == keep)
+    return pred.select("sample_id", "prediction").join(sel.select("sample_id", "kept"), on="sample_id").sort("sample_id")
+
+
+def plugin_predictions(ans: Path) -> pl.DataFrame:
+    return pl.read_parquet(ans / "predictions.parquet").select("sample_id", "prediction", "kept").sort("sample_id")
+
+
+def test_plugin_predictions_equal_fastv_eval(toy_run):
+    """(a) lmms-eval's prompts answered by the plug-in == select + eval on its capture, token for token."""
+    root = toy_run["root"]
+    mine = plugin_predictions(root / "ans")
+    ours = ours_eval(root / "cap", KEEP)
+    assert mine.height == ours.height == 16
+    assert mine["prediction"].to_list() == ours["prediction"].to_list()
+    assert [sorted(k) for k in mine["kept"].to_list()] == [sorted(k) for k in ours["kept"].to_list()]
+    # what lmms-eval scored are these answers (its logged samples)
+    logged = {}
+    for path in (root / "lmms-out").rglob("*_samples_*.jsonl"):
+        for line in path.read_text().splitlines():
+            s = json.loads(line)
+            answer = s["filtered_resps"]  # one request per doc: lmms-eval logs the text itself
+            logged[(path.name.split("_samples_")[1].removesuffix(".jsonl"), s["doc_id"])] = (
+                answer[0] if isinstance(answer, list) else answer)
+    answers = pl.read_parquet(root / "ans" / "predictions.parquet")
+    assert {(t, d): p for t, d, p in answers.select("task", "doc_id", "prediction").iter_rows()} == logged
+
+
+def test_lmms_eval_score_equals_fastv_score(toy_run, tmp_path):
+    """(b) lmms-eval's metrics on the plug-in's answers == fastv-analyze score --rules lmms-eval."""
+    root, results = toy_run["root"], toy_run["results"]["results"]
+    pope, sqa = tmp_path / "pope.json", tmp_path / "sqa.json"
+    assert main(["score", "--benchmark", "pope", "--data", str(toy_run["pope"]), "--answers",
+                 str(root / "ans" / "answers" / "pope_local.jsonl"), "--rules", "lmms-eval", "--out", str(pope)]) == 0
+    assert main(["score", "--benchmark", "scienceqa_img", "--data", str(toy_run["sqa"]), "--answers",
+                 str(root / "ans" / "answers" / "sqa_local.jsonl"), "--rules", "lmms-eval", "--out", str(sqa)]) == 0
+    ours = json.loads(pope.read_text())["metrics"]
+    for metric in ("accuracy", "precision", "recall", "f1"):
+        theirs = results["pope_local"][f"pope_{metric}{'_score' if metric == 'f1' else ''},none"]
+        assert ours[metric] == pytest.approx(100 * theirs, abs=1e-9), metric
+    assert 0 < ours["accuracy"] < 100  # the toy answers some right, some wrong: the comparison discriminates
+    sqa_ours = json.loads(sqa.read_text())["metrics"]["img_accuracy"]
+    assert sqa_ours == pytest.approx(100 * results["sqa_local"]["exact_match,none"], abs=1e-9)
+
+
+def _capture_contents(run_dir: Path) -> tuple[pl.DataFrame, dict]:
+    run = open_run(run_dir)
+    volatile = ["capture_seconds", "shard", "part_row", "part_sha256", "part_bytes", "image"]
+    samples = run.samples.drop(volatile).sort("sample_id")
+    tensors = {sid: run.last_token_attention(sid, 2) for sid in run.sample_ids}
+    return samples, tensors
+
+
+def test_capture_through_lmms_eval_equals_fastv_capture(toy_run, tmp_path):
+    """(c) capture_dir == fastv-analyze capture on the question file of the prompts lmms-eval sent."""
+    cap = toy_run["root"] / "cap"
+    questions = cap / "lmms-prompts" / "questions.jsonl"
+    assert main(["capture", "--model", str(TOY_DIR), "--data", str(questions), "--out", str(tmp_path / "run"),
+                 "--agg-layers", "2", "--max-new-tokens", "10", "--quiet"]) == 0
+    mine, mine_t = _capture_contents(cap)
+    ours, ours_t = _capture_contents(tmp_path / "run")
+    assert mine.height == 16 and mine.equals(ours)
+    assert mine_t.keys() == ours_t.keys() and all(torch.equal(mine_t[k], ours_t[k]) for k in mine_t)
+    run = json.loads((cap / "run.json").read_text())
+    assert run["data"] == str(questions) and run["agg_layers"] == [2] and run["max_new_tokens"] == 10
