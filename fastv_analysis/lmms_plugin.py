@@ -13,12 +13,14 @@ Model args (comma list; lmms-eval parses numbers itself): ``pretrained`` (a chec
 supported family), ``agg_layer``, ``keep``, ``method`` (any registered strategy), ``alpha``,
 ``seed``, ``mode`` (drop | mask), ``newline``, ``query`` (the strategy's query variant),
 ``stages`` (later cuts ``K:KEEP[:METHOD]`` joined by ``+``, e.g. ``8:32+16:16:max_head``),
-``device``, ``dtype``, ``batch_size``, ``prompt_template``, ``answer_field`` (the doc field
+``dtype``, ``prompt_template``, ``answer_field`` (the doc field
 holding the reference, default ``answer``), ``id_field`` (the doc field with the question id,
 default ``question_id``), ``capture_dir`` (also write our capture of the prompts lmms-eval sent:
 ``fastv-analyze select / eval / report`` then run on it), ``answers_dir`` (per-sample
 predictions: LLaVA answers file, predictions.parquet with the kept indices, the question file).
-``use_fast_v=false`` (or ``keep`` = every image token) answers with nothing pruned.
+``use_fast_v=false`` (or ``keep`` = every image token) answers with nothing pruned. lmms-eval's own
+``--batch_size N`` (requests answered together, mixed image sizes allowed) and ``--device`` reach
+the model as ``batch_size`` / ``device``.
 """
 
 from __future__ import annotations

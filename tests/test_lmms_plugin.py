@@ -181,12 +181,12 @@ def write_tasks(root: Path, tokens: int, **data: Path) -> Path:
     return tasks
 
 
-def run_lmms_eval(root: Path, model: Path, tasks: Path, names: str, model_args: str, launcher=()) -> dict:
+def run_lmms_eval(root: Path, model: Path, tasks: Path, names: str, model_args: str, launcher=(), batch_size=1) -> dict:
     """``lmms-eval --model fastv`` in a subprocess; its results JSON (lmms-eval exits 0 even when
     a task fails, so a missing results file is the failure)."""
     out = root / "lmms-out"
     cmd = [*launcher, "-m", "lmms_eval", "--model", "fastv", "--model_args", f"pretrained={model},{model_args}",
-           "--tasks", names, "--include_path", str(tasks), "--batch_size", "1", "--output_path", str(out),
+           "--tasks", names, "--include_path", str(tasks), "--batch_size", str(batch_size), "--output_path", str(out),
            "--log_samples"]
     cmd = [sys.executable, *cmd] if not launcher else cmd
     env = {**os.environ, **OFFLINE, "HF_HOME": str(root / "hf"), "PYTHONPATH": str(Path(__file__).parents[1])}
@@ -282,3 +282,48 @@ def test_capture_through_lmms_eval_equals_fastv_capture(toy_run, tmp_path):
     assert mine_t.keys() == ours_t.keys() and all(torch.equal(mine_t[k], ours_t[k]) for k in mine_t)
     run = json.loads((cap / "run.json").read_text())
     assert run["data"] == str(questions) and run["agg_layers"] == [2] and run["max_new_tokens"] == 10
+
+
+SIZES = [(56, 56), (196, 112), (120, 80), (84, 140), (112, 112)]
+
+
+@pytest.fixture(scope="module")
+def qwen_run(tmp_path_factory):
+    """lmms-eval on a tiny random Qwen2.5-VL, images of mixed sizes (each its own N), answered two
+    requests a batch; random pruning keyed by the launch's sample ids."""
+    import numpy as np
+    from PIL import Image
+
+    from fastv_analysis.adapters import registry
+
+    root = tmp_path_factory.mktemp("lmms-qwen")
+    model = registry()["Qwen2_5_VLForConditionalGeneration"].tiny(root / "m", seed=2)
+    rng = np.random.default_rng(3)
+    questions = []
+    for i, (w, h) in enumerate(SIZES):
+        path = root / f"img{i}.png"
+        Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8")).save(path)
+        questions.append({"text": ["is there a cat?", "is it red?"][i % 2], "answer": ["yes", "no"][i % 2],
+                          "image": str(path)})
+    pope_file, pope_dir = write_pope(root, questions)
+    tasks = write_tasks(root, 3, pope_local=pope_file)
+    runs = {}
+    for method in ("avg_all_heads", "random"):
+        out = root / method
+        out.mkdir()
+        runs[method] = run_lmms_eval(out, model, tasks, "pope_local",
+                                     f"agg_layer=2,keep=3,method={method},dtype=float32,"
+                                     f"capture_dir={out / 'cap'},answers_dir={out / 'ans'}", batch_size=2)
+    return {"root": root, "model": model, "runs": runs}
+
+
+@pytest.mark.parametrize("method", ["avg_all_heads", "random"])
+def test_qwen_mixed_sizes_batched_equal_fastv_eval(qwen_run, method):
+    """(a) on Qwen2.5-VL: batches of mixed image sizes answer as eval answers each sample alone."""
+    out = qwen_run["root"] / method
+    mine = plugin_predictions(out / "ans")
+    ours = ours_eval(out / "cap", 3, method)
+    assert mine.height == ours.height == len(SIZES)
+    assert len(set(pl.read_parquet(out / "ans" / "predictions.parquet")["n_image_tokens"])) > 1
+    assert mine["prediction"].to_list() == ours["prediction"].to_list()
+    assert [sorted(k) for k in mine["kept"].to_list()] == [sorted(k) for k in ours["kept"].to_list()]
