@@ -12,6 +12,7 @@ rank answers lmms-eval's share of the requests; the samples are numbered over th
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -35,6 +36,22 @@ def _gather(obj, world: int) -> list:
     return [x for part in out for x in part]
 
 
+def _process_group(device: str):
+    """(rank, world, state) of this launch (:func:`~fastv_analysis.distributed.process_group`).
+
+    lmms-eval's ``__main__`` builds an ``Accelerator()`` before the model; under torchrun on a
+    machine without GPUs that is one process (accelerate sets up gloo only with ``cpu=True``),
+    so every rank would answer as rank 0 of 1 and lmms-eval's gathers would see one rank. That
+    state is dropped and set up again for the CPU processes."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        from accelerate.state import AcceleratorState, PartialState
+
+        if PartialState._shared_state and PartialState().num_processes != world:
+            AcceleratorState._reset_state(reset_partial_state=True)
+    return process_group(device)
+
+
 def _barrier(world: int) -> None:
     if world > 1:
         import torch.distributed as dist
@@ -53,7 +70,7 @@ class FastV(lmms):
 
         self.options = parse_options(model_args)
         config = self.options.fastv_config()
-        self._rank, self._world_size, state = process_group(self.options.device)
+        self._rank, self._world_size, state = _process_group(self.options.device)
         device = self.options.device if state is None else str(state.device)
         self.loaded = load_model(self.options.pretrained, device, self.options.dtype)
         self.pruned = apply_fastv(self.loaded.model, config)

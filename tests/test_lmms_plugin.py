@@ -327,3 +327,22 @@ def test_qwen_mixed_sizes_batched_equal_fastv_eval(qwen_run, method):
     assert len(set(pl.read_parquet(out / "ans" / "predictions.parquet")["n_image_tokens"])) > 1
     assert mine["prediction"].to_list() == ours["prediction"].to_list()
     assert [sorted(k) for k in mine["kept"].to_list()] == [sorted(k) for k in ours["kept"].to_list()]
+
+
+def test_two_processes_equal_one(toy_run, tmp_path):
+    """torchrun --nproc_per_node 2 -m lmms_eval: each rank answers and captures its share, the
+    capture shards merge, and every result equals the one-process run."""
+    root = toy_run["root"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531"]
+    results = run_lmms_eval(tmp_path, TOY_DIR, root / "tasks", "pope_local,sqa_local",
+                            f"agg_layer=2,keep={KEEP},method=avg_all_heads,capture_dir={tmp_path / 'cap'},"
+                            f"answers_dir={tmp_path / 'ans'}", launcher=launcher)
+    assert {t: {k: v for k, v in r.items() if "stderr" not in k} for t, r in results["results"].items()} == \
+        {t: {k: v for k, v in r.items() if "stderr" not in k} for t, r in toy_run["results"]["results"].items()}
+    assert plugin_predictions(tmp_path / "ans").equals(plugin_predictions(root / "ans"))
+    shards = {int(p.name.split("-")[1]) for p in (tmp_path / "cap" / "attention").glob("part-*.parquet")}
+    assert shards == {0, 1}  # each rank wrote its own parts
+    mine, mine_t = _capture_contents(tmp_path / "cap")
+    ours, ours_t = _capture_contents(root / "cap")
+    assert mine.equals(ours) and mine_t.keys() == ours_t.keys()
+    assert all(torch.equal(mine_t[k], ours_t[k]) for k in mine_t)
