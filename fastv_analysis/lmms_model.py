@@ -133,7 +133,7 @@ class FastV(lmms):
         until = gen.get("until") or []
         for b, (r, text) in enumerate(zip(batch, texts)):
             r["prediction"] = truncate(text, [until] if isinstance(until, str) else list(until)).strip()
-            r["kept"] = [] if kept is None else sorted(int(i) for i in kept[0][b][: self.pruned.fastv.keep])
+            r["kept"] = [] if kept is None else sorted(int(i) for i in kept[0][b])  # the first cut's, as select's
             r["n_image_tokens"] = int(n_image[b])
 
     def generate_until(self, requests) -> list[str]:
