@@ -165,9 +165,10 @@ def _checked_settings(cfg: CaptureConfig) -> torch.dtype:
     return dtype
 
 
-def run_capture(cfg: CaptureConfig, progress: bool = True, command: list[str] | None = None) -> dict:
+def run_capture(cfg: CaptureConfig, progress: bool = True, command: list[str] | None = None, loaded=None) -> dict:
     """Capture every sample of ``cfg.data`` into the run directory ``cfg.out`` (resumable;
-    a larger ``limit`` later extends it)."""
+    a larger ``limit`` later extends it). ``loaded``: the model ``cfg.model`` already loaded
+    (the lmms-eval plug-in's), instead of loading it again."""
     from .benchmark import questions_fingerprint, resolve_benchmark, run_questions, sample_order
 
     store_dtype = _checked_settings(cfg)
@@ -181,7 +182,8 @@ def run_capture(cfg: CaptureConfig, progress: bool = True, command: list[str] | 
                               missing_images_ok=cfg.skip_bad)
     order = sample_order(questions, cfg.subsample, cfg.subsample_seed, cfg.limit)
     rank, world, state = process_group(cfg.device)
-    loaded = load_model(cfg.model, cfg.device if state is None else str(state.device), cfg.dtype)
+    if loaded is None:
+        loaded = load_model(cfg.model, cfg.device if state is None else str(state.device), cfg.dtype)
     from .adapters import get_adapter
 
     adapter = get_adapter(loaded.model)

@@ -1,0 +1,348 @@
+"""The lmms-eval plug-in (``lmms-eval --model fastv``, fastv_analysis.lmms_model) without the hub.
+
+lmms-eval 0.7.3 runs local task YAMLs (``--include_path``) written here, reading POPE- and
+ScienceQA-shaped local files; the model is the toy LLaVA (data/toy-llava) or a tiny random
+Qwen2.5-VL (images of mixed sizes). Three equalities:
+
+(a) the plug-in's predictions (answers_dir) == ``fastv-analyze eval``'s for the same prompts,
+    configuration and keep, token for token (and its kept sets == ``select``'s);
+(b) lmms-eval's score on them == ``fastv-analyze score --rules lmms-eval`` on the same answers;
+(c) the capture written through lmms-eval (capture_dir) == ``fastv-analyze capture`` on the
+    same prompts (the question file it wrote).
+
+Needs the ``lmms`` extra (lmms-eval, PyPI's torch + torchvision): skipped otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+import torch
+
+lmms_eval = pytest.importorskip("lmms_eval", reason="lmms-eval is not installed: pip install -e '.[lmms]' "
+                                                    "(with PyPI's torch + torchvision; .ci/run's plug-in job)")
+
+from fastv_analysis.cli.main import main  # noqa: E402
+from fastv_analysis.store import open_run  # noqa: E402
+from fastv_analysis.testing import TOY_DIR  # noqa: E402
+
+TOY_VQA = TOY_DIR.parent / "toy-vqa"
+KEEP = 4  # image tokens kept of 576: harsh enough that the toy gets some POPE answers wrong
+POPE_SUFFIX = "\nAnswer the question using a single word or phrase."
+SQA_SUFFIX = "\nAnswer with the option's letter from the given choices directly."
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+UTILS = '''
+from pathlib import Path
+from PIL import Image
+from lmms_eval.tasks.pope.utils import (pope_aggregate_accuracy, pope_aggregate_f1_score, pope_aggregate_precision,
+                                        pope_aggregate_recall, pope_aggregate_yes_ratio, pope_doc_to_text,
+                                        pope_process_results)
+from lmms_eval.tasks.scienceqa.utils import sqa_doc_to_target, sqa_doc_to_text, sqa_process_results
+
+
+def doc_to_visual(doc):  # the local files name the image by path (the hub's datasets hold it)
+    return [Image.open(doc["image"]).convert("RGB")]
+'''
+
+POPE_YAML = """dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+task: {task}
+test_split: test
+output_type: generate_until
+doc_to_visual: !function utils.doc_to_visual
+doc_to_text: !function utils.pope_doc_to_text
+doc_to_target: "answer"
+generation_kwargs:
+  max_new_tokens: {tokens}
+  temperature: 0
+  do_sample: false
+process_results: !function utils.pope_process_results
+metric_list:
+  - metric: pope_accuracy
+    aggregation: !function utils.pope_aggregate_accuracy
+    higher_is_better: true
+  - metric: pope_precision
+    aggregation: !function utils.pope_aggregate_precision
+    higher_is_better: true
+  - metric: pope_recall
+    aggregation: !function utils.pope_aggregate_recall
+    higher_is_better: true
+  - metric: pope_f1_score
+    aggregation: !function utils.pope_aggregate_f1_score
+    higher_is_better: true
+lmms_eval_specific_kwargs:
+  default:
+    pre_prompt: ""
+    post_prompt: ""  # the toy model knows no more words
+"""
+
+SQA_YAML = """dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+task: {task}
+test_split: test
+output_type: generate_until
+doc_to_visual: !function utils.doc_to_visual
+doc_to_text: !function utils.sqa_doc_to_text
+doc_to_target: !function utils.sqa_doc_to_target
+generation_kwargs:
+  max_new_tokens: {tokens}
+  temperature: 0
+  do_sample: false
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+process_results: !function utils.sqa_process_results
+lmms_eval_specific_kwargs:
+  default:
+    format: default
+    pre_prompt: ""
+    post_prompt: "\\nAnswer with the option's letter from the given choices directly."
+"""
+
+
+def toy_questions(n: int, yes_no: bool) -> list[dict]:
+    """The first n toy-vqa questions answered yes/no (else the others), images by path."""
+    out = []
+    for line in (TOY_VQA / "questions.jsonl").read_text().splitlines():
+        q = json.loads(line)
+        if (q["answer"] in ("yes", "no")) == yes_no:
+            out.append({**q, "image": str(TOY_VQA / q["image"])})
+        if len(out) == n:
+            return out
+    raise AssertionError("toy-vqa has too few questions")
+
+
+def write_pope(root: Path, questions: list[dict]) -> tuple[Path, Path]:
+    """(lmms-eval's local POPE file, our POPE folder in LLaVA's layout) of the same questions."""
+    folder = root / "pope"
+    (folder / "coco").mkdir(parents=True)
+    (folder / "val2014").mkdir()
+    docs, test, labels = [], [], []
+    for i, q in enumerate(questions):
+        name = f"COCO_val2014_{i:012d}.png"
+        shutil.copy(q["image"], folder / "val2014" / name)
+        docs.append({"question_id": str(i), "question": q["text"], "answer": q["answer"], "category": "random",
+                     "image": str(folder / "val2014" / name)})
+        test.append({"question_id": str(i), "image": name, "text": q["text"] + POPE_SUFFIX, "category": "random"})
+        labels.append({"question_id": str(i), "image": name, "text": q["text"], "label": q["answer"]})
+    for path, rows in ((root / "pope_lmms.jsonl", docs), (folder / "llava_pope_test.jsonl", test),
+                       (folder / "coco" / "coco_pope_random.json", labels)):
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root / "pope_lmms.jsonl", folder
+
+
+def write_scienceqa(root: Path, questions: list[dict]) -> tuple[Path, Path]:
+    """(lmms-eval's local ScienceQA file, our ScienceQA folder in LLaVA's layout): each toy
+    question with its answer and two other answers of the toy's as options."""
+    folder = root / "scienceqa"
+    docs, llava, problems = [], [], {}
+    pool = sorted({q["answer"] for q in questions} | {"red", "blue", "one", "two"})
+    for i, q in enumerate(questions):
+        pid = str(1000 + i)
+        choices = [q["answer"]] + [a for a in pool if a != q["answer"]][i % 2: i % 2 + 2]
+        choices = choices[i % 3:] + choices[: i % 3]  # the right option at A, B or C
+        (folder / "images" / "test" / pid).mkdir(parents=True)
+        shutil.copy(q["image"], folder / "images" / "test" / pid / "image.png")
+        answer = choices.index(q["answer"])
+        docs.append({"question_id": pid, "question": q["text"], "hint": "", "choices": choices, "answer": answer,
+                     "image": str(folder / "images" / "test" / pid / "image.png")})
+        options = "\n".join(f"{chr(65 + k)}. {c}" for k, c in enumerate(choices))
+        llava.append({"id": pid, "image": f"{pid}/image.png", "conversations": [
+            {"from": "human", "value": f"<image>\n{q['text']}\n{options}"}, {"from": "gpt", "value": "A"}]})
+        problems[pid] = {"choices": choices, "answer": answer, "subject": "toy", "split": "test"}
+    (root / "sqa_lmms.jsonl").write_text("".join(json.dumps(r) + "\n" for r in docs))
+    (folder / "llava_test_CQM-A.json").write_text(json.dumps(llava))
+    (folder / "problems.json").write_text(json.dumps(problems))
+    return root / "sqa_lmms.jsonl", folder
+
+
+def write_tasks(root: Path, tokens: int, **data: Path) -> Path:
+    """A task folder for --include_path: utils.py and one YAML per task (pope_local, sqa_local)."""
+    tasks = root / "tasks"
+    tasks.mkdir()
+    (tasks / "utils.py").write_text(UTILS)
+    for task, path in data.items():
+        yaml = POPE_YAML if task.startswith("pope") else SQA_YAML
+        (tasks / f"{task}.yaml").write_text(yaml.format(data=path, task=task, tokens=tokens))
+    return tasks
+
+
+def run_lmms_eval(root: Path, model: Path, tasks: Path, names: str, model_args: str, launcher=(), batch_size=1) -> dict:
+    """``lmms-eval --model fastv`` in a subprocess; its results JSON (lmms-eval exits 0 even when
+    a task fails, so a missing results file is the failure)."""
+    out = root / "lmms-out"
+    cmd = [*launcher, "-m", "lmms_eval", "--model", "fastv", "--model_args", f"pretrained={model},{model_args}",
+           "--tasks", names, "--include_path", str(tasks), "--batch_size", str(batch_size), "--output_path", str(out),
+           "--log_samples"]
+    cmd = [sys.executable, *cmd] if not launcher else cmd
+    env = {**os.environ, **OFFLINE, "HF_HOME": str(root / "hf"), "PYTHONPATH": str(Path(__file__).parents[1])}
+    done = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=900)
+    found = sorted(out.rglob("*_results.json"))
+    assert done.returncode == 0 and found, f"lmms-eval failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    return json.loads(found[-1].read_text())
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory):
+    """lmms-eval on the toy LLaVA: a POPE- and a ScienceQA-shaped task, pruned at K = 2 to KEEP tokens."""
+    root = tmp_path_factory.mktemp("lmms")
+    pope_file, pope_dir = write_pope(root, toy_questions(12, yes_no=True))
+    sqa_file, sqa_dir = write_scienceqa(root, toy_questions(4, yes_no=False))
+    tasks = write_tasks(root, 10, pope_local=pope_file, sqa_local=sqa_file)
+    results = run_lmms_eval(root, TOY_DIR, tasks, "pope_local,sqa_local",
+                            f"agg_layer=2,keep={KEEP},method=avg_all_heads,capture_dir={root / 'cap'},"
+                            f"answers_dir={root / 'ans'}")
+    return {"root": root, "results": results, "pope": pope_dir, "sqa": sqa_dir}
+
+
+
+def ours_eval(cap: Path, keep: int, method: str = "avg_all_heads") -> pl.DataFrame:
+    """``fastv-analyze select`` + ``eval`` on the capture the plug-in wrote: (sample_id, prediction, kept)."""
+    assert main(["select", str(cap), "--methods", method, "--keep", str(keep), "--quiet"]) == 0
+    assert main(["eval", str(cap), "--methods", method, "--keep", str(keep), "--timing-samples", "0", "--quiet"]) == 0
+    pred = pl.read_parquet(cap / "eval" / "predictions.parquet").filter(pl.col("config") == method,
+                                                                       pl.col("keep") == keep)
+    sel = pl.read_parquet(cap / "select" / "selections.parquet").filter(pl.col("config") == method,
+                                                                       pl.col("keep") == keep)
+    return pred.select("sample_id", "prediction").join(sel.select("sample_id", "kept"), on="sample_id").sort("sample_id")
+
+
+def plugin_predictions(ans: Path) -> pl.DataFrame:
+    return pl.read_parquet(ans / "predictions.parquet").select("sample_id", "prediction", "kept").sort("sample_id")
+
+
+def test_plugin_predictions_equal_fastv_eval(toy_run):
+    """(a) lmms-eval's prompts answered by the plug-in == select + eval on its capture, token for token."""
+    root = toy_run["root"]
+    mine = plugin_predictions(root / "ans")
+    ours = ours_eval(root / "cap", KEEP)
+    assert mine.height == ours.height == 16
+    assert mine["prediction"].to_list() == ours["prediction"].to_list()
+    assert [sorted(k) for k in mine["kept"].to_list()] == [sorted(k) for k in ours["kept"].to_list()]
+    # what lmms-eval scored are these answers (its logged samples)
+    logged = {}
+    for path in (root / "lmms-out").rglob("*_samples_*.jsonl"):
+        for line in path.read_text().splitlines():
+            s = json.loads(line)
+            answer = s["filtered_resps"]  # one request per doc: lmms-eval logs the text itself
+            logged[(path.name.split("_samples_")[1].removesuffix(".jsonl"), s["doc_id"])] = (
+                answer[0] if isinstance(answer, list) else answer)
+    answers = pl.read_parquet(root / "ans" / "predictions.parquet")
+    assert {(t, d): p for t, d, p in answers.select("task", "doc_id", "prediction").iter_rows()} == logged
+
+
+def test_lmms_eval_score_equals_fastv_score(toy_run, tmp_path):
+    """(b) lmms-eval's metrics on the plug-in's answers == fastv-analyze score --rules lmms-eval."""
+    root, results = toy_run["root"], toy_run["results"]["results"]
+    pope, sqa = tmp_path / "pope.json", tmp_path / "sqa.json"
+    assert main(["score", "--benchmark", "pope", "--data", str(toy_run["pope"]), "--answers",
+                 str(root / "ans" / "answers" / "pope_local.jsonl"), "--rules", "lmms-eval", "--out", str(pope)]) == 0
+    assert main(["score", "--benchmark", "scienceqa_img", "--data", str(toy_run["sqa"]), "--answers",
+                 str(root / "ans" / "answers" / "sqa_local.jsonl"), "--rules", "lmms-eval", "--out", str(sqa)]) == 0
+    ours = json.loads(pope.read_text())["metrics"]
+    for metric in ("accuracy", "precision", "recall", "f1"):
+        theirs = results["pope_local"][f"pope_{metric}{'_score' if metric == 'f1' else ''},none"]
+        assert ours[metric] == pytest.approx(100 * theirs, abs=1e-9), metric
+    assert 0 < ours["accuracy"] < 100  # the toy answers some right, some wrong: the comparison discriminates
+    sqa_ours = json.loads(sqa.read_text())["metrics"]["img_accuracy"]
+    assert sqa_ours == pytest.approx(100 * results["sqa_local"]["exact_match,none"], abs=1e-9)
+
+
+def _capture_contents(run_dir: Path) -> tuple[pl.DataFrame, dict]:
+    run = open_run(run_dir)
+    volatile = ["capture_seconds", "shard", "part_row", "part_sha256", "part_bytes", "image"]
+    samples = run.samples.drop(volatile).sort("sample_id")
+    tensors = {sid: run.last_token_attention(sid, 2) for sid in run.sample_ids}
+    return samples, tensors
+
+
+def test_capture_through_lmms_eval_equals_fastv_capture(toy_run, tmp_path):
+    """(c) capture_dir == fastv-analyze capture on the question file of the prompts lmms-eval sent."""
+    cap = toy_run["root"] / "cap"
+    questions = cap / "lmms-prompts" / "questions.jsonl"
+    assert main(["capture", "--model", str(TOY_DIR), "--data", str(questions), "--out", str(tmp_path / "run"),
+                 "--agg-layers", "2", "--max-new-tokens", "10", "--quiet"]) == 0
+    mine, mine_t = _capture_contents(cap)
+    ours, ours_t = _capture_contents(tmp_path / "run")
+    assert mine.height == 16 and mine.equals(ours)
+    assert mine_t.keys() == ours_t.keys() and all(torch.equal(mine_t[k], ours_t[k]) for k in mine_t)
+    run = json.loads((cap / "run.json").read_text())
+    assert run["data"] == str(questions) and run["agg_layers"] == [2] and run["max_new_tokens"] == 10
+
+
+SIZES = [(56, 56), (196, 112), (120, 80), (84, 140), (112, 112)]
+
+
+@pytest.fixture(scope="module")
+def qwen_run(tmp_path_factory):
+    """lmms-eval on a tiny random Qwen2.5-VL, images of mixed sizes (each its own N), answered two
+    requests a batch; random pruning keyed by the launch's sample ids."""
+    import numpy as np
+    from PIL import Image
+
+    from fastv_analysis.adapters import registry
+
+    root = tmp_path_factory.mktemp("lmms-qwen")
+    model = registry()["Qwen2_5_VLForConditionalGeneration"].tiny(root / "m", seed=2)
+    rng = np.random.default_rng(3)
+    questions = []
+    for i, (w, h) in enumerate(SIZES):
+        path = root / f"img{i}.png"
+        Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8")).save(path)
+        questions.append({"text": ["is there a cat?", "is it red?"][i % 2], "answer": ["yes", "no"][i % 2],
+                          "image": str(path)})
+    pope_file, pope_dir = write_pope(root, questions)
+    tasks = write_tasks(root, 3, pope_local=pope_file)
+    runs = {}
+    for method in ("avg_all_heads", "random"):
+        out = root / method
+        out.mkdir()
+        runs[method] = run_lmms_eval(out, model, tasks, "pope_local",
+                                     f"agg_layer=2,keep=3,method={method},dtype=float32,"
+                                     f"capture_dir={out / 'cap'},answers_dir={out / 'ans'}", batch_size=2)
+    return {"root": root, "model": model, "runs": runs}
+
+
+@pytest.mark.parametrize("method", ["avg_all_heads", "random"])
+def test_qwen_mixed_sizes_batched_equal_fastv_eval(qwen_run, method):
+    """(a) on Qwen2.5-VL: batches of mixed image sizes answer as eval answers each sample alone."""
+    out = qwen_run["root"] / method
+    mine = plugin_predictions(out / "ans")
+    ours = ours_eval(out / "cap", 3, method)
+    assert mine.height == ours.height == len(SIZES)
+    assert len(set(pl.read_parquet(out / "ans" / "predictions.parquet")["n_image_tokens"])) > 1
+    assert mine["prediction"].to_list() == ours["prediction"].to_list()
+    assert [sorted(k) for k in mine["kept"].to_list()] == [sorted(k) for k in ours["kept"].to_list()]
+
+
+def test_two_processes_equal_one(toy_run, tmp_path):
+    """torchrun --nproc_per_node 2 -m lmms_eval: each rank answers and captures its share, the
+    capture shards merge, and every result equals the one-process run."""
+    root = toy_run["root"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531"]
+    results = run_lmms_eval(tmp_path, TOY_DIR, root / "tasks", "pope_local,sqa_local",
+                            f"agg_layer=2,keep={KEEP},method=avg_all_heads,capture_dir={tmp_path / 'cap'},"
+                            f"answers_dir={tmp_path / 'ans'}", launcher=launcher)
+    assert {t: {k: v for k, v in r.items() if "stderr" not in k} for t, r in results["results"].items()} == \
+        {t: {k: v for k, v in r.items() if "stderr" not in k} for t, r in toy_run["results"]["results"].items()}
+    assert plugin_predictions(tmp_path / "ans").equals(plugin_predictions(root / "ans"))
+    shards = {int(p.name.split("-")[1]) for p in (tmp_path / "cap" / "attention").glob("part-*.parquet")}
+    assert shards == {0, 1}  # each rank wrote its own parts
+    mine, mine_t = _capture_contents(tmp_path / "cap")
+    ours, ours_t = _capture_contents(root / "cap")
+    assert mine.equals(ours) and mine_t.keys() == ours_t.keys()
+    assert all(torch.equal(mine_t[k], ours_t[k]) for k in mine_t)
