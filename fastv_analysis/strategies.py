@@ -63,6 +63,11 @@ INPUTS = {
                   "final-normed layer K-1 output",
     "dart_text": "[..., T, 1 + D] DART's text pivots (largest key L1 after the image): prompt position, "
                  "final-normed layer K-1 output",
+    "vision_attention": "[..., N] per image token, the vision tower's attention at the layer feeding the LLM: "
+                        "head-mean CLS row (CLIP), else mean attention received, averaged over merged patches",
+    "vision_keys": "[..., N, d] that attention layer's head-averaged keys (averaged over merged patches)",
+    "vision_features": "[..., N, D] the features VisPruner de-duplicates: the vision tower's patch output at "
+                       "the feature layer (CLIP, pre-projector), else the LLM-input embeddings",
 }
 """Named per-sample inputs a strategy may read beyond ``attention`` (same batch shape)."""
 
@@ -524,10 +529,10 @@ def _check_inputs(spec: Strategy, resolved: Mapping[str, object], attention: tor
         x = inputs[name]
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             raise ValueError(f"input {name!r} must be a floating-point tensor")
-        if name == "hidden_norm":
+        if name in ("hidden_norm", "vision_attention"):
             ok = tuple(x.shape) == batch + (n_tokens,)
             want = f"{batch + (n_tokens,)}"
-        elif name in ("sketch", "embeddings", "dart_image"):
+        elif name in ("sketch", "embeddings", "dart_image", "vision_keys", "vision_features"):
             width = 3 if name == "dart_image" else 1
             ok = x.dim() == len(batch) + 2 and tuple(x.shape[:-1]) == batch + (n_tokens,) and x.shape[-1] >= width
             want = f"{batch + (n_tokens, 'D')}"
