@@ -17,9 +17,9 @@ import math
 import pytest
 import torch
 
-from fastv_analysis.methods.visionzip import contextual_count, visionzip_plan
+from fastv_analysis.strategies import STRATEGIES, select  # noqa: I001  (first: importing a method module first
+from fastv_analysis.methods.visionzip import contextual_count, visionzip_plan  # leaves ALL_METHODS without them)
 from fastv_analysis.methods.vispruner import vispruner_keep
-from fastv_analysis.strategies import STRATEGIES, select
 
 
 def _attn(n, a, b):
@@ -101,3 +101,95 @@ def test_registered_strategies_select_through_the_registry():
         select(rows, "visionzip", 4, inputs={"vision_attention": attn})
     with pytest.raises(ValueError, match="contextual"):
         select(rows, "visionzip", 4, inputs=inputs, contextual=5)
+
+
+# ----------------------------------------------------------------------------- replay == online
+
+REPLAY = {"LlavaForConditionalGeneration": "64,3", "Qwen2_5_VLForConditionalGeneration": "3"}
+SIZES = [(56, 56), (196, 112), (120, 80)]
+VISION = "vision_attention,vision_keys,vision_features"
+
+
+def _checkpoint(arch, path):
+    from fastv_analysis.adapters import registry
+    from fastv_analysis.toy.checkpoint import save_tiny_random_checkpoint
+
+    if arch == "LlavaForConditionalGeneration":  # 3 vision layers: feature layer -2 is layer 1's output
+        return save_tiny_random_checkpoint(path, seed=2, text={"num_hidden_layers": 3, "num_attention_heads": 4,
+                                                               "num_key_value_heads": 2}, vision={"num_hidden_layers": 3})
+    return registry()[arch].tiny(path, seed=2)
+
+
+@pytest.fixture(scope="module", params=sorted(REPLAY))
+def replayed(request, tmp_path_factory):
+    import json
+
+    import numpy as np
+    import polars as pl
+    from PIL import Image
+
+    from fastv_analysis.cli.main import main
+
+    arch = request.param
+    root = tmp_path_factory.mktemp(arch)
+    model = _checkpoint(arch, root / "m")
+    (root / "d" / "images").mkdir(parents=True)
+    rng = np.random.default_rng(3)
+    lines = []
+    for i, (w, h) in enumerate(SIZES):
+        Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8")).save(root / "d" / "images" / f"{i}.png")
+        lines.append(json.dumps({"question_id": f"q{i}", "image": f"images/{i}.png", "text": "what is it?",
+                                 "answer": "red"}))
+    (root / "d" / "q.jsonl").write_text("\n".join(lines) + "\n")
+    run = root / "run"
+    assert main(["capture", "--model", str(model), "--data", str(root / "d" / "q.jsonl"), "--out", str(run),
+                 "--agg-layers", "2", "--max-new-tokens", "1", "--quiet", "--store", VISION]) == 0
+    assert main(["select", str(run), "--methods", "visionzip,vispruner", "--keep", REPLAY[arch],
+                 "--keep-ratio", "0.75", "--quiet"]) == 0
+    return arch, model, root, run, pl.read_parquet(run / "select" / "selections.parquet")
+
+
+def test_vision_methods_replayed_equal_online(replayed):
+    """The kept set (and VisionZip's merge assignment) replayed from capture's vision inputs
+    equals what apply_fastv's Ranker chooses from the live vision tower."""
+    import json
+
+    from PIL import Image
+
+    from fastv_analysis.loading import build_prompt, load_model
+    from fastv_analysis.pruning import apply_fastv
+    from fastv_analysis.store import open_run
+
+    arch, model_dir, root, run, sel = replayed
+    loaded = load_model(str(model_dir), device="cpu", dtype="float32")
+    stored = open_run(run)
+    questions = [json.loads(line) for line in (root / "d" / "q.jsonl").read_text().splitlines()]
+    merged = 0
+    for sid, q in enumerate(questions):
+        image = Image.open(root / "d" / q["image"]).convert("RGB")
+        inputs = dict(loaded.processor(text=[build_prompt(loaded.processor, q["text"])], images=[image],
+                                       return_tensors="pt"))
+        offline_inputs = stored.inputs(2, [sid], VISION.split(","))
+        rows = sel.filter(pl_col("sample_id") == sid)
+        assert rows.height == 2 * (len(REPLAY[arch].split(",")) + 1)
+        for row in rows.iter_rows(named=True):
+            method, keep = row["config"].split(" ratio ")[0], len(row["kept"])
+            with torch.no_grad(), apply_fastv(loaded.model, agg_layer=2, keep=keep, method=method,
+                                              sample_ids=[sid]) as m:
+                m(**inputs)
+                online = m.prompt.selection
+            assert online.indices[0].tolist() == row["kept"], (arch, sid, row["config"], keep)
+            offline = select(torch.zeros(1, 1, offline_inputs["vision_attention"].shape[-1]), method, keep,
+                             inputs=offline_inputs)
+            assert offline.indices[0].tolist() == row["kept"]
+            if method == "visionzip":
+                assert torch.equal(online.merge.assign.cpu(), offline.merge.assign)
+                torch.testing.assert_close(online.merge.weight.cpu(), offline.merge.weight)
+                merged += int(offline.merge.assign.max() + 1 < int((offline.merge.assign >= 0).sum()))
+    assert merged >= 2  # contextual groups really formed (keep 64 and 75 %)
+
+
+def pl_col(name):
+    import polars as pl
+
+    return pl.col(name)
