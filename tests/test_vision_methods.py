@@ -193,3 +193,64 @@ def pl_col(name):
     import polars as pl
 
     return pl.col(name)
+
+
+@pytest.mark.parametrize("vision_layers", [3, 1])
+def test_clip_probe_equals_the_towers_eager_attention(tmp_path, vision_layers):
+    """The CLS row recomputed from q / k in a hook == the eager tower's own attentions at the
+    layer producing vision_feature_layer -2 (layer 0 for a one-layer tower, whose features
+    are its embeddings); features == hidden_states[-2] without CLS; keys == k_proj head mean."""
+    import numpy as np
+    from PIL import Image
+
+    from fastv_analysis.adapters import get_adapter
+    from fastv_analysis.loading import build_prompt, load_model
+    from fastv_analysis.toy.checkpoint import save_tiny_random_checkpoint
+    from fastv_analysis.vision_probe import NAMES, VisionTap
+
+    path = save_tiny_random_checkpoint(tmp_path / "m", seed=2, vision={"num_hidden_layers": vision_layers})
+    loaded = load_model(str(path), device="cpu", dtype="float32")
+    image = Image.fromarray((np.random.default_rng(1).random((80, 120, 3)) * 255).astype("uint8"))
+    inputs = dict(loaded.processor(text=[build_prompt(loaded.processor, "what?")] * 2, images=[image, image.rotate(90)],
+                                   return_tensors="pt", padding=True))
+    adapter = get_adapter(loaded.model)
+    with torch.no_grad(), VisionTap(adapter, lambda: NAMES) as tap:
+        loaded.model(**inputs)
+    got = tap.per_sample(NAMES, [576, 576])
+    tower = loaded.model.model.vision_tower
+    tower.set_attn_implementation("eager")
+    with torch.no_grad():
+        ref = tower(inputs["pixel_values"], output_attentions=True, output_hidden_states=True)
+    layer = max(vision_layers - 2, 0)  # the layer producing hidden_states[-2]; 0 when those are the embeddings
+    torch.testing.assert_close(got["vision_attention"], ref.attentions[layer][:, :, 0, 1:].mean(1))
+    torch.testing.assert_close(got["vision_features"], ref.hidden_states[-2][:, 1:], atol=1e-5, rtol=1e-5)
+    attn = tower.encoder.layers[layer]
+    hidden = attn.layer_norm1(ref.hidden_states[layer])
+    keys = attn.self_attn.k_proj(hidden).view(2, 577, attn.self_attn.num_heads, -1).mean(2)[:, 1:]
+    torch.testing.assert_close(got["vision_keys"], keys, atol=1e-5, rtol=1e-5)
+    assert not torch.equal(got["vision_attention"][0], got["vision_attention"][1])  # per image
+
+
+def test_qwen_probe_features_are_the_llm_inputs_in_token_order(tmp_path):
+    """Qwen2.5-VL: vision_features == the image features the model feeds the LLM (window order
+    undone), the attention received sums to 1 over each image's patches (a quarter per merged token)."""
+    import numpy as np
+    from PIL import Image
+
+    from fastv_analysis.adapters import get_adapter, registry
+    from fastv_analysis.loading import build_prompt, load_model
+    from fastv_analysis.vision_probe import NAMES, VisionTap
+
+    path = registry()["Qwen2_5_VLForConditionalGeneration"].tiny(tmp_path / "m", seed=2)
+    loaded = load_model(str(path), device="cpu", dtype="float32")
+    image = Image.fromarray((np.random.default_rng(1).random((112, 196, 3)) * 255).astype("uint8"))
+    inputs = dict(loaded.processor(text=[build_prompt(loaded.processor, "what?")], images=[image], return_tensors="pt"))
+    with torch.no_grad(), VisionTap(get_adapter(loaded.model), lambda: NAMES) as tap:
+        loaded.model(**inputs)
+        feats = loaded.model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+    got = tap.per_sample(NAMES, [28])
+    merged = feats.pooler_output if hasattr(feats, "pooler_output") else feats
+    merged = torch.cat(list(merged)) if isinstance(merged, (list, tuple)) else merged
+    torch.testing.assert_close(got["vision_features"][0], merged)
+    assert float(got["vision_attention"].sum()) == pytest.approx(0.25)
+    assert got["vision_keys"].shape == (1, 28, loaded.model.config.vision_config.hidden_size // 2)

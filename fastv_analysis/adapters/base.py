@@ -110,8 +110,7 @@ class Adapter(CacheCalls, Readouts):
                      the first forward, so the top-level call may never see them).
     cache_kwarg:     the keyword the model and its layers take the KV cache under
                      (``past_key_values`` up to transformers 5.23, ``cache`` from 5.24).
-    vision_kind:     how :mod:`fastv_analysis.vision_probe` reads the tower: ``clip_cls``
-                     (a CLS token, LLaVA-1.5), ``qwen_merge`` (no CLS, 2 x 2 PatchMerger), None.
+    vision_kind:     which hooks of :mod:`.vision` read the tower (``clip_cls``, ``qwen_merge``, None).
 
     The methods below are transformers' calling conventions as of 5.23 / 5.24 for the
     Llama-family decoders; a family with other conventions overrides them.
