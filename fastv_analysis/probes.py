@@ -178,7 +178,7 @@ class InputsRecorder:
     output (:data:`NEEDS_OUTPUT`) are computed when layer K begins, the rest at K-1's attention.
     """
 
-    def __init__(self, model, layers, names, image_pos, n_image, query_pos, attention_mask):
+    def __init__(self, model, layers, names, image_pos, n_image, query_pos, attention_mask, image_sizes=None):
         from .adapters import get_adapter
 
         self.adapter = get_adapter(model)
@@ -191,6 +191,8 @@ class InputsRecorder:
         self.after = any(n in NEEDS_OUTPUT for n in self.names)
         vision = [n for n in self.names if n in VISION_NAMES]
         self.vision = VisionTap(self.adapter, lambda: vision) if vision and self.layers else None
+        if self.vision is not None:
+            self.vision.image_sizes = image_sizes  # LLaVA-NeXT's tiles -> tokens
         if self.after and any(k + 1 >= self.adapter.num_layers for k in self.layers):
             raise ValueError(f"{', '.join(n for n in self.names if n in NEEDS_OUTPUT)} need a layer K after K-1: "
                              f"--agg-layers must be below {self.adapter.num_layers}")

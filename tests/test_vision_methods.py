@@ -105,7 +105,8 @@ def test_registered_strategies_select_through_the_registry():
 
 # ----------------------------------------------------------------------------- replay == online
 
-REPLAY = {"LlavaForConditionalGeneration": "64,3", "Qwen2_5_VLForConditionalGeneration": "3"}
+REPLAY = {"LlavaForConditionalGeneration": "64,3", "LlavaNextForConditionalGeneration": "3",
+          "Qwen2_5_VLForConditionalGeneration": "3"}
 SIZES = [(56, 56), (196, 112), (120, 80)]
 VISION = "vision_attention,vision_keys,vision_features"
 
@@ -254,3 +255,42 @@ def test_qwen_probe_features_are_the_llm_inputs_in_token_order(tmp_path):
     torch.testing.assert_close(got["vision_features"][0], merged)
     assert float(got["vision_attention"].sum()) == pytest.approx(0.25)
     assert got["vision_keys"].shape == (1, 28, loaded.model.config.vision_config.hidden_size // 2)
+
+
+def test_llava_next_probe_maps_tiles_to_the_llm_tokens(tmp_path):
+    """LLaVA-NeXT: per-tile CLS rows and patch features, laid out in the LLM's token order, equal
+    the model's own pack_image_features applied to the eager tower's attentions / hidden states
+    (newline tokens: zeros); the token count is the prompt's."""
+    import numpy as np
+    from PIL import Image
+
+    from fastv_analysis.adapters import get_adapter, registry
+    from fastv_analysis.adapters.vision import feature_layer_index
+    from fastv_analysis.loading import build_prompt, load_model
+    from fastv_analysis.vision_probe import NAMES, VisionTap
+
+    path = registry()["LlavaNextForConditionalGeneration"].tiny(tmp_path / "m", seed=2)
+    loaded = load_model(str(path), device="cpu", dtype="float32")
+    image = Image.fromarray((np.random.default_rng(1).random((90, 200, 3)) * 255).astype("uint8"))
+    inputs = dict(loaded.processor(text=[build_prompt(loaded.processor, "what?")], images=[image], return_tensors="pt"))
+    adapter = get_adapter(loaded.model)
+    n = int((inputs["input_ids"] == adapter.image_token_id).sum())
+    with torch.no_grad(), VisionTap(adapter, lambda: NAMES) as tap:
+        loaded.model(**inputs)
+    tap.image_sizes = inputs["image_sizes"]
+    got = tap.per_sample(NAMES, [n])
+    tower = loaded.model.model.vision_tower
+    tower.set_attn_implementation("eager")
+    pixels = inputs["pixel_values"][0]
+    with torch.no_grad():
+        ref = tower(pixels, output_attentions=True, output_hidden_states=True)
+        f = loaded.model.config.vision_feature_layer  # -1 in the tiny checkpoint
+        feature = ref.hidden_states[f][:, 1:]
+        i = feature_layer_index(len(ref.attentions), f)
+        cls = ref.attentions[max(i - 1, 0)][:, :, 0, 1:].mean(1)[..., None]
+        pack = loaded.model.model.pack_image_features
+        packed = [pack([x], inputs["image_sizes"], vision_feature_select_strategy="default",
+                       image_newline=torch.zeros(x.shape[-1]))[0][0] for x in (feature, cls)]
+    assert got["vision_features"].shape[1] == n == packed[0].shape[0]  # newline tokens included
+    torch.testing.assert_close(got["vision_features"][0], packed[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got["vision_attention"][0], packed[1][:, 0])

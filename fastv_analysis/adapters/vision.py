@@ -47,10 +47,15 @@ def clip_cls_hooks(adapter, tap) -> list:
         if "vision_features" in tap.wanted():
             tap.part["vision_features"] = hidden[:, 1:].float()
 
+    anyres = hasattr(adapter.model.model, "pack_image_features")
+
     def finish(module, args, output):
         if tap.wanted():
             parts, tap.part = tap.part, {}
-            tap.finish(parts)
+            if anyres:  # tiles -> LLM tokens once the prompt's image_sizes are known
+                tap.finish_later(lambda sizes: anyres_tokens(adapter.model, parts, sizes))
+            else:
+                tap.finish(parts)
 
     handles = [layers[max(i - 1, 0)].self_attn.register_forward_hook(attention, with_kwargs=True)]
     if i < len(layers):  # the input of layer i
@@ -60,6 +65,31 @@ def clip_cls_hooks(adapter, tap) -> list:
         handles.append(layers[-1].register_forward_hook(
             lambda m, args, output: features(output[0] if isinstance(output, tuple) else output)))
     return handles + [tower.register_forward_hook(finish)]
+
+
+def anyres_tokens(model, parts: dict, image_sizes: torch.Tensor) -> dict:
+    """LLaVA-NeXT: per-tile values ``{name: [tiles, 576, ...]}`` (all images' tiles) as
+    ``{name: [images][n_tokens, ...]}`` in the LLM's token order: each image's tiles go through
+    the model's own ``pack_image_features`` as their flat indices (unpadding included), and the
+    ``image_newline`` tokens, which no patch feeds, get zeros."""
+    modeling = inspect.getmodule(type(model.model))
+    config = model.config
+    counts = [modeling.image_size_to_num_patches(image_size=s, grid_pinpoints=config.image_grid_pinpoints,
+                                                 patch_size=config.vision_config.image_size) for s in image_sizes]
+    side = next(iter(parts.values())).shape[1]
+    index = [torch.arange(1, c * side + 1, dtype=torch.float32).view(c, side, 1) for c in counts]
+    with torch.no_grad():
+        packed, _ = model.model.pack_image_features(index, image_sizes.cpu(), vision_feature_select_strategy="default",
+                                                    image_newline=torch.zeros(1))
+    out = {n: [] for n in parts}
+    for tiles, source in zip(torch.split(torch.arange(sum(counts)), counts), packed):
+        source = source[:, 0].round().long() - 1  # -1: a newline token
+        for n, v in parts.items():
+            flat = v[tiles.to(v.device)].flatten(0, 1)
+            taken = flat[source.clamp(min=0).to(v.device)]
+            mask = (source >= 0).to(v.device).view(-1, *([1] * (taken.dim() - 1)))
+            out[n].append(taken * mask)
+    return out
 
 
 def qwen_merge_hooks(adapter, tap) -> list:
@@ -121,8 +151,8 @@ def unsupported_hooks(adapter, tap) -> list:
     def refuse(module, args):
         if tap.wanted():
             raise ValueError(f"{adapter.architecture}: the vision inputs (vision_attention, vision_keys, "
-                             "vision_features) are read for LLaVA-1.5 (CLIP with CLS) and Qwen2-VL / Qwen2.5-VL "
-                             "towers only")
+                             "vision_features) are read for LLaVA-1.5 / LLaVA-NeXT (CLIP with CLS) and Qwen2-VL / "
+                             "Qwen2.5-VL towers only")
 
     return [adapter.vision_tower.register_forward_pre_hook(refuse)]
 

@@ -52,7 +52,7 @@ def visionzip_plan(attention: torch.Tensor, keys: torch.Tensor, dominant: int, c
         is_target[pick] = True
         members = left[:, ~is_target]  # [S, L - C]
         k = keys.to(torch.promote_types(keys.dtype, torch.float32))
-        unit = k / k.norm(dim=-1, keepdim=True)
+        unit = k / k.norm(dim=-1, keepdim=True).clamp(min=1e-12)  # zero rows (LLaVA-NeXT newlines): cosine 0
         sim = torch.bmm(_rows(unit, members), _rows(unit, targets).transpose(1, 2))
         group = sim.argmax(dim=2)  # [S, L - C]: which target
         counts = torch.zeros(s, contextual, device=attention.device).scatter_add_(
@@ -74,8 +74,9 @@ def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 @register("visionzip", "set", params={"contextual": None}, needs=("vision_attention", "vision_keys"),
           where="vision", positions="compact", merges=True,
-          doc="VisionZip (vision tower): dominant tokens by CLS attention (towers without CLS, e.g. Qwen2.5-VL: "
-              "mean attention received, per 2x2-merged token), the rest merged into keep*10//64 contextual tokens "
+          doc="VisionZip (vision tower): dominant tokens by CLS attention (LLaVA-NeXT: per tile, newline tokens 0; "
+              "towers without CLS, e.g. Qwen2.5-VL: mean attention received at the last block, per 2x2-merged token, "
+              "as LightCompress), the rest merged into keep*10//64 contextual tokens "
               "by key cosine; no CLS slot in the LLM, so dominant = keep - contextual patch tokens; merged after "
               "the projector; positions: the authors' code renumbers (compact).")
 def _visionzip(ctx: _Ctx, keep: int | None, *, contextual: int | None) -> _Result:

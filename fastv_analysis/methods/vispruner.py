@@ -38,7 +38,7 @@ def vispruner_keep(attention: torch.Tensor, features: torch.Tensor, keep: int, i
     order = attention.argsort(dim=-1, descending=True)
     imp, rest = order[:, :important], order[:, important:]
     x = features.to(torch.promote_types(features.dtype, torch.float32))
-    unit = x / x.norm(dim=-1, keepdim=True)
+    unit = x / x.norm(dim=-1, keepdim=True).clamp(min=1e-12)  # zero rows (LLaVA-NeXT newlines): cosine 0
     rows = torch.arange(s, device=attention.device)[:, None]
     while diverse > 0:
         r_total = rest.shape[1]
@@ -56,7 +56,8 @@ def vispruner_keep(attention: torch.Tensor, features: torch.Tensor, keep: int, i
 
 @register("vispruner", "set", params={"important_ratio": 0.5}, needs=("vision_attention", "vision_features"),
           where="vision", positions="compact",
-          doc="VisPruner (vision tower): int(keep*0.5) important tokens by CLS attention (towers without CLS, "
+          doc="VisPruner (vision tower): int(keep*0.5) important tokens by CLS attention (LLaVA-NeXT: per tile, "
+              "newline tokens 0; towers without CLS, "
               "e.g. Qwen2.5-VL: mean attention received per 2x2-merged token, features = LLM-input embeddings, as "
               "LightCompress), the rest by rounds removing near-duplicates; odd leftovers: one more important token "
               "(LightCompress's fix); positions: the authors' code renumbers (compact).")

@@ -142,6 +142,8 @@ class Ranker:
 
     def _cut(self, prompt: Prompt, module, call, needs, hidden_out: torch.Tensor | None = None) -> None:
         inputs = None
+        if self.vision is not None:
+            self.vision.image_sizes = (prompt.inputs or {}).get("image_sizes")  # LLaVA-NeXT's tiles -> tokens
         if needs:
             inputs = probes.layer_inputs(self.adapter, module, call, prompt.hidden_in, prompt.image_pos,
                                          prompt.n_image, prompt.query_pos, prompt.attention_mask, needs,
