@@ -14,6 +14,9 @@ from ..strategies import _Ctx, _Result, register
 
 ROUND_DROP = 8
 """At most this many near-duplicates are removed per round (the authors' ``min(8, ...)``)."""
+GRAM_ELEMENTS = 1 << 25
+"""Samples are de-duplicated in chunks whose ``[chunk, N, N]`` Gram matrices hold at most this
+many entries (128 MiB at float32)."""
 
 
 def vispruner_keep(attention: torch.Tensor, features: torch.Tensor, keep: int, important_ratio: float = 0.5
@@ -39,19 +42,29 @@ def vispruner_keep(attention: torch.Tensor, features: torch.Tensor, keep: int, i
     imp, rest = order[:, :important], order[:, important:]
     x = features.to(torch.promote_types(features.dtype, torch.float32))
     unit = x / x.norm(dim=-1, keepdim=True).clamp(min=1e-12)  # zero rows (LLaVA-NeXT newlines): cosine 0
-    rows = torch.arange(s, device=attention.device)[:, None]
-    while diverse > 0:
+    chunk = max(1, GRAM_ELEMENTS // max(n * n, 1))
+    rest = torch.cat([_dedup_rounds(unit[i:i + chunk], rest[i:i + chunk], diverse) for i in range(0, s, chunk)]) \
+        if s else rest
+    kept = torch.cat([imp, rest], dim=1) if diverse > 0 else imp
+    return kept.sort(dim=1).values
+
+
+def _dedup_rounds(unit: torch.Tensor, rest: torch.Tensor, diverse: int) -> torch.Tensor:
+    """The authors' rounds on ``rest`` ``[S, R]`` until ``diverse`` remain; the cosines come
+    from one Gram matrix per sample instead of a product per round (the same values)."""
+    if diverse <= 0:
+        return rest
+    gram = unit @ unit.transpose(-1, -2)  # [S, N, N]
+    samples = torch.arange(gram.shape[0], device=gram.device)[:, None, None]
+    while True:
         r_total = rest.shape[1]
         r = min(ROUND_DROP, r_total - diverse, (r_total + 1) // 2)  # the authors fail past the even places
         if r <= 0:
-            break
-        tokens = unit[rows, rest]
-        even, odd = tokens[:, ::2], tokens[:, 1::2]
-        score = (even @ odd.transpose(-1, -2)).max(dim=-1).values
+            return rest
+        even, odd = rest[:, ::2], rest[:, 1::2]
+        score = gram[samples, even[:, :, None], odd[:, None, :]].amax(dim=-1)  # [S, E]: best odd-place match
         distinct = score.argsort(dim=-1, descending=True)[:, r:]
-        rest = torch.cat([rest[:, ::2].gather(1, distinct), rest[:, 1::2]], dim=1)
-    kept = torch.cat([imp, rest], dim=1) if diverse > 0 else imp
-    return kept.sort(dim=1).values
+        rest = torch.cat([even.gather(1, distinct), odd], dim=1)
 
 
 @register("vispruner", "set", params={"important_ratio": 0.5}, needs=("vision_attention", "vision_features"),
