@@ -77,8 +77,9 @@ def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
           doc="VisionZip (vision tower): dominant tokens by CLS attention (LLaVA-NeXT: per tile, newline tokens 0; "
               "towers without CLS, e.g. Qwen2.5-VL: mean attention received at the last block, per 2x2-merged token, "
               "as LightCompress), the rest merged into keep*10//64 contextual tokens "
-              "by key cosine; no CLS slot in the LLM, so dominant = keep - contextual patch tokens; merged after "
-              "the projector; positions: the authors' code renumbers (compact).")
+              "by key cosine (targets: every step-th leftover in token order, no grid needed); no CLS slot in the LLM, "
+              "so dominant = keep - contextual patch tokens; merged after the projector; other towers (OneVision, "
+              "InternVL, ...): a one-line error; positions: the authors' code renumbers (compact).")
 def _visionzip(ctx: _Ctx, keep: int | None, *, contextual: int | None) -> _Result:
     """:func:`visionzip_plan` with ``keep - c`` dominant and ``c`` contextual tokens, c =
     ``contextual`` or the authors' share :func:`contextual_count`. The authors' 64 is CLS +

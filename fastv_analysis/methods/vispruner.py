@@ -72,8 +72,9 @@ def _dedup_rounds(unit: torch.Tensor, rest: torch.Tensor, diverse: int) -> torch
           doc="VisPruner (vision tower): int(keep*0.5) important tokens by CLS attention (LLaVA-NeXT: per tile, "
               "newline tokens 0; towers without CLS, "
               "e.g. Qwen2.5-VL: mean attention received per 2x2-merged token, features = LLM-input embeddings, as "
-              "LightCompress), the rest by rounds removing near-duplicates; odd leftovers: one more important token "
-              "(LightCompress's fix); positions: the authors' code renumbers (compact).")
+              "LightCompress), the rest by rounds removing near-duplicates (no grid needed); odd leftovers: one more "
+              "important token (LightCompress's fix); other towers (OneVision, InternVL, ...): a one-line error; "
+              "positions: the authors' code renumbers (compact).")
 def _vispruner(ctx: _Ctx, keep: int | None, *, important_ratio: float) -> _Result:
     """:func:`vispruner_keep` of ``vision_attention`` / ``vision_features``; scores: the attention."""
     if keep is None:
