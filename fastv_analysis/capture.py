@@ -92,7 +92,7 @@ def capture_batch(loaded, batch: list[Prepared], cfg: CaptureConfig, store_dtype
     t0 = time.perf_counter()
     with torch.inference_mode(), AttentionRecorder(loaded.model, recorded, queries) as rec, \
             probes.InputsRecorder(loaded.model, layers if named else [], named, image_pos, n_image, query_pos,
-                                  inputs.get("attention_mask")) as extra:
+                                  inputs.get("attention_mask"), inputs.get("image_sizes")) as extra:
         out = loaded.model.generate(**inputs, max_new_tokens=cfg.max_new_tokens, do_sample=False,
                                     pad_token_id=processor.tokenizer.pad_token_id)
     sync_device(loaded.device)

@@ -30,6 +30,8 @@ pruning ranks by, and select replays exactly what ``apply_fastv`` would do:
 * ``hidden_out``          ``[B, N, D]``: the image tokens' residual stream entering layer K
   (layer K-1's output), what SparseVLM's recycling clusters and merges.
 The DART inputs and ``hidden_out`` need layer K-1's *output*, so they are computed when layer K begins.
+The vision-side inputs ``vision_attention`` / ``vision_keys`` / ``vision_features`` are read
+inside the vision tower (:mod:`fastv_analysis.vision_probe`) and handed to :func:`layer_inputs`.
 """
 
 from __future__ import annotations
@@ -39,14 +41,16 @@ from collections.abc import Sequence
 import torch
 
 from .positions import take_positions
+from .vision_probe import NAMES as VISION_NAMES
+from .vision_probe import VisionTap
 
 NAMES = ("attention_no_rope", "attention_text_mean", "attention_all_mean", "hidden_norm", "sketch", "embeddings",
-         "dart_image", "dart_text", "instruction", "attention_raters", "hidden_out")
+         "dart_image", "dart_text", "instruction", "attention_raters", "hidden_out") + VISION_NAMES
 NEEDS_HIDDEN = ("hidden_norm", "sketch")
 NEEDS_EMBEDDINGS = ("embeddings", "instruction", "attention_raters")
 NEEDS_OUTPUT = ("dart_image", "dart_text", "hidden_out")
 """Names read off layer K-1's output (the residual stream entering layer K)."""
-TOKEN_DIM_1 = ("sketch", "embeddings", "dart_image", "hidden_out")
+TOKEN_DIM_1 = ("sketch", "embeddings", "dart_image", "hidden_out", "vision_keys", "vision_features")
 """Names whose image-token dim is 1 (``[S, N, ...]``); ``dart_text`` and ``instruction`` have none."""
 NO_TOKEN_DIM = ("dart_text", "instruction")
 FLOAT32_NAMES = ("dart_image", "dart_text")
@@ -118,12 +122,12 @@ def sparsevlm_raters(embeds: torch.Tensor, image_pos: torch.Tensor, n_image: tor
 def layer_inputs(adapter, module, call, hidden_in: torch.Tensor | None, image_pos: torch.Tensor,
                  n_image: torch.Tensor, query_pos: torch.Tensor, attention_mask: torch.Tensor | None,
                  names: Sequence[str], embeds: torch.Tensor | None = None,
-                 hidden_out: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                 hidden_out: torch.Tensor | None = None, vision: VisionTap | None = None) -> dict[str, torch.Tensor]:
     """The requested :data:`NAMES` for a batch, image columns padded to ``image_pos``'s width.
 
     ``call``: layer K-1's attention call (:class:`~fastv_analysis.adapters.AttentionCall`);
     ``hidden_in``: ``[B, S, D]`` residual stream entering layer K-1 (for the hidden-state
-    names); ``query_pos``: ``[B, 1]`` each element's last real token.
+    names); ``query_pos``: ``[B, 1]`` each element's last real token; ``vision``: the tap that recorded this forward's tower.
     """
     unknown = sorted(set(names) - set(NAMES))
     if unknown:
@@ -163,6 +167,10 @@ def layer_inputs(adapter, module, call, hidden_in: torch.Tensor | None, image_po
         out["embeddings"] = take_positions(embeds, image_pos, dim=1).float()
     if "instruction" in names:
         out["instruction"] = instruction_embedding(embeds, masks["attention_text_mean"])
+    if any(n in names for n in VISION_NAMES):
+        if vision is None:
+            raise adapter.missing("the vision tower's recording", "the vision inputs probe")
+        out.update(vision.per_sample(names, n_image.tolist(), hidden.device))
     if any(n in names for n in NEEDS_OUTPUT):
         if hidden_out is None:
             raise adapter.missing("layer K-1's output", "the DART inputs probe")
@@ -217,7 +225,7 @@ class InputsRecorder:
     output (:data:`NEEDS_OUTPUT`) are computed when layer K begins, the rest at K-1's attention.
     """
 
-    def __init__(self, model, layers, names, image_pos, n_image, query_pos, attention_mask):
+    def __init__(self, model, layers, names, image_pos, n_image, query_pos, attention_mask, image_sizes=None):
         from .adapters import get_adapter
 
         self.adapter = get_adapter(model)
@@ -228,6 +236,10 @@ class InputsRecorder:
         self._calls: dict[int, tuple] = {}
         self._handles: list = []
         self.after = any(n in NEEDS_OUTPUT for n in self.names)
+        vision = [n for n in self.names if n in VISION_NAMES]
+        self.vision = VisionTap(self.adapter, lambda: vision) if vision and self.layers else None
+        if self.vision is not None:
+            self.vision.image_sizes = image_sizes  # LLaVA-NeXT's tiles -> tokens
         if self.after and any(k + 1 >= self.adapter.num_layers for k in self.layers):
             raise ValueError(f"{', '.join(n for n in self.names if n in NEEDS_OUTPUT)} need a layer K after K-1: "
                              f"--agg-layers must be below {self.adapter.num_layers}")
@@ -235,7 +247,7 @@ class InputsRecorder:
     def _compute(self, layer: int, module, call, hidden_out=None) -> None:
         self.inputs[layer] = layer_inputs(self.adapter, module, call, self._hidden.get(layer), self.image_pos,
                                           self.n_image, self.query_pos, self.mask, self.names,
-                                          embeds=self._hidden.get(-1), hidden_out=hidden_out)
+                                          embeds=self._hidden.get(-1), hidden_out=hidden_out, vision=self.vision)
 
     def _hook(self, layer: int) -> None:
         adapter = self.adapter
@@ -273,6 +285,8 @@ class InputsRecorder:
             self._handles.append(self.adapter.layers[0].register_forward_pre_hook(embeds, with_kwargs=True))
         for layer in self.layers:
             self._hook(layer)
+        if self.vision is not None:
+            self._handles.extend(self.vision.install())
         return self
 
     def __exit__(self, *exc) -> None:

@@ -66,6 +66,11 @@ INPUTS = {
     "instruction": "[..., D] mean of the instruction tokens' L2-normalised LLM-input embeddings (CDPruner's relevance)",
     "attention_raters": "[..., H, N] rows at layer K-1 averaged over SparseVLM's text raters (chosen at layer 0)",
     "hidden_out": "[..., N, D] the image tokens' residual stream entering layer K (layer K-1's output)",
+    "vision_attention": "[..., N] per image token, the vision tower's attention at the layer feeding the LLM: "
+                        "head-mean CLS row (CLIP), else mean attention received, averaged over merged patches",
+    "vision_keys": "[..., N, d] that attention layer's head-averaged keys (averaged over merged patches)",
+    "vision_features": "[..., N, D] the features VisPruner de-duplicates: the vision tower's patch output at "
+                       "the feature layer (CLIP, pre-projector), else the LLM-input embeddings",
 }
 """Named per-sample inputs a strategy may read beyond ``attention`` (same batch shape)."""
 
@@ -527,13 +532,14 @@ def _check_inputs(spec: Strategy, resolved: Mapping[str, object], attention: tor
         x = inputs[name]
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             raise ValueError(f"input {name!r} must be a floating-point tensor")
-        if name == "hidden_norm":
+        if name in ("hidden_norm", "vision_attention"):
             ok = tuple(x.shape) == batch + (n_tokens,)
             want = f"{batch + (n_tokens,)}"
         elif name == "instruction":
             ok = x.dim() == len(batch) + 1 and tuple(x.shape[:-1]) == batch
             want = f"{batch + ('D',)}"
-        elif name in ("sketch", "embeddings", "dart_image", "hidden_out"):
+        elif name in ("sketch", "embeddings", "dart_image", "hidden_out", "vision_keys",
+                      "vision_features"):
             width = 3 if name == "dart_image" else 1
             ok = x.dim() == len(batch) + 2 and tuple(x.shape[:-1]) == batch + (n_tokens,) and x.shape[-1] >= width
             want = f"{batch + (n_tokens, 'D')}"

@@ -42,7 +42,7 @@ def replayed(request, tmp_path_factory):
     assert main(["capture", "--model", str(model), "--data", str(root / "d" / "q.jsonl"), "--out", str(run),
                  "--agg-layers", "2", "--max-new-tokens", "1", "--quiet", "--store",
                  "attention_no_rope,attention_text_mean,attention_all_mean,hidden_norm,sketch,embeddings,dart_image,"
-                 "dart_text,instruction,attention_raters,hidden_out,layers"]) == 0
+                 "dart_text,instruction,attention_raters,hidden_out,vision_attention,vision_keys,vision_features,layers"]) == 0
     assert main(["select", str(run), "--methods", ",".join(ALL_METHODS), "--queries", ",".join(QUERIES),
                  "--alphas", "0.3", "--keep", "3,1", "--keep-ratio", "0.75", "--quiet"]) == 0
     return arch, model, root, pl.read_parquet(run / "select" / "selections.parquet")

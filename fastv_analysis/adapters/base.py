@@ -110,6 +110,7 @@ class Adapter(CacheCalls, Readouts):
                      the first forward, so the top-level call may never see them).
     cache_kwarg:     the keyword the model and its layers take the KV cache under
                      (``past_key_values`` up to transformers 5.23, ``cache`` from 5.24).
+    vision_kind:     which hooks of :mod:`.vision` read the tower (``clip_cls``, ``qwen_merge``, None).
 
     The methods below are transformers' calling conventions as of 5.23 / 5.24 for the
     Llama-family decoders; a family with other conventions overrides them.
@@ -132,6 +133,7 @@ class Adapter(CacheCalls, Readouts):
     image_token_id: int
     vision_tower: nn.Module
     cache_kwarg: str = "past_key_values"
+    vision_kind: str | None = None
 
     @property
     def dtype(self) -> torch.dtype:

@@ -96,8 +96,11 @@ def build(model: nn.Module) -> Adapter:
     if image_token_id is None:
         image_token_id = config.image_token_index  # LLaVA-OneVision's name for it
     cls = AnyresAdapter if hasattr(model.model, "pack_image_features") else Adapter
+    clip_cls = type(model).__name__ in ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration") and \
+        getattr(config, "vision_feature_select_strategy", None) == "default" and \
+        getattr(config.vision_config, "model_type", "") == "clip_vision_model"  # CLS dropped before the projector
     return cls(image_token_id=image_token_id, vision_tower=model.model.vision_tower,
-               **decoder_fields(model, model.model.language_model))
+               vision_kind="clip_cls" if clip_cls else None, **decoder_fields(model, model.model.language_model))
 
 
 _TOY = "fastv_analysis.toy.families"

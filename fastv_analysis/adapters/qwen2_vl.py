@@ -81,7 +81,7 @@ class QwenVLAdapter(Adapter):
 
 def build(model: nn.Module) -> Adapter:
     return QwenVLAdapter(image_token_id=model.config.image_token_id, vision_tower=model.model.visual,
-                         **decoder_fields(model, model.model.language_model))
+                         vision_kind="qwen_merge", **decoder_fields(model, model.model.language_model))
 
 
 # smart_resize: 28 px per merged token. 2 x 2 grid: r = 2, c = 1 -> rows 0, 1, col 1 -> 1, 3; 4 x 7 grid:

@@ -15,7 +15,9 @@ import torch
 from torch import nn
 
 from .config import FastVConfig
-from .online import Ranker, needs_embeddings, needs_hidden
+from ..vision_probe import NAMES as VISION_NAMES
+from ..vision_probe import VisionTap
+from .online import Ranker, needed_inputs, needs_embeddings, needs_hidden
 from .prompt import Prompt, new_prompt
 from .rewrite import Memo, rewrite_decoder_input, rewrite_layer
 
@@ -42,6 +44,7 @@ class FastVHooks:
         self.positions_given = False  # whether the running forward's caller passed position ids
         self.memo = Memo()
         self.pixels: torch.Tensor | None = None  # what the vision tower last encoded
+        self.vision = VisionTap(adapter, self._vision_names)  # the vision-side inputs (VisionZip, VisPruner)
 
     @contextmanager
     def installed(self):
@@ -55,6 +58,7 @@ class FastVHooks:
             handles.append(_pre_hook(adapter.model, self.on_model))
             handles.append(adapter.model.register_forward_hook(self.after_model, always_call=True))
             handles.append(_pre_hook(adapter.vision_tower, self.on_vision))
+            handles.extend(self.vision.install())
             handles.append(_pre_hook(adapter.language_model, self.on_language_model))
             for i, layer in enumerate(adapter.layers):
                 handles.append(_pre_hook(layer, partial(self.on_layer, i)))
@@ -81,7 +85,13 @@ class FastVHooks:
         return prompt.governing(layer).kept_positions
 
     def ranker(self) -> Ranker:
-        return Ranker(self.config, self.adapter, self.pixels)
+        return Ranker(self.config, self.adapter, self.pixels, self.vision)
+
+    def _vision_names(self) -> tuple[str, ...]:
+        """The vision-side inputs the configured strategy reads, while a prefill encodes its image."""
+        if self.phase != "prefill":
+            return ()
+        return tuple(n for n in needed_inputs(self.config) if n in VISION_NAMES)
 
     def on_model(self, module, args, kwargs):
         """Decide what this forward is: a new prompt (prefill), a decode step, or neither."""

@@ -21,6 +21,11 @@ from .cut import image_attention, kept_token_mask, mask_to_positions, sample_key
 from .prompt import Cut, Prompt
 
 
+def needed_inputs(config: FastVConfig) -> tuple[str, ...]:
+    """The named inputs the configured strategy reads."""
+    return strategies.required_inputs(config.method, **dict(config.params))
+
+
 def needs_hidden(config: FastVConfig) -> bool:
     """Whether the configured strategy reads the residual stream entering layer K-1."""
     return any(n in probes.NEEDS_HIDDEN for n in strategies.required_inputs(config.method, **dict(config.params)))
@@ -61,6 +66,7 @@ class Ranker:
     config: FastVConfig
     adapter: Adapter
     pixels: torch.Tensor | None = None
+    vision: object = None  # the VisionTap that recorded this prefill's vision tower (vision-side inputs)
 
     def keys(self, prompt: Prompt) -> list[int]:
         """Keys of the random control, computed once the image has been encoded."""
@@ -136,10 +142,12 @@ class Ranker:
 
     def _cut(self, prompt: Prompt, module, call, needs, hidden_out: torch.Tensor | None = None) -> None:
         inputs = None
+        if self.vision is not None:
+            self.vision.image_sizes = (prompt.inputs or {}).get("image_sizes")  # LLaVA-NeXT's tiles -> tokens
         if needs:
             inputs = probes.layer_inputs(self.adapter, module, call, prompt.hidden_in, prompt.image_pos,
                                          prompt.n_image, prompt.query_pos, prompt.attention_mask, needs,
-                                         embeds=prompt.embeds_in, hidden_out=hidden_out)
+                                         embeds=prompt.embeds_in, hidden_out=hidden_out, vision=self.vision)
         prompt.selection = self.select(prompt, prompt.image_rows, inputs)
         prompt.choose(prompt.selection.indices.to(prompt.image_pos.device))
 
