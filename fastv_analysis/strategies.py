@@ -22,6 +22,7 @@ a whole keep grid for the price of one sort.
 
 from __future__ import annotations
 
+import importlib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -817,7 +818,10 @@ def _hybrid_uniform(ctx: _Ctx, keep: int | None, *, base: str, uniform_share: fl
 
 # ----------------------------------------------------------------------------- the field's methods
 
-from . import methods  # noqa: E402,F401  (registers DivPrune, DART, ... : one module per method)
+from .methods import MODULES as METHOD_MODULES  # noqa: E402
+
+for _module in METHOD_MODULES:  # one module per method, each registers itself (DivPrune, DART, ...)
+    importlib.import_module(f"{__package__}.methods.{_module}")
 
 
 ALL_METHODS = tuple(STRATEGIES)
