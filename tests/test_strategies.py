@@ -246,7 +246,7 @@ def _random_inputs(attention, seed=0, d=8):
 def test_registry_order_keeps_the_original_five_first():
     assert tuple(S.STRATEGIES) == S.ALL_METHODS == (
         "avg_all_heads", "max_head", "weighted_combination", "random", "uniform",
-        "dynamic_alpha", "no_rope", "sink_excluded", "diverse", "hybrid_uniform", "divprune", "dart")
+        "dynamic_alpha", "no_rope", "sink_excluded", "diverse", "hybrid_uniform", "divprune", "dart", "pooling")
     assert METHODS == ("avg_all_heads", "max_head", "weighted_combination", "random", "uniform")
     assert S.ATTENTION_METHODS == ("avg_all_heads", "max_head", "weighted_combination")
     assert S.CONTROL_METHODS == ("random", "uniform")
@@ -254,7 +254,7 @@ def test_registry_order_keeps_the_original_five_first():
     assert kinds == {"avg_all_heads": "ranking", "max_head": "ranking", "weighted_combination": "ranking",
                      "random": "control", "uniform": "control", "dynamic_alpha": "ranking", "no_rope": "ranking",
                      "sink_excluded": "ranking", "diverse": "ranking", "hybrid_uniform": "set",
-                     "divprune": "ranking", "dart": "set"}
+                     "divprune": "ranking", "dart": "set", "pooling": "set"}
     assert S.strategy("weighted_combination").params == {"alpha": 0.5, "query": "last"}
     assert S.strategy("sink_excluded").params == {"base": "avg_all_heads", "sink_ratio": 5.0, "query": "last"}
     assert S.strategy("sink_excluded").needs == ("hidden_norm",)

@@ -8,7 +8,7 @@ stating where it prunes (``where``), the positions policy of the authors' code
 Importing this package registers them all (:mod:`fastv_analysis.strategies` does).
 """
 
-from . import divprune, dart  # noqa: F401,I001  (registration order)
+from . import divprune, dart, pooling  # noqa: F401,I001  (registration order)
 
-MODULES = ("divprune", "dart")
+MODULES = ("divprune", "dart", "pooling")
 """The method modules, in registration order (after the strategies of :mod:`..strategies`)."""

@@ -42,6 +42,7 @@ class FastVHooks:
         self.positions_given = False  # whether the running forward's caller passed position ids
         self.memo = Memo()
         self.pixels: torch.Tensor | None = None  # what the vision tower last encoded
+        self.vision_grid: torch.Tensor | None = None  # and the grid it was given (Qwen's grid_thw)
 
     @contextmanager
     def installed(self):
@@ -101,26 +102,33 @@ class FastVHooks:
         adapter.check_attention_implementation()  # set_attn_implementation may have switched it
         self.prompt = new_prompt(config, adapter, input_ids, call.attention_mask)
         self.prompt.inputs = kwargs
+        if kwargs.get("image_grid_thw") is None and self.vision_grid is not None:
+            # generate encoded the image before this call (mm_encoder_outputs): the layouts read
+            # the grid the vision tower was given
+            self.prompt.inputs = {**kwargs, "image_grid_thw": self.vision_grid}
         self.phase = "prefill"
         return None
 
     def after_model(self, module, args, output):
         """Forget the per-forward state, so direct calls of a submodule are never pruned."""
-        self.phase, self.pixels = None, None
+        self.phase, self.pixels, self.vision_grid = None, None, None
         self.memo.clear()
 
     def on_vision(self, module, args, kwargs):
         """Remember the pixels being encoded: in generate this runs before the prefill."""
         self.pixels = self.adapter.vision_pixels(args, kwargs)
+        self.vision_grid = kwargs.get("grid_thw")
 
     def on_language_model(self, module, args, kwargs):
         """K = 0: choose the kept set once the image is encoded; in drop mode prune the input."""
         prompt = self.prompt
-        if self.phase == "prefill" and prompt.agg_layer == 0 and prompt.kept_mask is None:
-            self.ranker().at_input(prompt)
-        if self.phase is None or prompt.agg_layer != 0 or prompt.mode != "drop":
+        if self.phase is None:
             return None
         call = self.adapter.decoder_call(args, kwargs)
+        if self.phase == "prefill" and prompt.agg_layer == 0 and prompt.kept_mask is None:
+            self.ranker().at_input(prompt, call.inputs_embeds)
+        if prompt.agg_layer != 0 or prompt.mode != "drop":
+            return None
         new = rewrite_decoder_input(self.adapter, prompt, self.phase, call, self.positions_given)
         return self.adapter.with_decoder_call(args, kwargs, new)
 

@@ -10,6 +10,7 @@ import torch
 
 from ..adapters import DecoderCall, LayerCall, replace
 from ..positions import take_positions
+from .merge import reduce_sequence
 from .cut import decode_key_positions, keys_masked_out, mask_fillers, slice_mask
 from .prompt import Governing, Prompt
 
@@ -42,15 +43,26 @@ def rewrite_layer(adapter, prompt: Prompt, phase: str, layer: int, call: LayerCa
     cut = prompt.governing(layer)
     if phase == "decode":
         return _drop_decode_step(adapter, prompt, layer, call, memo, cut)
-    return _drop_prefill(adapter, layer, call, memo, cut)
+    return _drop_prefill(adapter, layer, call, memo, cut, merge_args(prompt) if cut.tag == "" else None)
 
 
-def _drop_prefill(adapter, layer: int, call: LayerCall, memo: Memo, cut: Governing) -> LayerCall:
-    """Prefill, drop mode: the layer sees only the kept positions (gathered at the cut's K)."""
+def merge_args(prompt: Prompt) -> tuple | None:
+    """The first cut's merge, as :func:`~fastv_analysis.pruning.merge.reduce_sequence` takes it."""
+    if prompt.merge is None:
+        return None
+    return prompt.kept_positions, prompt.image_pos, prompt.kept_image, prompt.merge
+
+
+def _drop_prefill(adapter, layer: int, call: LayerCall, memo: Memo, cut: Governing, merge: tuple | None = None
+                  ) -> LayerCall:
+    """Prefill, drop mode: the layer sees only the kept positions (gathered at the cut's K; a
+    merge's ``(kept_positions, image_pos, kept_image, plan)`` fills the anchors' rows with its slots)."""
     tag, kept, fillers, mask = cut.tag, cut.kept_positions, cut.fillers, call.attention_mask
     if call.position_embeddings is None:
         raise adapter.missing("position_embeddings", f"decoder layer {layer}")
-    hidden = take_positions(call.hidden_states, cut.within, dim=1) if layer == cut.first_layer else call.hidden_states
+    hidden = call.hidden_states
+    if layer == cut.first_layer:
+        hidden = take_positions(hidden, cut.within, dim=1) if merge is None else reduce_sequence(hidden, *merge)
 
     def prefill_mask():
         sliced = slice_mask(mask, kept, kept)
@@ -138,7 +150,9 @@ def _prefill_input(adapter, prompt: Prompt, call: DecoderCall) -> DecoderCall:
         position_ids = adapter.default_position_ids(batch, seq_len, embeds.device)
     if mask2d is None:  # explicit mask: gapped position ids must not look like packed sequences
         mask2d = torch.ones(batch, seq_len, dtype=torch.long, device=embeds.device)
-    return DecoderCall(take_positions(embeds, kept, dim=1), None, _kept_mask2d(mask2d, prompt),
+    merge = merge_args(prompt)
+    reduced = take_positions(embeds, kept, dim=1) if merge is None else reduce_sequence(embeds, *merge)
+    return DecoderCall(reduced, None, _kept_mask2d(mask2d, prompt),
                        adapter.gather_position_ids(position_ids, kept), call.cache)
 
 

@@ -1,0 +1,225 @@
+"""Merge reductions (a Merge plan applied online), pooling, and pre-LLM strategies at K = 0.
+
+Exactness: the pruned model's logits and greedy tokens equal an independent reference.
+K = 0: the merged embeddings computed by hand (merge_tokens on the decoder's input
+embeddings, read off an unpruned forward) fed to the UNMODIFIED model as inputs_embeds with
+explicit position ids. K > 0: the unpruned model's hidden states entering layer K
+(output_hidden_states), merged by hand and run through the model's own decoder layers, its
+final norm and lm_head, with explicit RoPE positions (no hooks, no cache: every step
+recomputed from the start).
+"""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from fastv_analysis.adapters import get_adapter, registry
+from fastv_analysis.layout import TokenLayout
+from fastv_analysis.loading import build_prompt, load_model
+from fastv_analysis.methods.pooling import pool_shape, pooling_plan
+from fastv_analysis.pruning import FastVConfig, apply_fastv
+from fastv_analysis.strategies import Merge, merge_tokens, select, strategy
+
+ARCHS = ["LlavaForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"]
+STEPS = 4
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def family(request, tmp_path_factory):
+    arch = request.param
+    path = registry()[arch].tiny(tmp_path_factory.mktemp(arch) / "m", seed=3)
+    loaded = load_model(str(path), device="cpu", dtype="float32")
+    image = Image.fromarray((np.random.default_rng(4).random((112, 168, 3)) * 255).astype("uint8"))
+    proc = loaded.processor
+    inputs = dict(proc(text=[build_prompt(proc, "what is in the picture?")], images=[image], return_tensors="pt"))
+    return arch, loaded.model, inputs
+
+
+# -- the unmodified model's view of one prompt --------------------------------------------------
+
+
+def decoder_input(model, inputs):
+    """The text decoder's inputs_embeds [1, S, D] and position ids ([1, S], or [3, 1, S] for M-RoPE)
+    in an unpruned forward, read by a hook that changes nothing."""
+    adapter = get_adapter(model)
+    seen = {}
+
+    def read(module, args, kwargs):
+        seen.update(embeds=kwargs["inputs_embeds"], ids=kwargs.get("position_ids"))
+
+    handle = adapter.language_model.register_forward_pre_hook(read, with_kwargs=True)
+    try:
+        model(**inputs)
+    finally:
+        handle.remove()
+    ids = seen["ids"]
+    seq = seen["embeds"].shape[1]
+    if ids is None:
+        ids = torch.arange(seq)[None]
+    if ids.dim() == 3 and ids.shape[0] == 4:  # text row first, then M-RoPE's three
+        ids = ids[1:]
+    return seen["embeds"], ids
+
+
+def image_positions(model, inputs):
+    return (inputs["input_ids"][0] == get_adapter(model).image_token_id).nonzero().flatten()
+
+
+def reduced_inputs(embeds, ids, img_pos, indices, merge):
+    """The reduced sequence by hand: text tokens and anchor tokens, the anchors' rows replaced by
+    merge_tokens of the image span; the kept positions' original ids (gapped)."""
+    seq = embeds.shape[1]
+    anchors = img_pos[indices]
+    keep_mask = torch.ones(seq, dtype=torch.bool)
+    keep_mask[img_pos] = False
+    keep_mask[anchors] = True
+    kept = keep_mask.nonzero().flatten()
+    out = embeds[:, kept].clone()
+    slots = merge_tokens(embeds[:, img_pos], indices[None], merge)
+    out[:, torch.searchsorted(kept, anchors)] = slots
+    return out, ids[..., kept]
+
+
+def next_ids(ids, step):
+    """Original-policy position of generated token ``step``: one after the prompt's largest."""
+    nxt = ids.max() + 1 + step
+    return torch.full(ids.shape[:-1] + (1,), int(nxt))
+
+
+def reference_k0(model, embeds, ids, steps=STEPS):
+    """Greedy tokens and first logits of the unmodified model on ``embeds`` with explicit ``ids``."""
+    out = model(inputs_embeds=embeds, position_ids=ids, attention_mask=torch.ones(1, embeds.shape[1], dtype=torch.long),
+                use_cache=True)
+    first = out.logits[0, -1]
+    cache, tokens = out.past_key_values, [int(first.argmax())]
+    length = embeds.shape[1]
+    for step in range(1, steps):
+        emb = model.get_input_embeddings()(torch.tensor([[tokens[-1]]]))
+        out = model(inputs_embeds=emb, position_ids=next_ids(ids, step - 1),
+                    attention_mask=torch.ones(1, length + step, dtype=torch.long), past_key_values=cache,
+                    use_cache=True)
+        tokens.append(int(out.logits[0, -1].argmax()))
+        cache = out.past_key_values
+    return first, tokens
+
+
+def pruned(model, inputs, steps=STEPS, **config):
+    """First logits and greedy tokens through apply_fastv."""
+    with apply_fastv(model, FastVConfig(**config)) as m:
+        first = m(**inputs).logits[0, -1]
+        tokens = m.generate(**inputs, max_new_tokens=steps, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+        meta = m.prompt.selection
+    return first, tokens.tolist(), meta
+
+
+def pooling_merge(model, inputs, keep):
+    adapter = get_adapter(model)
+    n = int(image_positions(model, inputs).numel())
+    layout = adapter.token_layouts(inputs, [n])[0]
+    indices, assign, weight = pooling_plan(layout, keep)
+    return torch.from_numpy(indices), Merge(torch.from_numpy(assign)[None], torch.from_numpy(weight).float()[None])
+
+
+# -- exactness ----------------------------------------------------------------------------------
+
+
+def test_pooling_at_k0_equals_inputs_embeds_reference(family):
+    arch, model, inputs = family
+    indices, merge = pooling_merge(model, inputs, 4)
+    embeds, ids = decoder_input(model, inputs)
+    ref_embeds, ref_ids = reduced_inputs(embeds, ids, image_positions(model, inputs), indices, merge)
+    ref_first, ref_tokens = reference_k0(model, ref_embeds, ref_ids)
+    first, tokens, sel = pruned(model, inputs, agg_layer=0, keep=4, method="pooling")
+    assert torch.equal(sel.indices[0], indices) and torch.equal(sel.merge.assign, merge.assign)
+    assert (first - ref_first).abs().max() < 1e-5, arch
+    assert tokens == ref_tokens, arch
+
+
+def test_a_given_merge_plan_at_k0_equals_the_reference_and_differs_from_a_drop(family):
+    """Any Merge (not only pooling's): random groups, unequal weights, some tokens dropped."""
+    arch, model, inputs = family
+    img_pos = image_positions(model, inputs)
+    n = img_pos.numel()
+    gen = torch.Generator().manual_seed(0)
+    indices = torch.tensor([0, n // 3, n - 2])
+    assign = torch.randint(-1, 3, (1, n), generator=gen)
+    assign[0, indices] = torch.arange(3)
+    weight = torch.rand(1, n, generator=gen) * (assign >= 0)
+    merge = Merge(assign, weight)
+    embeds, ids = decoder_input(model, inputs)
+    ref_first, ref_tokens = reference_k0(model, *reduced_inputs(embeds, ids, img_pos, indices, merge))
+    first, tokens, _ = pruned(model, inputs, agg_layer=0, keep=3, kept=indices, merge=merge)
+    assert (first - ref_first).abs().max() < 1e-5 and tokens == ref_tokens, arch
+    drop_first, _, _ = pruned(model, inputs, agg_layer=0, keep=3, kept=indices)
+    assert (drop_first - first).abs().max() > 1e-4
+
+
+def test_mask_mode_refuses_a_merge():
+    with pytest.raises(ValueError, match="mode='mask' cannot represent a merge"):
+        FastVConfig(method="pooling", keep=4, mode="mask")
+    with pytest.raises(ValueError, match="merge plan"):
+        FastVConfig(keep=1, merge=Merge(torch.zeros(4, dtype=torch.long), torch.ones(4)))
+
+
+# -- pooling ------------------------------------------------------------------------------------
+
+
+def test_pooling_equals_adaptive_avg_pool2d_of_unipruneBench():
+    """UniPruneBench (TianfanPeng/VLMUniPruneBench@f93768f, methods/Pool_PreLLM.py ``_pool_tokens``,
+    run in this session, its registry import stubbed, on an 8 x 8 grid of 64 tokens, D = 3, to
+    4 x 4 = 16): its pooled tokens are ``F.adaptive_avg_pool2d`` of the grid; the slots of the
+    pooling strategy are the same, slot j = output cell j in raster order. Their function
+    pools to squares only; the non-square 4 x 6 -> 2 x 3 case is checked against
+    ``F.adaptive_avg_pool2d`` itself, as they call it."""
+    x = torch.arange(64 * 3, dtype=torch.float32).reshape(1, 64, 3).sin()
+    sel = select(torch.zeros(1, 1, 64), "pooling", 16, layout=TokenLayout.grid(8, 8))
+    slots = merge_tokens(x, sel.indices, sel.merge)
+    theirs = F.adaptive_avg_pool2d(x.permute(0, 2, 1).reshape(1, 3, 8, 8), (4, 4)).reshape(1, 3, 16).permute(0, 2, 1)
+    assert (slots - theirs).abs().max() < 1e-6
+    # fixed values printed by their _pool_tokens(x[0], 4, "avg") in this session (first slot, last slot)
+    assert torch.allclose(slots[0, 0], torch.tensor([0.0480, 0.0558, 0.0123]), atol=1e-4)
+    assert torch.allclose(slots[0, -1], torch.tensor([-0.0248, 0.0323, 0.0597]), atol=1e-4)
+    assert sel.indices[0].tolist() == [0, 2, 4, 6, 16, 18, 20, 22, 32, 34, 36, 38, 48, 50, 52, 54]
+    y = torch.arange(24 * 2, dtype=torch.float32).reshape(1, 24, 2).cos()
+    sel = select(torch.zeros(1, 1, 24), "pooling", 6, layout=TokenLayout.grid(4, 6))
+    theirs = F.adaptive_avg_pool2d(y.permute(0, 2, 1).reshape(1, 2, 4, 6), (2, 3)).reshape(1, 2, 6).permute(0, 2, 1)
+    assert (merge_tokens(y, sel.indices, sel.merge) - theirs).abs().max() < 1e-6
+
+
+def test_pooling_output_grid_and_awkward_keeps():
+    assert pool_shape(24, 24, 64) == (8, [8] * 8)
+    assert pool_shape(4, 6, 6) == (2, [3, 3])  # aspect 2:3 like the image
+    assert pool_shape(7, 4, 21) == (7, [3] * 7)  # a Qwen grid, non-square
+    assert pool_shape(2, 2, 3) == (2, [2, 1])  # 3 cells on a 2 x 2 grid: a ragged lattice
+    idx, assign, weight = pooling_plan(TokenLayout.grid(5, 5), 7)
+    assert len(idx) == 7 and sorted(set(assign.tolist())) == list(range(7))
+    assert np.allclose(np.bincount(assign, weights=weight), 1.0)  # every slot a mean
+    anyres = TokenLayout.anyres(4, 2, 2)  # base tile (off the grid) + 2 rows of 2 and a newline each
+    idx, assign, _ = pooling_plan(anyres, 2)
+    assert (assign[:4] == -1).all() and (assign[anyres.newline] == -1).all() and idx.tolist() == [4, 5]  # 1 x 2: left and right column
+    spec = strategy("pooling")
+    assert spec.merges and spec.where == "input" and spec.positions == "compact"
+    with pytest.raises(ValueError, match="pooling needs the image's grid"):
+        select(torch.zeros(1, 1, 5), "pooling", 2)
+
+
+# -- pre-LLM strategies at K = 0 ------------------------------------------------------------------
+
+
+def test_divprune_at_k0_ranks_the_decoder_input(family):
+    """DivPrune at K = 0 (its authors' setting) keeps its own picks of the input embeddings, not a
+    random subset."""
+    arch, model, inputs = family
+    embeds, _ = decoder_input(model, inputs)
+    img = embeds[:, image_positions(model, inputs)].float()
+    want = select(torch.zeros(1, 1, img.shape[1]), "divprune", 3, inputs={"embeddings": img}).indices
+    _, _, sel = pruned(model, inputs, steps=1, agg_layer=0, keep=3, method="divprune")
+    assert torch.equal(sel.indices, want), arch
