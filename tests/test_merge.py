@@ -225,6 +225,67 @@ def test_pooling_at_layer_k_equals_the_decoder_layers_run_by_hand(family):
     assert (first - first_ref).abs().max() < 1e-5 and same_greedy(model, tokens, tokens_ref), arch
 
 
+# -- the compact positions policy ------------------------------------------------------------------
+
+
+def compact_by_hand(ids, kept_is_image):
+    """Compact ids of one prompt's kept tokens (one image): 1-D ids numbered 0..M-1; M-RoPE ids
+    keep text before and the image tokens' own (t, h, w), text after the image runs on from the
+    largest kept position + 1."""
+    if ids.dim() == 2:
+        return torch.arange(ids.shape[-1])[None]
+    after = int(kept_is_image.nonzero().max()) + 1
+    out = ids.clone()
+    out[..., after:] = torch.arange(ids.shape[-1] - after) + int(ids[..., :after].max()) + 1
+    return out
+
+
+def reduce_compact(h, ids, img_pos, indices, merge):
+    reduced, kept_ids = reduced_inputs(h, ids, img_pos, indices, merge)
+    seq = h.shape[1]
+    keep_mask = torch.ones(seq, dtype=torch.bool)
+    keep_mask[img_pos] = False
+    keep_mask[img_pos[indices]] = True
+    is_image = torch.zeros(seq, dtype=torch.bool)
+    is_image[img_pos] = True
+    return reduced, compact_by_hand(kept_ids, is_image[keep_mask])
+
+
+@pytest.mark.parametrize("merged", [True, False], ids=["merge", "drop"])
+def test_compact_positions_at_k0_equal_inputs_embeds_reference(family, merged):
+    """Compact, K = 0: a merge (pooling) and a drop (the same anchors) equal the unmodified model
+    on the reduced embeddings with consecutive (1-D) / re-started (M-RoPE) position ids."""
+    arch, model, inputs = family
+    indices, merge = pooling_merge(model, inputs, 4)
+    merge = merge if merged else None
+    embeds, ids = decoder_input(model, inputs)
+    ref_first, ref_tokens = reference_k0(model, *reduce_compact(embeds, ids, image_positions(model, inputs),
+                                                                indices, merge))
+    config = dict(method="pooling") if merged else dict(kept=indices)
+    first, tokens, _ = pruned(model, inputs, agg_layer=0, keep=4, positions="compact", **config)
+    assert (first - ref_first).abs().max() < 1e-5 and same_greedy(model, tokens, ref_tokens), arch
+    gapped, _, _ = pruned(model, inputs, steps=1, agg_layer=0, keep=4, positions="original", **config)
+    assert (gapped - first).abs().max() > 1e-5  # the policy changes the answer
+
+
+def test_compact_positions_at_layer_k_equal_the_decoder_layers_run_by_hand(family):
+    arch, model, inputs = family
+    indices, merge = pooling_merge(model, inputs, 4)
+    _, ids = decoder_input(model, inputs)
+    img_pos = image_positions(model, inputs)
+    first_ref, tokens_ref = reference_layers_greedy(
+        model, inputs, 2, lambda h: reduce_compact(h, ids, img_pos, indices, merge))
+    first, tokens, _ = pruned(model, inputs, agg_layer=2, keep=4, method="pooling", positions="compact")
+    assert (first - first_ref).abs().max() < 1e-5 and same_greedy(model, tokens, tokens_ref), arch
+
+
+def test_compact_positions_need_drop_mode():
+    with pytest.raises(ValueError, match="positions='compact'"):
+        FastVConfig(keep=4, mode="mask", positions="compact")
+    with pytest.raises(ValueError, match="positions must be one of"):
+        FastVConfig(keep=4, positions="gapped")
+
+
 # -- pooling ------------------------------------------------------------------------------------
 
 

@@ -125,12 +125,27 @@ class FastVHooks:
         if self.phase is None:
             return None
         call = self.adapter.decoder_call(args, kwargs)
+        if prompt.positions == "compact":
+            self._decoder_ids(prompt, call)
         if self.phase == "prefill" and prompt.agg_layer == 0 and prompt.kept_mask is None:
             self.ranker().at_input(prompt, call.inputs_embeds)
         if prompt.agg_layer != 0 or prompt.mode != "drop":
             return None
         new = rewrite_decoder_input(self.adapter, prompt, self.phase, call, self.positions_given)
         return self.adapter.with_decoder_call(args, kwargs, new)
+
+    def _decoder_ids(self, prompt: Prompt, call) -> None:
+        """The running forward's decoder position ids, full format (as the model derives them
+        when the call has none: from 0 in a prefill, from layer 0's cache length after it)."""
+        ids = call.position_ids
+        if ids is None:
+            embeds = call.inputs_embeds if call.inputs_embeds is not None else call.input_ids
+            batch, q_len = embeds.shape[0], embeds.shape[1]
+            past = 0 if self.phase == "prefill" else self.adapter.cache_length(call.cache)
+            ids = self.adapter.default_position_ids(batch, past + q_len, embeds.device)[..., past:]
+        if self.phase == "prefill":
+            prompt.mrope = ids.dim() == 3
+        prompt.decoder_ids = ids
 
     def on_layer(self, layer: int, module, args, kwargs):
         """Decoder layer ``layer``'s call: keep the residual stream at K-1 when the strategy

@@ -78,7 +78,9 @@ class Prompt:
     pending: tuple | None = None  # layer K-1's attention call, kept until layer K when a strategy reads its output
     merge: strategies.Merge | None = None  # the first cut's merge plan ([B, N] assign / weight), None: a drop
     positions: str = "original"  # the positions policy from the cut on
-    given_merge: strategies.Merge | None = None  # config.merge, with given
+    decoder_ids: torch.Tensor | None = None  # the running forward's text-decoder position ids (full format)
+    mrope: bool = False  # whether the decoder's ids are M-RoPE's rows
+    shifts: dict = field(default_factory=dict)  # cut tag -> compact.Shift, set in the prefill (positions="compact")
 
     @property
     def ragged(self) -> bool:
