@@ -19,7 +19,7 @@ from fastv_analysis.adapters import get_adapter, registry
 from fastv_analysis.layout import TokenLayout
 from fastv_analysis.loading import build_prompt, load_model
 from fastv_analysis.methods.pooling import pool_shape, pooling_plan
-from fastv_analysis.pruning import FastVConfig, apply_fastv
+from fastv_analysis.pruning import FastVConfig, apply_fastv, drop_plan, greedy_decode, prefill_shared
 from fastv_analysis.strategies import Merge, merge_tokens, select, strategy
 
 ARCHS = ["LlavaForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"]
@@ -223,6 +223,28 @@ def test_pooling_at_layer_k_equals_the_decoder_layers_run_by_hand(family):
     first, tokens, sel = pruned(model, inputs, agg_layer=2, keep=4, method="pooling")
     assert torch.equal(sel.indices[0], indices)
     assert (first - first_ref).abs().max() < 1e-5 and same_greedy(model, tokens, tokens_ref), arch
+
+
+@pytest.mark.parametrize("positions", ["original", "compact"])
+@pytest.mark.parametrize("agg_layer", [0, 2])
+def test_shared_prefill_of_merges_and_drops_equals_each_set_online(family, agg_layer, positions):
+    """eval's shared prefix: a pooling merge and a drop (its identity plan) decoded as two rows of
+    one prefill answer as each set does alone through apply_fastv."""
+    arch, model, inputs = family
+    indices, merge = pooling_merge(model, inputs, 4)
+    n = image_positions(model, inputs).numel()
+    other = torch.tensor([1, 2, n - 3, n - 1])
+    plans = Merge(torch.cat([merge.assign, drop_plan(other[None], n).assign]),
+                  torch.cat([merge.weight, drop_plan(other[None], n).weight]))
+    eos = model.generation_config.eos_token_id
+    with prefill_shared(model, inputs, torch.stack([indices, other]), agg_layer, merge=plans,
+                        positions=positions) as shared:
+        logits = shared.logits.clone()
+        tokens = greedy_decode(shared, STEPS, eos)
+    for row, config in enumerate([dict(method="pooling"), dict(kept=other)]):
+        first, alone, _ = pruned(model, inputs, agg_layer=agg_layer, keep=4, positions=positions, **config)
+        assert (logits[row] - first).abs().max() < 1e-5, (arch, row)
+        assert tokens[row, :len(alone)].tolist() == alone, (arch, row)
 
 
 # -- the compact positions policy ------------------------------------------------------------------
