@@ -15,12 +15,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from fastv_analysis.strategies import Merge, merge_tokens, select, strategy  # before methods/: it registers them
 from fastv_analysis.adapters import get_adapter, registry
 from fastv_analysis.layout import TokenLayout
 from fastv_analysis.loading import build_prompt, load_model
 from fastv_analysis.methods.pooling import pool_shape, pooling_plan
 from fastv_analysis.pruning import FastVConfig, apply_fastv, drop_plan, greedy_decode, prefill_shared
-from fastv_analysis.strategies import Merge, merge_tokens, select, strategy
 
 ARCHS = ["LlavaForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"]
 STEPS = 4
@@ -362,3 +362,69 @@ def test_divprune_at_k0_ranks_the_decoder_input(family):
     want = select(torch.zeros(1, 1, img.shape[1]), "divprune", 3, inputs={"embeddings": img}).indices
     _, _, sel = pruned(model, inputs, steps=1, agg_layer=0, keep=3, method="divprune")
     assert torch.equal(sel.indices, want), arch
+
+
+# -- replay offline == online: the kept set and the merge plan ----------------------------------
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def replayed(request, tmp_path_factory):
+    """A capture at K = 0 and 2 with the embeddings stored, selected with pooling, divprune and random."""
+    import json
+
+    import polars as pl
+
+    from fastv_analysis.cli.main import main
+
+    arch = request.param
+    root = tmp_path_factory.mktemp(arch)
+    model = registry()[arch].tiny(root / "m", seed=2)
+    (root / "d" / "images").mkdir(parents=True)
+    rng = np.random.default_rng(3)
+    lines = []
+    for i, (w, h) in enumerate([(56, 56), (196, 112), (120, 80)]):
+        Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8")).save(root / "d" / "images" / f"{i}.png")
+        lines.append(json.dumps({"question_id": f"q{i}", "image": f"images/{i}.png", "text": "what is it?",
+                                 "answer": "red"}))
+    (root / "d" / "q.jsonl").write_text("\n".join(lines) + "\n")
+    run = root / "run"
+    assert main(["capture", "--model", str(model), "--data", str(root / "d" / "q.jsonl"), "--out", str(run),
+                 "--agg-layers", "0,2", "--max-new-tokens", "1", "--quiet", "--store", "embeddings"]) == 0
+    assert main(["select", str(run), "--methods", "pooling,divprune,random", "--keep", "3,1", "--keep-ratio", "0.5",
+                 "--quiet"]) == 0
+    return arch, model, root, pl.read_parquet(run / "select" / "selections.parquet")
+
+
+def test_select_stores_merge_plans_that_online_pruning_computes(replayed):
+    import json
+
+    from fastv_analysis.select import row_merge
+
+    arch, model_dir, root, sel = replayed
+    assert set(sel.filter(pl_col("agg_layer") == 0)["method"].unique()) == {"pooling", "divprune", "random"}
+    loaded = load_model(str(model_dir), device="cpu", dtype="float32")
+    proc = loaded.processor
+    questions = [json.loads(line) for line in (root / "d" / "q.jsonl").read_text().splitlines()]
+    checked = 0
+    for row in sel.iter_rows(named=True):
+        q = questions[row["sample_id"]]
+        image = Image.open(root / "d" / q["image"]).convert("RGB")
+        inputs = dict(proc(text=[build_prompt(proc, q["text"])], images=[image], return_tensors="pt"))
+        with apply_fastv(loaded.model, agg_layer=row["agg_layer"], keep=row["keep"], method=row["method"],
+                         sample_ids=[row["sample_id"]]) as m:
+            m(**inputs)
+            online = m.prompt.selection
+        assert online.indices[0].tolist() == row["kept"], (arch, row["config"], row["agg_layer"])
+        stored = row_merge(row)
+        assert (stored is None) == (online.merge is None) == (row["method"] != "pooling")
+        if stored is not None:
+            assert torch.equal(stored.assign, online.merge.assign[0])
+            assert torch.equal(stored.weight, online.merge.weight[0].float())
+        checked += 1
+    assert checked == sel.height == 2 * 3 * 3 * 3  # 2 layers, 3 methods, 3 samples, keeps 3, 1 and 50 %
+
+
+def pl_col(name):
+    import polars as pl
+
+    return pl.col(name)
