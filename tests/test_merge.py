@@ -428,3 +428,36 @@ def pl_col(name):
     import polars as pl
 
     return pl.col(name)
+
+
+@pytest.mark.parametrize("positions", [None, "original"])
+def test_eval_answers_merges_under_each_strategys_positions_policy(replayed, positions):
+    """eval replays the stored merge plans: pooling's answer equals apply_fastv's online answer
+    under the policy used (its registered compact by default, or --positions), labelled so."""
+    import json
+
+    import polars as pl
+
+    from fastv_analysis.cli.main import main
+
+    arch, model_dir, root, _ = replayed
+    run = root / "run"
+    flags = [] if positions is None else ["--positions", positions]
+    assert main(["eval", str(run), "--keep", "3", "--methods", "pooling,random", "--timing-samples", "0",
+                 "--quiet", *flags]) == 0
+    pred = pl.read_parquet(run / "eval" / "predictions.parquet")
+    policy = positions or "compact"
+    pooled = pred.filter(pl.col("method") == "pooling")
+    suffix = " positions=compact" if policy == "compact" else ""
+    assert set(pooled["config"]) == {"pooling" + suffix} and set(pooled["positions"]) == {policy}
+    assert set(pred.filter(pl.col("method") == "random")["positions"]) == {"original"}
+    loaded = load_model(str(model_dir), device="cpu", dtype="float32")
+    proc = loaded.processor
+    questions = [json.loads(line) for line in (root / "d" / "q.jsonl").read_text().splitlines()]
+    for row in pooled.iter_rows(named=True):
+        q = questions[row["sample_id"]]
+        image = Image.open(root / "d" / q["image"]).convert("RGB")
+        inputs = dict(proc(text=[build_prompt(proc, q["text"])], images=[image], return_tensors="pt"))
+        with apply_fastv(loaded.model, agg_layer=row["agg_layer"], keep=3, method="pooling", positions=policy) as m:
+            out = m.generate(**inputs, max_new_tokens=1, do_sample=False)[:, inputs["input_ids"].shape[1]:]
+        assert proc.batch_decode(out, skip_special_tokens=True)[0].strip() == row["prediction"], (arch, row["config"])
