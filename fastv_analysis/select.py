@@ -276,7 +276,9 @@ def replay(
     (``membership [S, N, M]``, ``valid [S, M]``, see :func:`stats.object_coverage`) adds
     ``object_token_share`` and ``objects_touched``; without it they are NaN. ``layout``:
     the :class:`~fastv_analysis.layout.TokenLayout` the samples share (default: a square
-    grid of N); ``uniform`` and the spatial statistics are defined on it.
+    grid of N); ``uniform``, ``pooling`` and the spatial statistics are defined on it. A merge
+    strategy's rows carry its plan in :data:`MERGE_COLUMNS` (null for a drop), ``kept`` being
+    its slots' anchor tokens.
     """
     attention, keeps, ids = _checked(attention, keeps, sample_ids)
     n_samples, _, n_tokens = attention.shape

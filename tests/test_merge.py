@@ -24,6 +24,7 @@ from fastv_analysis.pruning import FastVConfig, apply_fastv, drop_plan, greedy_d
 
 ARCHS = ["LlavaForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"]
 STEPS = 4
+PROCESSORS = {}  # arch -> the family fixture's processor
 
 
 @pytest.fixture(autouse=True)
@@ -38,7 +39,7 @@ def family(request, tmp_path_factory):
     path = registry()[arch].tiny(tmp_path_factory.mktemp(arch) / "m", seed=3)
     loaded = load_model(str(path), device="cpu", dtype="float32")
     image = Image.fromarray((np.random.default_rng(4).random((112, 168, 3)) * 255).astype("uint8"))
-    proc = loaded.processor
+    proc = PROCESSORS[arch] = loaded.processor
     inputs = dict(proc(text=[build_prompt(proc, "what is in the picture?")], images=[image], return_tensors="pt"))
     return arch, loaded.model, inputs
 
@@ -306,6 +307,19 @@ def test_compact_positions_need_drop_mode():
         FastVConfig(keep=4, mode="mask", positions="compact")
     with pytest.raises(ValueError, match="positions must be one of"):
         FastVConfig(keep=4, positions="gapped")
+
+
+def test_a_merge_refuses_a_batch_of_different_image_sizes(family):
+    arch, model, _ = family
+    if arch == "LlavaForConditionalGeneration":
+        pytest.skip("every LLaVA-1.5 image gives 576 tokens")
+    rng = np.random.default_rng(5)
+    images = [[Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8"))] for w, h in [(56, 56), (112, 168)]]
+    proc = PROCESSORS[arch]
+    inputs = dict(proc(text=[build_prompt(proc, "what?")] * 2, images=images, return_tensors="pt", padding=True))
+    with apply_fastv(model, agg_layer=0, keep=1, method="pooling") as m:
+        with pytest.raises(ValueError, match="one image-token count per batch"):
+            m(**inputs)
 
 
 # -- pooling ------------------------------------------------------------------------------------
