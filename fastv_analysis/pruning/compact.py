@@ -15,7 +15,10 @@ input is a new, shorter sequence the model numbers itself):
   Qwen's own rule (``get_rope_index``) applied to the reduced sequence with each kept
   token's grid coordinates kept; it moves the text only when the kept tokens no longer
   reach the image's last row or column. A leading text-only row (``[4, B, S]`` ids) gets
-  the 1-D rule.
+  the 1-D rule. (Released code has no M-RoPE renumbering to follow: LightCompress's
+  Qwen2.5-VL DivPrune hook, ModelTC/LightCompress@9701d03
+  llmc/compression/token_reduction/divprune.py ``prune_qwenv25vl_hook``, gathers the 3-D
+  ids at the kept tokens, which is ``original`` here.)
 
 Layers before the cut (K > 0) keep their own positions, their cache too; from layer K on
 the RoPE is recomputed by the decoder's own ``rotary_emb`` at the compact ids. Decoding
