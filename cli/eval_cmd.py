@@ -48,9 +48,13 @@ from fastv_analysis.strategies import ALL_METHODS
 @click.option("--timing-repeats", type=click.IntRange(min=1), default=3, show_default=True, metavar="R",
               help="Timed passes per sample after one warm-up pass, each over every configuration in a fresh "
                    "seeded order; accuracy.parquet reports medians and quartiles.")
+@click.option("--positions", type=click.Choice(["original", "compact"]), default=None,
+              help="Positions policy of every pruned set: original (kept tokens and merged slots keep their anchor's "
+                   "position) or compact (the reduced sequence re-numbered) [default: each strategy's registered "
+                   "policy]; a compact configuration's label ends in 'positions=compact'.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def eval_cmd(run, agg_layers, methods, configs, alphas, then, keeps, keep_ratios, max_new_tokens, batch_size, limit, device,
-             dtype, compare_mask, timing_samples, timing_repeats, quiet):
+             dtype, compare_mask, timing_samples, timing_repeats, positions, quiet):
     """Evaluate every selected configuration of RUN with the pruned model, replaying the
     kept sets of RUN/select/selections.parquet (so capture, select and eval agree token for
     token).
@@ -82,7 +86,8 @@ def eval_cmd(run, agg_layers, methods, configs, alphas, then, keeps, keep_ratios
     cfg = EvalConfig(run=run, agg_layers=agg_layers, methods=methods, configs=configs, then=stages, alphas=alphas,
                      keeps=keeps, keep_ratios=keep_ratios,
                      max_new_tokens=max_new_tokens, device=device, dtype=dtype, limit=limit, batch_size=batch_size,
-                     timing_samples=timing_samples, timing_repeats=timing_repeats, compare_mask=compare_mask)
+                     timing_samples=timing_samples, timing_repeats=timing_repeats, compare_mask=compare_mask,
+                     positions=positions)
     with run_lock(run, "eval", device):  # one eval per run directory (a launch's ranks share it)
         info = run_eval(cfg, progress=not quiet, command=sys.argv)
     if "rank" in info:  # a non-zero process of a sharded eval: rank 0 writes the tables

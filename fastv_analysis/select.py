@@ -88,12 +88,42 @@ def score_configs(methods: Sequence[str], alphas: Sequence[float], queries: Sequ
     return list(dict.fromkeys(out))
 
 
-def selection_ids(kept: np.ndarray) -> list[str]:
-    """Stable short hash of each kept set (rows of ``[S, k]``), equal sets -> equal ids."""
+def selection_ids(kept: np.ndarray, merge: strategies.Merge | None = None) -> list[str]:
+    """Stable short hash of each kept set (rows of ``[S, k]``), equal sets -> equal ids; a merge
+    plan's assignment and weights enter its hash, so a merge never shares a drop's id."""
     data = np.ascontiguousarray(kept, dtype="<i4")
-    return [hashlib.blake2b(row.tobytes(), digest_size=8).hexdigest() for row in data] if data.shape[1] else [
-        "empty"
-    ] * data.shape[0]
+    if merge is None:
+        return [hashlib.blake2b(row.tobytes(), digest_size=8).hexdigest() for row in data] if data.shape[1] else [
+            "empty"
+        ] * data.shape[0]
+    assign = np.ascontiguousarray(merge.assign.reshape(data.shape[0], -1).numpy(), dtype="<i4")
+    weight = np.ascontiguousarray(merge.weight.reshape(data.shape[0], -1).float().numpy(), dtype="<f4")
+    return [hashlib.blake2b(b"merge" + k.tobytes() + a.tobytes() + w.tobytes(), digest_size=8).hexdigest()
+            for k, a, w in zip(data, assign, weight)]
+
+
+MERGE_COLUMNS = {"merge_assign": pl.List(pl.Int32), "merge_weight": pl.List(pl.Float32)}
+"""selections.parquet's merge plan of a merge strategy's row (null for a drop): each image
+token's slot (-1: dropped) and its weight in the slot, float32; :func:`row_merge` reads it back."""
+
+
+def merge_columns(merge: strategies.Merge | None, n_samples: int) -> dict:
+    """The :data:`MERGE_COLUMNS` of ``n_samples`` rows of one keep."""
+    if merge is None:
+        return {name: pl.Series(name, [None] * n_samples, dtype=dtype) for name, dtype in MERGE_COLUMNS.items()}
+    assign = merge.assign.reshape(n_samples, -1).numpy().astype(np.int32)
+    weight = merge.weight.reshape(n_samples, -1).float().numpy()
+    return {"merge_assign": pl.Series("merge_assign", assign).cast(MERGE_COLUMNS["merge_assign"]),
+            "merge_weight": pl.Series("merge_weight", weight).cast(MERGE_COLUMNS["merge_weight"])}
+
+
+def row_merge(row: dict) -> strategies.Merge | None:
+    """The merge plan of one selections row (``[N]`` tensors), None for a drop (or a run
+    selected before merges were stored)."""
+    if row.get("merge_assign") is None:
+        return None
+    return strategies.Merge(torch.tensor(row["merge_assign"], dtype=torch.long),
+                            torch.tensor(row["merge_weight"], dtype=torch.float32))
 
 
 def config_scores(attention: torch.Tensor, cfg: ScoreConfig, sample_ids: Sequence[int], seed: int,
@@ -108,10 +138,11 @@ def config_scores(attention: torch.Tensor, cfg: ScoreConfig, sample_ids: Sequenc
                                        heads).numpy()
 
 
-def _registry_sets(attention, cfg: ScoreConfig, keeps, sample_ids, seed, tie_rtol, inputs, layout=None):
+def _registry_sets(attention, cfg: ScoreConfig, keeps, sample_ids, seed, tie_rtol, inputs, layout=None, merges=None):
     """kept_sets for the strategies beyond the original five, through the registry: a ranking
     of attention scores is scored and sorted once (every keep a prefix, the tie margin from
-    the same order), the others (rank-scored, sets) through ``select_keeps``."""
+    the same order), the others (rank-scored, sets) through ``select_keeps``; a merge
+    strategy's plan of each keep goes into ``merges[keep]``."""
     n_samples, n_heads, _ = attention.shape
     alpha = 0.5 if cfg.alpha is None else cfg.alpha
     keys = [int(i) for i in sample_ids]
@@ -120,6 +151,8 @@ def _registry_sets(attention, cfg: ScoreConfig, keeps, sample_ids, seed, tie_rto
         by_keep = strategies.select_keeps(attention, cfg.method, list(keeps), alpha, seed=seed, sample_keys=keys,
                                           inputs=inputs, layout=layout, **cfg.params)
         for keep in keeps:
+            if merges is not None and by_keep[keep].merge is not None:
+                merges[keep] = by_keep[keep].merge
             yield keep, by_keep[keep].indices.numpy(), None, np.full(n_samples, np.nan), \
                 pl.Series("near_tie", [None] * n_samples, dtype=pl.Boolean)
         return
@@ -160,14 +193,16 @@ def boundary_gap(scores: np.ndarray, order: np.ndarray, keep: int, rtol: float) 
 
 def kept_sets(attention: torch.Tensor, cfg: ScoreConfig, keeps: Sequence[int], sample_ids: Sequence[int], seed: int,
               tie_rtol: float = TIE_RTOL["float32"], layout: TokenLayout | None = None,
-              inputs: dict | None = None, heads: dict | None = None):
+              inputs: dict | None = None, heads: dict | None = None, merges: dict | None = None):
     """Yield ``(keep, kept [S, keep], scores or None, tie margin [S], near-tie [S])`` for one
     configuration, ranking once. Margin and flag are NaN / null for the controls (their
     ranking does not come from the stored attention) and for the strategies whose scores
-    are ranks (sink_excluded, diverse) or that choose a set per keep (hybrid_uniform)."""
+    are ranks (sink_excluded, diverse) or that choose a set per keep (hybrid_uniform).
+    ``merges``: a dict receiving a merge strategy's :class:`~fastv_analysis.strategies.Merge`
+    per keep (set before that keep is yielded)."""
     n_samples, n_heads, n_tokens = attention.shape
     if cfg.method not in strategies.METHODS or cfg.query != "last":  # through the registry, with inputs
-        yield from _registry_sets(attention, cfg, keeps, sample_ids, seed, tie_rtol, inputs, layout)
+        yield from _registry_sets(attention, cfg, keeps, sample_ids, seed, tie_rtol, inputs, layout, merges)
         return
     heads = {} if heads is None else heads  # per-attention pieces shared by a replay's configurations
     scores = config_scores(attention, cfg, sample_ids, seed, heads)
@@ -241,7 +276,9 @@ def replay(
     (``membership [S, N, M]``, ``valid [S, M]``, see :func:`stats.object_coverage`) adds
     ``object_token_share`` and ``objects_touched``; without it they are NaN. ``layout``:
     the :class:`~fastv_analysis.layout.TokenLayout` the samples share (default: a square
-    grid of N); ``uniform`` and the spatial statistics are defined on it.
+    grid of N); ``uniform``, ``pooling`` and the spatial statistics are defined on it. A merge
+    strategy's rows carry its plan in :data:`MERGE_COLUMNS` (null for a drop), ``kept`` being
+    its slots' anchor tokens.
     """
     attention, keeps, ids = _checked(attention, keeps, sample_ids)
     n_samples, _, n_tokens = attention.shape
@@ -252,8 +289,10 @@ def replay(
     frames = []
     heads_memo: dict = {}
     for cfg in score_configs(methods, alphas, queries):
+        merges: dict = {}
         for keep, kept, _, margin, near in kept_sets(attention, cfg, keeps, ids, seed, tie_rtol, layout, inputs,
-                                                     heads_memo):
+                                                     heads_memo, merges):
+            plan = merge_columns(merges.get(keep), n_samples)
             frame = {
                 "sample_id": ids,
                 "method": [cfg.method] * n_samples,
@@ -264,7 +303,8 @@ def replay(
                 "kept": pl.Series("kept", kept.astype(np.int32)).cast(pl.List(pl.Int32)) if keep else
                 pl.Series("kept", [[]] * n_samples, dtype=pl.List(pl.Int32)),
                 "max_head": max_head,
-                "selection_id": selection_ids(kept),
+                "selection_id": selection_ids(kept, merges.get(keep)),
+                **plan,
                 **stats.spatial_stats(kept, layout),
                 **(stats.object_coverage(kept, *objects) if objects is not None else
                    {"object_token_share": np.full(n_samples, np.nan), "objects_touched": np.full(n_samples, np.nan)}),
@@ -548,13 +588,42 @@ def _plan(run, methods, alphas, keeps, keep_ratios, agg_layers, seed, newline, q
                        list(queries), needs, newline, seed, tie_rtol)
 
 
+def layer_methods(methods, layer: int, stored: Sequence[str] = ()) -> list[str]:
+    """The methods replayed at ``layer``: at K >= 1 all; at K = 0 (no attention) the controls and
+    the strategies read before the LLM (``where`` input / vision) whose inputs the capture
+    ``stored`` (with a layer K >= 1: embeddings enter layer 0 whatever K)."""
+    if layer > 0:
+        return list(methods)
+    return [m for m in methods if m in CONTROLS or (
+        strategies.strategy(m).where != "llm" and set(strategies.required_inputs(m)) <= set(stored))]
+
+
+def _chunk_inputs(run, plan, layer: int, methods, ids) -> dict | None:
+    """The named inputs of a chunk: layer K's; at K = 0 the pre-LLM strategies' inputs (the
+    same at every layer: embeddings enter layer 0) read from the first captured layer >= 1."""
+    if layer > 0:
+        return run.inputs(layer, ids, plan.needs) if plan.needs else None
+    needs = sorted({n for m in methods for n in strategies.required_inputs(m)})
+    if not needs:
+        return None
+    stored = [k for k in run.agg_layers if k > 0]
+    if not stored:
+        raise ValueError(f"{run.root}: {', '.join(methods)} at K = 0 read {', '.join(needs)}, stored with a layer "
+                         "K >= 1 only (capture with --agg-layers 0,K --store ...)")
+    return run.inputs(stored[0], ids, needs)
+
+
 def _chunk_frames(run, plan: _SelectPlan, layer: int, methods, ids, att, n, layout, geometry):
     """(name, frame) of one chunk of samples at one layer: its selections, the overlap of
     every pair of configurations, and (K > 0) head statistics."""
     objects = object_memberships(run, ids, n, geometry)
-    inputs = run.inputs(layer, ids, plan.needs) if layer > 0 and plan.needs else None
+    inputs = _chunk_inputs(run, plan, layer, methods, ids)
     patches = None
     if plan.newline == "keep" and len(layout.newline):
+        merging = [m for m in methods if strategies.strategy(m).merges]
+        if merging:
+            raise ValueError(f"select --newline keep: {', '.join(merging)} merge every image token (newlines "
+                             "included); select them with --newline prune")
         newlines = layout.newline
         patches, layout = layout.patches()
         att = att[..., torch.from_numpy(patches)]
@@ -666,12 +735,13 @@ def run_select(
         geometry = load_geometry(run.config.get("model"))
     i = 0
     for layer in plan.layers:
-        layer_methods = [m for m in methods if m in CONTROLS] if layer == 0 else list(methods)
-        if not layer_methods:
+        stored = (run.config.get("store") or []) if any(k > 0 for k in run.agg_layers) else []
+        at_layer = layer_methods(methods, layer, stored)
+        if not at_layer:
             bar.update(run.samples.height)
             continue
         for ids, att, n, layout in _layer_chunks(run, layer, chunk_size):
-            for name, frame in _chunk_frames(run, plan, layer, layer_methods, ids, att, n, layout, geometry):
+            for name, frame in _chunk_frames(run, plan, layer, at_layer, ids, att, n, layout, geometry):
                 if frame.width:  # one configuration (e.g. a single control at K = 0) has no pairs
                     frame.write_parquet(parts[name] / f"{i:06d}.parquet")
             i += 1

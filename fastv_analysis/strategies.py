@@ -832,5 +832,5 @@ dynamic_alpha, no_rope, sink_excluded, diverse, hybrid_uniform, then the field's
 RANK_SCORED = ("sink_excluded", "diverse", "divprune", "cdpruner")
 """Rankings whose scores are positions in the ranking, not attention: no tie margin."""
 
-LAYOUT_METHODS = ("uniform", "hybrid_uniform")
+LAYOUT_METHODS = ("uniform", "hybrid_uniform", "pooling")
 """Strategies that lay a lattice on the sample's grid (they take ``layout``)."""

@@ -27,8 +27,9 @@ def test_demo_runs_every_stage_on_the_embedded_default(tmp_path, capsys):
     assert {"object_coverage", "positional_bias", "query_choice", "layer_dynamics"} <= figures
     assert len(figures) == 14 and "attention_sinks" not in figures
     # the demo answers every strategy and FastV's other two queries
-    assert {"diverse", "no_rope", "hybrid_uniform", "avg_all_heads@text_mean", "divprune", "dart"} <= \
-        set(acc["config"].unique())
+    # (divprune and pooling under their authors' compact positions, the eval default)
+    assert {"diverse", "no_rope", "hybrid_uniform", "avg_all_heads@text_mean", "divprune positions=compact", "dart",
+            "pooling positions=compact"} <= set(acc["config"].unique())
     # every p from exactly one pair per sample, the query variants against avg_all_heads too
     pred = pl.read_parquet(out / "eval" / "predictions.parquet")
     assert assert_one_pair_per_sample(pred, acc) > 3 * acc.height - 10

@@ -219,8 +219,7 @@ def test_property_selection_is_valid_and_matches_reference(att, data):
 from fastv_analysis import strategies as S  # noqa: E402
 
 NEW = ("dynamic_alpha", "no_rope", "sink_excluded", "diverse", "hybrid_uniform", "divprune", "dart", "cdpruner",
-        "sparsevlm",
-        "visionzip", "vispruner")
+       "sparsevlm", "visionzip", "vispruner")
 
 
 def _t(rows, dtype=torch.float64):
@@ -254,9 +253,8 @@ def _random_inputs(attention, seed=0, d=8):
 def test_registry_order_keeps_the_original_five_first():
     assert tuple(S.STRATEGIES) == S.ALL_METHODS == (
         "avg_all_heads", "max_head", "weighted_combination", "random", "uniform",
-        "dynamic_alpha", "no_rope", "sink_excluded", "diverse", "hybrid_uniform", "divprune", "dart", "cdpruner",
-        "sparsevlm",
-        "visionzip", "vispruner")
+        "dynamic_alpha", "no_rope", "sink_excluded", "diverse", "hybrid_uniform", "divprune", "dart", "pooling",
+        "cdpruner", "sparsevlm", "visionzip", "vispruner")
     assert METHODS == ("avg_all_heads", "max_head", "weighted_combination", "random", "uniform")
     assert S.ATTENTION_METHODS == ("avg_all_heads", "max_head", "weighted_combination")
     assert S.CONTROL_METHODS == ("random", "uniform")
@@ -264,7 +262,7 @@ def test_registry_order_keeps_the_original_five_first():
     assert kinds == {"avg_all_heads": "ranking", "max_head": "ranking", "weighted_combination": "ranking",
                      "random": "control", "uniform": "control", "dynamic_alpha": "ranking", "no_rope": "ranking",
                      "sink_excluded": "ranking", "diverse": "ranking", "hybrid_uniform": "set",
-                     "divprune": "ranking", "dart": "set", "cdpruner": "ranking", "sparsevlm": "set",
+                     "divprune": "ranking", "dart": "set", "pooling": "set", "cdpruner": "ranking", "sparsevlm": "set",
                      "visionzip": "set", "vispruner": "set"}
     assert S.strategy("weighted_combination").params == {"alpha": 0.5, "query": "last"}
     assert S.strategy("sink_excluded").params == {"base": "avg_all_heads", "sink_ratio": 5.0, "query": "last"}

@@ -37,14 +37,16 @@ def evaluate_sample(loaded, prepared, rows: pl.DataFrame, max_new_tokens: int, m
     groups = []
     if "stages" not in rows.columns:
         rows = rows.with_columns(pl.lit("[]").alias("stages"))
-    for (layer, keep, stages), group in rows.group_by(["agg_layer", "keep", "stages"], maintain_order=True):
+    if "positions" not in rows.columns:
+        rows = rows.with_columns(pl.lit("original").alias("positions"))
+    for key, group in rows.group_by(["agg_layer", "keep", "stages", "positions"], maintain_order=True):
         distinct = group.unique("selection_id", keep="first", maintain_order=True)
-        step = 1 if mode == "mask" and layer == 0 else batch_size  # mask mode cannot fan out the input at K = 0
-        groups.extend(((layer, keep, stages), distinct.slice(i, step)) for i in range(0, distinct.height, step))
-    for (layer, keep, stages), distinct in groups:
+        step = 1 if mode == "mask" and key[0] == 0 else batch_size  # mask mode cannot fan out the input at K = 0
+        groups.extend((key, distinct.slice(i, step)) for i in range(0, distinct.height, step))
+    for (layer, keep, stages, positions), distinct in groups:
         kept = torch.tensor(distinct["kept"].to_list(), dtype=torch.long)  # newlines kept by policy widen it
         tokens, t0, t1, t2 = pruned_answer_tokens(loaded, inputs, kept, int(layer), max_new_tokens, mode,
-                                                  _stages(stages))
+                                                  _stages(stages), group_merge(distinct, kept), positions)
         texts = processor.batch_decode(tokens, skip_special_tokens=True)
         answers.update(((int(layer), sid), t.strip()) for sid, t in zip(distinct["selection_id"].to_list(), texts))
         timings.append({"agg_layer": int(layer), "keep": int(keep), "n_sets": distinct.height,
@@ -53,16 +55,33 @@ def evaluate_sample(loaded, prepared, rows: pl.DataFrame, max_new_tokens: int, m
     return answers, timings
 
 
+def group_merge(rows: pl.DataFrame, kept: torch.Tensor):
+    """The merge plans ``[C, N]`` of rows answered in one prefill (a drop's: its identity plan),
+    None when none of them merges."""
+    from ..pruning import drop_plan
+    from ..select import row_merge
+    from ..strategies import Merge
+
+    if "merge_assign" not in rows.columns or rows["merge_assign"].null_count() == rows.height:
+        return None
+    plans = [row_merge(r) for r in rows.select("merge_assign", "merge_weight").iter_rows(named=True)]
+    n = next(p.assign.shape[-1] for p in plans if p is not None)
+    plans = [p if p is not None else drop_plan(k[None], n) for p, k in zip(plans, kept)]
+    return Merge(torch.stack([p.assign.reshape(-1) for p in plans]), torch.stack([p.weight.reshape(-1) for p in plans]))
+
+
 def pruned_answer_tokens(loaded, inputs: dict, kept: torch.Tensor, agg_layer: int, max_new_tokens: int,
-                         mode: str = "drop", stages=()):
+                         mode: str = "drop", stages=(), merge=None, positions: str = "original"):
     """Greedy answer tokens ``[C, T]`` of C kept sets sharing one prefill (each followed by
-    the schedule's ``stages``), with the clock readings (start, prefill done, decode done)."""
+    the schedule's ``stages``; ``merge``: their merge plans, ``positions``: the policy), with
+    the clock readings (start, prefill done, decode done)."""
     from ..pruning import greedy_decode, prefill_shared
 
     eos = loaded.model.generation_config.eos_token_id
     pad = loaded.processor.tokenizer.pad_token_id or 0
     t0 = time.perf_counter()
-    with prefill_shared(loaded.model, inputs, kept, agg_layer, mode=mode, stages=stages) as shared:
+    with prefill_shared(loaded.model, inputs, kept, agg_layer, mode=mode, stages=stages, merge=merge,
+                        positions=positions) as shared:
         sync_device(loaded.device)
         t1 = time.perf_counter()
         tokens = greedy_decode(shared, max_new_tokens, eos, pad)
@@ -88,7 +107,8 @@ def time_configurations(loaded, prepared, rows: pl.DataFrame, max_new_tokens: in
     def run(row):
         kept = torch.tensor([row["kept"]], dtype=torch.long).reshape(1, -1)
         return pruned_answer_tokens(loaded, inputs, kept, int(row["agg_layer"]), max_new_tokens,
-                                    stages=_stages(row.get("stages")))
+                                    stages=_stages(row.get("stages")), merge=group_merge(pl.DataFrame([row]), kept),
+                                    positions=row.get("positions") or "original")
 
     for _ in range(warmup):
         for row in configs:
@@ -117,7 +137,12 @@ class Answered:
 
 
 def _mask_check(loaded, prepared, rows: pl.DataFrame, answers: dict, max_new: int, batch_size: int) -> dict:
-    """Whether mask mode answers one sample's sets as drop mode did."""
+    """Whether mask mode answers one sample's sets as drop mode did (the sets mask mode can
+    represent: drops under original positions)."""
+    if "merge_assign" in rows.columns:
+        rows = rows.filter(pl.col("merge_assign").is_null())
+    if "positions" in rows.columns:
+        rows = rows.filter(pl.col("positions") == "original")
     masked, _ = evaluate_sample(loaded, prepared, rows, max_new, mode="mask", batch_size=batch_size)
     return {"sample_id": prepared.sample_id, "n_sets": len(answers),
             "identical": all(masked[k] == v for k, v in answers.items())}

@@ -41,6 +41,7 @@ class EvalConfig:
     configs: list[str] | None = None  # selection labels ("avg_all_heads@text_mean", ...) to answer; None = all
     keep_ratios: list[float] | None = None  # select --keep-ratio configurations to answer (with keeps: counts)
     then: list[tuple] | None = None  # schedule stages (K, keep count or fraction of the previous cut, method)
+    positions: str | None = None  # positions policy of every pruned set; None = each strategy's registered one
 
 
 def configurations(selections: pl.DataFrame, cfg: EvalConfig, complete=None) -> pl.DataFrame:
@@ -131,8 +132,8 @@ def with_schedule(selections: pl.DataFrame, then: list[tuple] | None) -> pl.Data
         return out
     rows = []
     for row in out.iter_rows(named=True):
-        if row["keep"] == 0 or row["method"] == FULL:
-            continue  # nothing left to rank; the full control stays the unpruned reference
+        if row["keep"] == 0 or row["method"] == FULL or row.get("merge_assign") is not None:
+            continue  # nothing left to rank; the full control stays the unpruned reference; merges cut once
         stages, keep = [], int(row["keep"])
         for stage in then:
             k, keep, method = stage_spec(stage, keep)
@@ -144,6 +145,25 @@ def with_schedule(selections: pl.DataFrame, then: list[tuple] | None) -> pl.Data
         rows.append({**row, "config": f"{row['config']} {text}", "selection_id": f"{row['selection_id']}|{text}",
                      "stages": json.dumps([list(s) for s in stages])})
     return pl.concat([out, pl.DataFrame(rows, schema=out.schema)]) if rows else out
+
+
+def with_positions(selections: pl.DataFrame, positions: str | None) -> pl.DataFrame:
+    """``selections`` with column ``positions``: ``positions`` for every pruned row, or each
+    method's registered policy when None (``full`` keeps every token: original). A compact
+    row's label gains `` positions=compact`` and its selection id ``|compact``, so its answers
+    and accuracy never mix with the original policy's."""
+    from .. import strategies
+
+    if positions is not None and positions not in strategies.POSITIONS:
+        raise ValueError(f"--positions must be one of {', '.join(strategies.POSITIONS)}, got {positions!r}")
+    methods = selections["method"].unique().to_list()
+    policy = {m: "original" if m == FULL else positions or strategies.strategy(m).positions for m in methods}
+    compact = pl.col("positions") == "compact"
+    return selections.with_columns(pl.col("method").replace_strict(policy, return_dtype=pl.Utf8).alias("positions")
+                                   ).with_columns(
+        pl.when(compact).then(pl.col("config") + " positions=compact").otherwise(pl.col("config")).alias("config"),
+        pl.when(compact).then(pl.col("selection_id") + "|compact").otherwise(pl.col("selection_id"))
+        .alias("selection_id"))
 
 
 def with_full_control(selections: pl.DataFrame, layouts: dict) -> pl.DataFrame:
@@ -241,6 +261,7 @@ def plan_eval(cfg: EvalConfig) -> EvalPlan:
     selections = configurations(pl.read_parquet(sel_path), cfg,
                                 lambda ids, available: complete_groups(ids, questions, available))
     selections = with_schedule(with_full_control(selections, sample_layouts(run.samples)), cfg.then)
+    selections = with_positions(selections, cfg.positions)
     benchmark = run.config.get("benchmark")
     now = file_sha256(data_file) if benchmark is None else questions_fingerprint(questions)
     if now != run.config.get("data_sha256"):

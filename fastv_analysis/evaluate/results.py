@@ -37,7 +37,8 @@ def predictions(plan, answers: pl.DataFrame) -> pl.DataFrame:
 
     samples = plan.run.samples
     pred = (
-        plan.selections.with_columns(pl.col("kept").list.len().alias("n_kept")).drop("kept")
+        plan.selections.with_columns(pl.col("kept").list.len().alias("n_kept"))
+        .drop("kept", "merge_assign", "merge_weight", strict=False)
         .join(answers, on=["sample_id", "agg_layer", "selection_id"], how="inner")
         .join(samples.select("sample_id", pl.col("prediction").alias("capture_prediction")), on="sample_id",
               how="left")

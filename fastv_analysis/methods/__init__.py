@@ -8,7 +8,7 @@ stating where it prunes (``where``), the positions policy of the authors' code
 Importing this package or :mod:`fastv_analysis.strategies` registers them all.
 """
 
-MODULES = ("divprune", "dart", "cdpruner", "sparsevlm", "visionzip", "vispruner")
+MODULES = ("divprune", "dart", "pooling", "cdpruner", "sparsevlm", "visionzip", "vispruner")
 """The method modules, in registration order (after the strategies of :mod:`..strategies`):
 :mod:`fastv_analysis.strategies` imports each, so the registry is complete whichever module
 is imported first."""

@@ -45,8 +45,8 @@ def divprune_order(embeddings: torch.Tensor, depth: int | None = None) -> torch.
 
 
 @register("divprune", "ranking", needs=("embeddings",), where="input", positions="compact",
-          doc="DivPrune (before the LLM): max-min diversity of the LLM-input embeddings; positions: the authors' "
-              "LLaVA code renumbers (compact), here kept tokens keep theirs (original).")
+          doc="DivPrune (before the LLM): max-min diversity of the LLM-input embeddings; positions: compact, as the "
+              "authors' LLaVA code renumbers (eval --positions original: FastV's).")
 def _divprune(ctx: _Ctx, keep: int | None) -> _Result:
     """:func:`divprune_order` of ``inputs["embeddings"]``; the greedy order is the ranking
     (positional scores, as for diverse). The authors keep ``round(ratio * N)`` tokens; here

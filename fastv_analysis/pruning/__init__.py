@@ -16,8 +16,13 @@ image tokens remain. Here that is done without a copy of transformers' modeling 
   the layer-0 cache stays full length, so new tokens get their original RoPE positions,
   and kept tokens keep theirs.
 
-K = 0 (no attention to rank by) keeps a random subset and prunes the decoder's input
-embeddings instead (a pre-hook on the language model), passing explicit positions. Random
+K = 0 (no layer-K attention to rank by) prunes the decoder's input embeddings instead (a
+pre-hook on the language model), passing explicit positions; a strategy read before the LLM
+(``where`` "input" / "vision": DivPrune, pooling) ranks those embeddings, any other keeps a
+random subset. A merging strategy (pooling, or a given :class:`~fastv_analysis.strategies.Merge`
+plan) replaces its slots' anchor rows by weighted means of image tokens where a drop
+gathers (:mod:`.merge`); ``positions="compact"`` re-numbers the reduced sequence
+(:mod:`.compact`), ``"original"`` keeps every kept token's (anchor's) position. Random
 subsets (K = 0 and ``method="random"``) are drawn per sample, keyed by (seed, sample): an
 explicit ``sample_ids`` or a hash of the element's unpadded input ids and pixel values,
 so a sample keeps the same set whatever its batch, and the same set as the select stage
@@ -42,6 +47,8 @@ The package, by what each part does (each module's docstring says more):
 * :mod:`.prompt`   what one prefill decided, reused by its decode steps;
 * :mod:`.online`   ranking at layer K-1 through the strategy registry;
 * :mod:`.rewrite`  rewriting the calls of layers >= K (drop / mask) and the K = 0 input;
+* :mod:`.merge`    merge reductions: the anchors' rows replaced by their slots' weighted means;
+* :mod:`.compact`  the ``compact`` positions policy (the reduced sequence re-numbered);
 * :mod:`.hooks`    the hook set, installed and removed as one context;
 * :mod:`.model`    :class:`FastVModel`, the wrapper a user holds, and :func:`apply_fastv`;
 * :mod:`.decode`   shared-prefix prefill and greedy decoding of C kept sets (eval).
@@ -63,12 +70,12 @@ from .cut import (
     sample_keys,
     slice_mask,
 )
-from .decode import SharedPrefill, greedy_decode, prefill_shared, shared_greedy_answers
+from .decode import SharedPrefill, drop_plan, greedy_decode, prefill_shared, shared_greedy_answers
 from .model import FastVModel, apply_fastv
 
 __all__ = [
     "ALIASES", "MODES", "PDROP_LAMBDA", "PDROP_LAYERS", "FastVConfig", "FastVModel", "SharedPrefill", "Stage",
-    "apply_fastv", "decode_key_positions", "pyramid_drop",
+    "apply_fastv", "decode_key_positions", "drop_plan", "pyramid_drop",
     "filler_positions", "fixed_image_positions", "greedy_decode", "image_attention", "image_positions",
     "kept_token_mask", "keys_masked_out", "last_token_positions", "mask_fillers", "mask_to_positions",
     "padded_image_positions", "prefill_shared", "sample_keys", "shared_greedy_answers", "slice_mask",

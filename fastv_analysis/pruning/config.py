@@ -111,6 +111,17 @@ class FastVConfig:
                   :data:`fastv_analysis.layout.NEWLINE_POLICIES`.
     kept:         externally chosen image-token indices ``[B, keep]`` or ``[keep]``
                   (replaying the select stage); overrides method when set.
+    merge:        with ``kept``: the :class:`~fastv_analysis.strategies.Merge` plan of those
+                  slots (``assign``/``weight`` ``[B, N]`` or ``[N]``), replaying a merge
+                  strategy; None = a drop.
+    positions:    positions policy from the cut on (:data:`fastv_analysis.strategies.POSITIONS`):
+                  "original" (kept tokens and merged slots keep their anchor token's
+                  position) or "compact" (the reduced sequence re-numbered, see
+                  :mod:`fastv_analysis.pruning.compact`). Drop mode only.
+
+    A merging strategy (``Strategy.merges``) or a given ``merge`` needs ``mode="drop"``; at
+    ``agg_layer=0`` a strategy read before the LLM (``where`` "input" / "vision") ranks the
+    decoder's input, any other strategy keeps a random subset there.
     """
 
     agg_layer: int = 2
@@ -127,6 +138,8 @@ class FastVConfig:
     params: Mapping = field(default_factory=dict)
     stages: Sequence[Stage] = ()
     kept: torch.Tensor | None = field(default=None, repr=False)
+    merge: strategies.Merge | None = field(default=None, repr=False)
+    positions: str = "original"
 
     def __post_init__(self) -> None:
         self.stages = tuple(s if isinstance(s, Stage) else Stage(**s) for s in self.stages)
@@ -175,10 +188,33 @@ class FastVConfig:
         if not (isinstance(self.seed, int) and self.seed >= 0):
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
         self._validate_stages(num_layers)
+        self._validate_reduction()
         for name in ("image_start", "image_tokens"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, int) and value >= 0):
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+
+    @property
+    def merges(self) -> bool:
+        """Whether the first cut merges tokens: a given merge plan, or a merging strategy ranking."""
+        if self.kept is not None:
+            return self.merge is not None
+        return strategies.strategy(self.method).merges
+
+    def _validate_reduction(self) -> None:
+        """The positions policy and merges: drop mode only; a merge plan only with kept sets."""
+        if self.positions not in strategies.POSITIONS:
+            raise ValueError(f"positions must be one of {', '.join(strategies.POSITIONS)}, got {self.positions!r}")
+        if self.merge is not None and self.kept is None:
+            raise ValueError("merge (a merge plan) is given with kept (its slots' anchor tokens), not alone")
+        if self.merges and self.mode == "mask":
+            raise ValueError(f"mode='mask' cannot represent a merge (method {self.method!r} merges tokens into "
+                             "slots); use mode='drop'")
+        if self.positions == "compact" and self.mode == "mask":
+            raise ValueError("positions='compact' re-numbers the reduced sequence, which mode='mask' keeps whole; "
+                             "use mode='drop'")
+        if self.merges and self.stages:
+            raise ValueError("a merge reduction cannot be followed by a schedule's later stages")
 
     def _validate_stages(self, num_layers: int | None) -> None:
         """Each later cut lies after the previous one, keeps at most what it kept, and ranks by

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..strategies import Merge
 from .config import FastVConfig, Stage
 from .model import FastVModel, apply_fastv
 
@@ -43,12 +44,15 @@ class SharedPrefill:
 @torch.no_grad()
 def prefill_shared(
     model: nn.Module, inputs: Mapping, kept_sets: torch.Tensor, agg_layer: int, mode: str = "drop",
-    stages: Sequence[Stage] = (),
+    stages: Sequence[Stage] = (), merge: Merge | None = None, positions: str = "original",
 ) -> SharedPrefill:
     """Run one prompt through layers 0..K-1 once, then each of C kept sets from layer K.
 
     inputs:    the model inputs of ONE sample (batch 1): input_ids, pixel_values, ...
     kept_sets: ``[C, keep]`` image-token indices, one row per configuration.
+    merge:     the sets' merge plans (``assign``/``weight`` ``[C, N]``; a drop row is
+               :func:`drop_plan`'s), None when every set is a drop.
+    positions: the positions policy of every set (see :class:`FastVConfig`).
     The cache of layers < K is expanded to batch C afterwards, so :func:`greedy_decode`
     continues all C rows together.
     """
@@ -59,7 +63,7 @@ def prefill_shared(
         raise ValueError(f"prefill_shared takes one sample (batch 1), got batch {input_ids.shape[0]}")
     n_sets = kept_sets.shape[0]
     config = FastVConfig(agg_layer=agg_layer, keep=int(kept_sets.shape[1]), mode=mode, kept=kept_sets,
-                         stages=tuple(stages))
+                         stages=tuple(stages), merge=merge, positions=positions)
     fastv = apply_fastv(model, config)
     try:
         attention_mask = inputs.get("attention_mask")
@@ -83,6 +87,15 @@ def prefill_shared(
         prompt_len=input_ids.shape[1],
         position_state=position_state,
     )
+
+
+def drop_plan(kept: torch.Tensor, n_image: int) -> Merge:
+    """The merge plan of a drop of ``kept`` ``[C, keep]`` (slot j = token ``kept[:, j]``, weight 1),
+    for a drop sharing a prefill with merges."""
+    kept = torch.as_tensor(kept, dtype=torch.long).reshape(-1, kept.shape[-1])
+    assign = torch.full((kept.shape[0], n_image), -1, dtype=torch.long)
+    assign.scatter_(1, kept, torch.arange(kept.shape[1]).expand_as(kept).contiguous())
+    return Merge(assign, (assign >= 0).float())
 
 
 @torch.no_grad()
@@ -116,8 +129,9 @@ def greedy_decode(
 
 def shared_greedy_answers(
     model: nn.Module, inputs: Mapping, kept_sets: torch.Tensor, agg_layer: int, max_new_tokens: int,
-    eos_token_id: int | list[int] | None = None, pad_token_id: int = 0,
+    eos_token_id: int | list[int] | None = None, pad_token_id: int = 0, merge: Merge | None = None,
+    positions: str = "original",
 ) -> torch.Tensor:
     """prefill_shared + greedy_decode in one call; hooks removed afterwards."""
-    with prefill_shared(model, inputs, kept_sets, agg_layer) as shared:
+    with prefill_shared(model, inputs, kept_sets, agg_layer, merge=merge, positions=positions) as shared:
         return greedy_decode(shared, max_new_tokens, eos_token_id, pad_token_id)

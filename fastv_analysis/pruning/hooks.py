@@ -45,6 +45,7 @@ class FastVHooks:
         self.memo = Memo()
         self.pixels: torch.Tensor | None = None  # what the vision tower last encoded
         self.vision = VisionTap(adapter, self._vision_names)  # the vision-side inputs (VisionZip, VisPruner)
+        self.vision_grid: torch.Tensor | None = None  # and the grid it was given (Qwen's grid_thw)
 
     @contextmanager
     def installed(self):
@@ -111,28 +112,50 @@ class FastVHooks:
         adapter.check_attention_implementation()  # set_attn_implementation may have switched it
         self.prompt = new_prompt(config, adapter, input_ids, call.attention_mask)
         self.prompt.inputs = kwargs
+        if kwargs.get("image_grid_thw") is None and self.vision_grid is not None:
+            # generate encoded the image before this call (mm_encoder_outputs): the layouts read
+            # the grid the vision tower was given
+            self.prompt.inputs = {**kwargs, "image_grid_thw": self.vision_grid}
         self.phase = "prefill"
         return None
 
     def after_model(self, module, args, output):
         """Forget the per-forward state, so direct calls of a submodule are never pruned."""
-        self.phase, self.pixels = None, None
+        self.phase, self.pixels, self.vision_grid = None, None, None
         self.memo.clear()
 
     def on_vision(self, module, args, kwargs):
         """Remember the pixels being encoded: in generate this runs before the prefill."""
         self.pixels = self.adapter.vision_pixels(args, kwargs)
+        self.vision_grid = kwargs.get("grid_thw")
 
     def on_language_model(self, module, args, kwargs):
         """K = 0: choose the kept set once the image is encoded; in drop mode prune the input."""
         prompt = self.prompt
-        if self.phase == "prefill" and prompt.agg_layer == 0 and prompt.kept_mask is None:
-            self.ranker().at_input(prompt)
-        if self.phase is None or prompt.agg_layer != 0 or prompt.mode != "drop":
+        if self.phase is None:
             return None
         call = self.adapter.decoder_call(args, kwargs)
+        if prompt.positions == "compact":
+            self._decoder_ids(prompt, call)
+        if self.phase == "prefill" and prompt.agg_layer == 0 and prompt.kept_mask is None:
+            self.ranker().at_input(prompt, call.inputs_embeds)
+        if prompt.agg_layer != 0 or prompt.mode != "drop":
+            return None
         new = rewrite_decoder_input(self.adapter, prompt, self.phase, call, self.positions_given)
         return self.adapter.with_decoder_call(args, kwargs, new)
+
+    def _decoder_ids(self, prompt: Prompt, call) -> None:
+        """The running forward's decoder position ids, full format (as the model derives them
+        when the call has none: from 0 in a prefill, from layer 0's cache length after it)."""
+        ids = call.position_ids
+        if ids is None:
+            embeds = call.inputs_embeds if call.inputs_embeds is not None else call.input_ids
+            batch, q_len = embeds.shape[0], embeds.shape[1]
+            past = 0 if self.phase == "prefill" else self.adapter.cache_length(call.cache)
+            ids = self.adapter.default_position_ids(batch, past + q_len, embeds.device)[..., past:]
+        if self.phase == "prefill":
+            prompt.mrope = ids.dim() == 3
+        prompt.decoder_ids = ids
 
     def on_layer(self, layer: int, module, args, kwargs):
         """Decoder layer ``layer``'s call: keep the residual stream at K-1 when the strategy

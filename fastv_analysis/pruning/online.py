@@ -46,7 +46,16 @@ def stack(parts: list) -> strategies.Selection:
         scores=torch.nn.utils.rnn.pad_sequence([p.scores[0] for p in parts], batch_first=True),
         max_head=torch.cat([p.max_head for p in parts]),
         head_importance=torch.cat([p.head_importance for p in parts]),
-        method=parts[0].method, alpha=parts[0].alpha)
+        method=parts[0].method, alpha=parts[0].alpha, merge=_stack_merges([p.merge for p in parts]))
+
+
+def _stack_merges(merges: list) -> strategies.Merge | None:
+    """The elements' merge plans as one ``[B, N_max]`` plan (padding: dropped, weight 0)."""
+    if merges[0] is None:
+        return None
+    pad = torch.nn.utils.rnn.pad_sequence
+    return strategies.Merge(pad([m.assign[0] for m in merges], batch_first=True, padding_value=-1),
+                            pad([m.weight[0] for m in merges], batch_first=True))
 
 
 def _take_tokens(inputs: Mapping[str, torch.Tensor] | None, index, element: int | None = None) -> dict | None:
@@ -115,13 +124,34 @@ class Ranker:
         scores = torch.zeros(1, rows.shape[-1], dtype=sel.scores.dtype, device=rows.device)
         return replace(sel, indices=kept, scores=scores.index_copy(1, patches, sel.scores))
 
-    def at_input(self, prompt: Prompt) -> None:
-        """K = 0: nothing to rank by. ``uniform`` keeps its lattice (as select does at K = 0),
-        every other method a per-sample random subset of the image tokens."""
+    def at_input(self, prompt: Prompt, embeds: torch.Tensor | None) -> None:
+        """K = 0: no layer-K attention to rank by. A strategy read before the LLM (``where``
+        "input" / "vision") ranks the decoder's input ``embeds`` ``[B, S, D]``; ``uniform``
+        keeps its lattice (as select does at K = 0); every other method a per-sample random
+        subset of the image tokens."""
         rows = torch.zeros(prompt.image_pos.shape[0], 1, prompt.image_pos.shape[1])
-        method = "uniform" if self.config.method == "uniform" else "random"
-        prompt.selection = self.select(prompt, rows, method=method)
-        prompt.choose(prompt.selection.indices.to(prompt.image_pos.device))
+        spec = strategies.strategy(self.config.method)
+        inputs = None
+        if spec.where != "llm":
+            method = spec.name
+            inputs = self._input_side(prompt, embeds)
+        else:
+            method = "uniform" if self.config.method == "uniform" else "random"
+        prompt.selection = self.select(prompt, rows, inputs, method=method)
+        prompt.choose(prompt.selection.indices.to(prompt.image_pos.device), prompt.selection.merge)
+
+    def _input_side(self, prompt: Prompt, embeds: torch.Tensor | None) -> dict | None:
+        """The named inputs of a pre-LLM strategy at K = 0, from the decoder's input embeddings."""
+        needs = strategies.required_inputs(self.config.method, **dict(self.config.params))
+        if not needs:
+            return None
+        other = [n for n in needs if n not in probes.NEEDS_EMBEDDINGS]
+        if other:
+            raise ValueError(f"{self.config.method} at agg_layer=0 needs {', '.join(other)}, which only layer K >= 1 "
+                             "computes online")
+        if embeds is None:
+            raise self.adapter.missing("inputs_embeds", "the text decoder at K = 0")
+        return {"embeddings": take_positions(embeds, prompt.image_pos, dim=1).float()}
 
     @torch.no_grad()
     def first_cut(self, prompt: Prompt, module, args, kwargs) -> None:
@@ -149,7 +179,7 @@ class Ranker:
                                          prompt.n_image, prompt.query_pos, prompt.attention_mask, needs,
                                          embeds=prompt.embeds_in, hidden_out=hidden_out, vision=self.vision)
         prompt.selection = self.select(prompt, prompt.image_rows, inputs)
-        prompt.choose(prompt.selection.indices.to(prompt.image_pos.device))
+        prompt.choose(prompt.selection.indices.to(prompt.image_pos.device), prompt.selection.merge)
 
     @torch.no_grad()
     def finish_cut(self, prompt: Prompt, hidden_out: torch.Tensor) -> None:

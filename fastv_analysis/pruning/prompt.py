@@ -14,6 +14,7 @@ import torch
 from .. import strategies
 from ..positions import take_positions
 from .config import FastVConfig
+from .merge import check_merge
 from .cut import (
     filler_positions,
     fixed_image_positions,
@@ -75,13 +76,23 @@ class Prompt:
     hidden_in: torch.Tensor | None = None  # residual stream entering layer K-1 (when a strategy needs it)
     embeds_in: torch.Tensor | None = None  # residual stream entering layer 0 (when a strategy needs it)
     pending: tuple | None = None  # layer K-1's attention call, kept until layer K when a strategy reads its output
+    merge: strategies.Merge | None = None  # the first cut's merge plan ([B, N] assign / weight), None: a drop
+    positions: str = "original"  # the positions policy from the cut on
+    decoder_ids: torch.Tensor | None = None  # the running forward's text-decoder position ids (full format)
+    mrope: bool = False  # whether the decoder's ids are M-RoPE's rows
+    shifts: dict = field(default_factory=dict)  # cut tag -> compact.Shift, set in the prefill (positions="compact")
 
     @property
     def ragged(self) -> bool:
         return bool((self.n_image != self.n_image[0]).any())
 
-    def choose(self, kept_image: torch.Tensor) -> None:
-        """Decide the first cut: keep these image-token indices ``[B, keep]``."""
+    def choose(self, kept_image: torch.Tensor, merge: strategies.Merge | None = None) -> None:
+        """Decide the first cut: keep these image-token indices ``[B, keep]`` (the anchors of a
+        ``merge`` plan's slots, ascending)."""
+        if merge is not None:
+            if self.ragged:
+                raise ValueError("a merge reduction needs one image-token count per batch (batch samples of one N)")
+            self.merge = check_merge(merge, kept_image, int(self.n_image[0]))
         self.kept_image = kept_image
         self.kept_mask = kept_token_mask(self.seq_len, self.image_pos, kept_image)
         fill = filler_positions(self.kept_mask, self.image_pos.expand(self.kept_mask.shape[0], -1))
@@ -134,9 +145,15 @@ def new_prompt(config: FastVConfig, adapter, input_ids: torch.Tensor, attention_
     if config.sample_ids is not None and len(config.sample_ids) != batch:
         raise ValueError(f"sample_ids has {len(config.sample_ids)} ids for a batch of {batch}")
     prompt.stages = tuple(config.stages)
+    prompt.positions = config.positions
+    if config.merges and config.newline == "keep":
+        raise ValueError("a merge reduction needs newline='prune' (its plan covers every image token)")
     if prompt.stages and (prompt.ragged or config.newline == "keep"):
         raise ValueError("a schedule needs one image-token count per batch and newline='prune' "
                          "(batch samples of one N, as capture and eval do)")
     if given is not None:
-        prompt.choose(given.sort(dim=1).values)
+        order = given.sort(dim=1)
+        if config.merge is not None and not torch.equal(order.values, given):
+            raise ValueError("kept: a merge plan's anchor indices must be ascending (slot j = the j-th anchor)")
+        prompt.choose(order.values, config.merge)
     return prompt

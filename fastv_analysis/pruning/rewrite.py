@@ -12,6 +12,8 @@ import torch
 
 from ..adapters import DecoderCall, LayerCall, replace
 from ..positions import take_positions
+from .compact import compact_ids, dropped_before, rope_at, shift_ids
+from .merge import reduce_sequence
 from .cut import decode_key_positions, keys_masked_out, mask_fillers, slice_mask
 from .prompt import Governing, Prompt
 
@@ -44,15 +46,26 @@ def rewrite_layer(adapter, prompt: Prompt, phase: str, layer: int, call: LayerCa
     cut = prompt.governing(layer)
     if phase == "decode":
         return _drop_decode_step(adapter, prompt, layer, call, memo, cut)
-    return _drop_prefill(adapter, layer, call, memo, cut)
+    return _drop_prefill(adapter, prompt, layer, call, memo, cut, merge_args(prompt) if cut.tag == "" else None)
 
 
-def _drop_prefill(adapter, layer: int, call: LayerCall, memo: Memo, cut: Governing) -> LayerCall:
-    """Prefill, drop mode: the layer sees only the kept positions (gathered at the cut's K)."""
+def merge_args(prompt: Prompt) -> tuple | None:
+    """The first cut's merge, as :func:`~fastv_analysis.pruning.merge.reduce_sequence` takes it."""
+    if prompt.merge is None:
+        return None
+    return prompt.kept_positions, prompt.image_pos, prompt.kept_image, prompt.merge
+
+
+def _drop_prefill(adapter, prompt: Prompt, layer: int, call: LayerCall, memo: Memo, cut: Governing,
+                  merge: tuple | None = None) -> LayerCall:
+    """Prefill, drop mode: the layer sees only the kept positions (gathered at the cut's K; a
+    merge's ``(kept_positions, image_pos, kept_image, plan)`` fills the anchors' rows with its slots)."""
     tag, kept, fillers, mask = cut.tag, cut.kept_positions, cut.fillers, call.attention_mask
     if call.position_embeddings is None:
         raise adapter.missing("position_embeddings", f"decoder layer {layer}")
-    hidden = take_positions(call.hidden_states, cut.within, dim=1) if layer == cut.first_layer else call.hidden_states
+    hidden = call.hidden_states
+    if layer == cut.first_layer:
+        hidden = take_positions(hidden, cut.within, dim=1) if merge is None else reduce_sequence(hidden, *merge)
 
     def prefill_mask():
         sliced = slice_mask(mask, kept, kept)
@@ -61,6 +74,11 @@ def _drop_prefill(adapter, layer: int, call: LayerCall, memo: Memo, cut: Governi
         return mask_fillers(sliced, fillers, kept.shape[1], hidden.dtype, diagonal=True)
 
     position_ids = call.position_ids
+    if prompt.positions == "compact":
+        rope, ids = memo.get("crope" + tag, call.position_embeddings[0],
+                             lambda: _compact_prefill(adapter, prompt, cut, hidden, position_ids))
+        return replace(call, hidden_states=hidden, attention_mask=memo.get("mask" + tag, mask, prefill_mask),
+                       position_embeddings=rope, position_ids=ids)
     return replace(
         call, hidden_states=hidden,
         attention_mask=memo.get("mask" + tag, mask, prefill_mask),
@@ -71,12 +89,35 @@ def _drop_prefill(adapter, layer: int, call: LayerCall, memo: Memo, cut: Governi
     )
 
 
+def _compact_prefill(adapter, prompt: Prompt, cut: Governing, hidden: torch.Tensor, layer_ids) -> tuple:
+    """Compact positions from layer K on in a prefill: the RoPE at the compact ids of the cut's
+    kept positions and the layer's own (1-D) ids re-numbered; the cut's shift kept for decoding."""
+    ids, shift = compact_ids(prompt.decoder_ids, prompt.seq_len, prompt.image_pos, cut.kept_positions)
+    prompt.shifts[cut.tag] = shift
+    if layer_ids is not None:
+        before = dropped_before(prompt.seq_len, prompt.image_pos, cut.kept_positions)
+        layer_ids = take_positions(layer_ids, cut.kept_positions, dim=1) - before
+    return rope_at(adapter, hidden, ids), layer_ids
+
+
+def _compact_decode(adapter, prompt: Prompt, cut: Governing, call: LayerCall) -> tuple:
+    """Compact positions from layer K on in a decode step: RoPE and ids shifted by the cut's shift."""
+    shift = prompt.shifts[cut.tag]
+    rope = rope_at(adapter, call.hidden_states, shift_ids(prompt.decoder_ids, shift, prompt.mrope))
+    ids = call.position_ids
+    return rope, None if ids is None else ids - shift.text.to(ids.device)[:, None]
+
+
 def _drop_decode_step(adapter, prompt: Prompt, layer: int, call: LayerCall, memo: Memo,
                       cut: Governing) -> LayerCall | None:
     """Decoding, drop mode: the new tokens' mask keeps the kept prompt keys and every new one."""
     kept, fillers, mask = cut.kept_positions, cut.fillers, call.attention_mask
+    if prompt.positions == "compact":
+        rope, ids = memo.get("cdecode" + cut.tag, call.position_embeddings[0],
+                             lambda: _compact_decode(adapter, prompt, cut, call))
+        call = replace(call, position_embeddings=rope, position_ids=ids)
     if mask is None and fillers is None:
-        return None
+        return call if prompt.positions == "compact" else None
     # keys in original coordinates: the prompt, then every token generated so far (this
     # layer's cache, not yet updated in this step, holds the kept positions + those)
     kv_len = (mask.shape[-1] if mask is not None else prompt.seq_len + adapter.cache_length(prompt.cache(), layer)
@@ -172,8 +213,13 @@ def _prefill_input(adapter, prompt: Prompt, call: DecoderCall) -> DecoderCall:
         position_ids = adapter.default_position_ids(batch, seq_len, embeds.device)
     if mask2d is None:  # explicit mask: gapped position ids must not look like packed sequences
         mask2d = torch.ones(batch, seq_len, dtype=torch.long, device=embeds.device)
-    return DecoderCall(take_positions(embeds, kept, dim=1), None, _kept_mask2d(mask2d, prompt),
-                       adapter.gather_position_ids(position_ids, kept), call.cache)
+    merge = merge_args(prompt)
+    reduced = take_positions(embeds, kept, dim=1) if merge is None else reduce_sequence(embeds, *merge)
+    if prompt.positions == "compact":
+        ids, prompt.shifts[""] = compact_ids(position_ids, prompt.seq_len, prompt.image_pos, kept)
+    else:
+        ids = adapter.gather_position_ids(position_ids, kept)
+    return DecoderCall(reduced, None, _kept_mask2d(mask2d, prompt), ids, call.cache)
 
 
 def _decode_step_input(adapter, prompt: Prompt, call: DecoderCall, positions_given: bool) -> DecoderCall:
@@ -184,9 +230,11 @@ def _decode_step_input(adapter, prompt: Prompt, call: DecoderCall, positions_giv
         new_mask = torch.cat([_kept_mask2d(mask2d[:, : prompt.seq_len], prompt), mask2d[:, prompt.seq_len :]], dim=1)
     elif prompt.fillers is not None:
         raise adapter.missing("an attention mask while decoding a batch of different image sizes", "the text decoder")
-    new_ids = None
+    new_ids = call.position_ids if positions_given else None
     if not positions_given:  # the model counts from its cache, which holds only the kept tokens
         generated = adapter.cache_length(call.cache) - kept.shape[1]
         device = embeds.device if embeds is not None else kept.device
         new_ids = adapter.step_position_ids(prompt.seq_len + generated, q_len, kept.shape[0], mask2d, device)
+    if prompt.positions == "compact" and new_ids is not None:
+        new_ids = shift_ids(new_ids, prompt.shifts[""], prompt.mrope)
     return DecoderCall(None, None, new_mask, new_ids, call.cache)
