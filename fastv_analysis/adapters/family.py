@@ -48,6 +48,9 @@ class Family:
                  smart_resize, InternVL's thumbnail or single tile).
     base_tile:   the off-grid tokens before the grid are one square tile of the whole image (anyres).
     note:        what is special for pruning in this class (README's table).
+    processor:   ``processor(name)`` loads checkpoint ``name``'s processor where transformers' own
+                 class cannot be loaded without torchvision (None: the image-only one,
+                 :func:`fastv_analysis.loading.image_only_processor`).
     """
 
     name: str
@@ -57,6 +60,7 @@ class Family:
     grid_extent: str = "image"
     base_tile: bool = False
     note: str = ""
+    processor: Callable[[str], object] | None = None
 
 
 def lazy(module: str, function: str) -> Callable:
