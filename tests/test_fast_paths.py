@@ -1,10 +1,11 @@
-"""The fast paths of the field methods select what their plain definitions select: DART's
-similarities as one batched product, DivPrune's distance matrices in blocks of samples."""
+"""The fast paths select what their plain definitions select: DART's similarities as one batched
+product, DivPrune's distance matrices in blocks of samples, rank's integer-key sort."""
 
 import math
 
 import torch
 
+from fastv_analysis import strategies  # noqa: F401  (first: importing methods first leaves ALL_METHODS short)
 from fastv_analysis.methods import divprune
 from fastv_analysis.methods.dart import dart_keep, python_set_order
 
@@ -48,3 +49,21 @@ def test_divprune_in_blocks_picks_what_one_block_picks(monkeypatch):
     monkeypatch.setattr(divprune, "BLOCK_BYTES", 2 * 4 * 300 * 300)  # 2 samples a block: 4 blocks
     assert torch.equal(divprune.divprune_order(emb, 150), whole)
     assert all(torch.equal(divprune.divprune_order(emb[s], 150), whole[s]) for s in range(7))
+
+
+def test_rank_orders_as_the_stable_descending_sort():
+    """rank's key sort == torch's stable descending sort: ties to the lower index, -0.0 tied with
+    0.0, negatives, infinities, a batch of samples, N = 2,880."""
+    from fastv_analysis import strategies
+
+    g = torch.Generator().manual_seed(5)
+    scores = torch.randn(3, 4, 2880, generator=g)
+    scores[..., ::7] = scores[..., 3:4]  # many exact ties
+    scores[0, 0, :6] = torch.tensor([0.0, -0.0, 0.0, float("inf"), -float("inf"), -0.0])
+    scores[1] = torch.round(scores[1] * 4) / 4  # coarse values: ties everywhere
+    expected = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    assert torch.equal(strategies.rank(scores), expected)
+    assert torch.equal(strategies.rank(scores[0, 0, :6]), torch.tensor([3, 0, 1, 2, 5, 4]))
+    with_nan = scores[2, 0].clone()
+    with_nan[10] = float("nan")  # the sort's own order (NaN first)
+    assert torch.equal(strategies.rank(with_nan), torch.sort(with_nan, descending=True, stable=True).indices)
