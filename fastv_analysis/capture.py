@@ -297,6 +297,8 @@ def _capture_samples(cfg, writer, questions, order, bad_lines, loaded, adapter, 
     """The capture loop of :func:`run_capture`: prepare, batch, record, write parts."""
     from tqdm.auto import tqdm
 
+    from .pruning import is_image_token
+
     done = writer.done_sample_ids()
     todo = [(i, questions[i]) for i in order if i not in done and i % world == rank]
     errors_path = Path(cfg.out) / f"errors-{rank}.jsonl"
@@ -337,7 +339,7 @@ def _capture_samples(cfg, writer, questions, order, bad_lines, loaded, adapter, 
     for sample_id, q in todo:
         try:
             prepared = prepare(sample_id, q, loaded.processor, cfg, max_tokens, adapter.image_token_id)
-            n_image = int((prepared.inputs["input_ids"] == adapter.image_token_id).sum())
+            n_image = int(is_image_token(prepared.inputs["input_ids"], adapter.image_token_id).sum())
             if pending and n_image != pending_n:  # anyres: a batch holds samples of one N
                 flush()
             pending.append(prepared)

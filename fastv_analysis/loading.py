@@ -90,7 +90,8 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto") -> Loaded:
         except (OSError, ImportError) as err:
             if "video" not in str(err).lower() and "torchvision" not in str(err).lower():
                 raise
-            processor = image_only_processor(name)
+            own = registry()[arch].processor
+            processor = own(name) if own is not None else image_only_processor(name)
     finally:
         hf_logging.set_verbosity(verbosity)
         if bars:

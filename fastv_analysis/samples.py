@@ -60,11 +60,13 @@ def _load_image(question, data_file):
 
 
 def prepare(sample_id: int, question, processor, cfg: PromptSettings, max_tokens: int,
-            image_token_id: int) -> Prepared:
+            image_token_id: int | tuple[int, ...]) -> Prepared:
     """Load the image and build the prompt of one sample, or raise :class:`BadSample`.
 
     ``cfg``: a :class:`PromptSettings` (or a ``CaptureConfig``); ``max_tokens``: the model's
     context (``Adapter.max_positions``)."""
+    from .pruning import is_image_token
+
     image = _load_image(question, cfg.data)
     try:  # a benchmark's text is already LLaVA-1.5's prompt text, options included
         choices = question.choices if cfg.benchmark is None else None
@@ -79,7 +81,7 @@ def prepare(sample_id: int, question, processor, cfg: PromptSettings, max_tokens
         first = (str(err).strip().splitlines() or [err.__class__.__name__])[0]
         raise BadSample(question, cfg.data, f"the processor refused it ({err.__class__.__name__}: {first})") from None
     ids = inputs["input_ids"]
-    if not (ids == image_token_id).any():
+    if not is_image_token(ids, image_token_id).any():
         raise BadSample(question, cfg.data, "the prompt has no image token after processing")
     if ids.shape[1] + cfg.max_new_tokens > max_tokens:
         raise BadSample(question, cfg.data, f"{ids.shape[1]} prompt tokens + {cfg.max_new_tokens} new tokens "

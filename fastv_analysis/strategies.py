@@ -331,8 +331,27 @@ def uniform_indices(n_tokens: int, keep: int, layout=None) -> torch.Tensor:
 
 
 def rank(scores: torch.Tensor) -> torch.Tensor:
-    """``[..., N]`` image-token indices from best to worst; ties go to the lower index."""
+    """``[..., N]`` image-token indices from best to worst; ties go to the lower index.
+
+    On the CPU, float32 scores without NaN are ranked by :func:`_rank_keys` (the same order
+    as the stable descending sort, ~10x faster at N = 2,880); anything else by that sort."""
+    if scores.dtype == torch.float32 and scores.device.type == "cpu" and scores.shape[-1] < 1 << 31 \
+            and not scores.requires_grad:
+        values = scores.numpy()
+        if not np.isnan(values).any():
+            return torch.from_numpy(_rank_keys(values))
     return torch.sort(scores, dim=-1, descending=True, stable=True).indices
+
+
+def _rank_keys(values: np.ndarray) -> np.ndarray:
+    """:func:`rank` of float32 ``values`` without NaN: each score's bits made an int32 that
+    orders as the floats do (-0.0 read as +0.0, which compares equal to it), reversed, and the
+    index in the low 32 bits of one int64 key: distinct keys whose plain sort (numpy's SIMD
+    sort) is the score-descending, index-ascending order."""
+    bits = (values + np.float32(0.0)).view(np.int32)  # -0.0 + 0.0 = +0.0
+    ordered = bits ^ ((bits >> 31) & np.int32(0x7FFFFFFF))  # negative floats: the other bits flipped
+    keys = ((~ordered).astype(np.int64) << 32) | np.arange(values.shape[-1], dtype=np.int64)
+    return np.sort(keys, axis=-1) & np.int64(0xFFFFFFFF)
 
 
 def top_k(order: torch.Tensor, keep: int) -> torch.Tensor:

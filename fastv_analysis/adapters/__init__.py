@@ -22,7 +22,7 @@ from .base import (ATTENTION_IMPLEMENTATIONS, DEPRECATED_CACHE_KWARG, Adapter, A
                    LayerCall, ModelCall)
 from .family import Contract, Family, registry
 
-MODULES = ("llava", "qwen2_vl", "internvl", "qwen3_vl", "idefics3", "smolvlm", "gemma3", "paligemma")
+MODULES = ("llava", "qwen2_vl", "internvl", "qwen3_vl", "idefics3", "smolvlm", "gemma3", "paligemma", "mistral3")
 """The family modules (one per family, each ending with ``FAMILIES``), imported on first use."""
 
 

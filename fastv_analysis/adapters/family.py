@@ -50,6 +50,9 @@ class Family:
     note:        what is special for pruning in this class (README's table).
     prompt_template: the prompt (with ``<image>`` and ``{question}``) for a checkpoint of this
                  class whose processor has no chat template (PaliGemma); None: LLaVA-1.5's.
+    processor:   ``processor(name)`` loads checkpoint ``name``'s processor where transformers' own
+                 class cannot be loaded without torchvision (None: the image-only one,
+                 :func:`fastv_analysis.loading.image_only_processor`).
     """
 
     name: str
@@ -60,6 +63,7 @@ class Family:
     base_tile: bool = False
     note: str = ""
     prompt_template: str | None = None
+    processor: Callable[[str], object] | None = None
 
 
 def lazy(module: str, function: str) -> Callable:

@@ -25,23 +25,41 @@ def divprune_order(embeddings: torch.Tensor, depth: int | None = None) -> torch.
     batch_shape, n = embeddings.shape[:-2], embeddings.shape[-2]
     depth = n if depth is None else depth
     x = embeddings.reshape(-1, n, embeddings.shape[-1]).float()
+    block = max(1, BLOCK_BYTES // (4 * n * n))  # samples per [block, N, N] distance matrix
+    order = torch.cat([_greedy(x[i:i + block], depth) for i in range(0, x.shape[0], block)]) if x.shape[0] else \
+        torch.empty(0, depth, dtype=torch.long, device=x.device)
+    return order.reshape(*batch_shape, depth)
+
+
+BLOCK_BYTES = 1 << 28
+"""The distance matrices :func:`divprune_order` holds at once (256 MiB: 8 samples at N = 2,880)."""
+
+
+def _greedy(x: torch.Tensor, depth: int) -> torch.Tensor:
+    """``[S, depth]`` the max-min picks of each of ``x``'s ``[S, N, D]`` samples (:func:`divprune_order`)."""
+    count, n = x.shape[:2]
     unit = x / x.norm(dim=-1, keepdim=True)
     dist = 1.0 - torch.bmm(unit, unit.transpose(1, 2))  # [S, N, N]
-    count = x.shape[0]
     order = torch.empty(count, depth, dtype=torch.long, device=x.device)
-    if depth == 0 or count == 0:
-        return order.reshape(*batch_shape, depth)
+    if depth == 0:
+        return order
     rows = torch.arange(count, device=x.device)
-    nearest = dist.kthvalue(2, dim=1).values if n > 1 else dist[:, 0]  # second-smallest of each column
+    # second-smallest of each column (topk of 2 gives kthvalue(2)'s value, faster)
+    nearest = dist.topk(2, dim=1, largest=False).values[:, 1] if n > 1 else dist[:, 0]
     pick = torch.max(nearest, dim=-1).indices  # first maximum: ties to the lower index
     closest = torch.full((count, n), math.inf, device=x.device)
-    for p in range(depth):
-        order[:, p] = pick
-        torch.minimum(closest, dist[rows, pick], out=closest)
-        closest[rows, pick] = -math.inf  # never again
-        if p < depth - 1:
-            pick = torch.max(closest, dim=-1).indices
-    return order.reshape(*batch_shape, depth)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the picks' small ops run best on one thread (strategies.DIVERSE_CHUNK_TOKENS)
+    try:
+        for p in range(depth):
+            order[:, p] = pick
+            torch.minimum(closest, dist[rows, pick], out=closest)
+            closest[rows, pick] = -math.inf  # never again
+            if p < depth - 1:
+                pick = torch.max(closest, dim=-1).indices
+    finally:
+        torch.set_num_threads(threads)
+    return order
 
 
 @register("divprune", "ranking", needs=("embeddings",), where="input", positions="compact",

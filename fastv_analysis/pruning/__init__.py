@@ -61,6 +61,7 @@ from .cut import (
     fixed_image_positions,
     image_attention,
     image_positions,
+    is_image_token,
     kept_token_mask,
     keys_masked_out,
     last_token_positions,
@@ -78,5 +79,5 @@ __all__ = [
     "apply_fastv", "decode_key_positions", "drop_plan", "pyramid_drop",
     "filler_positions", "fixed_image_positions", "greedy_decode", "image_attention", "image_positions",
     "kept_token_mask", "keys_masked_out", "last_token_positions", "mask_fillers", "mask_to_positions",
-    "padded_image_positions", "prefill_shared", "sample_keys", "shared_greedy_answers", "slice_mask",
+    "is_image_token", "padded_image_positions", "prefill_shared", "sample_keys", "shared_greedy_answers", "slice_mask",
 ]

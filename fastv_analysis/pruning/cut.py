@@ -12,7 +12,15 @@ import torch
 from ..positions import take_positions
 
 
-def image_positions(input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
+def is_image_token(input_ids: torch.Tensor, image_token_id: int | tuple[int, ...]) -> torch.Tensor:
+    """Bool like ``input_ids``: the image tokens, those with ``image_token_id`` or, given several
+    ids, with any of them (Mistral3: ``[IMG]``, ``[IMG_BREAK]``, ``[IMG_END]``)."""
+    if isinstance(image_token_id, (tuple, list)):
+        return torch.isin(input_ids, torch.tensor(image_token_id, device=input_ids.device))
+    return input_ids == image_token_id
+
+
+def image_positions(input_ids: torch.Tensor, image_token_id: int | tuple[int, ...]) -> torch.Tensor:
     """LongTensor ``[B, N]``: sequence positions of the image tokens, per element (equal N)."""
     positions, counts = padded_image_positions(input_ids, image_token_id)
     if (counts != counts[0]).any():
@@ -20,14 +28,14 @@ def image_positions(input_ids: torch.Tensor, image_token_id: int) -> torch.Tenso
     return positions
 
 
-def padded_image_positions(input_ids: torch.Tensor, image_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def padded_image_positions(input_ids: torch.Tensor, image_token_id: int | tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     """``([B, N_max], [B])``: image-token positions of each element and their count N_b.
 
     Images of different sizes give different N_b in one batch (anyres tiles, dynamic
     resolution); row b is padded after its N_b positions by repeating its last one, so
     scatters and gathers over the padded row touch only its own image tokens.
     """
-    is_image = input_ids == image_token_id
+    is_image = is_image_token(input_ids, image_token_id)
     counts = is_image.sum(dim=1)
     if (counts == 0).any():
         raise ValueError(f"no image token (id {image_token_id}) in input_ids of batch element(s) "

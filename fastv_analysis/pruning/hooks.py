@@ -18,6 +18,7 @@ from .config import FastVConfig
 from ..vision_probe import NAMES as VISION_NAMES
 from ..vision_probe import VisionTap
 from .online import Ranker, needed_inputs, needs_embeddings, needs_hidden
+from .cut import is_image_token
 from .prompt import Prompt, new_prompt
 from .rewrite import Memo, rewrite_decoder_input, rewrite_layer
 
@@ -106,7 +107,7 @@ class FastVHooks:
             self.phase = "decode"  # continues as its prefill decided, whatever .fastv says now
             return None
         if not config.use_fast_v or input_ids is None or (cache is not None and adapter.cache_length(cache) > 0) or (
-                config.image_start is None and not (input_ids == adapter.image_token_id).any()):
+                config.image_start is None and not is_image_token(input_ids, adapter.image_token_id).any()):
             self.prompt = None
             return None
         adapter.check_attention_implementation()  # set_attn_implementation may have switched it

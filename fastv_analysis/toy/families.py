@@ -168,12 +168,13 @@ INTERNVL_IMAGE_TOKEN = "<IMG_CONTEXT>"
 INTERNVL_CHAT_TEMPLATE = QWEN_CHAT_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "<IMG_CONTEXT>\n")
 
 
-def save_tiny_internvl_checkpoint(out_dir: str | Path, seed: int = 0, tile: int = 112) -> Path:
+def save_tiny_internvl_checkpoint(out_dir: str | Path, seed: int = 0, tile: int = 112, max_patches: int = 1) -> Path:
     """``InternVLForConditionalGeneration``: InternViT-style tower (CLS dropped) on ``tile`` px
     tiles, 2 x 2 pixel shuffle (``tile`` / 28 tokens a side: 4 x 4 = 16), MLP projector, Qwen2
     decoder, InternVL3's chat format. ``max_patches=1``: one tile per image whatever its size,
     so every image gives 16 image tokens (the GotOcr2 processor's tiles + thumbnail would give
-    16 x (tiles + 1); the adapter lays those out too, see ``adapters/internvl.py``)."""
+    16 x (tiles + 1); the adapter lays those out too, see ``adapters/internvl.py``). ``max_patches``
+    > 1: dynamic tiling, up to that many tiles + the thumbnail, as the released checkpoints do."""
     import torch
     from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLProcessor, Qwen2Config
     from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
@@ -185,8 +186,8 @@ def save_tiny_internvl_checkpoint(out_dir: str | Path, seed: int = 0, tile: int 
         video_token="<video>"))
     tok.chat_template = INTERNVL_CHAT_TEMPLATE
     tokens_per_tile = (tile // PATCH_SIZE // 2) ** 2
-    image_processor = GotOcr2ImageProcessorPil(size={"height": tile, "width": tile}, crop_to_patches=False,
-                                               min_patches=1, max_patches=1)
+    image_processor = GotOcr2ImageProcessorPil(size={"height": tile, "width": tile},
+                                               crop_to_patches=max_patches > 1, min_patches=1, max_patches=max_patches)
     processor = image_only(InternVLProcessor)(image_processor=image_processor, tokenizer=tok,
                                               image_seq_length=tokens_per_tile, chat_template=INTERNVL_CHAT_TEMPLATE)
     text = Qwen2Config(max_position_embeddings=2048, **_text_sizes(tok))
