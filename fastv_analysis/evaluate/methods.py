@@ -100,7 +100,8 @@ def benchmark_rows(pred: pl.DataFrame, accuracy: pl.DataFrame, samples: pl.DataF
         pred = pred.with_columns(pl.lit("original").alias("positions"))
     if "ratio" not in pred.columns:
         pred = pred.with_columns(pl.lit(None, dtype=pl.Float64).alias("ratio"))
-    acc = accuracy if "ratio" in accuracy.columns else accuracy.with_columns(pl.lit(None, dtype=pl.Float64).alias("ratio"))
+    acc = accuracy if "ratio" in accuracy.columns else accuracy.with_columns(
+        pl.lit(None, dtype=pl.Float64).alias("ratio"))
     headline = "metric_value" if "metric_value" in acc.columns else "accuracy"
     full = acc.filter(pl.col("config") == FULL).select("agg_layer", pl.col(headline).alias("full_headline"))
     acc = acc.join(full, on="agg_layer", how="left")
@@ -115,18 +116,16 @@ def benchmark_rows(pred: pl.DataFrame, accuracy: pl.DataFrame, samples: pl.DataF
         a = a.row(0, named=True)
         spec = strategies.STRATEGIES.get(row["method"])
         row["params"] = config_params(row["method"], a["alpha"], row["config"])
-        rows.append({**row, "params": json.dumps(row["params"], sort_keys=True),
+        rows.append({**row, "alpha": a["alpha"], "params": json.dumps(row["params"], sort_keys=True),
                      "where": spec.where if spec else FULL, "merges": bool(spec and spec.merges),
                      "n": a["n"], "accuracy": a["accuracy"], "headline": a[headline],
                      "retained": 100.0 * a[headline] / a["full_headline"] if a["full_headline"] else None,
                      "prefill_ms": a.get("prefill_ms"), "prefill_speedup_vs_full": a.get("prefill_speedup_vs_full"),
                      **_cost(g, row, dims)})
-    return pl.DataFrame(rows, infer_schema_length=None, schema_overrides={"method_macs": pl.Int64, "ratio": pl.Float64,
-                                                                          "prefill_ms": pl.Float64,
-                                                                          "prefill_speedup_vs_full": pl.Float64,
-                                                                          "flops_ratio_total": pl.Float64,
-                                                                          "flops_ratio_3mlp_total": pl.Float64,
-                                                                          "retained": pl.Float64})
+    floats = ("ratio", "alpha", "prefill_ms", "prefill_speedup_vs_full", "flops_ratio_total", "flops_ratio_3mlp_total",
+              "retained")
+    return pl.DataFrame(rows, infer_schema_length=None,
+                        schema_overrides={"method_macs": pl.Int64, **{c: pl.Float64 for c in floats}})
 
 
 def methods_table(benchmarks: Mapping[str, pl.DataFrame]) -> pl.DataFrame:
@@ -136,19 +135,20 @@ def methods_table(benchmarks: Mapping[str, pl.DataFrame]) -> pl.DataFrame:
     columns averaged over benchmarks; rows sorted by K, budget, then retained_avg descending."""
     if not benchmarks:
         raise ValueError("methods table: no benchmark given")
-    ident = [*KEYS, "params", "where", "merges"]
+    ident = [*KEYS, "alpha", "params", "where", "merges"]
     wide = None
     for name, rows in benchmarks.items():
         part = rows.select(*ident, *[pl.col(c).alias(f"{c}[{name}]") for c in ("accuracy", "headline", "retained")])
         wide = part if wide is None else wide.join(part, on=ident, how="full", coalesce=True, nulls_equal=True)
     names = list(benchmarks)
-    cost = pl.concat([r.select(*ident, "method_cost", *COST_COLUMNS) for r in benchmarks.values()], how="vertical_relaxed")
+    cost = pl.concat([r.select(*ident, "method_cost", *COST_COLUMNS) for r in benchmarks.values()],
+                     how="vertical_relaxed")
     cost = cost.group_by(ident, maintain_order=True).agg(pl.col("method_cost").first(),
                                                          *[pl.col(c).mean() for c in COST_COLUMNS])
     out = wide.with_columns(pl.mean_horizontal([f"accuracy[{b}]" for b in names]).alias("accuracy_avg"),
                             pl.mean_horizontal([f"retained[{b}]" for b in names]).alias("retained_avg"))
-    out = out.join(cost.with_columns(pl.col("method_macs").round().cast(pl.Int64),
-                                     pl.col("kv_cache_bytes").round().cast(pl.Int64)), on=ident, how="left", nulls_equal=True)
+    cost = cost.with_columns(*[pl.col(c).round().cast(pl.Int64) for c in ("method_macs", "kv_cache_bytes")])
+    out = out.join(cost, on=ident, how="left", nulls_equal=True)
     return out.sort(["agg_layer", "ratio", "keep", "retained_avg"], descending=[False, False, True, True],
                     nulls_last=True)
 

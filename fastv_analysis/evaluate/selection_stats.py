@@ -105,7 +105,6 @@ def method_statistics(pred: pl.DataFrame, run) -> pl.DataFrame:
     compact = (pl.col("positions") == "compact") if "positions" in frame.columns else pl.lit(False)
     frame = frame.with_columns(compact.cast(pl.Float64).alias("compact"),
                                *[pl.col(c).fill_nan(None) for c in ("region_coverage", "diversity", "relevance")])
-    keep = ["sample_id", "agg_layer", "config", "method", "keep", *(["ratio"] if "ratio" in frame.columns else []),
-            *(["positions"] if "positions" in frame.columns else []), "unit", "correct",
-            *(["score"] if "score" in frame.columns else []), *METHOD_STATISTICS]
+    keep = ["sample_id", "agg_layer", "config", "method", "alpha", "keep", "ratio", "positions", "unit", "correct",
+            "score", *METHOD_STATISTICS]
     return frame.select([c for c in keep if c in frame.columns])
