@@ -132,3 +132,27 @@ def test_selection_statistics_by_hand():
     assert mean_pairwise_cosine_distance(np.array([[1.0, 0.0], [-1.0, 0.0]])) == pytest.approx(2.0)
     assert np.isnan(mean_pairwise_cosine_distance(x[:1]))
     assert mean_cosine_to(np.array([[1.0, 0.0], [0.0, 3.0]]), np.array([2.0, 0.0])) == pytest.approx(0.5)
+
+
+def test_report_section_names_every_configuration_and_says_what_it_cannot_count(monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from fastv_analysis import report
+    from fastv_analysis.strategies import ALL_METHODS
+
+    monkeypatch.delitem(flops.METHOD_COSTS, "dart")
+    names = [m for m in ALL_METHODS if m != "weighted_combination"]
+    correct = {"full": [1, 1], **{m: [i % 2, 1] for i, m in enumerate(names)}}
+    table = methods_table({"A": benchmark_rows(*_benchmark(correct), DIMS)})
+    note = report.methods_note(table)
+    assert "mean of ratios" in note and "keep 4: best" in note and "not counted" in note and "dart" in note
+    view = report.methods_view(table)
+    assert {"retained_A_%", "retained_avg_%", "flops_ratio_total", "kv_cache_MB", "method_cost"} <= set(view.columns)
+    fig = report.plot_methods_cost(table)
+    labels = fig.axes[0].get_legend_handles_labels()[1]
+    assert all(m in labels for m in names) and [t.get_text() for t in fig.axes[1].get_yticklabels()] == names
+    assert " not counted" in [t.get_text() for t in fig.axes[1].texts]
+    plt.close(fig)
+    zero = methods_table({"A": benchmark_rows(*_benchmark({"full": [0, 0], "divprune": [0, 0]}), DIMS)})
+    assert "no % retained (the full control scored 0)" in report.methods_note(zero)
+    assert "re-run `fastv-analyze eval`" in report.methods_note(None)
