@@ -83,7 +83,8 @@ def _kept_statistics(pred: pl.DataFrame, run) -> pl.DataFrame:
     rows = rows.join(sel.rename({"selection_id": "base_id"}), on=["sample_id", "agg_layer", "base_id"], how="inner")
     layouts = sample_layouts(run.samples)
     out = []
-    for (sid, layer), g in rows.group_by(["sample_id", "agg_layer"], maintain_order=True):
+    for (sid, layer), g in rows.sort("sample_id", "agg_layer").partition_by(["sample_id", "agg_layer"],
+                                                                             as_dict=True).items():
         t = _sample_tensors(run, int(layer), int(sid))
         for selection_id, kept in g.select("selection_id", "kept").iter_rows():
             kept = np.asarray(kept, dtype=np.int64)
