@@ -94,51 +94,57 @@ def plot_methods_cost(methods: pl.DataFrame | None):
     configs = _configs(m)
     if not configs:
         return None
-    colors = config_colors(configs)
     fig, axes = new_figure(width=15, height=5.5, ncols=2)
-    left, right = axes[0]
+    _retained_panel(axes[0, 0], m, configs)
+    _own_cost_panel(axes[0, 1], m, configs)
+    fig.tight_layout()
+    return fig
+
+
+def _retained_panel(ax, m: pl.DataFrame, configs: list[str]) -> None:
+    colors = config_colors(configs)
     for config in configs:
         d = m.filter(pl.col("config") == config, pl.col("keep").is_not_null()).sort("keep")
         counted = d["flops_ratio_total"].is_not_null().to_numpy()
         x = np.where(counted, d["flops_ratio_total"].fill_null(0).to_numpy(), d["flops_ratio"].to_numpy())
         y = d["retained_avg"].to_numpy()
-        left.plot(x, y, "-", color=colors[config], linewidth=1, alpha=0.8)
-        left.scatter(x[counted], y[counted], color=colors[config], s=40, label=method_label(config), zorder=3)
-        left.scatter(x[~counted], y[~counted], facecolors="none", edgecolors=colors[config], s=40, zorder=3)
-    left.axhline(100.0, color="black", linestyle="--", linewidth=1, label="full control (100 %, FLOPs 1)")
+        ax.plot(x, y, "-", color=colors[config], linewidth=1, alpha=0.8)
+        ax.scatter(x[counted], y[counted], color=colors[config], s=40, label=method_label(config), zorder=3)
+        ax.scatter(x[~counted], y[~counted], facecolors="none", edgecolors=colors[config], s=40, zorder=3)
+    ax.axhline(100.0, color="black", linestyle="--", linewidth=1, label="full control (100 %, FLOPs 1)")
     for keep, d in m.filter(pl.col("config") != "full", pl.col("keep").is_not_null()).group_by("keep"):
         x = float(d["flops_ratio"].median())
-        left.axvline(x, color="0.75", linewidth=0.8, linestyle=":", zorder=0)
-        left.annotate(f"keep {keep[0]}", (x, 0.01), xycoords=("data", "axes fraction"), rotation=90, ha="right",
-                      va="bottom", fontsize=8, color="0.3", xytext=(-2, 0), textcoords="offset points")
-    left.set_xlabel("prefill FLOPs relative to the full model, the method's own cost included\n"
-                    "(FastV's formula + flops.method_cost; dotted: FastV's formula alone at each keep;\n"
-                    "hollow: own cost not counted)")
-    left.set_ylabel("% of the full model retained (mean over benchmarks)")
-    left.set_title("Retained accuracy vs prefill FLOPs")
+        ax.axvline(x, color="0.75", linewidth=0.8, linestyle=":", zorder=0)
+        ax.annotate(f"keep {keep[0]}", (x, 0.01), xycoords=("data", "axes fraction"), rotation=90, ha="right",
+                    va="bottom", fontsize=8, color="0.3", xytext=(-2, 0), textcoords="offset points")
+    ax.set_xlabel("prefill FLOPs relative to the full model, the method's own cost included\n"
+                  "(FastV's formula + flops.method_cost; dotted: FastV's formula alone at each keep;\n"
+                  "hollow: own cost not counted)")
+    ax.set_ylabel("% of the full model retained (mean over benchmarks)")
+    ax.set_title("Retained accuracy vs prefill FLOPs")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, ncol=1 + len(configs) // 20)
+
+
+def _own_cost_panel(ax, m: pl.DataFrame, configs: list[str]) -> None:
     keeps = sorted(k for k in m["keep"].drop_nulls().unique().to_list() if k < m["keep"].max())
     width = 0.8 / max(len(keeps), 1)
+    shares = {k: [_own_share(m.filter(pl.col("keep") == k), c) for c in configs] for k in keeps}
     for i, keep in enumerate(keeps):
-        d = m.filter(pl.col("keep") == keep)
-        share = [_own_share(d, c) for c in configs]
-        right.barh(np.arange(len(configs)) + i * width, [s if s is not None else 0 for s in share], height=width,
-                   color=PALETTE.get("avg_all_heads"), alpha=0.35 + 0.65 * (i + 1) / len(keeps), label=f"keep {keep}")
+        share = shares[keep]
+        ax.barh(np.arange(len(configs)) + i * width, [s if s is not None else 0 for s in share], height=width,
+                color=PALETTE.get("avg_all_heads"), alpha=0.35 + 0.65 * (i + 1) / len(keeps), label=f"keep {keep}")
         for j, s in enumerate(share):
             if not s and i == len(keeps) // 2:  # once per configuration, at its middle bar
-                right.text(0, j + i * width, " not counted" if s is None else " 0", va="center", fontsize=8,
-                           color="0.3")
-    right.set_yticks(np.arange(len(configs)) + width * (len(keeps) - 1) / 2, [method_label(c) for c in configs])
-    right.invert_yaxis()
-    right.set_xscale("symlog", linthresh=1e-4)
-    top = max([v for c in configs for k in keeps if (v := _own_share(m.filter(pl.col("keep") == k), c))] or [1e-3])
-    right.set_xlim(0, top * 3)
-    right.set_xlabel("the method's own cost, % of the full model's prefill FLOPs (symlog)")
-    right.set_ylabel("configuration")
-    right.set_title("What selecting costs")
-    right.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
-    left.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, ncol=1 + len(configs) // 20)
-    fig.tight_layout()
-    return fig
+                ax.text(0, j + i * width, " not counted" if s is None else " 0", va="center", fontsize=8,
+                        color="0.3")
+    ax.set_yticks(np.arange(len(configs)) + width * (len(keeps) - 1) / 2, [method_label(c) for c in configs])
+    ax.invert_yaxis()
+    ax.set_xscale("symlog", linthresh=1e-4)
+    ax.set_xlim(0, 3 * max([s for share in shares.values() for s in share if s] or [1e-3]))
+    ax.set_xlabel("the method's own cost, % of the full model's prefill FLOPs (symlog)")
+    ax.set_ylabel("configuration")
+    ax.set_title("What selecting costs")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
 
 
 def _own_share(d: pl.DataFrame, config: str) -> float | None:
