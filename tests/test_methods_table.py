@@ -156,3 +156,19 @@ def test_report_section_names_every_configuration_and_says_what_it_cannot_count(
     zero = methods_table({"A": benchmark_rows(*_benchmark({"full": [0, 0], "divprune": [0, 0]}), DIMS)})
     assert "no % retained (the full control scored 0)" in report.methods_note(zero)
     assert "re-run `fastv-analyze eval`" in report.methods_note(None)
+
+
+def test_a_schedule_counts_every_cut_and_its_ranking():
+    pred, acc, samples = _benchmark({"full": [1, 1], "divprune": [1, 0]})
+    then = "divprune then max_head K=3 keep 2"
+    pred = pl.concat([pred, pred.filter(pl.col("config") == "divprune").with_columns(
+        pl.lit(then).alias("config"), pl.lit('[[3, 2, "max_head"]]').alias("stages"))])
+    acc = pl.concat([acc, acc.filter(pl.col("config") == "divprune").with_columns(pl.lit(then).alias("config"))])
+    table = methods_table({"A": benchmark_rows(pred, acc, samples, DIMS)})
+    row = table.filter(pl.col("config") == then).row(0, named=True)
+    # layer 0 at 20 tokens, layers 1-2 at 8, layer 3 at 20 - 16 + 2 = 6:
+    # 16,640 + 2 x 5,120 + (4 x 6 x 64 + 2 x 36 x 8 + 2 x 6 x 8 x 16 = 3,648) = 30,528 of 66,560
+    assert row["flops_ratio"] == pytest.approx(30_528 / 66_560)
+    # DivPrune's 2,240 + the stage's max_head ranking, H Q N = 2 x 1 x 4 (the 4 tokens the first cut kept)
+    assert row["method_macs"] == 2_248 and "then" in row["method_cost"]
+    assert row["kv_cache_bytes"] == (20 + 8 + 8 + 6) * 64
