@@ -44,6 +44,12 @@ def test_benchmark_run_end_to_end(tiny_model, tmp_path, make, name, headline, ca
         assert scored["headline"]["value"] == pytest.approx(row["metric_value"])
         if row["metric_ci_lo"] is not None:
             assert row["metric_ci_lo"] <= row["metric_value"] <= row["metric_ci_hi"]
+    # the methods table reads the benchmark's headline, and its % of the full control's
+    methods = pl.read_parquet(run / "eval" / "methods.parquet").join(acc, on=["agg_layer", "config", "keep"])
+    assert methods[f"headline[{name}]"].to_list() == methods["metric_value"].to_list()
+    full = acc.filter(pl.col("config") == "full")["metric_value"][0]
+    if full:
+        assert methods[f"retained[{name}]"].to_list() == pytest.approx((100 * methods["metric_value"] / full).to_list())
     assert main(["report", str(run)]) == 0, capsys.readouterr().err
     html = (run / "report.html").read_text()
     assert headline in html  # the benchmark's metric per configuration is in the main table

@@ -25,7 +25,17 @@ def test_demo_runs_every_stage_on_the_embedded_default(tmp_path, capsys):
     # object_coverage: the toy knows its objects; the critiques' analyses from the demo's --store
     # data (no sinks figure: the toy has no attention sinks, the section says so in one line)
     assert {"object_coverage", "positional_bias", "query_choice", "layer_dynamics"} <= figures
-    assert len(figures) == 14 and "attention_sinks" not in figures
+    assert len(figures) == 16 and "attention_sinks" not in figures
+    # the methods side by side: every registered strategy in the table, the section rendered
+    from fastv_analysis.strategies import ALL_METHODS
+
+    methods = pl.read_parquet(out / "eval" / "methods.parquet")
+    assert set(methods["method"]) == set(ALL_METHODS) | {"full"}
+    assert methods["retained_avg"].null_count() == 0 and methods["kv_cache_bytes"].min() > 0
+    assert {"methods_cost", "methods_statistics"} <= figures
+    html = (out / "report.html").read_text()
+    assert "The field&#39;s methods side by side" in html or "The field's methods side by side" in html
+    assert "r_within" in html and "retained_avg_%" in html
     # the demo answers every strategy and FastV's other two queries
     # (divprune and pooling under their authors' compact positions, the eval default)
     assert {"diverse", "no_rope", "hybrid_uniform", "avg_all_heads@text_mean", "divprune positions=compact", "dart",

@@ -40,13 +40,14 @@ def evaluated_run(tmp_path_factory):
 
 FIGURE_NAMES = ["accuracy_vs_keep", "accuracy_vs_alpha", "category_accuracy", "cost", "overlap_heatmap",
                 "head_statistics", "keep_frequency", "examples", "sample_attention", "relations", "object_coverage",
-                "positional_bias", "attention_sinks", "query_choice", "layer_dynamics"]
+                "positional_bias", "attention_sinks", "query_choice", "layer_dynamics", "methods_cost",
+                "methods_statistics"]
 NEEDS_STORE = {"attention_sinks", "query_choice", "layer_dynamics"}  # need capture --store data (and select --queries)
 
 
 def test_figure_registry():
     assert list(report.FIGURES) == FIGURE_NAMES and set(report.NEEDS) == set(FIGURE_NAMES)
-    assert len(report.FIGURES) == 15
+    assert len(report.FIGURES) == 17
 
 
 def test_figure_functions_label_everything(evaluated_run):
@@ -122,7 +123,7 @@ def test_report_notebook_writes_html_and_figures(evaluated_run, capfd):
     # the main table: whole config names, no dtype row, p-values in scientific notation
     assert "weighted_combination(alpha=0.5)" in html and "weighted_combination(alpha=0.…" not in html
     assert not re.search(r"<td>(str|i64|f64)</td>", html) and "shape: (" not in html
-    assert len(figures) == 12
+    assert len(figures) == 14
     # a capture without --store: each section that needs it says so in one line, the rest draw
     for line in ("capture with --store hidden_norm", "capture with --store layers", "select compared no query variant",
                  "Against random at the same keep", "The oracle could add at most"):

@@ -64,7 +64,8 @@ def statistics_frame(pred: pl.DataFrame, run_dir: Path) -> pl.DataFrame:
     return out.join(heads, on=["sample_id", "agg_layer"], how="left")
 
 
-def relations_table(frame: pl.DataFrame, n_permutations: int = 2000, seed: int = 0) -> pl.DataFrame:
+def relations_table(frame: pl.DataFrame, n_permutations: int = 2000, seed: int = 0,
+                    statistics: tuple[str, ...] = STATISTICS) -> pl.DataFrame:
     """How each selection statistic relates to being correct.
 
     scope "configuration": within one configuration (one row per sample, so the samples
@@ -80,12 +81,14 @@ def relations_table(frame: pl.DataFrame, n_permutations: int = 2000, seed: int =
     Copies of one item (a ``unit`` column: MME's two questions per image, MMBench's
     rotations, several questions per image) are one unit: a configuration's Spearman test
     runs on the units' mean statistic and mean outcome (``n_units`` of them), and the pooled
-    permutation shuffles every copy of a unit alike.
+    permutation shuffles every copy of a unit alike. ``statistics``: the columns related
+    (default :data:`STATISTICS`; the methods section passes its own).
     """
     scored = with_units(frame.filter(pl.col("method") != FULL))
     outcome = "score" if "score" in frame.columns else "correct"  # soft where the metric is soft
-    per_config = _per_configuration(scored, outcome)
-    pooled = _pooled(scored.filter(pl.col("config") != _reference_at_budget(scored)), outcome, n_permutations, seed)
+    per_config = _per_configuration(scored, outcome, statistics)
+    pooled = _pooled(scored.filter(pl.col("config") != _reference_at_budget(scored)), outcome, n_permutations, seed,
+                     statistics)
     schema = {"scope": pl.Utf8, "config": pl.Utf8, "agg_layer": pl.Int64, "keep": pl.Int64, "statistic": pl.Utf8,
               "n": pl.Int64, "n_units": pl.Int64, "n_strata": pl.Int64, "spearman_rho": pl.Float64, "r_within": pl.Float64,
               "p_value": pl.Float64, **{f"accuracy_q{i + 1}": pl.Float64 for i in range(QUANTILES)}}
@@ -94,7 +97,7 @@ def relations_table(frame: pl.DataFrame, n_permutations: int = 2000, seed: int =
     return out.rename({"p_value_holm": "p_holm", "p_value_bh": "p_bh"})
 
 
-def _per_configuration(scored: pl.DataFrame, outcome: str) -> list[dict]:
+def _per_configuration(scored: pl.DataFrame, outcome: str, statistics=STATISTICS) -> list[dict]:
     """Scope "configuration" of :func:`relations_table`: per configuration and statistic,
     Spearman's rho over units and accuracy by quartile of the statistic."""
     from scipy.stats import spearmanr
@@ -102,7 +105,7 @@ def _per_configuration(scored: pl.DataFrame, outcome: str) -> list[dict]:
     per_config = []
     for (config, layer, keep), g in scored.group_by(["config", "agg_layer", "keep"], maintain_order=True):
         correct = g[outcome].cast(pl.Float64).to_numpy()
-        for stat in STATISTICS:
+        for stat in statistics:
             x = g[stat].cast(pl.Float64).fill_null(np.nan).to_numpy()
             ok = ~np.isnan(x)
             units = g.filter(pl.Series(ok)).group_by("unit", maintain_order=True).agg(
@@ -120,7 +123,7 @@ def _per_configuration(scored: pl.DataFrame, outcome: str) -> list[dict]:
     return per_config
 
 
-def _pooled(pruned: pl.DataFrame, outcome: str, n_permutations: int, seed: int) -> list[dict]:
+def _pooled(pruned: pl.DataFrame, outcome: str, n_permutations: int, seed: int, statistics=STATISTICS) -> list[dict]:
     """Scope "within_sample" of :func:`relations_table`: per statistic, the within-stratum
     correlation over the pruned configurations and its permutation p."""
     pooled = []
@@ -128,7 +131,7 @@ def _pooled(pruned: pl.DataFrame, outcome: str, n_permutations: int, seed: int) 
         strata = pruned.select(pl.struct("sample_id", "agg_layer", "keep").rank("dense")).to_series().to_numpy()
         blocks = pruned.select(pl.struct("unit", "agg_layer", "keep").rank("dense")).to_series().to_numpy()
         correct = pruned[outcome].cast(pl.Float64).to_numpy()
-        for stat in STATISTICS:
+        for stat in statistics:
             x = pruned[stat].cast(pl.Float64).fill_null(np.nan).to_numpy()
             res = stats.within_sample_permutation_test(x, correct, strata, n_permutations=n_permutations, seed=seed,
                                                        blocks=blocks, slots=pruned["config"].to_numpy())

@@ -16,8 +16,10 @@ import torch
 
 from ..store import atomic_write_json, atomic_write_parquet
 from .accuracy import accuracy_table
+from .methods import ModelDims, benchmark_name, benchmark_rows, methods_table
 from .plan import FULL
 from .relations import adaptive_tables, relations_table, statistics_frame
+from .selection_stats import METHOD_STATISTICS, method_statistics
 from .score import benchmark_scores, sorted_predictions, write_answer_files
 
 
@@ -68,8 +70,13 @@ def write_tables(plan, pred: pl.DataFrame, timing: pl.DataFrame, config_timing: 
     write_answer_files(pred, plan.questions, folder / "answers", model_name)
     relations = relations_table(statistics_frame(pred, plan.run.root))
     oracle, choice = adaptive_tables(pred, plan.run.root)
+    methods = methods_table({benchmark_name(plan.run): benchmark_rows(pred, accuracy, plan.run.samples,
+                                                                      ModelDims.of(adapter))})
+    per_selection = method_statistics(pred, plan.run)
     tables = {"oracle": oracle, "adaptive": choice, "predictions": pred, "accuracy": accuracy,
-              "relations": relations, "timing": timing, "config_timing": config_timing}
+              "relations": relations, "timing": timing, "config_timing": config_timing, "methods": methods,
+              "method_statistics": per_selection,
+              "method_relations": relations_table(per_selection, statistics=METHOD_STATISTICS)}
     for name, table in tables.items():
         if table is not None:
             atomic_write_parquet(table, folder / f"{name}.parquet")

@@ -13,7 +13,7 @@ Modules: ``tables`` (a run's tables), ``style`` (palette, figures, labels), ``co
 configurations a section shows), ``grids`` (each sample's token grid, from the adapters), one
 module per section (``accuracy``, ``categories``, ``overlap``, ``heads``, ``attention_maps``,
 ``keep_frequency``, ``examples``, ``relations``, ``position_bias``, ``sinks``, ``queries``,
-``layers``, ``beats_random``, ``adaptive_choice``), ``figures`` (the registry) and ``render``
+``layers``, ``beats_random``, ``adaptive_choice``, ``methods``), ``figures`` (the registry) and ``render``
 (papermill, kernel, HTML).
 """
 
@@ -33,6 +33,8 @@ from .grids import SPATIAL_TITLES, base_tile, cell_boxes, grid_extent, grid_note
 from .heads import plot_head_statistics
 from .keep_frequency import grid_keep_frequency, keep_frequency, plot_keep_frequency
 from .layers import layer_dynamics, plot_layer_dynamics, run_layer_dynamics
+from .methods import (method_relations_view, methods_missing, methods_note, methods_view, plot_method_statistics,
+                      plot_methods_cost, statistics_summary)
 from .overlap import chance_jaccard, mean_chance_jaccard, plot_overlap_heatmap
 from .position_bias import POSITION_CONFIGS, kept_positions, plot_positional_bias, position_profile, position_summary
 from .queries import QUERY_COLORS, QUERY_VARIANTS, plot_query_choice, query_agreement, query_table
@@ -55,7 +57,9 @@ __all__ = [
     "beats_random_view", "category_accuracy", "category_table", "cell_boxes", "chance_jaccard", "check_ready",
     "config_colors", "configure_tables", "example_sample_ids", "figure", "full_control_note", "grid_extent",
     "grid_keep_frequency", "grid_note", "grid_side", "keep_frequency", "kept_boxes", "kept_positions",
-    "layer_dynamics", "load_tables", "main_numbers", "mean_chance_jaccard", "n_image_tokens", "not_shown",
+    "layer_dynamics", "load_tables", "main_numbers", "mean_chance_jaccard", "method_relations_view",
+    "methods_missing", "methods_note", "methods_view", "plot_method_statistics", "plot_methods_cost",
+    "statistics_summary", "n_image_tokens", "not_shown",
     "one_config_per_method", "oracle_view", "paired_p", "plot_accuracy_vs_alpha", "plot_accuracy_vs_keep",
     "plot_attention_sinks", "plot_category_accuracy", "plot_cost", "plot_examples", "plot_head_statistics",
     "plot_keep_frequency", "plot_layer_dynamics", "plot_object_coverage", "plot_overlap_heatmap",

@@ -22,6 +22,7 @@ from .examples import plot_examples
 from .grids import spatial_missing
 from .heads import plot_head_statistics
 from .keep_frequency import plot_keep_frequency
+from .methods import methods_missing, plot_method_statistics, plot_methods_cost
 from .layers import layer_dynamics_missing, plot_layer_dynamics, run_layer_dynamics
 from .overlap import plot_overlap_heatmap
 from .position_bias import plot_positional_bias, positional_bias_missing
@@ -74,6 +75,10 @@ REGISTRY: tuple[Figure, ...] = (
     Figure("layer_dynamics", "14. Layer dynamics",
            lambda t: plot_layer_dynamics(run_layer_dynamics(t), n_tokens=n_image_tokens(t)), "selections",
            layer_dynamics_missing),
+    Figure("methods_cost", "17. The field's methods side by side", lambda t: plot_methods_cost(t.methods), "methods",
+           methods_missing),
+    Figure("methods_statistics", "17. The field's methods side by side",
+           lambda t: plot_method_statistics(t.method_statistics), "method_statistics", methods_missing),
 )
 FIGURES = {f.name: f.draw for f in REGISTRY}
 NEEDS = {f.name: f.needs for f in REGISTRY}

@@ -32,6 +32,9 @@ class RunTables:
     adaptive: pl.DataFrame | None = None   # eval/adaptive.parquet: the cross-validated choice rule
     store: tuple[str, ...] = ()            # what capture stored beyond the attention (run.json "store")
     architecture: str = DEFAULT_ARCHITECTURE  # run.json's: where its grid sits on the image
+    methods: pl.DataFrame | None = None            # eval/methods.parquet: the methods side by side
+    method_statistics: pl.DataFrame | None = None  # eval/method_statistics.parquet: per-selection statistics
+    method_relations: pl.DataFrame | None = None   # eval/method_relations.parquet: which predicts correctness
     cache: dict = field(default_factory=dict, repr=False, compare=False)  # tensors read from the run, once
 
 
@@ -60,6 +63,9 @@ def load_tables(run_dir: str | Path) -> RunTables:
         adaptive=read("eval", "adaptive.parquet"),
         store=tuple(config.get("store") or ()),
         architecture=config.get("architecture") or DEFAULT_ARCHITECTURE,
+        methods=read("eval", "methods.parquet"),
+        method_statistics=read("eval", "method_statistics.parquet"),
+        method_relations=read("eval", "method_relations.parquet"),
     )
 
 
