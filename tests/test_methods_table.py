@@ -118,20 +118,26 @@ def test_selection_statistics_by_hand():
 
     import numpy as np
 
-    from fastv_analysis.evaluate.selection_stats import mean_cosine_to, mean_pairwise_cosine_distance, region_coverage
+    from fastv_analysis.evaluate.selection_stats import (instruction_relevance, mean_pairwise_cosine_distance,
+                                                         region_coverage)
     from fastv_analysis.layout import TokenLayout
 
     grid = TokenLayout.grid(8, 8)  # 4 x 4 regions of 2 x 2 cells
     assert region_coverage(np.array([0, 1, 8, 9]), grid) == 1 / 16  # one region
     assert region_coverage(np.array([0, 7, 56, 63]), grid) == 4 / 16  # the four corners
     assert region_coverage(np.arange(0, 64, 2), grid) == 1.0
-    x = np.random.default_rng(0).normal(size=(5, 3))
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(5, 3))
     brute = np.mean([1 - a @ b / np.linalg.norm(a) / np.linalg.norm(b) for a, b in itertools.combinations(x, 2)])
     assert mean_pairwise_cosine_distance(x) == pytest.approx(brute)
     assert mean_pairwise_cosine_distance(np.array([[1.0, 0.0], [2.0, 0.0]])) == pytest.approx(0.0)
     assert mean_pairwise_cosine_distance(np.array([[1.0, 0.0], [-1.0, 0.0]])) == pytest.approx(2.0)
     assert np.isnan(mean_pairwise_cosine_distance(x[:1]))
-    assert mean_cosine_to(np.array([[1.0, 0.0], [0.0, 3.0]]), np.array([2.0, 0.0])) == pytest.approx(0.5)
+    # relevance: the mean cosine over (kept token, instruction token) pairs, from the stored mean of unit vectors
+    kept, words = rng.normal(size=(4, 3)), rng.normal(size=(6, 3))
+    pairs = np.mean([a @ b / np.linalg.norm(a) / np.linalg.norm(b) for a in kept for b in words])
+    mean_unit = (words / np.linalg.norm(words, axis=1, keepdims=True)).mean(axis=0)
+    assert instruction_relevance(kept, mean_unit) == pytest.approx(pairs)
 
 
 def test_report_section_names_every_configuration_and_says_what_it_cannot_count(monkeypatch):

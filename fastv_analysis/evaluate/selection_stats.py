@@ -5,9 +5,9 @@ Per (sample, configuration): the overlap with FastV's set (``jaccard_vs_avg``), 
 tokens sit (``mean_row``, ``bottom_share``, ``region_coverage``: the share of the grid's 4 x 4
 regions holding a kept token), object coverage (``object_token_share``, ``objects_touched``,
 where the questions give boxes), ``diversity`` (mean pairwise cosine distance of the kept
-tokens' LLM-input embeddings, ``--store embeddings``), ``relevance`` (mean cosine of the kept
-tokens' layer K-1 outputs to the mean of DART's stored text pivots' — the instruction tokens with
-the largest layer K-1 keys, ``--store dart_image,dart_text``) and ``compact`` (1 where the
+tokens' LLM-input embeddings, ``--store embeddings``), ``relevance`` (the mean over the kept
+tokens and the instruction tokens of their cosine, in the LLM's input space: CDPruner's relevance
+with its sign, ``--store embeddings,instruction``) and ``compact`` (1 where the
 configuration ran with the compact positions policy). A merged slot counts as its anchor token.
 Written by eval as ``RUN/eval/method_statistics.parquet`` (rows) and
 ``RUN/eval/method_relations.parquet`` (:func:`.relations.relations_table` over these statistics).
@@ -49,25 +49,21 @@ def mean_pairwise_cosine_distance(x: np.ndarray) -> float:
     return float(1.0 - (total @ total - k) / (k * (k - 1)))
 
 
-def mean_cosine_to(x: np.ndarray, target: np.ndarray) -> float:
-    """Mean over the rows of ``x`` of their cosine to ``target``."""
+def instruction_relevance(x: np.ndarray, instruction: np.ndarray) -> float:
+    """Mean over the rows of ``x`` (kept tokens) and the instruction tokens of their cosine, where
+    ``instruction`` is the mean of the instruction tokens' unit vectors (the stored
+    ``instruction`` input): ``mean(unit(x) @ instruction)``."""
     if x.shape[0] == 0:
         return float("nan")
-    return float((x @ target / (np.linalg.norm(x, axis=1) * np.linalg.norm(target))).mean())
+    return float((x / np.linalg.norm(x, axis=1, keepdims=True) @ instruction).mean())
 
 
 def _sample_tensors(run, agg_layer: int, sample_id: int) -> dict:
     """The stored inputs a statistic reads, for one sample (absent: not captured)."""
     stored = set(run.config.get("store") or ())
-    names = [n for n in ("embeddings", "dart_image", "dart_text") if n in stored]
+    names = [n for n in ("embeddings", "instruction") if n in stored]
     got = run.inputs(agg_layer, [sample_id], names) if names else {}
-    out = {}
-    if "embeddings" in got:
-        out["embeddings"] = got["embeddings"][0].numpy().astype(np.float64)
-    if "dart_image" in got and "dart_text" in got:
-        out["image_out"] = got["dart_image"][0, :, 2:].numpy().astype(np.float64)
-        out["instruction"] = got["dart_text"][0, :, 1:].numpy().astype(np.float64).mean(axis=0)
-    return out
+    return {name: got[name][0].numpy().astype(np.float64) for name in got}
 
 
 def _kept_statistics(pred: pl.DataFrame, run) -> pl.DataFrame:
@@ -92,8 +88,8 @@ def _kept_statistics(pred: pl.DataFrame, run) -> pl.DataFrame:
                         "region_coverage": region_coverage(kept, layouts[int(sid)]),
                         "diversity": mean_pairwise_cosine_distance(t["embeddings"][kept]) if "embeddings" in t
                         else float("nan"),
-                        "relevance": mean_cosine_to(t["image_out"][kept], t["instruction"]) if "image_out" in t
-                        else float("nan")})
+                        "relevance": instruction_relevance(t["embeddings"][kept], t["instruction"])
+                        if "embeddings" in t and "instruction" in t else float("nan")})
     schema = {"sample_id": pred.schema["sample_id"], "agg_layer": pred.schema["agg_layer"], "selection_id": pl.Utf8,
               "region_coverage": pl.Float64, "diversity": pl.Float64, "relevance": pl.Float64}
     return pl.DataFrame(out, schema=schema)

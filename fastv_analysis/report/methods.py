@@ -19,7 +19,7 @@ STATISTIC_TITLES = {
     "object_token_share": "kept tokens on an object",
     "objects_touched": "objects touched",
     "diversity": "diversity (mean pairwise\ncosine distance, LLM input)",
-    "relevance": "relevance (mean cosine to the\ninstruction, layer K-1)",
+    "relevance": "relevance (mean cosine to the\ninstruction, LLM input)",
 }
 """The statistics the section draws, with their panel titles."""
 
