@@ -606,11 +606,11 @@ def _chunk_inputs(run, plan, layer: int, methods, ids) -> dict | None:
     needs = sorted({n for m in methods for n in strategies.required_inputs(m)})
     if not needs:
         return None
-    stored = [k for k in run.agg_layers if k > 0]
-    if not stored:
+    stored = run.inputs_layer(0)
+    if stored is None:
         raise ValueError(f"{run.root}: {', '.join(methods)} at K = 0 read {', '.join(needs)}, stored with a layer "
                          "K >= 1 only (capture with --agg-layers 0,K --store ...)")
-    return run.inputs(stored[0], ids, needs)
+    return run.inputs(stored, ids, needs)
 
 
 def _chunk_frames(run, plan: _SelectPlan, layer: int, methods, ids, att, n, layout, geometry):

@@ -428,6 +428,14 @@ class Run:
             out[name] = torch.stack([self._tensor(attention_key(s, agg_layer, name), s).float() for s in sample_ids])
         return out
 
+    def inputs_layer(self, agg_layer: int) -> int | None:
+        """The layer whose stored inputs a selection at ``agg_layer`` reads: that layer, or at
+        K = 0 (nothing stored there) the first captured K >= 1, whose LLM-input inputs
+        (``embeddings``, ``instruction``) are the same at every layer; None if there is none."""
+        if agg_layer > 0:
+            return agg_layer
+        return next((k for k in self.agg_layers if k > 0), None)
+
     def layer_attention(self, sample_id: int):
         """float32 ``[L, H, N]``: the last prompt token's image attention at every layer."""
         if "layers" not in (self.config.get("store") or []):

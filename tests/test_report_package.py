@@ -27,7 +27,7 @@ def _tables(root):
 
 def test_registry_names_sections_and_views():
     names = [f.name for f in report.REGISTRY]
-    assert len(set(names)) == len(names) == 15
+    assert len(set(names)) == len(names) == 17
     assert list(report.FIGURES) == names and list(report.NEEDS) == names
     assert all(report.NEEDS[f.name] == f.needs and f.needs in report.RunTables.__dataclass_fields__
                for f in report.REGISTRY)

@@ -60,9 +60,9 @@ def instruction_relevance(x: np.ndarray, instruction: np.ndarray) -> float:
 
 def _sample_tensors(run, agg_layer: int, sample_id: int) -> dict:
     """The stored inputs a statistic reads, for one sample (absent: not captured)."""
-    stored = set(run.config.get("store") or ())
+    stored, layer = set(run.config.get("store") or ()), run.inputs_layer(agg_layer)  # both enter layer 0
     names = [n for n in ("embeddings", "instruction") if n in stored]
-    got = run.inputs(agg_layer, [sample_id], names) if names else {}
+    got = run.inputs(layer, [sample_id], names) if names and layer is not None else {}
     return {name: got[name][0].numpy().astype(np.float64) for name in got}
 
 
