@@ -89,8 +89,10 @@ class FastVHooks:
         return Ranker(self.config, self.adapter, self.pixels, self.vision)
 
     def _vision_names(self) -> tuple[str, ...]:
-        """The vision-side inputs the configured strategy reads, while a prefill encodes its image."""
-        if self.phase != "prefill":
+        """The vision-side inputs the configured strategy reads, while an image is encoded for a
+        prefill: inside its forward, or just before it (generate encodes the image before its
+        first forward call, with no forward running). Decode steps encode nothing."""
+        if self.phase == "decode":
             return ()
         return tuple(n for n in needed_inputs(self.config) if n in VISION_NAMES)
 
@@ -120,7 +122,10 @@ class FastVHooks:
         return None
 
     def after_model(self, module, args, output):
-        """Forget the per-forward state, so direct calls of a submodule are never pruned."""
+        """Forget the per-forward state, so direct calls of a submodule are never pruned (and a
+        later prompt never ranks by this one's vision tower)."""
+        if self.phase == "prefill":
+            self.vision.clear()
         self.phase, self.pixels, self.vision_grid = None, None, None
         self.memo.clear()
 
