@@ -127,3 +127,34 @@ def test_generate_ranks_each_prompt_by_its_own_vision_tower(replayed, agg_layer)
             for i in (1, 0, 0, 1):
                 m.generate(**inputs[i], max_new_tokens=2, do_sample=False)
                 assert m.prompt.selection.indices[0].tolist() == alone[i], (arch, method, i)
+
+
+# -- generate on tiling families: the image sizes reach the hooks -----------------------------------
+
+
+@pytest.fixture(scope="module", params=["LlavaNextForConditionalGeneration", "LlavaOnevisionForConditionalGeneration"])
+def tiled(request, tmp_path_factory):
+    arch = request.param
+    loaded = load_model(str(registry()[arch].tiny(tmp_path_factory.mktemp(arch) / "m", seed=3)), device="cpu",
+                        dtype="float32")
+    rng = np.random.default_rng(4)
+    image = Image.fromarray((rng.random((112, 168, 3)) * 255).astype("uint8"))
+    proc = loaded.processor
+    return arch, loaded.model, dict(proc(text=[build_prompt(proc, "what is in the picture?")], images=[image],
+                                         return_tensors="pt"))
+
+
+@pytest.mark.parametrize("agg_layer", [0, 2])
+def test_generate_lays_out_the_tiles_of_a_merge_strategy(tiled, agg_layer):
+    """generate encodes the image first and drops image_sizes from its forward calls; pooling
+    (which needs the tiles' layout) generates, keeping and answering as the plain forward does,
+    and the model is left as it was."""
+    arch, model, inputs = tiled
+    methods = ["pooling"] + (["visionzip"] if arch == "LlavaNextForConditionalGeneration" else [])
+    for method in methods:
+        with torch.no_grad(), apply_fastv(model, agg_layer=agg_layer, keep=4, method=method) as m:
+            first = int(m(**inputs).logits[0, -1].argmax())
+            kept = m.prompt.selection.indices[0].tolist()
+            out = m.generate(**inputs, max_new_tokens=1, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+            assert m.prompt.selection.indices[0].tolist() == kept and out.tolist() == [first], (arch, method)
+        assert "get_image_features" not in vars(model.model)
