@@ -175,8 +175,8 @@ def write_questions(folder: Path, records: list[dict]) -> Path:
 
 def write_answers(folder: Path, records: list[dict], model_id: str, config: dict) -> None:
     """answers/<task>.jsonl (LLaVA's answers file: ``fastv-analyze score --answers``), predictions.parquet
-    (one row per sample: its ids, the configuration, the prediction and the kept image-token
-    indices) and the question file."""
+    (one row per sample: its ids, the configuration with its positions policy, the prediction and
+    the kept image-token indices) and the question file."""
     import hashlib
 
     import polars as pl
@@ -198,6 +198,7 @@ def write_answers(folder: Path, records: list[dict], model_id: str, config: dict
                                  "prediction": pl.Utf8, "n_image_tokens": pl.Int64, "kept": pl.List(pl.Int64)})
     frame = frame.with_columns(pl.lit(config["agg_layer"]).alias("agg_layer"), pl.lit(config["keep"]).alias("keep"),
                                pl.lit(config["method"]).alias("method"), pl.lit(config["alpha"]).alias("alpha"),
+                               pl.lit(config.get("positions", "original")).alias("positions"),
                                pl.col("kept").list.len().alias("n_kept"))
     atomic_write_parquet(frame, folder / PREDICTIONS_FILE)
 
