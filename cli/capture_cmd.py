@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from fastv_analysis.probes import STORE_OPTIONS
+from fastv_analysis.probes import STORE_OPTIONS, store_help
 
 from .params import Choices, IntList, threads_option
 
@@ -27,13 +27,12 @@ from .params import Choices, IntList, threads_option
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory to write (or resume).")
 @click.option("--agg-layers", type=IntList(), default="2", show_default=True,
               help="Aggregation layer(s) K; the attention of layer K-1 is stored. K = 0 (prune the "
-                   "decoder input; random and uniform only) stores nothing.")
+                   "decoder input: the controls and the pre-LLM strategies, which read the --store inputs of a "
+                   "layer K >= 1) stores nothing.")
 @click.option("--queries", type=click.Choice(["last", "text"]), default="last", show_default=True,
               help="last: the last prompt token's row; text: every text token after the image too.")
 @click.option("--store", "store", type=Choices(STORE_OPTIONS), default="", show_default=False,
-              help="Also store, per K: attention_no_rope, attention_text_mean, attention_all_mean (other query "
-                   "rows), hidden_norm (image-token residual norms, sinks), sketch (64-dim projection, diversity); "
-                   "layers: the last token's image attention at every layer. Comma list; bytes per sample printed.")
+              help=store_help())
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
 @click.option("--dtype", default="auto", show_default=True,
               help="Model dtype: auto (bfloat16/float16 on GPU, float32 on CPU), float32, float16, bfloat16.")

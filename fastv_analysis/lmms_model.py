@@ -179,7 +179,8 @@ class FastV(lmms):
         everyone = _gather([{**{k: r[k] for k in keys}, "image": image_name(r["task"], r["doc_id"])}
                             for r in unique], self.world_size)
         if self.rank == 0 and opts.answers_dir:
-            config = {"agg_layer": opts.agg_layer, "keep": opts.keep, "method": opts.method, "alpha": opts.alpha}
+            config = {"agg_layer": opts.agg_layer, "keep": opts.keep, "method": opts.method, "alpha": opts.alpha,
+                      "positions": opts.fastv_config().positions}
             write_answers(Path(opts.answers_dir), everyone, str(opts.pretrained), config)
         if opts.capture_dir:
             self._capture(everyone)

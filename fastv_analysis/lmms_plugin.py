@@ -13,6 +13,8 @@ Model args (comma list; lmms-eval parses numbers itself): ``pretrained`` (a chec
 supported family), ``agg_layer``, ``keep``, ``method`` (any registered strategy), ``alpha``,
 ``seed``, ``mode`` (drop | mask), ``newline``, ``query`` (the strategy's query variant),
 ``stages`` (later cuts ``K:KEEP[:METHOD]`` joined by ``+``, e.g. ``8:32+16:16:max_head``),
+``positions`` (original | compact: the positions policy from the cut on; default the method's
+registered policy, as ``fastv-analyze eval``, original in mask mode),
 ``dtype``, ``prompt_template``, ``answer_field`` (the doc field
 holding the reference, default ``answer``), ``id_field`` (the doc field with the question id,
 default ``question_id``), ``capture_dir`` (also write our capture of the prompts lmms-eval sent:
@@ -56,6 +58,7 @@ class PluginOptions:
     newline: str = "prune"
     query: str | None = None
     stages: str | None = None
+    positions: str | None = None
     use_fast_v: bool = True
     device: str = "auto"
     dtype: str = "auto"
@@ -84,9 +87,18 @@ class PluginOptions:
         try:
             return FastVConfig(agg_layer=self.agg_layer, keep=self.keep, method=self.method, alpha=float(self.alpha),
                                seed=self.seed, mode=self.mode, newline=self.newline, use_fast_v=self.use_fast_v,
-                               params={"query": self.query} if self.query else {}, stages=tuple(stages))
+                               params={"query": self.query} if self.query else {}, stages=tuple(stages),
+                               positions=self._positions())
         except ValueError as err:
             raise ValueError(f"--model_args: {err}") from None
+
+    def _positions(self) -> str:
+        """The positions policy asked for, else the method's registered one (original in mask mode)."""
+        if self.positions is not None:
+            return self.positions
+        from . import strategies
+
+        return strategies.strategy(self.method).positions if self.mode == "drop" else "original"
 
 
 _BOOL = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
@@ -163,8 +175,8 @@ def write_questions(folder: Path, records: list[dict]) -> Path:
 
 def write_answers(folder: Path, records: list[dict], model_id: str, config: dict) -> None:
     """answers/<task>.jsonl (LLaVA's answers file: ``fastv-analyze score --answers``), predictions.parquet
-    (one row per sample: its ids, the configuration, the prediction and the kept image-token
-    indices) and the question file."""
+    (one row per sample: its ids, the configuration with its positions policy, the prediction and
+    the kept image-token indices) and the question file."""
     import hashlib
 
     import polars as pl
@@ -186,6 +198,7 @@ def write_answers(folder: Path, records: list[dict], model_id: str, config: dict
                                  "prediction": pl.Utf8, "n_image_tokens": pl.Int64, "kept": pl.List(pl.Int64)})
     frame = frame.with_columns(pl.lit(config["agg_layer"]).alias("agg_layer"), pl.lit(config["keep"]).alias("keep"),
                                pl.lit(config["method"]).alias("method"), pl.lit(config["alpha"]).alias("alpha"),
+                               pl.lit(config.get("positions", "original")).alias("positions"),
                                pl.col("kept").list.len().alias("n_kept"))
     atomic_write_parquet(frame, folder / PREDICTIONS_FILE)
 

@@ -217,6 +217,39 @@ STORE_OPTIONS = NAMES + ("layers",)
 ranking evolves with depth)."""
 
 
+STORE_HINTS = {
+    "attention_no_rope": "last token's rows without RoPE, H*N*b",
+    "attention_text_mean": "rows averaged over the instruction, H*N*b",
+    "attention_all_mean": "rows averaged over the prompt, H*N*b",
+    "hidden_norm": "image tokens' residual norms, sinks, N*b",
+    "sketch": "64-dim projection of the residual stream, N*64*b",
+    "embeddings": "image tokens entering the LLM (DivPrune, CDPruner, pooling), N*D*b",
+    "dart_image": "DART's per-token position, key L1, normed output, N*(D+2)*4",
+    "dart_text": "DART's 4 text pivots, 4*(D+1)*4",
+    "instruction": "CDPruner's instruction embedding, D*b",
+    "attention_raters": "SparseVLM's raters' rows, H*N*b",
+    "hidden_out": "residual stream entering layer K (SparseVLM's recycling), N*D*b",
+    "vision_attention": "vision tower's CLS / mean-received attention (VisionZip, VisPruner), N*b",
+    "vision_keys": "vision tower's head-mean keys (VisionZip), N*d*b",
+    "vision_features": "vision features (VisPruner), N*Dv*b",
+    "layers": "the last token's image rows at every layer, L*H*N*b",
+}
+"""One hint per :data:`STORE_OPTIONS` name for capture's help: what it is, and its bytes per
+sample and K (H heads, N image tokens, D hidden size, d / Dv the vision tower's head / feature
+width, L layers, b bytes of ``--store-dtype``)."""
+
+
+def store_help() -> str:
+    """capture ``--store``'s help: every :data:`STORE_OPTIONS` name with its hint."""
+    missing = [n for n in STORE_OPTIONS if n not in STORE_HINTS]
+    if missing:
+        raise ValueError(f"probes.STORE_HINTS lacks {', '.join(missing)}")
+    names = "; ".join(f"{n}: {STORE_HINTS[n]}" for n in STORE_OPTIONS)
+    return (f"Also store, per K: {names}. Bytes per sample and K: H heads, N image tokens, D hidden size, "
+            "d / Dv the vision tower's head / feature width, L layers, b bytes of --store-dtype. Comma list; "
+            "bytes per sample printed.")
+
+
 class InputsRecorder:
     """Record :func:`layer_inputs` at layers K-1 during the prefill of ``generate`` (capture).
 

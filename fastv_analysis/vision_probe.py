@@ -66,6 +66,10 @@ class VisionTap:
         prompt's :attr:`image_sizes`: ``convert(image_sizes)`` -> ``{name: [images][n, ...]}``."""
         self.images, self._convert = [], convert
 
+    def clear(self) -> None:
+        """Forget what the tower recorded (a prompt's recording serves that prompt only)."""
+        self.images, self.part, self._convert = [], {}, None
+
     def __enter__(self) -> "VisionTap":
         self._handles = self.install()
         return self

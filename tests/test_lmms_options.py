@@ -36,7 +36,21 @@ def test_bad_model_args_one_line(args, message):
         parse_options(args)
 
 
+def test_positions_option_defaults_to_the_methods_policy():
+    """``positions=original|compact``; left out, the method's registered policy (as eval), and in
+    mask mode (which keeps the sequence whole) original."""
+    def policy(**args):
+        return parse_options({"pretrained": "m", **args}).fastv_config().positions
+
+    assert policy() == "original" and policy(method="divprune") == "compact"
+    assert policy(method="divprune", positions="original") == "original"
+    assert policy(method="avg_all_heads", positions="compact") == "compact"
+    assert policy(method="visionzip", agg_layer=0) == "compact" and policy(method="divprune", mode="mask") == "original"
+
+
 @pytest.mark.parametrize("args, message", [
+    ({"positions": "gapped"}, r"--model_args: positions must be one of original, compact, got 'gapped'"),
+    ({"positions": "compact", "mode": "mask"}, r"--model_args: positions='compact' re-numbers"),
     ({"method": "nope"}, r"--model_args: unknown method 'nope'"),
     ({"stages": "8"}, r"--model_args stages=8: expected K:KEEP\[:METHOD\] joined by '\+', got '8'"),
     ({"alpha": 2}, r"--model_args: alpha must be in \[0, 1\]"),

@@ -245,6 +245,27 @@ def test_plugin_predictions_equal_fastv_eval(toy_run):
     assert {(t, d): p for t, d, p in answers.select("task", "doc_id", "prediction").iter_rows()} == logged
 
 
+@pytest.mark.parametrize("positions", [None, "original"])
+def test_plugin_positions_policy_equals_fastv_eval(toy_run, tmp_path, positions):
+    """``positions=``: pooling (a merge, registered compact) through the plug-in, by default under
+    its own policy, answers as ``fastv-analyze eval`` under the same policy."""
+    root = toy_run["root"]
+    tasks = write_tasks(tmp_path, 10, pope_local=root / "pope_lmms.jsonl")
+    arg = "" if positions is None else f",positions={positions}"
+    run_lmms_eval(tmp_path, TOY_DIR, tasks, "pope_local", f"agg_layer=2,keep={KEEP},method=pooling{arg},"
+                  f"capture_dir={tmp_path / 'cap'},answers_dir={tmp_path / 'ans'}")
+    policy = positions or "compact"
+    answers = pl.read_parquet(tmp_path / "ans" / "predictions.parquet")
+    assert set(answers["positions"]) == {policy}
+    cap = tmp_path / "cap"
+    assert main(["select", str(cap), "--methods", "pooling", "--keep", str(KEEP), "--quiet"]) == 0
+    assert main(["eval", str(cap), "--methods", "pooling", "--keep", str(KEEP), "--timing-samples", "0", "--quiet",
+                 "--positions", policy]) == 0
+    ours = pl.read_parquet(cap / "eval" / "predictions.parquet").filter(pl.col("method") == "pooling")
+    assert set(ours["positions"]) == {policy} and ours.height == 12
+    assert answers.sort("sample_id")["prediction"].to_list() == ours.sort("sample_id")["prediction"].to_list()
+
+
 def test_lmms_eval_score_equals_fastv_score(toy_run, tmp_path):
     """(b) lmms-eval's metrics on the plug-in's answers == fastv-analyze score --rules lmms-eval."""
     root, results = toy_run["root"], toy_run["results"]["results"]

@@ -7,9 +7,10 @@ prompt, a decode step of the cached one, or neither); the hooks then ask
 
 from __future__ import annotations
 
+import inspect
 import weakref
 from contextlib import contextmanager
-from functools import partial
+from functools import partial, wraps
 
 import torch
 from torch import nn
@@ -30,6 +31,16 @@ def _pre_hook(module: nn.Module, fn):
     return module.register_forward_pre_hook(fn, with_kwargs=True)
 
 
+class _Restore:
+    """A handle that removes an instance attribute shadowing the class's method."""
+
+    def __init__(self, owner, name: str):
+        self.owner, self.name = owner, name
+
+    def remove(self) -> None:
+        self.owner.__dict__.pop(self.name, None)
+
+
 class FastVHooks:
     """FastV's hooks on ``model`` and the state of the running forward.
 
@@ -47,6 +58,7 @@ class FastVHooks:
         self.pixels: torch.Tensor | None = None  # what the vision tower last encoded
         self.vision = VisionTap(adapter, self._vision_names)  # the vision-side inputs (VisionZip, VisPruner)
         self.vision_grid: torch.Tensor | None = None  # and the grid it was given (Qwen's grid_thw)
+        self.vision_sizes: torch.Tensor | None = None  # and the image sizes of its tiles (LLaVA-NeXT, OneVision)
 
     @contextmanager
     def installed(self):
@@ -67,6 +79,7 @@ class FastVHooks:
                 handles.append(adapter.attention(i).register_forward_hook(partial(self.on_attention, i),
                                                                           with_kwargs=True))
             handles.extend(adapter.family_hooks(self))
+            handles.extend(self._image_sizes_hook())
             yield self
         finally:
             for handle in handles:
@@ -75,6 +88,25 @@ class FastVHooks:
             self.memo.clear()
             if _ACTIVE.get(self.model) is self:
                 del _ACTIVE[self.model]
+
+    def _image_sizes_hook(self) -> list:
+        """Record the ``image_sizes`` the model's ``get_image_features`` is called with. generate
+        calls it before the prefill (mm_encoder_outputs) and drops ``image_sizes`` from the
+        forward's kwargs, so the tile layouts (LLaVA-NeXT, OneVision) are known only there. A
+        method, not a module: wrapped on the instance, the wrapper removed with the hooks."""
+        base = getattr(self.adapter.model, "base_model", None)
+        method = getattr(base, "get_image_features", None)
+        if method is None or "image_sizes" not in inspect.signature(method).parameters:
+            return []
+        signature = inspect.signature(method)
+
+        @wraps(method)  # the same signature: generate picks the kwargs it passes by it
+        def recording(*args, **kwargs):
+            self.vision_sizes = signature.bind_partial(*args, **kwargs).arguments.get("image_sizes")
+            return method(*args, **kwargs)
+
+        base.get_image_features = recording
+        return [_Restore(base, "get_image_features")]
 
     def sequence_positions(self, layer: int) -> torch.Tensor | None:
         """In a prefill, the original prompt positions ``[B, M]`` of the sequence decoder layer
@@ -90,8 +122,10 @@ class FastVHooks:
         return Ranker(self.config, self.adapter, self.pixels, self.vision)
 
     def _vision_names(self) -> tuple[str, ...]:
-        """The vision-side inputs the configured strategy reads, while a prefill encodes its image."""
-        if self.phase != "prefill":
+        """The vision-side inputs the configured strategy reads, while an image is encoded for a
+        prefill: inside its forward, or just before it (generate encodes the image before its
+        first forward call, with no forward running). Decode steps encode nothing."""
+        if self.phase == "decode":
             return ()
         return tuple(n for n in needed_inputs(self.config) if n in VISION_NAMES)
 
@@ -117,12 +151,17 @@ class FastVHooks:
             # generate encoded the image before this call (mm_encoder_outputs): the layouts read
             # the grid the vision tower was given
             self.prompt.inputs = {**kwargs, "image_grid_thw": self.vision_grid}
+        if kwargs.get("image_sizes") is None and self.vision_sizes is not None:  # likewise the tiles' image sizes
+            self.prompt.inputs = {**self.prompt.inputs, "image_sizes": self.vision_sizes}
         self.phase = "prefill"
         return None
 
     def after_model(self, module, args, output):
-        """Forget the per-forward state, so direct calls of a submodule are never pruned."""
-        self.phase, self.pixels, self.vision_grid = None, None, None
+        """Forget the per-forward state, so direct calls of a submodule are never pruned (and a
+        later prompt never ranks by this one's vision tower)."""
+        if self.phase == "prefill":
+            self.vision.clear()
+        self.phase, self.pixels, self.vision_grid, self.vision_sizes = None, None, None, None
         self.memo.clear()
 
     def on_vision(self, module, args, kwargs):

@@ -141,17 +141,33 @@ class Ranker:
         prompt.choose(prompt.selection.indices.to(prompt.image_pos.device), prompt.selection.merge)
 
     def _input_side(self, prompt: Prompt, embeds: torch.Tensor | None) -> dict | None:
-        """The named inputs of a pre-LLM strategy at K = 0, from the decoder's input embeddings."""
+        """The named inputs of a pre-LLM strategy at K = 0: the image tokens' and the instruction's
+        LLM-input embeddings from the decoder's input ``embeds`` (what enters layer 0), the
+        vision-side ones from the :class:`~fastv_analysis.vision_probe.VisionTap` that recorded
+        this prefill's tower (it runs before the decoder)."""
         needs = strategies.required_inputs(self.config.method, **dict(self.config.params))
         if not needs:
             return None
-        other = [n for n in needs if n not in probes.NEEDS_EMBEDDINGS]
+        other = [n for n in needs if n not in ("embeddings", "instruction") + probes.VISION_NAMES]
         if other:
             raise ValueError(f"{self.config.method} at agg_layer=0 needs {', '.join(other)}, which only layer K >= 1 "
                              "computes online")
-        if embeds is None:
-            raise self.adapter.missing("inputs_embeds", "the text decoder at K = 0")
-        return {"embeddings": take_positions(embeds, prompt.image_pos, dim=1).float()}
+        out = {}
+        if any(n in needs for n in ("embeddings", "instruction")):
+            if embeds is None:
+                raise self.adapter.missing("inputs_embeds", "the text decoder at K = 0")
+            if "embeddings" in needs:
+                out["embeddings"] = take_positions(embeds, prompt.image_pos, dim=1).float()
+            if "instruction" in needs:
+                text = probes.query_masks(prompt.image_pos, prompt.n_image, prompt.attention_mask,
+                                          embeds.shape[1])["attention_text_mean"]
+                out["instruction"] = probes.instruction_embedding(embeds, text)
+        if any(n in needs for n in probes.VISION_NAMES):
+            if self.vision is None:
+                raise self.adapter.missing("the vision tower's recording", "the vision inputs at K = 0")
+            self.vision.image_sizes = (prompt.inputs or {}).get("image_sizes")  # LLaVA-NeXT's tiles -> tokens
+            out.update(self.vision.per_sample(needs, prompt.n_image.tolist(), prompt.image_pos.device))
+        return out
 
     @torch.no_grad()
     def first_cut(self, prompt: Prompt, module, args, kwargs) -> None:
