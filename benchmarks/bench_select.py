@@ -72,31 +72,53 @@ def synthetic_inputs(attention: torch.Tensor, g: torch.Generator) -> dict[str, t
     }
 
 
-FIELD_METHODS = ("divprune", "dart")
+FIELD_METHODS = tuple(m for m in strategies.STRATEGIES if strategies.STRATEGIES[m].fn.__module__.startswith(
+    "fastv_analysis.methods."))
+"""The field's methods (one module each in fastv_analysis/methods/), timed on their own D-dim inputs."""
 """The field's methods (issue 23): timed on their own, outside the combined target (their
 inputs are D-dim embeddings / hidden states, not attention rows)."""
 
 
-def field_inputs(n_samples: int, n_tokens: int, dim: int, g: torch.Generator) -> dict[str, torch.Tensor]:
-    """divprune's embeddings and dart's inputs (positions, key L1 norms, vectors; 4 text pivots)."""
+def field_inputs(n_samples: int, n_tokens: int, dim: int, g: torch.Generator, n_heads: int = 32
+                 ) -> dict[str, torch.Tensor]:
+    """The field methods' inputs at their capture shapes: embeddings, dart's (positions, key L1
+    norms, vectors; 4 text pivots), CDPruner's instruction, SparseVLM's rater rows and layer K-1
+    output, the vision tower's attention, keys (d = 64) and features."""
     pos = torch.arange(35, 35 + n_tokens, dtype=torch.float32).expand(n_samples, n_tokens)
     image = torch.cat([pos[..., None], torch.rand(n_samples, n_tokens, 1, generator=g) * 100,
                        torch.randn(n_samples, n_tokens, dim, generator=g)], dim=-1)
     text_pos = torch.arange(35 + n_tokens + 3, 35 + n_tokens + 7, dtype=torch.float32).expand(n_samples, 4)
     text = torch.cat([text_pos[..., None], torch.randn(n_samples, 4, dim, generator=g)], dim=-1)
-    return {"embeddings": torch.randn(n_samples, n_tokens, dim, generator=g), "dart_image": image, "dart_text": text}
+    unit = torch.nn.functional.normalize(torch.randn(n_samples, 12, dim, generator=g), dim=-1)
+    return {"embeddings": torch.randn(n_samples, n_tokens, dim, generator=g), "dart_image": image, "dart_text": text,
+            "instruction": unit.mean(dim=1),
+            "attention_raters": torch.softmax(torch.randn(n_samples, n_heads, n_tokens, generator=g) * 2, dim=-1),
+            "hidden_out": torch.randn(n_samples, n_tokens, dim, generator=g),
+            "vision_attention": torch.softmax(torch.randn(n_samples, n_tokens, generator=g) * 2, dim=-1),
+            "vision_keys": torch.randn(n_samples, n_tokens, 64, generator=g),
+            "vision_features": torch.randn(n_samples, n_tokens, dim, generator=g)}
+
+
+def grid_of(n_tokens: int):
+    """The raster grid the lattice and pooling strategies lay out: 24 x 24 at 576, 48 x 60 at 2,880."""
+    from fastv_analysis.layout import TokenLayout
+
+    rows = next(r for r in range(int(n_tokens ** 0.5), 0, -1) if n_tokens % r == 0)
+    return TokenLayout.grid(rows, n_tokens // rows)
 
 
 def field_strategies(attention: torch.Tensor, dim: int, g: torch.Generator) -> dict[str, float]:
     """Seconds of select.replay per field method over ``attention``'s samples x KEEPS."""
-    inputs = field_inputs(attention.shape[0], attention.shape[-1], dim, g)
+    inputs = field_inputs(attention.shape[0], attention.shape[-1], dim, g, attention.shape[1])
+    layout = grid_of(attention.shape[-1])
     seconds = {}
     for method in FIELD_METHODS:
+        given = {k: inputs[k] for k in strategies.required_inputs(method)}
         t0 = time.perf_counter()
-        frame = replay(attention, [method], [0.5], KEEPS, inputs=inputs)
+        frame = replay(attention, [method], [0.5], KEEPS, inputs=given, layout=layout)
         seconds[method] = time.perf_counter() - t0
-        one = {k: v[:1] for k, v in inputs.items()}
-        alone = strategies.select(attention[:1], method, KEEPS[-1], inputs=one).indices[0].tolist()
+        one = {k: v[:1] for k, v in given.items()}
+        alone = strategies.select(attention[:1], method, KEEPS[-1], inputs=one, layout=layout).indices[0].tolist()
         got = frame.filter(pl.col("sample_id") == 0, pl.col("keep") == KEEPS[-1])["kept"].to_list()
         assert got == [alone], f"{method}: replay != select"
     return seconds
@@ -115,18 +137,20 @@ def every_strategy_at_large_n(n_samples: int, n_heads: int, field_samples: int, 
     g = torch.Generator().manual_seed(1)
     attention = torch.softmax(torch.randn(n_samples, n_heads, LARGE_N, generator=g) * 2, dim=-1)
     inputs = synthetic_inputs(attention, g)
+    extra = field_inputs(field_samples, LARGE_N, dim, g, n_heads)
+    layout = grid_of(LARGE_N)
     rates = {}
     for method in strategies.STRATEGIES:
         needs = strategies.required_inputs(method)
         field = any(k not in inputs for k in needs)
         att = attention[:field_samples] if field else attention
-        given = field_inputs(att.shape[0], LARGE_N, dim, g) if field else inputs
+        given = {k: extra[k] for k in needs} if field else inputs
         t0 = time.perf_counter()
-        frame = replay(att, [method], [0.5], LARGE_KEEPS, inputs=given)
+        frame = replay(att, [method], [0.5], LARGE_KEEPS, inputs=given, layout=layout)
         rates[method] = frame.height / (time.perf_counter() - t0)
         if field:
             one = {k: v[:1] for k, v in given.items()}
-            alone = strategies.select(att[:1], method, LARGE_KEEPS[-1], inputs=one).indices[0].tolist()
+            alone = strategies.select(att[:1], method, LARGE_KEEPS[-1], inputs=one, layout=layout).indices[0].tolist()
             got = frame.filter(pl.col("sample_id") == 0, pl.col("keep") == LARGE_KEEPS[-1])["kept"].to_list()
             assert got == [alone], f"{method}: replay != select at N = {LARGE_N}"
     return rates
@@ -178,11 +202,11 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=576)
-    parser.add_argument("--field-samples", type=int, default=200, help="samples for divprune / dart")
-    parser.add_argument("--field-dim", type=int, default=1024, help="embedding width for divprune / dart")
+    parser.add_argument("--field-samples", type=int, default=50, help="samples for the field methods")
+    parser.add_argument("--field-dim", type=int, default=1024, help="embedding width of the field methods' inputs")
     parser.add_argument("--large-samples", type=int, default=200, help=f"samples of the N = {LARGE_N} run")
-    parser.add_argument("--large-field-samples", type=int, default=16,
-                        help=f"samples of divprune / dart in the N = {LARGE_N} run")
+    parser.add_argument("--large-field-samples", type=int, default=2,
+                        help=f"samples of the field methods in the N = {LARGE_N} run (VisPruner: ~0.1 selections/s)")
     parser.add_argument("--large-only", action="store_true", help=f"only the N = {LARGE_N} run")
     args = parser.parse_args()
     if args.large_only:
@@ -238,7 +262,7 @@ def main() -> None:
 def large_n(args) -> None:
     """The N = 2,880 run: every registered strategy, selections/s (target >= 10,000 each)."""
     rates = every_strategy_at_large_n(args.large_samples, args.heads, args.large_field_samples, args.field_dim)
-    print(f"N = {LARGE_N} ({args.large_samples} samples x {args.heads} heads x keeps {LARGE_KEEPS}; divprune / dart "
+    print(f"N = {LARGE_N} ({args.large_samples} samples x {args.heads} heads x keeps {LARGE_KEEPS}; the field methods "
           f"on {args.large_field_samples} samples, D = {args.field_dim}), select.replay, target >= 10,000 selections/s:")
     for method, rate in rates.items():
         print(f"  {method:24s} {rate:10,.0f} selections/s{'' if rate >= 10_000 else '  (below target)'}")
