@@ -178,3 +178,18 @@ def test_a_schedule_counts_every_cut_and_its_ranking():
     # DivPrune's 2,240 + the stage's max_head ranking, H Q N = 2 x 1 x 4 (the 4 tokens the first cut kept)
     assert row["method_macs"] == 2_248 and "then" in row["method_cost"]
     assert row["kv_cache_bytes"] == (20 + 8 + 8 + 6) * 64
+
+
+def test_every_registered_method_has_its_own_hue_and_a_compact_label_keeps_it():
+    from fastv_analysis import strategies
+    from fastv_analysis.report.style import PALETTE, base_method, config_colors, where_marker
+
+    assert set(strategies.STRATEGIES) <= set(PALETTE)
+    hues = [PALETTE[m] for m in strategies.STRATEGIES]
+    assert len(set(hues)) == len(hues)
+    assert base_method("pooling positions=compact") == "pooling"
+    assert base_method("avg_all_heads@text_mean then max_head K=8 keep 32") == "avg_all_heads"
+    colors = config_colors(["pooling positions=compact", "dart"])
+    assert colors["pooling positions=compact"] == config_colors(["pooling"])["pooling"]
+    assert (where_marker("dart"), where_marker("divprune positions=compact"), where_marker("visionzip")) == \
+        ("o", "s", "^")

@@ -10,7 +10,7 @@ import numpy as np
 import polars as pl
 
 from .configs import strategy_configs
-from .style import PALETTE, config_colors, method_label, new_figure
+from .style import PALETTE, config_colors, method_label, new_figure, where_marker
 
 STATISTIC_TITLES = {
     "jaccard_vs_avg": "Jaccard with FastV's set",
@@ -109,8 +109,11 @@ def _retained_panel(ax, m: pl.DataFrame, configs: list[str]) -> None:
         x = np.where(counted, d["flops_ratio_total"].fill_null(0).to_numpy(), d["flops_ratio"].to_numpy())
         y = d["retained_avg"].to_numpy()
         ax.plot(x, y, "-", color=colors[config], linewidth=1, alpha=0.8)
-        ax.scatter(x[counted], y[counted], color=colors[config], s=40, label=method_label(config), zorder=3)
-        ax.scatter(x[~counted], y[~counted], facecolors="none", edgecolors=colors[config], s=40, zorder=3)
+        marker = where_marker(config)
+        ax.scatter(x[counted], y[counted], color=colors[config], s=40, marker=marker, label=method_label(config),
+                   zorder=3)
+        ax.scatter(x[~counted], y[~counted], facecolors="none", edgecolors=colors[config], s=40, marker=marker,
+                   zorder=3)
     ax.axhline(100.0, color="black", linestyle="--", linewidth=1, label="full control (100 %, FLOPs 1)")
     for keep, d in m.filter(pl.col("config") != "full", pl.col("keep").is_not_null()).group_by("keep"):
         x = float(d["flops_ratio"].median())
@@ -119,7 +122,7 @@ def _retained_panel(ax, m: pl.DataFrame, configs: list[str]) -> None:
                     va="bottom", fontsize=8, color="0.3", xytext=(-2, 0), textcoords="offset points")
     ax.set_xlabel("prefill FLOPs relative to the full model, the method's own cost included\n"
                   "(FastV's formula + flops.method_cost; dotted: FastV's formula alone at each keep;\n"
-                  "hollow: own cost not counted)")
+                  "hollow: own cost not counted;\ncircle: read in the LLM, square: before it, triangle: in the vision tower)")
     ax.set_ylabel("% of the full model retained (mean over benchmarks)")
     ax.set_title("Retained accuracy vs prefill FLOPs")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, ncol=1 + len(configs) // 20)

@@ -11,7 +11,8 @@ from ..strategies import METHODS as METHOD_ORDER
 PALETTE = {"avg_all_heads": "#1f77b4", "max_head": "#d62728", "weighted_combination": "#2ca02c",
            "random": "#7f7f7f", "uniform": "#9467bd", "full": "black",
            "dynamic_alpha": "#ff7f0e", "no_rope": "#8c564b", "sink_excluded": "#e377c2", "diverse": "#17becf",
-           "hybrid_uniform": "#bcbd22", "divprune": "#ffbf00", "dart": "#393b79"}
+           "hybrid_uniform": "#bcbd22", "divprune": "#ffbf00", "dart": "#393b79", "pooling": "#ff1493",
+           "cdpruner": "#800000", "sparsevlm": "#469990", "visionzip": "#f032e6", "vispruner": "#808000"}
 EXTRA_HUES = ("#637939", "#ad494a", "#7b4173", "#3182bd", "#e6550d", "#31a354", "#756bb1", "#636363")
 """Hues for methods PALETTE does not name (a newly registered strategy), in the order the
 figure first meets them, so no two share the fallback grey."""
@@ -51,7 +52,21 @@ def grid_map(ax, values: np.ndarray, cmap: str, label: str, vmin: float | None =
 
 
 def base_method(config: str) -> str:
-    return config.split(" then ")[0].split("@")[0].split("(")[0]
+    """The registered method a configuration label names (``dart``, ``pooling positions=compact``
+    and ``avg_all_heads@text_mean then ...`` -> ``dart``, ``pooling``, ``avg_all_heads``)."""
+    return config.split(" then ")[0].split("@")[0].split("(")[0].split(" ")[0]
+
+
+MARKERS = {"llm": "o", "input": "s", "vision": "^"}
+"""Marker of a method by where it reads (:data:`fastv_analysis.strategies.WHERE`): so the
+field's pre-LLM and vision-side methods stand out beside the attention rankings."""
+
+
+def where_marker(config: str) -> str:
+    from ..strategies import STRATEGIES
+
+    spec = STRATEGIES.get(base_method(config))
+    return MARKERS.get(spec.where if spec is not None else "llm", "o")
 
 
 def config_colors(configs) -> dict[str, tuple]:
