@@ -240,3 +240,26 @@ def write_sized_questions(folder, sizes, name="questions.jsonl"):
                                  "answer": "red", "category": "color"}))
     (folder / name).write_text("\n".join(lines) + "\n")
     return folder / name
+
+
+REPLAY_SIZES = ((56, 56), (196, 112), (120, 80))
+REPLAY_TEXTS = ("what color is it?", "is there a cat in the picture?", "how many?")
+
+
+def write_replay_questions(folder, texts=REPLAY_TEXTS, sizes=REPLAY_SIZES, name="q.jsonl"):
+    """The replay tests' question file: images of three sizes (so three N), random pixels from
+    one stream seeded 3, the i-th asking ``texts[i]``; its path returned."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    (folder / "images").mkdir(parents=True)
+    rng = np.random.default_rng(3)
+    lines = []
+    for i, (w, h) in enumerate(sizes):
+        Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8")).save(folder / "images" / f"{i}.png")
+        lines.append(json.dumps({"question_id": f"q{i}", "image": f"images/{i}.png", "text": texts[i],
+                                 "answer": "red"}))
+    (folder / name).write_text("\n".join(lines) + "\n")
+    return folder / name

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from conftest import write_replay_questions
+
 from fastv_analysis.strategies import Merge, merge_tokens, select, strategy  # before methods/: it registers them
 from fastv_analysis.adapters import get_adapter, registry
 from fastv_analysis.layout import TokenLayout
@@ -384,8 +386,6 @@ def test_divprune_at_k0_ranks_the_decoder_input(family):
 @pytest.fixture(scope="module", params=ARCHS)
 def replayed(request, tmp_path_factory):
     """A capture at K = 0 and 2 with the embeddings stored, selected with pooling, divprune and random."""
-    import json
-
     import polars as pl
 
     from fastv_analysis.cli.main import main
@@ -393,14 +393,7 @@ def replayed(request, tmp_path_factory):
     arch = request.param
     root = tmp_path_factory.mktemp(arch)
     model = registry()[arch].tiny(root / "m", seed=2)
-    (root / "d" / "images").mkdir(parents=True)
-    rng = np.random.default_rng(3)
-    lines = []
-    for i, (w, h) in enumerate([(56, 56), (196, 112), (120, 80)]):
-        Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8")).save(root / "d" / "images" / f"{i}.png")
-        lines.append(json.dumps({"question_id": f"q{i}", "image": f"images/{i}.png", "text": "what is it?",
-                                 "answer": "red"}))
-    (root / "d" / "q.jsonl").write_text("\n".join(lines) + "\n")
+    write_replay_questions(root / "d", texts=("what is it?",) * 3)
     run = root / "run"
     assert main(["capture", "--model", str(model), "--data", str(root / "d" / "q.jsonl"), "--out", str(run),
                  "--agg-layers", "0,2", "--max-new-tokens", "1", "--quiet", "--store", "embeddings"]) == 0

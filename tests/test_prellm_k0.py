@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import write_replay_questions
 from fastv_analysis.adapters import registry
 from fastv_analysis.cli.main import main
 from fastv_analysis.loading import build_prompt, load_model
@@ -25,7 +26,6 @@ from fastv_analysis.select import row_merge
 ARCHS = ["LlavaForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"]
 METHODS = "divprune,cdpruner,visionzip,vispruner,pooling"
 STORE = "embeddings,instruction,vision_attention,vision_keys,vision_features"
-SIZES = [(56, 56), (196, 112), (120, 80)]
 
 
 @pytest.fixture(scope="module", params=ARCHS)
@@ -34,15 +34,7 @@ def replayed(request, tmp_path_factory):
     arch = request.param
     root = tmp_path_factory.mktemp(arch)
     model = registry()[arch].tiny(root / "m", seed=2)
-    (root / "d" / "images").mkdir(parents=True)
-    rng = np.random.default_rng(3)
-    lines = []
-    for i, (w, h) in enumerate(SIZES):
-        Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8")).save(root / "d" / "images" / f"{i}.png")
-        lines.append(json.dumps({"question_id": f"q{i}", "image": f"images/{i}.png",
-                                 "text": ["what color is it?", "is there a cat in the picture?", "how many?"][i],
-                                 "answer": "red"}))
-    (root / "d" / "q.jsonl").write_text("\n".join(lines) + "\n")
+    write_replay_questions(root / "d")
     run = root / "run"
     assert main(["capture", "--model", str(model), "--data", str(root / "d" / "q.jsonl"), "--out", str(run),
                  "--agg-layers", "0,2", "--max-new-tokens", "1", "--quiet", "--store", STORE]) == 0

@@ -8,7 +8,6 @@ token for token, so an offline analysis says what online pruning would have kept
 
 import json
 
-import numpy as np
 import polars as pl
 import pytest
 import torch
@@ -18,10 +17,10 @@ from fastv_analysis.cli.main import main
 from fastv_analysis.loading import build_prompt, load_model
 from fastv_analysis.pruning import apply_fastv
 from fastv_analysis.strategies import ALL_METHODS, QUERIES
+from conftest import write_replay_questions
 from fastv_analysis.adapters import registry
 
 ARCHS = ["LlavaForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"]
-SIZES = [(56, 56), (196, 112), (120, 80)]
 
 
 @pytest.fixture(scope="module", params=ARCHS)
@@ -29,15 +28,7 @@ def replayed(request, tmp_path_factory):
     arch = request.param
     root = tmp_path_factory.mktemp(arch)
     model = registry()[arch].tiny(root / "m", seed=2)
-    (root / "d" / "images").mkdir(parents=True)
-    rng = np.random.default_rng(3)
-    lines = []
-    for i, (w, h) in enumerate(SIZES):
-        Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8")).save(root / "d" / "images" / f"{i}.png")
-        lines.append(json.dumps({"question_id": f"q{i}", "image": f"images/{i}.png",
-                                 "text": ["what color is it?", "is there a cat in the picture?", "how many?"][i],
-                                 "answer": "red"}))
-    (root / "d" / "q.jsonl").write_text("\n".join(lines) + "\n")
+    write_replay_questions(root / "d")
     run = root / "run"
     assert main(["capture", "--model", str(model), "--data", str(root / "d" / "q.jsonl"), "--out", str(run),
                  "--agg-layers", "2", "--max-new-tokens", "1", "--quiet", "--store",

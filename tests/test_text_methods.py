@@ -9,6 +9,8 @@ inputs are continuous random draws, so no ranking step meets a tie.
 import pytest
 import torch
 
+from conftest import write_replay_questions
+
 from fastv_analysis import probes, strategies
 from fastv_analysis.methods.cdpruner import cdpruner_order, cdpruner_relevance
 from fastv_analysis.methods.sparsevlm import dpc_knn, recycle_split, sparsevlm_plan
@@ -131,11 +133,7 @@ REPLAY_ARCHS = ["LlavaForConditionalGeneration", "Qwen2_5_VLForConditionalGenera
 
 @pytest.fixture(scope="module", params=REPLAY_ARCHS)
 def replayed(request, tmp_path_factory):
-    import json
-
-    import numpy as np
     import polars as pl
-    from PIL import Image
 
     from fastv_analysis.adapters import registry
     from fastv_analysis.cli.main import main
@@ -143,14 +141,7 @@ def replayed(request, tmp_path_factory):
     arch = request.param
     root = tmp_path_factory.mktemp(arch)
     model = registry()[arch].tiny(root / "m", seed=2)
-    (root / "d" / "images").mkdir(parents=True)
-    rng = np.random.default_rng(3)
-    lines = []
-    for i, (w, h) in enumerate([(56, 56), (196, 112), (120, 80)]):
-        Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8")).save(root / "d" / "images" / f"{i}.png")
-        lines.append(json.dumps({"question_id": f"q{i}", "image": f"images/{i}.png", "answer": "red",
-                                 "text": ["what color is it?", "is there a cat in the picture?", "how many?"][i]}))
-    (root / "d" / "q.jsonl").write_text("\n".join(lines) + "\n")
+    write_replay_questions(root / "d")
     run = root / "run"
     assert main(["capture", "--model", str(model), "--data", str(root / "d" / "q.jsonl"), "--out", str(run),
                  "--agg-layers", "2", "--max-new-tokens", "1", "--quiet", "--store",
