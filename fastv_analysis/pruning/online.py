@@ -165,7 +165,6 @@ class Ranker:
         if any(n in needs for n in probes.VISION_NAMES):
             if self.vision is None:
                 raise self.adapter.missing("the vision tower's recording", "the vision inputs at K = 0")
-            self.vision.image_sizes = (prompt.inputs or {}).get("image_sizes")  # LLaVA-NeXT's tiles -> tokens
             out.update(self.vision.per_sample(needs, prompt.n_image.tolist(), prompt.image_pos.device))
         return out
 
@@ -187,8 +186,6 @@ class Ranker:
 
     def _cut(self, prompt: Prompt, module, call, needs, hidden_out: torch.Tensor | None = None) -> None:
         inputs = None
-        if self.vision is not None:
-            self.vision.image_sizes = (prompt.inputs or {}).get("image_sizes")  # LLaVA-NeXT's tiles -> tokens
         if needs:
             inputs = probes.layer_inputs(self.adapter, module, call, prompt.hidden_in, prompt.image_pos,
                                          prompt.n_image, prompt.query_pos, prompt.attention_mask, needs,
