@@ -22,6 +22,7 @@ from .distributed import process_group
 from .lmms_plugin import (PROMPTS_DIR, answer_text, image_name, parse_options, question_id, sample_ids, truncate,
                           write_answers, write_questions)
 from .loading import build_prompt, image_placeholder, load_model
+from .pruning import is_image_token
 from .samples import Prepared, model_inputs
 
 
@@ -129,7 +130,7 @@ class FastV(lmms):
                                        pad_token_id=self.loaded.processor.tokenizer.pad_token_id)
         texts = self.loaded.processor.batch_decode(out[:, seq_len:], skip_special_tokens=True)
         kept = self.pruned.last_stage_kept
-        n_image = (inputs["input_ids"] == self.pruned.adapter.image_token_id).sum(dim=1)
+        n_image = is_image_token(inputs["input_ids"], self.pruned.adapter.image_token_id).sum(dim=1)
         until = gen.get("until") or []
         for b, (r, text) in enumerate(zip(batch, texts)):
             r["prediction"] = truncate(text, [until] if isinstance(until, str) else list(until)).strip()
@@ -180,7 +181,7 @@ class FastV(lmms):
                             for r in unique], self.world_size)
         if self.rank == 0 and opts.answers_dir:
             config = {"agg_layer": opts.agg_layer, "keep": opts.keep, "method": opts.method, "alpha": opts.alpha,
-                      "positions": opts.fastv_config().positions}
+                      "positions": self.pruned.fastv.positions}
             write_answers(Path(opts.answers_dir), everyone, str(opts.pretrained), config)
         if opts.capture_dir:
             self._capture(everyone)

@@ -734,8 +734,8 @@ def run_select(
 
         geometry = load_geometry(run.config.get("model"))
     i = 0
+    stored = (run.config.get("store") or []) if run.inputs_layer(0) is not None else []  # K = 0 reads a K >= 1's
     for layer in plan.layers:
-        stored = (run.config.get("store") or []) if any(k > 0 for k in run.agg_layers) else []
         at_layer = layer_methods(methods, layer, stored)
         if not at_layer:
             bar.update(run.samples.height)

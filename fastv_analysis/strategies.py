@@ -846,7 +846,7 @@ for _module in METHOD_MODULES:  # one module per method, each registers itself (
 ALL_METHODS = tuple(STRATEGIES)
 """Every registered strategy, in registration order: the original five first, then
 dynamic_alpha, no_rope, sink_excluded, diverse, hybrid_uniform, then the field's methods
-(divprune, dart)."""
+(:data:`fastv_analysis.methods.MODULES`' order)."""
 
 RANK_SCORED = ("sink_excluded", "diverse", "divprune", "cdpruner")
 """Rankings whose scores are positions in the ranking, not attention: no tie margin."""

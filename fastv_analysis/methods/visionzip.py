@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from ..positions import take_positions
 from ..strategies import Merge, _Ctx, _Result, register
 
 CONTEXTUAL_SHARE = (10, 64)
@@ -53,7 +54,7 @@ def visionzip_plan(attention: torch.Tensor, keys: torch.Tensor, dominant: int, c
         members = left[:, ~is_target]  # [S, L - C]
         k = keys.to(torch.promote_types(keys.dtype, torch.float32))
         unit = k / k.norm(dim=-1, keepdim=True).clamp(min=1e-12)  # zero rows (LLaVA-NeXT newlines): cosine 0
-        sim = torch.bmm(_rows(unit, members), _rows(unit, targets).transpose(1, 2))
+        sim = torch.bmm(take_positions(unit, members, dim=1), take_positions(unit, targets, dim=1).transpose(1, 2))
         group = sim.argmax(dim=2)  # [S, L - C]: which target
         counts = torch.zeros(s, contextual, device=attention.device).scatter_add_(
             1, group, torch.ones_like(group, dtype=torch.float32)).clamp(min=1)
@@ -66,10 +67,6 @@ def visionzip_plan(attention: torch.Tensor, keys: torch.Tensor, dominant: int, c
     slot = torch.searchsorted(indices, assign.clamp(min=0))
     assign = torch.where(assign >= 0, slot, assign)
     return indices, Merge(assign, weight)
-
-
-def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    return x.gather(1, index[..., None].expand(*index.shape, x.shape[-1]))
 
 
 @register("visionzip", "set", params={"contextual": None}, needs=("vision_attention", "vision_keys"),

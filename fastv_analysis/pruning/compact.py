@@ -43,11 +43,16 @@ class Shift(NamedTuple):
     mrope: torch.Tensor | None
 
 
-def dropped_before(seq_len: int, image_pos: torch.Tensor, kept_positions: torch.Tensor) -> torch.Tensor:
-    """``[B, M]``: image tokens dropped before each kept position."""
+def _image_flags(seq_len: int, image_pos: torch.Tensor, kept_positions: torch.Tensor) -> torch.Tensor:
+    """Bool ``[B, S]``: the image tokens of the full prompt (``kept_positions``' batch and device)."""
     batch = kept_positions.shape[0]
     is_image = torch.zeros(batch, seq_len, dtype=torch.bool, device=kept_positions.device)
-    is_image.scatter_(1, image_pos.expand(batch, -1).to(kept_positions.device), True)
+    return is_image.scatter_(1, image_pos.expand(batch, -1).to(kept_positions.device), True)
+
+
+def dropped_before(seq_len: int, image_pos: torch.Tensor, kept_positions: torch.Tensor) -> torch.Tensor:
+    """``[B, M]``: image tokens dropped before each kept position."""
+    is_image = _image_flags(seq_len, image_pos, kept_positions)
     kept = torch.zeros_like(is_image).scatter_(1, kept_positions, True)
     return (is_image & ~kept).long().cumsum(dim=1).gather(1, kept_positions)
 
@@ -79,9 +84,7 @@ def compact_ids(ids: torch.Tensor, seq_len: int, image_pos: torch.Tensor, kept_p
         return take_positions(ids, kept_positions, dim=1) - before, Shift(text_shift, None)
     kept_ids = take_positions(ids.transpose(0, 1), kept_positions, dim=2).transpose(0, 1)  # [R, B, M]
     batch = kept_positions.shape[0]
-    is_image = torch.zeros(batch, seq_len, dtype=torch.bool, device=kept_positions.device)
-    is_image.scatter_(1, image_pos.expand(batch, -1).to(kept_positions.device), True)
-    image = is_image.gather(1, kept_positions)
+    image = _image_flags(seq_len, image_pos, kept_positions).gather(1, kept_positions)
     mrope = torch.stack([_mrope_row(kept_ids[-3:, b], image[b]) for b in range(batch)], dim=1)
     full = ids[-3:].expand(-1, batch, -1)
     m_shift = full.amax(dim=(0, 2)) - mrope.amax(dim=(0, 2))

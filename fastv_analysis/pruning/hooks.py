@@ -153,6 +153,7 @@ class FastVHooks:
             self.prompt.inputs = {**kwargs, "image_grid_thw": self.vision_grid}
         if kwargs.get("image_sizes") is None and self.vision_sizes is not None:  # likewise the tiles' image sizes
             self.prompt.inputs = {**self.prompt.inputs, "image_sizes": self.vision_sizes}
+        self.vision.image_sizes = self.prompt.inputs.get("image_sizes")  # LLaVA-NeXT's tiles -> tokens
         self.phase = "prefill"
         return None
 

@@ -28,12 +28,12 @@ def needed_inputs(config: FastVConfig) -> tuple[str, ...]:
 
 def needs_hidden(config: FastVConfig) -> bool:
     """Whether the configured strategy reads the residual stream entering layer K-1."""
-    return any(n in probes.NEEDS_HIDDEN for n in strategies.required_inputs(config.method, **dict(config.params)))
+    return any(n in probes.NEEDS_HIDDEN for n in needed_inputs(config))
 
 
 def needs_embeddings(config: FastVConfig) -> bool:
     """Whether the configured strategy reads the residual stream entering layer 0."""
-    return any(n in probes.NEEDS_EMBEDDINGS for n in strategies.required_inputs(config.method, **dict(config.params)))
+    return any(n in probes.NEEDS_EMBEDDINGS for n in needed_inputs(config))
 
 
 def stack(parts: list) -> strategies.Selection:
@@ -145,7 +145,7 @@ class Ranker:
         LLM-input embeddings from the decoder's input ``embeds`` (what enters layer 0), the
         vision-side ones from the :class:`~fastv_analysis.vision_probe.VisionTap` that recorded
         this prefill's tower (it runs before the decoder)."""
-        needs = strategies.required_inputs(self.config.method, **dict(self.config.params))
+        needs = needed_inputs(self.config)
         if not needs:
             return None
         other = [n for n in needs if n not in ("embeddings", "instruction") + probes.VISION_NAMES]
@@ -165,7 +165,6 @@ class Ranker:
         if any(n in needs for n in probes.VISION_NAMES):
             if self.vision is None:
                 raise self.adapter.missing("the vision tower's recording", "the vision inputs at K = 0")
-            self.vision.image_sizes = (prompt.inputs or {}).get("image_sizes")  # LLaVA-NeXT's tiles -> tokens
             out.update(self.vision.per_sample(needs, prompt.n_image.tolist(), prompt.image_pos.device))
         return out
 
@@ -177,10 +176,9 @@ class Ranker:
         rows = rows_from_call(adapter, module, args, kwargs, prompt.query_pos)[:, :, 0, :]
         image_rows = image_attention(rows, prompt.image_pos)
         if prompt.ragged:  # the padding of each row repeats its last token: zero it
-            valid = torch.arange(image_rows.shape[-1], device=rows.device) < prompt.n_image[:, None]
-            image_rows = image_rows * valid[:, None, :]
+            image_rows = image_rows * probes.image_mask(prompt.image_pos, prompt.n_image)[:, None, :]
         prompt.image_rows = image_rows
-        needs = strategies.required_inputs(self.config.method, **dict(self.config.params))
+        needs = needed_inputs(self.config)
         if any(n in probes.NEEDS_OUTPUT for n in needs):  # decided when layer K begins: finish_cut
             prompt.pending = (module, adapter.attention_call(args, kwargs), needs)
             return
@@ -188,8 +186,6 @@ class Ranker:
 
     def _cut(self, prompt: Prompt, module, call, needs, hidden_out: torch.Tensor | None = None) -> None:
         inputs = None
-        if self.vision is not None:
-            self.vision.image_sizes = (prompt.inputs or {}).get("image_sizes")  # LLaVA-NeXT's tiles -> tokens
         if needs:
             inputs = probes.layer_inputs(self.adapter, module, call, prompt.hidden_in, prompt.image_pos,
                                          prompt.n_image, prompt.query_pos, prompt.attention_mask, needs,

@@ -29,10 +29,9 @@ def _layer(frame: pl.DataFrame) -> int:
     return int(ranked.min() if ranked.len() else frame["agg_layer"].min())
 
 
-def _configs(frame: pl.DataFrame) -> list[str]:
-    """Every strategy's plain configuration (weighted_combination at its alpha nearest 0.5),
-    by the registry's order."""
-    return strategy_configs(frame)
+def _benchmarks(frame: pl.DataFrame) -> list[str]:
+    """The benchmarks of the methods table, from its ``retained[B]`` columns."""
+    return [c[len("retained["):-1] for c in frame.columns if c.startswith("retained[")]
 
 
 def methods_view(methods: pl.DataFrame | None) -> pl.DataFrame | None:
@@ -42,7 +41,7 @@ def methods_view(methods: pl.DataFrame | None) -> pl.DataFrame | None:
     if methods is None or methods.height == 0:
         return None
     m = methods.filter(pl.col("agg_layer") == _layer(methods))
-    benches = [c[len("retained["):-1] for c in m.columns if c.startswith("retained[")]
+    benches = _benchmarks(m)
     cols = [pl.col("config"), pl.col("keep"), pl.col("where"), pl.col("positions"),
             *[pl.col(f"retained[{b}]").round(1).alias(f"retained_{b}_%") for b in benches],
             pl.col("retained_avg").round(1).alias("retained_avg_%"),
@@ -59,7 +58,7 @@ def methods_note(methods: pl.DataFrame | None) -> str:
     if methods is None or methods.height == 0:
         return "No methods table in this run: re-run `fastv-analyze eval` (eval writes eval/methods.parquet)."
     m = methods.filter(pl.col("agg_layer") == _layer(methods), pl.col("config") != "full")
-    benches = [c[len("retained["):-1] for c in methods.columns if c.startswith("retained[")]
+    benches = _benchmarks(methods)
     lines = [f"Benchmarks: {', '.join(benches)}; `retained_avg` is the mean over benchmarks of each benchmark's "
              "% of the full model's headline (mean of ratios, as the methods' papers report their average)."]
     for keep, g in sorted(m.filter(pl.col("keep").is_not_null()).group_by("keep"), key=lambda kv: -kv[0][0]):
@@ -91,7 +90,7 @@ def plot_methods_cost(methods: pl.DataFrame | None):
     if methods is None or methods.height == 0:
         return None
     m = methods.filter(pl.col("agg_layer") == _layer(methods))
-    configs = _configs(m)
+    configs = strategy_configs(m)
     if not configs:
         return None
     fig, axes = new_figure(width=15, height=5.5, ncols=2)
@@ -175,7 +174,7 @@ def plot_method_statistics(stats: pl.DataFrame | None):
     summary = statistics_summary(stats)
     if summary is None or summary.height == 0:
         return None
-    configs = _configs(summary)
+    configs = strategy_configs(summary)
     panels = ["accuracy"] + [c for c in STATISTIC_TITLES if c in summary.columns
                              and summary[c].drop_nulls().len()]
     keeps = sorted(summary["keep"].unique().to_list(), reverse=True)
