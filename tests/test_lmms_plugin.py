@@ -399,7 +399,8 @@ def _ll_request(plugin, text: str, image_path: str, continuation: str, doc_id: i
     return SimpleNamespace(args=args, metadata=None)
 
 
-def _reference_logprobs(plugin, req, fastv: dict | None, sets: dict | None = None) -> tuple[torch.Tensor, list[int]]:
+def _reference_logprobs(plugin, req, fastv: dict | None, sets: dict | None = None,
+                        model=TOY_DIR) -> tuple[torch.Tensor, list[int]]:
     """The continuation's log-probs from ONE forward of context + continuation on a freshly loaded
     model: mask mode with the kept set that a prefill of the context alone chose (``fastv``), or no
     pruning (None). ``sets`` gets that kept set and the one a prefill of the whole would choose."""
@@ -411,9 +412,12 @@ def _reference_logprobs(plugin, req, fastv: dict | None, sets: dict | None = Non
     record = {**plugin._request(req, target=True), "sample_id": 0}
     prepared = plugin._prepared(record)
     cont = plugin.continuation_ids(prepared.prompt, record["continuation"])
-    loaded = load_model(str(TOY_DIR), "cpu", "float32")
+    loaded = load_model(str(model), "cpu", "float32")
     inputs = model_inputs(loaded, [prepared])
     full = {**inputs, "input_ids": torch.cat([inputs["input_ids"], torch.tensor([cont])], dim=1)}
+    if "mm_token_type_ids" in inputs:  # Qwen2-VL's M-RoPE: the continuation is text
+        types = inputs["mm_token_type_ids"]
+        full["mm_token_type_ids"] = torch.cat([types, types.new_zeros(1, len(cont))], dim=1)
     full["attention_mask"] = torch.ones_like(full["input_ids"])
     with torch.inference_mode():
         if fastv is None:
@@ -462,6 +466,25 @@ def test_loglikelihood_unpruned_equals_the_model(toy_plugins):
         ref, cont = _reference_logprobs(plugin, req, None)
         assert torch.allclose(torch.tensor(mine), ref, atol=1e-5)
         assert plugin.loglikelihood_scores([req])[0] == (pytest.approx(-float(ref.sum()) / len(cont), abs=1e-5), greedy)
+
+
+@pytest.mark.parametrize("use_fast_v", [True, False])
+def test_loglikelihood_qwen_mrope_equals_full_sequence(tmp_path, use_fast_v):
+    """(a), (b) on a tiny random Qwen2.5-VL: the continuation's M-RoPE positions through the pruned
+    (or unpruned) cache == one forward of context + continuation (mask mode / the model)."""
+    import numpy as np
+    from PIL import Image
+
+    from fastv_analysis.adapters import registry
+    from fastv_analysis.lmms_model import FastV
+
+    model = registry()["Qwen2_5_VLForConditionalGeneration"].tiny(tmp_path / "m", seed=2)
+    Image.fromarray((np.random.default_rng(3).random((112, 196, 3)) * 255).astype("uint8")).save(tmp_path / "i.png")
+    plugin = FastV(pretrained=str(model), agg_layer=2, keep=3, use_fast_v=use_fast_v, dtype="float32")
+    req = _ll_request(plugin, "is there a cat?", str(tmp_path / "i.png"), " yes it is a cat")
+    mine, _ = plugin.continuation_logprobs({**plugin._request(req, target=True), "sample_id": 0})
+    ref, cont = _reference_logprobs(plugin, req, {"agg_layer": 2, "keep": 3} if use_fast_v else None, model=model)
+    assert len(cont) > 3 and torch.allclose(torch.tensor(mine), ref, atol=1e-5)
 
 
 def test_loglikelihood_greedy_flag(toy_plugins):
