@@ -556,3 +556,11 @@ def test_multiple_choice_task_through_lmms_eval(toy_plugins, tmp_path):
         right += min(range(len(mine)), key=mine.__getitem__) == doc["answer"]
     assert results["results"]["mc_local"]["acc,none"] == pytest.approx(right / len(docs))
     print(results["results"]["mc_local"])
+
+
+def test_loglikelihood_empty_continuation_is_refused(toy_plugins):
+    """A continuation with no tokens is refused in one line naming the task and doc."""
+    plugin = toy_plugins[True]
+    q = toy_questions(1, yes_no=True)[0]
+    with pytest.raises(ValueError, match=r"^task mc_local, doc 7: the continuation '' has no tokens$"):
+        plugin.loglikelihood_scores([_ll_request(plugin, q["text"], q["image"], "", doc_id=7)])
