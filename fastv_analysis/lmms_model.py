@@ -1,6 +1,6 @@
 """``lmms-eval --model fastv``: a supported VLM pruned by :func:`~fastv_analysis.pruning.apply_fastv`,
-answering lmms-eval's generation requests (the only module that imports lmms-eval; options and
-written files: :mod:`fastv_analysis.lmms_plugin`).
+answering lmms-eval's generation and loglikelihood (multiple-choice) requests (the only module
+that imports lmms-eval; options and written files: :mod:`fastv_analysis.lmms_plugin`).
 
 Each request's prompt is lmms-eval's context built into the model's prompt exactly as a question
 of our question file is (:func:`~fastv_analysis.loading.build_prompt`), its image the task's
@@ -8,6 +8,9 @@ one visual (RGB), and the answer greedy; so ``fastv-analyze capture / select / e
 written question file give the same prompts, kept sets and answers. Under ``torchrun`` each
 rank answers lmms-eval's share of the requests; the samples are numbered over the whole launch
 (every rank's (task, doc_id), sorted), which keys the random strategies as the select stage does.
+A loglikelihood request's context is prefilled pruned (ranked by the context's last token) and its
+continuation scored teacher-forced through the pruned cache (:meth:`FastV.loglikelihood_scores`);
+nothing is written for those requests.
 """
 
 from __future__ import annotations
@@ -88,18 +91,86 @@ class FastV(lmms):
     def batch_size(self) -> int:
         return self.options.batch_size
 
-    def loglikelihood(self, requests):
-        raise NotImplementedError("--model fastv answers generate_until tasks only (loglikelihood: not yet)")
+    def loglikelihood(self, requests) -> list:
+        """:meth:`loglikelihood_scores` as lmms-eval 0.7.3's evaluator keeps them: it stores
+        ``str(x)`` of any answer but a string, a (string, dict) pair or a ``GenerationResult``,
+        whose ``text`` it keeps as is (``api/instance.py``, ``unwrap_generation_output``), and its
+        multiple-choice scoring unpacks the stored pair; so each pair travels as a result's text."""
+        from lmms_eval.api.instance import GenerationResult
+
+        return [GenerationResult(text=pair) for pair in self.loglikelihood_scores(requests)]
+
+    def loglikelihood_scores(self, requests) -> list[tuple[float, bool]]:
+        """(the continuation's loss, every continuation token the argmax) per request.
+
+        The loss is what lmms-eval 0.7.3's own models return and its multiple-choice scoring
+        ranks by ``argmin`` (``api/task.py``; lmms-eval issue #370): the mean negative log-prob of the continuation
+        tokens, Hugging Face's ``loss`` with the context's labels at -100. The context is
+        prefilled pruned (FastV's query: the context's last token, as a generation request's),
+        then the continuation is fed through the pruned cache one token at a time,
+        teacher-forced, as decode steps are (:meth:`continuation_logprobs`)."""
+        from tqdm.auto import tqdm
+
+        records = [self._request(req, target=True) for req in requests]
+        ids = sample_ids(_gather([(r["task"], r["doc_id"]) for r in records], self.world_size))
+        out = []
+        for r in tqdm(records, desc=f"fastv[{self.rank}]", disable=self.rank != 0):
+            r["sample_id"] = ids[(r["task"], r["doc_id"])]
+            logprobs, greedy = self.continuation_logprobs(r)
+            out.append((-sum(logprobs) / len(logprobs), greedy))
+        return out
+
+    def continuation_ids(self, prompt: str, continuation: str) -> list[int]:
+        """The continuation's token ids: the tokens of prompt + continuation after the prompt's
+        (lm-evaluation-harness's pairing, so a leading space joins the continuation's first word)."""
+        tokenizer = self.loaded.processor.tokenizer
+        whole = tokenizer(prompt + continuation, add_special_tokens=False)["input_ids"]
+        return whole[len(tokenizer(prompt, add_special_tokens=False)["input_ids"]):]
+
+    def continuation_logprobs(self, record: dict) -> tuple[list[float], bool]:
+        """Each continuation token's log-prob under the pruned model, and whether each is the argmax."""
+        prepared = self._prepared(record)
+        target = self.continuation_ids(prepared.prompt, record["continuation"])
+        if not target:
+            raise ValueError(f"task {record['task']}, doc {record['doc_id']}: the continuation "
+                             f"{record['continuation']!r} has no tokens")
+        inputs = model_inputs(self.loaded, [prepared])
+        self.pruned.fastv.sample_ids = [record["sample_id"]]
+        adapter = self.pruned.adapter
+        mask = inputs.get("attention_mask")
+        mask = torch.ones_like(inputs["input_ids"]) if mask is None else mask
+        out, greedy = [], True
+        with torch.inference_mode():
+            cache = adapter.new_cache()
+            position_ids, state = adapter.prompt_positions(dict(inputs), mask)
+            extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+            logits = adapter.next_token_logits(self.pruned, cache, input_ids=inputs["input_ids"], attention_mask=mask,
+                                               position_ids=position_ids, **extra)
+            for i, token in enumerate(target):
+                logprobs = torch.log_softmax(logits[0].float(), dim=-1)
+                out.append(float(logprobs[token]))
+                greedy = greedy and int(logprobs.argmax()) == token
+                if i == len(target) - 1:
+                    break
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+                logits = adapter.next_token_logits(
+                    self.pruned, cache, input_ids=torch.tensor([[token]], device=mask.device), attention_mask=mask,
+                    position_ids=adapter.decode_positions(mask, state))
+        return out, greedy
 
     def generate_until_multi_round(self, requests):
         raise NotImplementedError("--model fastv answers generate_until tasks only (one round)")
 
-    def _request(self, req) -> dict:
-        """One request as a record: ids, prompt context, generation settings, its one image (RGB)."""
+    def _request(self, req, target: bool = False) -> dict:
+        """One request as a record: ids, prompt context, generation settings (``target``: a
+        loglikelihood request's continuation instead), its one image (RGB)."""
         from PIL import Image
 
         ctx, gen_kwargs, doc_to_visual, doc_id, task, split = req.args
         doc = self.task_dict[task][split][doc_id]
+        continuation = None
+        if target:  # a string, or lmms-eval's doc_to_target function
+            continuation, gen_kwargs = (gen_kwargs if isinstance(gen_kwargs, str) else gen_kwargs(doc)), None
         visuals = [v for v in (doc_to_visual(doc) if doc_to_visual else []) if v is not None]
         if len(visuals) != 1 or not isinstance(visuals[0], Image.Image):
             raise ValueError(f"task {task}, doc {doc_id}: --model fastv answers one image per question, "
@@ -109,7 +180,7 @@ class FastV(lmms):
                                                                                    task, doc_id),
                 "answer": answer_text(doc, self.options.answer_field), "category": task,
                 "max_new_tokens": int((gen_kwargs or {}).get("max_new_tokens", 128)),
-                "padding": bool((req.metadata or {}).get("__padding_only__"))}
+                "padding": bool((req.metadata or {}).get("__padding_only__")), "continuation": continuation}
 
     def _prepared(self, record: dict) -> Prepared:
         processor = self.loaded.processor

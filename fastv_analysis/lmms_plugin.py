@@ -20,7 +20,9 @@ holding the reference, default ``answer``), ``id_field`` (the doc field with the
 default ``question_id``), ``capture_dir`` (also write our capture of the prompts lmms-eval sent:
 ``fastv-analyze select / eval / report`` then run on it), ``answers_dir`` (per-sample
 predictions: LLaVA answers file, predictions.parquet with the kept indices, the question file).
-``use_fast_v=false`` (or ``keep`` = every image token) answers with nothing pruned. lmms-eval's own
+``use_fast_v=false`` (or ``keep`` = every image token) answers with nothing pruned.
+Multiple-choice (``loglikelihood``) tasks score each option by the pruned model, the context
+ranked by its last token (:meth:`fastv_analysis.lmms_model.FastV.loglikelihood_scores`). lmms-eval's own
 ``--batch_size N`` (requests answered together, mixed image sizes allowed) and ``--device`` reach
 the model as ``batch_size`` / ``device``.
 """

@@ -10,6 +10,10 @@ Qwen2.5-VL (images of mixed sizes). Three equalities:
 (c) the capture written through lmms-eval (capture_dir) == ``fastv-analyze capture`` on the
     same prompts (the question file it wrote).
 
+``loglikelihood`` (multiple-choice tasks): the pruned continuation log-probs == mask mode over
+context + continuation with the kept set the context's last token chose; unpruned == the model's;
+a multiple_choice task YAML runs through lmms-eval and scores by them.
+
 Needs the ``lmms`` extra (lmms-eval, PyPI's torch + torchvision): skipped otherwise.
 """
 
@@ -367,3 +371,196 @@ def test_two_processes_equal_one(toy_run, tmp_path):
     ours, ours_t = _capture_contents(root / "cap")
     assert mine.equals(ours) and mine_t.keys() == ours_t.keys()
     assert all(torch.equal(mine_t[k], ours_t[k]) for k in mine_t)
+
+
+# loglikelihood: the context prefilled pruned (query: the context's last token), the continuation
+# teacher-forced through the pruned cache; lmms-eval 0.7.3 ranks choices by argmin of the first
+# element (api/task.py, process_results of multiple_choice), which its models fill with HF's loss.
+CONTINUATION = " two red objects and one blue"
+
+
+@pytest.fixture(scope="module")
+def toy_plugins():
+    """The plug-in's model on the toy LLaVA in this process: pruned at K = 2 to KEEP, and unpruned."""
+    from fastv_analysis.lmms_model import FastV
+
+    return {on: FastV(pretrained=str(TOY_DIR), agg_layer=2, keep=KEEP, use_fast_v=on, dtype="float32")
+            for on in (True, False)}
+
+
+def _ll_request(plugin, text: str, image_path: str, continuation: str, doc_id: int = 0):
+    """One lmms-eval loglikelihood request (its args) on a one-doc task of this image."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    plugin.task_dict = {"mc_local": {"test": {doc_id: {"image": Image.open(image_path).convert("RGB")}}}}
+    args = (text, continuation, lambda doc: [doc["image"]], doc_id, "mc_local", "test")
+    return SimpleNamespace(args=args, metadata=None)
+
+
+def _reference_logprobs(plugin, req, fastv: dict | None, sets: dict | None = None,
+                        model=TOY_DIR) -> tuple[torch.Tensor, list[int]]:
+    """The continuation's log-probs from ONE forward of context + continuation on a freshly loaded
+    model: mask mode with the kept set that a prefill of the context alone chose (``fastv``), or no
+    pruning (None). ``sets`` gets that kept set and the one a prefill of the whole would choose."""
+    sets = {} if sets is None else sets
+    from fastv_analysis.loading import load_model
+    from fastv_analysis.pruning import apply_fastv
+    from fastv_analysis.samples import model_inputs
+
+    record = {**plugin._request(req, target=True), "sample_id": 0}
+    prepared = plugin._prepared(record)
+    cont = plugin.continuation_ids(prepared.prompt, record["continuation"])
+    loaded = load_model(str(model), "cpu", "float32")
+    inputs = model_inputs(loaded, [prepared])
+    full = {**inputs, "input_ids": torch.cat([inputs["input_ids"], torch.tensor([cont])], dim=1)}
+    if "mm_token_type_ids" in inputs:  # Qwen2-VL's M-RoPE: the continuation is text
+        types = inputs["mm_token_type_ids"]
+        full["mm_token_type_ids"] = torch.cat([types, types.new_zeros(1, len(cont))], dim=1)
+    full["attention_mask"] = torch.ones_like(full["input_ids"])
+    with torch.inference_mode():
+        if fastv is None:
+            logits = loaded.model(**full).logits
+        else:
+            with apply_fastv(loaded.model, **fastv) as m:
+                m(**inputs)
+                kept = m.last_stage_kept[0]
+            with apply_fastv(loaded.model, **fastv, mode="mask", kept=kept) as m:
+                logits = m(**full).logits
+            with apply_fastv(loaded.model, **fastv) as m:  # the continuation's last token as the query
+                m(**full)
+                sets["context"], sets["full"] = kept, m.last_stage_kept[0]
+    n = inputs["input_ids"].shape[1]
+    logprobs = logits[0, n - 1: n - 1 + len(cont)].float().log_softmax(-1)
+    return logprobs[torch.arange(len(cont)), torch.tensor(cont)], cont
+
+
+def test_loglikelihood_equals_mask_mode_over_the_full_sequence(toy_plugins):
+    """(a) pruned: the plug-in's continuation log-probs (drop, decode steps through the pruned
+    cache) == mask mode over context + continuation in one forward, with the kept set the
+    context's last token chose; lmms-eval gets their mean negated (HF's loss)."""
+    plugin = toy_plugins[True]
+    q = toy_questions(1, yes_no=False)[0]
+    req = _ll_request(plugin, q["text"], q["image"], CONTINUATION)
+    [(loss, greedy)] = plugin.loglikelihood_scores([req])
+    sets = {}
+    ref, cont = _reference_logprobs(plugin, req, {"agg_layer": 2, "keep": KEEP}, sets)
+    assert not torch.equal(sets["context"].sort().values, sets["full"].sort().values)  # the query matters here
+    mine, mine_greedy = plugin.continuation_logprobs({**plugin._request(req, target=True), "sample_id": 0})
+    assert len(cont) > 3 and len(mine) == len(cont)
+    assert torch.allclose(torch.tensor(mine), ref, atol=1e-5)
+    assert loss == pytest.approx(-float(ref.sum()) / len(cont), abs=1e-5)
+    assert greedy == mine_greedy
+    off = toy_plugins[False]
+    [unpruned] = off.loglikelihood_scores([_ll_request(off, q["text"], q["image"], CONTINUATION)])
+    assert abs(unpruned[0] - loss) > 1e-3  # keeping KEEP of 576 image tokens changes the likelihood
+
+
+def test_loglikelihood_unpruned_equals_the_model(toy_plugins):
+    """(b) use_fast_v=false: the plug-in's log-probs == the unmodified model's over context + continuation."""
+    plugin = toy_plugins[False]
+    for i, q in enumerate(toy_questions(3, yes_no=True)):
+        req = _ll_request(plugin, q["text"], q["image"], " " + q["answer"] + " it is", doc_id=i)
+        mine, greedy = plugin.continuation_logprobs({**plugin._request(req, target=True), "sample_id": i})
+        ref, cont = _reference_logprobs(plugin, req, None)
+        assert torch.allclose(torch.tensor(mine), ref, atol=1e-5)
+        assert plugin.loglikelihood_scores([req])[0] == (pytest.approx(-float(ref.sum()) / len(cont), abs=1e-5), greedy)
+
+
+@pytest.mark.parametrize("use_fast_v", [True, False])
+def test_loglikelihood_qwen_mrope_equals_full_sequence(tmp_path, use_fast_v):
+    """(a), (b) on a tiny random Qwen2.5-VL: the continuation's M-RoPE positions through the pruned
+    (or unpruned) cache == one forward of context + continuation (mask mode / the model)."""
+    import numpy as np
+    from PIL import Image
+
+    from fastv_analysis.adapters import registry
+    from fastv_analysis.lmms_model import FastV
+
+    model = registry()["Qwen2_5_VLForConditionalGeneration"].tiny(tmp_path / "m", seed=2)
+    Image.fromarray((np.random.default_rng(3).random((112, 196, 3)) * 255).astype("uint8")).save(tmp_path / "i.png")
+    plugin = FastV(pretrained=str(model), agg_layer=2, keep=3, use_fast_v=use_fast_v, dtype="float32")
+    req = _ll_request(plugin, "is there a cat?", str(tmp_path / "i.png"), " yes it is a cat")
+    mine, _ = plugin.continuation_logprobs({**plugin._request(req, target=True), "sample_id": 0})
+    ref, cont = _reference_logprobs(plugin, req, {"agg_layer": 2, "keep": 3} if use_fast_v else None, model=model)
+    assert len(cont) > 3 and torch.allclose(torch.tensor(mine), ref, atol=1e-5)
+
+
+def test_loglikelihood_greedy_flag(toy_plugins):
+    """is_greedy: true exactly when every continuation token is the argmax (the pruned model's own
+    greedy continuation is; the same with one more word is not)."""
+    from fastv_analysis.samples import model_inputs
+
+    plugin = toy_plugins[True]
+    q = toy_questions(1, yes_no=True)[0]
+    req = _ll_request(plugin, q["text"], q["image"], "")
+    prepared = plugin._prepared({**plugin._request(req, target=True), "sample_id": 0})
+    inputs = model_inputs(plugin.loaded, [prepared])
+    with torch.inference_mode():
+        out = plugin.pruned.generate(**inputs, max_new_tokens=3, do_sample=False)
+    tokens = out[0, inputs["input_ids"].shape[1]:].tolist()
+    text = plugin.loaded.processor.tokenizer.decode(tokens)
+    assert plugin.continuation_ids(prepared.prompt, text) == tokens, text  # the test's premise
+    assert plugin.loglikelihood_scores([_ll_request(plugin, q["text"], q["image"], text)])[0][1] is True
+    assert plugin.loglikelihood_scores([_ll_request(plugin, q["text"], q["image"], text + " zebra")])[0][1] is False
+
+
+MC_YAML = """dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+task: {task}
+test_split: test
+output_type: multiple_choice
+doc_to_visual: !function utils.doc_to_visual
+doc_to_text: !function utils.sqa_doc_to_text
+doc_to_choice: "choices"
+doc_to_target: "answer"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+lmms_eval_specific_kwargs:
+  default:
+    format: default
+    pre_prompt: ""
+    post_prompt: ""
+"""
+
+
+def test_multiple_choice_task_through_lmms_eval(toy_plugins, tmp_path):
+    """(c) a ScienceQA-shaped multiple_choice task (each option a continuation) runs through
+    ``lmms-eval --model fastv``: its logged per-option losses == the plug-in's in this process,
+    and its accuracy == the share of docs whose least-loss option is the answer."""
+    sqa_file, _ = write_scienceqa(tmp_path, toy_questions(4, yes_no=False))
+    tasks = write_tasks(tmp_path, 1)
+    (tasks / "mc_local.yaml").write_text(MC_YAML.format(data=sqa_file, task="mc_local"))
+    results = run_lmms_eval(tmp_path, TOY_DIR, tasks, "mc_local", f"agg_layer=2,keep={KEEP},dtype=float32")
+    logged = {}
+    for path in (tmp_path / "lmms-out").rglob("*_samples_mc_local.jsonl"):
+        for line in path.read_text().splitlines():
+            s = json.loads(line)
+            logged[s["doc_id"]] = [float(r[0]) for r in s["filtered_resps"]]  # (loss, greedy) per option
+    docs = [json.loads(line) for line in sqa_file.read_text().splitlines()]
+    assert sorted(logged) == list(range(len(docs)))
+    plugin, right = toy_plugins[True], 0
+    from lmms_eval.tasks.scienceqa.utils import sqa_doc_to_text
+
+    kwargs = {"format": "default", "pre_prompt": "", "post_prompt": ""}
+    for i, doc in enumerate(docs):
+        text = sqa_doc_to_text(doc, kwargs)
+        mine = [plugin.loglikelihood_scores([_ll_request(plugin, text, doc["image"], " " + c, i)])[0][0]
+                for c in doc["choices"]]
+        assert mine == pytest.approx(logged[i], abs=1e-5)
+        right += min(range(len(mine)), key=mine.__getitem__) == doc["answer"]
+    assert results["results"]["mc_local"]["acc,none"] == pytest.approx(right / len(docs))
+    print(results["results"]["mc_local"])
+
+
+def test_loglikelihood_empty_continuation_is_refused(toy_plugins):
+    """A continuation with no tokens is refused in one line naming the task and doc."""
+    plugin = toy_plugins[True]
+    q = toy_questions(1, yes_no=True)[0]
+    with pytest.raises(ValueError, match=r"^task mc_local, doc 7: the continuation '' has no tokens$"):
+        plugin.loglikelihood_scores([_ll_request(plugin, q["text"], q["image"], "", doc_id=7)])
