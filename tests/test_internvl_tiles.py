@@ -52,8 +52,9 @@ def test_token_boxes_of_a_2_by_3_tile_image_by_hand():
     assert layout.cells[24:].tolist() == [-1] * 4
     grid, base, off = report.kept_boxes([0, 5, 19, 25], layout, (300, 200), None, "InternVLForConditionalGeneration")
     # 50 x 50 px cells on the 300 x 200 image: token 5 = tile 1's top right (cell 3), token 19 = tile 4's
-    # bottom right (cell 21, row 3, col 3); token 25 is the thumbnail's
-    assert grid.tolist() == [[0, 0, 50, 50], [150, 0, 200, 50], [150, 150, 200, 200]] and len(base) == 0 and off == 1
+    # bottom right (cell 21, row 3, col 3); token 25 is the thumbnail's cell 1: the top right of a 2 x 2 base tile
+    assert grid.tolist() == [[0, 0, 50, 50], [150, 0, 200, 50], [150, 150, 200, 200]]
+    assert base.tolist() == [[150, 0, 300, 100]] and off == 0
 
 
 def test_cli_run_with_several_tiles_per_image(tiled):

@@ -151,5 +151,6 @@ FAMILIES = (
            # tiny one: max_patches=1, every image one 112 px tile = 16 tokens on a 4 x 4 grid: r = ceil(sqrt(2))
            # = 2, c = 1 -> rows 1, 3, col 2 -> cells (= tokens) 1 * 4 + 2 = 6, 3 * 4 + 2 = 14
            Contract(sizes=None, uniform_keep_2=((6, 14), (6, 14))),
-           note="tiles + thumbnail, one placeholder id per token; laid out on the thumbnail"),
+           base_tile="last", note="tiles + thumbnail, one placeholder id per token; the tiles on one grid over the "
+           "image, the thumbnail after it (a base tile)"),
 )
