@@ -57,6 +57,17 @@ def test_token_boxes_of_a_2_by_3_tile_image_by_hand():
     assert base.tolist() == [[150, 0, 300, 100]] and off == 0
 
 
+def test_pooling_to_one_cell_per_tile_averages_each_tile():
+    from fastv_analysis.methods.pooling import pooling_plan
+
+    # keep 6 on the 4 x 6 grid of 2 x 3 tiles: 2 bands of 3 cells, each cell one tile's 4 tokens (anchored at
+    # the tile's first token); the thumbnail's 4 tokens are off the grid and dropped
+    indices, assign, weight = pooling_plan(tiles_layout(2, 2, 3), 6)
+    assert indices.tolist() == [0, 4, 8, 12, 16, 20]
+    assert assign.tolist() == [t for t in range(6) for _ in range(4)] + [-1] * 4
+    assert weight.tolist() == [0.25] * 24 + [0.0] * 4
+
+
 def test_cli_run_with_several_tiles_per_image(tiled):
     from fastv_analysis.cli.main import main
     from fastv_analysis.pruning import apply_fastv
