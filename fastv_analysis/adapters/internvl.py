@@ -26,7 +26,10 @@ Where the grid comes from: capture has the image and the processor and passes th
 as ``rows x cols`` and area-resized to one tile must match the thumbnail, and the other
 arrangements scramble it (mean squared error ~0.015 against ~1 on the tiny checkpoint's random
 images). An image that looks the same under two arrangements (a flat or symmetric one) can
-make the two disagree; ``tests/test_internvl_tiles.py`` checks online == capture.
+make the two disagree; ``tests/test_internvl_tiles.py`` checks online == capture. With no
+pixels at all (a forward given ``inputs_embeds``) only the thumbnail is laid out
+(:func:`thumbnail_layout`, the tiles OFF_GRID). One image per prompt is assumed, as capture
+makes them (several images' tiles in one prompt are not split apart).
 """
 
 from __future__ import annotations
