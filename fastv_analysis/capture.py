@@ -110,7 +110,8 @@ def capture_batch(loaded, batch: list[Prepared], cfg: CaptureConfig, store_dtype
             "image_start": int(image_pos[b, 0] - (seq_len - prompt_tokens[b])),  # in the unpadded prompt
             "n_image_tokens": int(image_pos.shape[1]), "prompt_tokens": int(prompt_tokens[b]), "capture_seconds": seconds,
             "image_width": int(p.image.size[0]), "image_height": int(p.image.size[1]), "objects": q.objects,
-            **adapter.token_layouts(p.inputs, [int(image_pos.shape[1])])[0].to_row(),
+            **adapter.token_layouts({**p.inputs, **adapter.layout_inputs(processor, [p.image])},
+                                    [int(image_pos.shape[1])])[0].to_row(),
         })
     for k, layer in zip(ranked, layers):
         cols = take_positions(rec.rows[layer], image_pos, dim=-1).to(store_dtype).cpu()  # [B, H, Q, N]

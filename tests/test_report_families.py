@@ -123,7 +123,15 @@ def test_kept_boxes_on_an_anyres_layout_and_a_whole_image_grid():
     qwen = TokenLayout.grid(2, 3)
     grid, base, off = report.kept_boxes([0, 5], qwen, (300, 200), None, "Qwen2VLForConditionalGeneration")
     assert grid.tolist() == [[0, 0, 100, 100], [200, 100, 300, 200]] and len(base) == 0 and off == 0
-    # InternVL's off-grid tiles have no known arrangement: counted, not drawn
+    # an InternVL run captured before tiles were placed (tiles off the grid, the thumbnail on it): the tiles
+    # are counted, not drawn, and no base tile is read into them
     intern = TokenLayout(2, 2, np.array([-1] * 8 + [0, 1, 2, 3]))
     grid, base, off = report.kept_boxes([0, 9], intern, (300, 200), None, "InternVLForConditionalGeneration")
     assert grid.tolist() == [[150, 0, 300, 100]] and len(base) == 0 and off == 1
+    # InternVL's tiles on the grid and the thumbnail after it, drawn as a base tile over the whole image
+    from fastv_analysis.adapters.internvl import tiles_layout
+
+    tiled = tiles_layout(2, 1, 2)  # 2 tiles of 2 x 2 on a 2 x 4 grid, then the thumbnail: tokens 8-11
+    assert report.base_tile(tiled, "InternVLForConditionalGeneration") == 2
+    grid, base, off = report.kept_boxes([4, 11], tiled, (300, 200), None, "InternVLForConditionalGeneration")
+    assert grid.tolist() == [[150, 0, 225, 100]] and base.tolist() == [[150, 100, 300, 200]] and off == 0

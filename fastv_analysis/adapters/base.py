@@ -282,6 +282,11 @@ class Adapter(CacheCalls, Readouts):
         layer runs on (``fastv.sequence_positions(layer)``). None here."""
         return []
 
+    def layout_inputs(self, processor, images: list) -> dict:
+        """What :meth:`token_layouts` needs beside the processor's output, from the ``processor``
+        and the PIL ``images`` (capture has both; InternVL's exact tile grids). None here."""
+        return {}
+
     def token_layouts(self, inputs: dict, n_image: list[int]) -> list:
         """One :class:`~fastv_analysis.layout.TokenLayout` per batch element, from the model's
         inputs (the processor's output): here one square grid (LLaVA-1.5's 24 x 24)."""

@@ -46,7 +46,8 @@ class Family:
                  processor's center crop (LLaVA-1.5's CLIP processor; :mod:`fastv_analysis.grid`
                  places it), or ``image``, the whole image (anyres' unpadded grid, Qwen's
                  smart_resize, InternVL's thumbnail or single tile).
-    base_tile:   the off-grid tokens before the grid are one square tile of the whole image (anyres).
+    base_tile:   the off-grid tokens before the grid are one square tile of the whole image (anyres:
+                 True); ``"last"``: after the grid (InternVL's thumbnail).
     note:        what is special for pruning in this class (README's table).
     prompt_template: the prompt (with ``<image>`` and ``{question}``) for a checkpoint of this
                  class whose processor has no chat template (PaliGemma); None: LLaVA-1.5's.
@@ -60,7 +61,7 @@ class Family:
     tiny: Callable[..., Path]
     contract: Contract
     grid_extent: str = "image"
-    base_tile: bool = False
+    base_tile: bool | str = False
     note: str = ""
     prompt_template: str | None = None
     processor: Callable[[str], object] | None = None

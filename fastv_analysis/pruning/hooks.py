@@ -153,6 +153,8 @@ class FastVHooks:
             self.prompt.inputs = {**kwargs, "image_grid_thw": self.vision_grid}
         if kwargs.get("image_sizes") is None and self.vision_sizes is not None:  # likewise the tiles' image sizes
             self.prompt.inputs = {**self.prompt.inputs, "image_sizes": self.vision_sizes}
+        if kwargs.get("pixel_values") is None and self.pixels is not None:  # and the pixels (InternVL's tiles)
+            self.prompt.inputs = {**self.prompt.inputs, "pixel_values": self.pixels}
         self.vision.image_sizes = self.prompt.inputs.get("image_sizes")  # LLaVA-NeXT's tiles -> tokens
         self.phase = "prefill"
         return None

@@ -11,7 +11,7 @@ import polars as pl
 
 from .. import grid as image_grid
 from .examples import example_sample_ids
-from .grids import DEFAULT_ARCHITECTURE, base_tile, grid_extent, spatial_missing, token_layouts
+from .grids import DEFAULT_ARCHITECTURE, base_tile, base_tile_tokens, grid_extent, spatial_missing, token_layouts
 from .style import grid_map, new_figure, tick_step
 from .tables import RunTables
 
@@ -84,7 +84,7 @@ def _attention_panels(att, layout, architecture: str, max_heads: int):
     note = f"\n({100 * off:.0f}% of it off the grid)" if (layout.cells < 0).any() else ""
     panels = [(f"mean over heads{note}", on_grid(mean))]
     if side:
-        panels.append(("mean over heads: base tile", mean[: side * side].reshape(side, side)))
+        panels.append(("mean over heads: base tile", mean[base_tile_tokens(layout, architecture)].reshape(side, side)))
     panels += [(f"head {h}{' (max head)' if h == top else ''}", on_grid(att[h])) for h in heads]
     return panels
 

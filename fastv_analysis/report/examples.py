@@ -4,12 +4,14 @@ and which samples to show.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import polars as pl
 
 from .. import grid as image_grid
 from .configs import one_config_per_method
-from .grids import DEFAULT_ARCHITECTURE, base_tile, cell_boxes, grid_extent, token_layouts
+from .grids import DEFAULT_ARCHITECTURE, base_tile, base_tile_tokens, cell_boxes, grid_extent, token_layouts
 from .style import method_label, new_figure
 
 
@@ -129,8 +131,9 @@ def kept_boxes(kept, layout, size: tuple[int, int], geometry, architecture: str 
     cells = layout.cells[kept]
     grid = cell_boxes(cells[cells >= 0], layout.rows, layout.cols, w, h, geometry, grid_extent(architecture)) \
         if layout.rows else np.zeros((0, 4))
-    side = base_tile(layout, architecture)
-    in_base = kept[kept < side * side]
+    block = base_tile_tokens(layout, architecture)
+    side = math.isqrt(len(block))
+    in_base = np.flatnonzero(np.isin(block, kept))  # cells of the base tile, raster
     base = cell_boxes(in_base, side, side, w, h, geometry, "image") if side else np.zeros((0, 4))
     return grid, base, int(kept.size - len(grid) - len(base))
 

@@ -40,18 +40,29 @@ def token_layouts(samples: pl.DataFrame | None, selections: pl.DataFrame | None 
     return {int(s): TokenLayout.grid(side, side) for s in selections["sample_id"].unique().to_list()}
 
 
-def base_tile(layout, architecture: str) -> int:
-    """Side of the anyres base tile: the square block of off-grid tokens before the grid
-    (families declaring ``base_tile`` only; 0 where there is none)."""
+def base_tile_tokens(layout, architecture: str) -> np.ndarray:
+    """Token indices of the base tile, a square block of off-grid tokens covering the whole image:
+    before the grid (anyres, ``Family(base_tile=True)``) or after it (InternVL's thumbnail,
+    ``base_tile="last"``); empty where the family declares none or the block is not square."""
     from ..adapters import registry
     from ..layout import OFF_GRID
 
     family = registry().get(architecture)
-    if family is None or not family.base_tile:
-        return 0
-    lead = int(np.argmax(layout.cells != OFF_GRID)) if (layout.cells != OFF_GRID).any() else layout.n_tokens
-    side = math.isqrt(lead)
-    return side if side and side * side == lead else 0
+    cells = layout.cells
+    if family is None or not family.base_tile or not (cells != OFF_GRID).any():
+        return np.zeros(0, dtype=np.int64)
+    on = cells != OFF_GRID
+    last = family.base_tile == "last"
+    n = int(np.argmax(on[::-1] if last else on))
+    side = math.isqrt(n)
+    if not side or side * side != n:
+        return np.zeros(0, dtype=np.int64)
+    return np.arange(layout.n_tokens - n, layout.n_tokens) if last else np.arange(n)
+
+
+def base_tile(layout, architecture: str) -> int:
+    """Side of the base tile (:func:`base_tile_tokens`; 0 where there is none)."""
+    return math.isqrt(len(base_tile_tokens(layout, architecture)))
 
 
 def grid_extent(architecture: str) -> str:
@@ -88,8 +99,8 @@ def grid_note(samples: pl.DataFrame | None, architecture: str = DEFAULT_ARCHITEC
     more = f" and {len(ranked) - 6} more shapes" if len(ranked) > 6 else ""
     where = "the processor's center crop" if grid_extent(architecture) == "crop" else "the whole image"
     tiles = sorted({base_tile(lay, architecture) for lay in layouts.values()} - {0})
-    base = f"; before it an anyres base tile of {' / '.join(f'{s} x {s}' for s in tiles)} tokens (the whole image)" \
-        if tiles else ""
+    base = f"; beside it a base tile of {' / '.join(f'{s} x {s}' for s in tiles)} tokens (the whole image: " \
+        "anyres' base tile, InternVL's thumbnail)" if tiles else ""
     off = sum(int((lay.cells < 0).sum()) for lay in layouts.values())
     extra = f"; {off} of the {sum(lay.n_tokens for lay in layouts.values())} image tokens are off the grid " \
             "(base tiles, tiles, newlines)" if off else ""

@@ -7,7 +7,7 @@ import numpy as np
 import polars as pl
 
 from .configs import one_config_per_method
-from .grids import DEFAULT_ARCHITECTURE, base_tile, most_common_grid, token_layouts
+from .grids import DEFAULT_ARCHITECTURE, base_tile, base_tile_tokens, most_common_grid, token_layouts
 from .style import grid_map, method_label, new_figure
 
 
@@ -45,7 +45,7 @@ def grid_keep_frequency(sel: pl.DataFrame, layouts: dict, architecture: str = DE
                 g[cells[cells >= 0]] += 1
             if side and base_tile(lay, architecture) == side:
                 n_base += 1
-                b[kept[kept < side * side]] += 1
+                b[np.flatnonzero(np.isin(base_tile_tokens(lay, architecture), kept))] += 1
         grid[config] = g.reshape(rows, cols) / max(n_grid, 1)
         if side:
             base[config] = b.reshape(side, side) / max(n_base, 1)
