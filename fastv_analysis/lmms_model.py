@@ -63,6 +63,39 @@ def _barrier(world: int) -> None:
         dist.barrier()
 
 
+def continuation_ids(tokenizer, prompt: str, continuation: str) -> list[int]:
+    """The continuation's token ids: the tokens of prompt + continuation after the prompt's
+    (lm-evaluation-harness's pairing, so a leading space joins the continuation's first word)."""
+    whole = tokenizer(prompt + continuation, add_special_tokens=False)["input_ids"]
+    return whole[len(tokenizer(prompt, add_special_tokens=False)["input_ids"]):]
+
+
+def teacher_forced_logprobs(pruned, inputs: dict, target: list[int]) -> tuple[list[float], bool]:
+    """Each ``target`` token's log-prob after the prompt ``inputs`` under the pruned model, and
+    whether each is the argmax: the prompt prefilled (its cut ranked by the prompt's last token),
+    then the target fed through the pruned cache one token at a time, as decode steps are."""
+    adapter = pruned.adapter
+    mask = inputs.get("attention_mask")
+    mask = torch.ones_like(inputs["input_ids"]) if mask is None else mask
+    out, greedy = [], True
+    with torch.inference_mode():
+        cache = adapter.new_cache()
+        position_ids, state = adapter.prompt_positions(dict(inputs), mask)
+        extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+        logits = adapter.next_token_logits(pruned, cache, input_ids=inputs["input_ids"], attention_mask=mask,
+                                           position_ids=position_ids, **extra)
+        for i, token in enumerate(target):
+            logprobs = torch.log_softmax(logits[0].float(), dim=-1)
+            out.append(float(logprobs[token]))
+            greedy = greedy and int(logprobs.argmax()) == token
+            if i == len(target) - 1:
+                break
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            logits = adapter.next_token_logits(pruned, cache, input_ids=torch.tensor([[token]], device=mask.device),
+                                               attention_mask=mask, position_ids=adapter.decode_positions(mask, state))
+    return out, greedy
+
+
 class FastV(lmms):
     """lmms-eval model ``fastv`` (``--model_args pretrained=PATH,agg_layer=2,keep=64,...``)."""
 
@@ -121,11 +154,8 @@ class FastV(lmms):
         return out
 
     def continuation_ids(self, prompt: str, continuation: str) -> list[int]:
-        """The continuation's token ids: the tokens of prompt + continuation after the prompt's
-        (lm-evaluation-harness's pairing, so a leading space joins the continuation's first word)."""
-        tokenizer = self.loaded.processor.tokenizer
-        whole = tokenizer(prompt + continuation, add_special_tokens=False)["input_ids"]
-        return whole[len(tokenizer(prompt, add_special_tokens=False)["input_ids"]):]
+        """:func:`continuation_ids` with this model's tokenizer."""
+        return continuation_ids(self.loaded.processor.tokenizer, prompt, continuation)
 
     def continuation_logprobs(self, record: dict) -> tuple[list[float], bool]:
         """Each continuation token's log-prob under the pruned model, and whether each is the argmax."""
@@ -134,29 +164,8 @@ class FastV(lmms):
         if not target:
             raise ValueError(f"task {record['task']}, doc {record['doc_id']}: the continuation "
                              f"{record['continuation']!r} has no tokens")
-        inputs = model_inputs(self.loaded, [prepared])
         self.pruned.fastv.sample_ids = [record["sample_id"]]
-        adapter = self.pruned.adapter
-        mask = inputs.get("attention_mask")
-        mask = torch.ones_like(inputs["input_ids"]) if mask is None else mask
-        out, greedy = [], True
-        with torch.inference_mode():
-            cache = adapter.new_cache()
-            position_ids, state = adapter.prompt_positions(dict(inputs), mask)
-            extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
-            logits = adapter.next_token_logits(self.pruned, cache, input_ids=inputs["input_ids"], attention_mask=mask,
-                                               position_ids=position_ids, **extra)
-            for i, token in enumerate(target):
-                logprobs = torch.log_softmax(logits[0].float(), dim=-1)
-                out.append(float(logprobs[token]))
-                greedy = greedy and int(logprobs.argmax()) == token
-                if i == len(target) - 1:
-                    break
-                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-                logits = adapter.next_token_logits(
-                    self.pruned, cache, input_ids=torch.tensor([[token]], device=mask.device), attention_mask=mask,
-                    position_ids=adapter.decode_positions(mask, state))
-        return out, greedy
+        return teacher_forced_logprobs(self.pruned, model_inputs(self.loaded, [prepared]), target)
 
     def generate_until_multi_round(self, requests):
         raise NotImplementedError("--model fastv answers generate_until tasks only (one round)")
