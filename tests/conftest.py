@@ -263,3 +263,19 @@ def write_replay_questions(folder, texts=REPLAY_TEXTS, sizes=REPLAY_SIZES, name=
                                  "answer": "red"}))
     (folder / name).write_text("\n".join(lines) + "\n")
     return folder / name
+
+
+def replay_run(root, arch, agg_layers, store, select_args, texts=REPLAY_TEXTS):
+    """The replay tests' run: a tiny ``arch`` checkpoint (seed 2), :func:`write_replay_questions`,
+    ``capture --agg-layers agg_layers --store store``, then ``select`` with ``select_args``;
+    returns ``(model path, run path)``."""
+    from fastv_analysis.adapters import registry
+    from fastv_analysis.cli.main import main
+
+    model = registry()[arch].tiny(root / "m", seed=2)
+    data = write_replay_questions(root / "d", texts=texts)
+    run = root / "run"
+    assert main(["capture", "--model", str(model), "--data", str(data), "--out", str(run), "--agg-layers",
+                 agg_layers, "--max-new-tokens", "1", "--quiet", "--store", store]) == 0
+    assert main(["select", str(run), *select_args, "--quiet"]) == 0
+    return model, run

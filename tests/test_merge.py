@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest import write_replay_questions
+from conftest import replay_run
 
 from fastv_analysis.strategies import Merge, merge_tokens, select, strategy  # before methods/: it registers them
 from fastv_analysis.adapters import get_adapter, registry
@@ -388,17 +388,11 @@ def replayed(request, tmp_path_factory):
     """A capture at K = 0 and 2 with the embeddings stored, selected with pooling, divprune and random."""
     import polars as pl
 
-    from fastv_analysis.cli.main import main
-
     arch = request.param
     root = tmp_path_factory.mktemp(arch)
-    model = registry()[arch].tiny(root / "m", seed=2)
-    write_replay_questions(root / "d", texts=("what is it?",) * 3)
-    run = root / "run"
-    assert main(["capture", "--model", str(model), "--data", str(root / "d" / "q.jsonl"), "--out", str(run),
-                 "--agg-layers", "0,2", "--max-new-tokens", "1", "--quiet", "--store", "embeddings"]) == 0
-    assert main(["select", str(run), "--methods", "pooling,divprune,random", "--keep", "3,1", "--keep-ratio", "0.5",
-                 "--quiet"]) == 0
+    model, run = replay_run(root, arch, "0,2", "embeddings",
+                            ["--methods", "pooling,divprune,random", "--keep", "3,1", "--keep-ratio", "0.5"],
+                            texts=("what is it?",) * 3)
     return arch, model, root, pl.read_parquet(run / "select" / "selections.parquet")
 
 

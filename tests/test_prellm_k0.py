@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import write_replay_questions
+from conftest import replay_run
 from fastv_analysis.adapters import registry
 from fastv_analysis.cli.main import main
 from fastv_analysis.loading import build_prompt, load_model
@@ -33,12 +33,7 @@ def replayed(request, tmp_path_factory):
     """A capture at K = 0 and 2 storing every pre-LLM input, selected with the five methods."""
     arch = request.param
     root = tmp_path_factory.mktemp(arch)
-    model = registry()[arch].tiny(root / "m", seed=2)
-    write_replay_questions(root / "d")
-    run = root / "run"
-    assert main(["capture", "--model", str(model), "--data", str(root / "d" / "q.jsonl"), "--out", str(run),
-                 "--agg-layers", "0,2", "--max-new-tokens", "1", "--quiet", "--store", STORE]) == 0
-    assert main(["select", str(run), "--methods", METHODS, "--keep", "4", "--keep-ratio", "0.5", "--quiet"]) == 0
+    model, run = replay_run(root, arch, "0,2", STORE, ["--methods", METHODS, "--keep", "4", "--keep-ratio", "0.5"])
     loaded = load_model(str(model), device="cpu", dtype="float32")
     questions = [json.loads(line) for line in (root / "d" / "q.jsonl").read_text().splitlines()]
     inputs = [dict(loaded.processor(text=[build_prompt(loaded.processor, q["text"])],

@@ -13,12 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-from fastv_analysis.cli.main import main
 from fastv_analysis.loading import build_prompt, load_model
 from fastv_analysis.pruning import apply_fastv
 from fastv_analysis.strategies import ALL_METHODS, QUERIES
-from conftest import write_replay_questions
-from fastv_analysis.adapters import registry
+from conftest import replay_run
 
 ARCHS = ["LlavaForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"]
 
@@ -27,15 +25,11 @@ ARCHS = ["LlavaForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"]
 def replayed(request, tmp_path_factory):
     arch = request.param
     root = tmp_path_factory.mktemp(arch)
-    model = registry()[arch].tiny(root / "m", seed=2)
-    write_replay_questions(root / "d")
-    run = root / "run"
-    assert main(["capture", "--model", str(model), "--data", str(root / "d" / "q.jsonl"), "--out", str(run),
-                 "--agg-layers", "2", "--max-new-tokens", "1", "--quiet", "--store",
-                 "attention_no_rope,attention_text_mean,attention_all_mean,hidden_norm,sketch,embeddings,dart_image,"
-                 "dart_text,instruction,attention_raters,hidden_out,vision_attention,vision_keys,vision_features,layers"]) == 0
-    assert main(["select", str(run), "--methods", ",".join(ALL_METHODS), "--queries", ",".join(QUERIES),
-                 "--alphas", "0.3", "--keep", "3,1", "--keep-ratio", "0.75", "--quiet"]) == 0
+    model, run = replay_run(
+        root, arch, "2", "attention_no_rope,attention_text_mean,attention_all_mean,hidden_norm,sketch,embeddings,"
+        "dart_image,dart_text,instruction,attention_raters,hidden_out,vision_attention,vision_keys,vision_features,layers",
+        ["--methods", ",".join(ALL_METHODS), "--queries", ",".join(QUERIES), "--alphas", "0.3", "--keep", "3,1",
+         "--keep-ratio", "0.75"])
     return arch, model, root, pl.read_parquet(run / "select" / "selections.parquet")
 
 

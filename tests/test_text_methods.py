@@ -9,7 +9,7 @@ inputs are continuous random draws, so no ranking step meets a tie.
 import pytest
 import torch
 
-from conftest import write_replay_questions
+from conftest import replay_run
 
 from fastv_analysis import probes, strategies
 from fastv_analysis.methods.cdpruner import cdpruner_order, cdpruner_relevance
@@ -135,19 +135,10 @@ REPLAY_ARCHS = ["LlavaForConditionalGeneration", "Qwen2_5_VLForConditionalGenera
 def replayed(request, tmp_path_factory):
     import polars as pl
 
-    from fastv_analysis.adapters import registry
-    from fastv_analysis.cli.main import main
-
     arch = request.param
     root = tmp_path_factory.mktemp(arch)
-    model = registry()[arch].tiny(root / "m", seed=2)
-    write_replay_questions(root / "d")
-    run = root / "run"
-    assert main(["capture", "--model", str(model), "--data", str(root / "d" / "q.jsonl"), "--out", str(run),
-                 "--agg-layers", "2", "--max-new-tokens", "1", "--quiet", "--store",
-                 "embeddings,instruction,attention_raters,hidden_out"]) == 0
-    assert main(["select", str(run), "--methods", "cdpruner,sparsevlm", "--keep", "3,2", "--keep-ratio", "0.75,0.5",
-                 "--quiet"]) == 0
+    model, run = replay_run(root, arch, "2", "embeddings,instruction,attention_raters,hidden_out",
+                            ["--methods", "cdpruner,sparsevlm", "--keep", "3,2", "--keep-ratio", "0.75,0.5"])
     return arch, model, root, run, pl.read_parquet(run / "select" / "selections.parquet")
 
 
